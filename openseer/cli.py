@@ -1,0 +1,116 @@
+"""The ``openseer`` command: one thin function per subcommand; the work lives in the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, build_config, recipe_names, recipe_values
+
+USER_ERRORS: tuple[type[BaseException], ...] = ()
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .data.sources import DataError
+    from .model.backbone import BackboneError
+    from .train.checkpoint import CheckpointError
+    from .train.distributed import DistError
+    from .train.loop import RunError
+
+    errors = [ConfigError, DataError, CheckpointError, RunError, BackboneError, DistError]
+    try:
+        from .eval.common import EvalError
+
+        errors.append(EvalError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the built-in recipes with their key settings."""
+    rows = []
+    for name in recipe_names():
+        cfg = build_config(name)
+        crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.crops.counts, cfg.crops.sizes))
+        head = "->".join(str(d) for d in [*cfg.model.head_hidden, cfg.model.head_out])
+        rows.append([name, cfg.model.arch, crops, str(cfg.data.batch_size), str(cfg.swav.n_prototypes),
+                     f"{head}{'' if cfg.model.head_bn else ' (no BN)'}", f"{cfg.optim.base_lr:g}",
+                     f"{cfg.swav.epsilon:g}", str(cfg.swav.queue_length), cfg.optim.precision,
+                     f"{cfg.optim.epochs:g}"])
+        if args.verbose:
+            print(f"# {name}: {recipe_values(name)}")
+    header = ["recipe", "backbone", "crops", "batch", "K", "head", "lr/256", "eps", "queue", "precision", "epochs"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Start or resume SwAV pretraining."""
+    from .train.loop import pretrain, resume_config
+
+    if args.resume:
+        if args.data or args.recipe or args.out:
+            raise ConfigError("--resume RUN_DIR continues a run with its saved config: drop --data/--recipe/--out")
+        run_dir = Path(args.resume)
+        cfg = resume_config(run_dir, args.overrides)
+        summary = pretrain(cfg, run_dir, resume=True, max_steps=args.max_steps)
+    else:
+        if not args.out:
+            raise ConfigError("--out RUN_DIR is required (where the run's config, metrics and checkpoints go)")
+        base = {"data": {"source": args.data}} if args.data else None
+        cfg = build_config(args.recipe or "tiny-cpu", args.overrides, base=base)
+        summary = pretrain(cfg, Path(args.out), max_steps=args.max_steps)
+    print(f"openseer: stopped at step {summary['step']}/{summary['total_steps']}; run in {summary['run_dir']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openseer",
+        description="SEER-style SwAV pretraining of RegNetY/timm backbones on unlabelled images.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("recipes", help="list recipes and their key settings")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each recipe's YAML values")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("pretrain", help="pretrain a backbone with SwAV",
+                       description="Pretrain with SwAV. Trailing key=value pairs override the recipe, "
+                                   "e.g. optim.base_lr=0.6 data.batch_size=128 checkpoint.every=100.")
+    p.add_argument("--data", help="a folder of images (recursive) or 'fashion-mnist'")
+    p.add_argument("--recipe", help="a recipe name (see `openseer recipes`) or a YAML file; default tiny-cpu")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is unchanged)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_pretrain)
+
+    try:
+        from .eval import cli as eval_cli
+
+        eval_cli.add_parsers(sub)
+    except ImportError:
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"openseer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("openseer: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

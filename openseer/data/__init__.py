@@ -1,0 +1,1 @@
+"""Image sources, robust decoding, multi-crop, and per-step batches."""

@@ -1,0 +1,199 @@
+"""SwAV/SEER multi-crop (SEER.md §3): a few large crops and several small ones per image.
+
+Two implementations of the same distribution:
+
+* ``MultiCrop`` (per image, torchvision transforms v2) for decoded files: random resized crop,
+  flip, colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with probability p, random grayscale, Gaussian blur,
+  ImageNet-style normalisation.
+* ``BatchMultiCrop`` for small in-memory images (Fashion-MNIST): the same random draws made for a
+  whole uint8 batch at once (crop boxes sampled as torchvision does, resampled with ``roi_align``),
+  which removes the per-image Python cost that dominates tiny images on a CPU.
+
+Grayscale input is handled deliberately: it is replicated to three channels so every backbone,
+export and SEER checkpoint sees RGB; saturation, hue and random grayscale are then no-ops on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+from torchvision.transforms import v2
+from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+from ..config import CropsConfig
+
+
+def blur_kernel_size(crop_size: int, sigma_max: float) -> int:
+    """Odd kernel wide enough for +-3 sigma, never wider than the crop."""
+    k = 2 * math.ceil(3 * sigma_max) + 1
+    k = min(k, crop_size if crop_size % 2 == 1 else crop_size - 1)
+    return max(k, 3)
+
+
+def crop_plan(cfg: CropsConfig) -> list[tuple[int, float, float]]:
+    """One (size, min_scale, max_scale) per crop, in crop order (large groups first)."""
+    plan = []
+    for size, count, lo, hi in zip(cfg.sizes, cfg.counts, cfg.min_scale, cfg.max_scale):
+        plan += [(size, lo, hi)] * count
+    return plan
+
+
+class MultiCrop:
+    """Per-image multi-crop with torchvision transforms v2; input: PIL image or uint8 CHW tensor."""
+
+    def __init__(self, cfg: CropsConfig):
+        self.cfg = cfg
+        s = cfg.jitter_strength
+        self.transforms = []
+        for size, lo, hi in crop_plan(cfg):
+            self.transforms.append(
+                v2.Compose(
+                    [
+                        v2.RandomResizedCrop(size, scale=(lo, hi), antialias=True),
+                        v2.RandomHorizontalFlip(cfg.flip_p),
+                        v2.RandomApply([v2.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=cfg.jitter_p),
+                        v2.RandomGrayscale(cfg.grayscale_p),
+                        v2.RandomApply(
+                            [v2.GaussianBlur(blur_kernel_size(size, cfg.blur_sigma[1]), sigma=tuple(cfg.blur_sigma))],
+                            p=cfg.blur_p,
+                        ),
+                        v2.ToDtype(torch.float32, scale=True),
+                        v2.Normalize(cfg.mean, cfg.std),
+                    ]
+                )
+            )
+        self.to_tensor = v2.PILToTensor()
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        if not isinstance(image, torch.Tensor):
+            image = self.to_tensor(image)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return [t(image) for t in self.transforms]
+
+
+# ---------------------------------------------------------------- batched version
+
+
+def sample_crop_boxes(
+    n: int, height: int, width: int, scale: tuple[float, float], gen: torch.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3), tries: int = 10,
+) -> torch.Tensor:
+    """Boxes (n, 4) as x1, y1, x2, y2 drawn exactly as ``RandomResizedCrop.get_params`` draws them."""
+    area = height * width
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    target = area * torch.empty(n, tries).uniform_(scale[0], scale[1], generator=gen)
+    aspect = torch.exp(torch.empty(n, tries).uniform_(log_r[0], log_r[1], generator=gen))
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (h > 0) & (w <= width) & (h <= height)
+    first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), -1))
+    idx = first.clamp(min=0)
+    w = w.gather(1, idx[:, None]).squeeze(1)
+    h = h.gather(1, idx[:, None]).squeeze(1)
+    u = torch.rand(n, 2, generator=gen)
+    y = torch.floor(u[:, 0] * (height - h + 1))
+    x = torch.floor(u[:, 1] * (width - w + 1))
+    # torchvision's fallback: a centre crop with the ratio clamped into range
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        fh, fw = height, round(height * ratio[1])
+    else:
+        fw, fh = width, height
+    bad = first < 0
+    w = torch.where(bad, torch.full_like(w, fw), w)
+    h = torch.where(bad, torch.full_like(h, fh), h)
+    x = torch.where(bad, torch.full_like(x, (width - fw) // 2), x)
+    y = torch.where(bad, torch.full_like(y, (height - fh) // 2), y)
+    return torch.stack([x, y, x + w, y + h], dim=1)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _blend(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """f * a + (1 - f) * b, per sample, clamped to [0, 1] as torchvision does."""
+    return (f[:, None, None, None] * a + (1 - f[:, None, None, None]) * b).clamp_(0, 1)
+
+
+class BatchMultiCrop:
+    """Batched multi-crop for uint8 (B, C, H, W) tensors; same distributions as ``MultiCrop``.
+
+    Each image gets its own crop box, flip, jitter factors, jitter order (one order per crop and
+    batch, uniformly drawn, so each image's order is still uniform), grayscale and blur draws.
+    """
+
+    def __init__(self, cfg: CropsConfig):
+        self.cfg = cfg
+        self.plan = crop_plan(cfg)
+        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        x = images.float().div_(255)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        x = x.contiguous()
+        gray_input = bool(images.shape[1] == 1)
+        n, _, height, width = x.shape
+        batch_index = torch.arange(n, dtype=torch.float32)[:, None]
+        crops = []
+        for size, lo, hi in self.plan:
+            boxes = sample_crop_boxes(n, height, width, (lo, hi), gen)
+            crop = roi_align(x, torch.cat([batch_index, boxes], 1), output_size=size, spatial_scale=1.0,
+                             sampling_ratio=2, aligned=True)
+            crops.append(self._colour(crop, gen, gray_input))
+        return crops
+
+    def _colour(self, x: torch.Tensor, gen: torch.Generator, gray_input: bool) -> torch.Tensor:
+        cfg, n = self.cfg, x.shape[0]
+        flip = torch.rand(n, generator=gen) < cfg.flip_p
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        s = cfg.jitter_strength
+        b, c, sat, hue = 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s
+        jitter = torch.rand(n, generator=gen) < cfg.jitter_p
+        fb = torch.empty(n).uniform_(max(0.0, 1 - b), 1 + b, generator=gen)
+        fc = torch.empty(n).uniform_(max(0.0, 1 - c), 1 + c, generator=gen)
+        fs = torch.empty(n).uniform_(max(0.0, 1 - sat), 1 + sat, generator=gen)
+        fh = torch.empty(n).uniform_(-hue, hue, generator=gen)
+        one = torch.ones(n)
+        fb, fc, fs = (torch.where(jitter, f, one) for f in (fb, fc, fs))
+        fh = torch.where(jitter, fh, torch.zeros(n))
+        for op in torch.randperm(4, generator=gen).tolist():
+            if op == 0 and b > 0:
+                x = (x * fb[:, None, None, None]).clamp_(0, 1)
+            elif op == 1 and c > 0:
+                m = _gray(x).mean(dim=(1, 2, 3))
+                x = _blend(x, m[:, None, None, None].expand_as(x), fc)
+            elif op == 2 and sat > 0 and not gray_input:
+                x = _blend(x, _gray(x).expand_as(x), fs)
+            elif op == 3 and hue > 0 and not gray_input:
+                hsv = _rgb_to_hsv(x)
+                h = (hsv[:, 0] + fh[:, None, None]) % 1.0
+                x = _hsv_to_rgb(torch.stack([h, hsv[:, 1], hsv[:, 2]], 1))
+        if cfg.grayscale_p > 0 and not gray_input:
+            g = torch.rand(n, generator=gen) < cfg.grayscale_p
+            x = torch.where(g[:, None, None, None], _gray(x).expand_as(x), x)
+        if cfg.blur_p > 0:
+            x = self._blur(x, gen)
+        return ((x - self.mean) / self.std).contiguous()
+
+    def _blur(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        n, ch, height, width = x.shape
+        apply = torch.rand(n, generator=gen) < self.cfg.blur_p
+        sigma = torch.empty(n).uniform_(self.cfg.blur_sigma[0], self.cfg.blur_sigma[1], generator=gen)
+        k = blur_kernel_size(height, self.cfg.blur_sigma[1])
+        r = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
+        kern = torch.exp(-0.5 * (r[None] / sigma[:, None]) ** 2)
+        kern = kern / kern.sum(1, keepdim=True)  # (n, k)
+        kern = kern.repeat_interleave(ch, 0)  # (n*ch, k)
+        flat = F.pad(x.reshape(1, n * ch, height, width), (k // 2,) * 4, mode="reflect")
+        out = F.conv2d(flat, kern[:, None, None, :], groups=n * ch)
+        out = F.conv2d(out, kern[:, None, :, None], groups=n * ch).view(n, ch, height, width)
+        return torch.where(apply[:, None, None, None], out, x)

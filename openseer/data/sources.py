@@ -1,0 +1,193 @@
+"""Where images come from: a folder of files (searched recursively) or Fashion-MNIST.
+
+A source is an indexable collection of unlabelled images with a stable key per image. Small
+sources (Fashion-MNIST) live in memory as one uint8 tensor so batches can be augmented in one
+go; file sources decode per image in loader workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .decode import IMAGE_EXTENSIONS, load_image
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_HELP = (
+    "Fashion-MNIST was not found in {where}. Install it with "
+    "`apt-get install -y dataset-fashion-mnist` (Debian; puts the idx files in "
+    "/usr/share/datasets/fashion-mnist), or pass --data PATH to a folder holding "
+    "train-images-idx3-ubyte[.gz] and friends."
+)
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+class DataError(ValueError):
+    """A data path or data set problem, with a message saying what and where."""
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"{path} is not a uint8 idx file")
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}")
+    return data.reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as uint8 (N, 1, 28, 28) and labels as int64 (N,), from the idx files."""
+    folder = Path(root) if root else Path(os.environ.get("OPENSEER_FASHION_MNIST", FASHION_MNIST_DIR))
+    prefix = "train" if split == "train" else "t10k"
+    img_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lbl_path is None:
+        raise DataError(FASHION_MNIST_HELP.format(where=folder))
+    images = torch.from_numpy(_read_idx(img_path).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(lbl_path).astype(np.int64))
+    return images, labels
+
+
+@dataclass
+class Sample:
+    """One image ready for cropping: a PIL RGB image or a uint8 CHW tensor, and its key."""
+
+    image: Image.Image | torch.Tensor
+    key: str
+
+
+class ImageSource:
+    """Base class: ``len``, ``key(i)`` and ``load(i)`` (raises ``BadImage`` for unusable files)."""
+
+    in_memory: bool = False
+    description: str = ""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def key(self, i: int) -> str:
+        raise NotImplementedError
+
+    def load(self, i: int) -> Sample:
+        raise NotImplementedError
+
+
+class TensorSource(ImageSource):
+    """In-memory uint8 images (N, C, H, W), e.g. Fashion-MNIST."""
+
+    in_memory = True
+
+    def __init__(self, images: torch.Tensor, name: str, labels: torch.Tensor | None = None):
+        self.images = images
+        self.labels = labels
+        self.name = name
+        self.description = f"{name} ({len(images)} images, {tuple(images.shape[1:])} uint8, in memory)"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def key(self, i: int) -> str:
+        return f"{self.name}:{i}"
+
+    def load(self, i: int) -> Sample:
+        return Sample(self.images[i], self.key(i))
+
+
+class FolderSource(ImageSource):
+    """All images under a folder, recursively, in sorted order; subfolders are NOT labels."""
+
+    def __init__(self, root: str | Path, draft_size: int | None = None):
+        self.root = Path(root)
+        self.draft_size = draft_size
+        self.paths = list_images(self.root)
+        if not self.paths:
+            raise DataError(
+                f"no images found under {self.root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        self.description = f"folder {self.root} ({len(self.paths)} files)"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def key(self, i: int) -> str:
+        return str(self.paths[i].relative_to(self.root))
+
+    def load(self, i: int) -> Sample:
+        return Sample(load_image(self.paths[i], draft_size=self.draft_size), self.key(i))
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files under ``root`` (recursive, case-insensitive extensions), sorted for a stable order."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                out.append(Path(dirpath) / name)
+    return sorted(out)
+
+
+class SubsetSource(ImageSource):
+    """The first ``n`` images of another source (for quick runs and tests)."""
+
+    def __init__(self, base: ImageSource, n: int):
+        self.base = base
+        self.n = min(n, len(base))
+        self.in_memory = base.in_memory
+        self.description = f"{base.description}, first {self.n}"
+        if base.in_memory:
+            self.images = base.images[: self.n]  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def key(self, i: int) -> str:
+        return self.base.key(i)
+
+    def load(self, i: int) -> Sample:
+        return self.base.load(i)
+
+
+def open_source(spec: str, limit: int = 0, draft_size: int | None = None) -> ImageSource:
+    """Open ``--data``: 'fashion-mnist', a folder of images, or a folder holding Fashion-MNIST idx files."""
+    if not spec:
+        raise DataError("no data given: pass --data PATH (a folder of images) or --data fashion-mnist")
+    if spec == "fashion-mnist":
+        images, labels = load_fashion_mnist("train")
+        source: ImageSource = TensorSource(images, "fashion-mnist", labels)
+    else:
+        path = Path(spec).expanduser()
+        if not path.exists():
+            raise DataError(f"data path {spec!r} does not exist")
+        if path.is_dir() and _find_idx(path, "train-images-idx3-ubyte"):
+            images, labels = load_fashion_mnist("train", path)
+            source = TensorSource(images, "fashion-mnist", labels)
+        elif path.is_dir():
+            source = FolderSource(path, draft_size=draft_size)
+        else:
+            raise DataError(f"data path {spec!r} is not a folder (give a folder of images, or 'fashion-mnist')")
+    if limit and limit < len(source):
+        source = SubsetSource(source, limit)
+    return source

@@ -1,0 +1,1 @@
+"""Evaluation: cached features, kNN, linear probe, low-shot fine-tuning, baselines."""

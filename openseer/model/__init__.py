@@ -1,0 +1,1 @@
+"""Backbone (timm) and the SwAV meta-architecture."""

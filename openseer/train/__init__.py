@@ -1,0 +1,1 @@
+"""Training loop, LARC + schedule, checkpoints, distributed set-up."""

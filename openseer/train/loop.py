@@ -1,0 +1,442 @@
+"""The one flat SwAV training loop: batch -> forward -> Sinkhorn targets -> loss -> LARC step -> checkpoint.
+
+``pretrain(cfg, run_dir)`` starts a run; ``pretrain(..., resume=True)`` continues the run in
+``run_dir`` from its latest checkpoint with the same step, LR, data order, queue and optimiser state.
+The same code runs in one process or under torchrun (DDP).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import Config, ConfigError, config_from_dict, save_config, to_dict
+from ..data.batches import Batch, count_reasons, iterate_batches, steps_per_epoch
+from ..data.sources import DataError, open_source
+from ..model.swav import SwAV, SwAVLoss, SwAVQueue, assignment_stats, build_swav, ln_k
+from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
+from .distributed import DistEnv, all_reduce_scalar, gather_cat, init_distributed
+from .optim import build_optimizer, lr_at, peak_lr
+
+# overrides that may change when a run is resumed; everything else must match the checkpoint
+RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device")
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue; the message says what and how to fix it."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("device=cuda but no CUDA GPU is visible; use device=cpu")
+    return torch.device(name)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse an output directory we cannot write, before any training."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"cannot write to output directory {run_dir}: {e.strerror or e}") from None
+
+
+def schedule(cfg: Config, n_images: int, world: int) -> dict:
+    """Global batch, per-rank batch, LR and schedule length as explicit functions of the world size."""
+    gb = cfg.data.batch_size
+    if gb % world:
+        raise RunError(f"data.batch_size={gb} is the GLOBAL batch and must be divisible by the world size {world}")
+    spe = steps_per_epoch(n_images, gb)
+    return {
+        "world_size": world,
+        "global_batch": gb,
+        "batch_per_rank": gb // world,
+        "steps_per_epoch": spe,
+        "total_steps": max(1, int(round(cfg.optim.epochs * spe))),
+        "peak_lr": peak_lr(cfg.optim.base_lr, gb),
+        "n_images": n_images,
+    }
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per logged step), TensorBoard scalars and a progress bar."""
+
+    def __init__(self, run_dir: Path, cfg: Config, sched: dict, start_step: int, stop_step: int, main: bool):
+        self.main = main
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        self.bar = None
+        if not main:
+            return
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed: TensorBoard scalars are off", stacklevel=1)
+        if cfg.log.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True,
+                            desc="pretrain", smoothing=0.1)
+
+    def write(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['imgs_per_s']:.0f}")
+
+    def tick(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def message(self, text: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _unwrap(model) -> SwAV:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _state(step: int, model, optimizer, queue: SwAVQueue | None, cfg: Config, sched: dict, counters: dict) -> dict:
+    """Everything needed to continue bit for bit. The queue is gathered from all ranks."""
+    net = _unwrap(model)
+    state = {
+        "format": "openseer.pretrain.v1",
+        "step": step,
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "config": to_dict(cfg),
+        "schedule": sched,
+        "counters": counters,
+        "rng": {"torch": torch.get_rng_state()},
+    }
+    if queue is not None:
+        # saved whole (all ranks' shares in rank order) so a run can resume on another world size
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        state["queue"] = {"embeddings": gather_cat(queue.embeddings, dim=1), "filled": int(queue.filled) * world}
+    return state
+
+
+def _restore(state: dict, model, optimizer, queue: SwAVQueue | None, env: DistEnv, path: Path) -> None:
+    net = _unwrap(model)
+    try:
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path} does not fit this model/config: {first[1] if len(first) > 1 else first[0]}") from None
+    if "rng" in state:
+        torch.set_rng_state(state["rng"]["torch"])
+    if queue is not None:
+        saved = state.get("queue")
+        if saved is None:
+            raise CheckpointError(f"checkpoint {path} has no queue but swav.queue_length > 0")
+        full = saved["embeddings"]
+        share = queue.length
+        if full.shape[1] != share * env.world_size or full.shape[2] != queue.embeddings.shape[2]:
+            raise CheckpointError(f"checkpoint {path} queue shape {tuple(full.shape)} does not fit swav.queue_length")
+        queue.embeddings.copy_(full[:, env.rank * share:(env.rank + 1) * share])
+        queue.filled.fill_(min(int(saved["filled"]) // env.world_size, share))
+
+
+def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, main: bool) -> None:
+    if resume:
+        if not (run_dir / "config.yaml").is_file():
+            raise RunError(f"{run_dir} is not a run directory (no config.yaml); start a run with --out {run_dir}")
+        return
+    if run_dir.exists() and ((run_dir / "config.yaml").exists() or list_checkpoints(run_dir)):
+        raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    check_writable(run_dir)
+    if main:
+        save_config(cfg, run_dir / "config.yaml")
+
+
+def resume_config(run_dir: Path, overrides: list[str]) -> Config:
+    """The saved config of a run, with only the overrides that may change on resume."""
+    from ..config import load_config, merge, parse_override
+
+    cfg = load_config(run_dir / "config.yaml")
+    for text in overrides:
+        key = text.split("=", 1)[0]
+        if not key.startswith(RESUMABLE_KEYS):
+            raise ConfigError(f"{key!r} cannot change when resuming (it would change the run); "
+                              f"allowed on resume: {', '.join(RESUMABLE_KEYS)}")
+        merge(cfg, parse_override(text))
+    cfg.validate()
+    return cfg
+
+
+def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: int | None = None) -> dict:
+    """Run (or continue) SwAV pretraining; returns a summary dict (final step, loss, counters)."""
+    run_dir = Path(run_dir)
+    device = resolve_device(cfg.device)
+    if cfg.optim.precision == "fp16" and device.type != "cuda":
+        raise RunError("optim.precision=fp16 needs CUDA (a grad scaler on GPU); use bf16 or fp32 on CPU")
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    env = init_distributed(cfg.dist.backend, device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", env.local_rank)
+    _prepare_run_dir(run_dir, cfg, resume, env.is_main)
+
+    source = open_source(cfg.data.source, cfg.data.limit)
+    sched = schedule(cfg, len(source), env.world_size)
+
+    torch.manual_seed(cfg.seed)
+    model = build_swav(cfg).to(device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    queue = None
+    if cfg.swav.queue_length > 0:
+        if cfg.swav.queue_length % env.world_size:
+            raise RunError(f"swav.queue_length={cfg.swav.queue_length} must be divisible by the world size {env.world_size}")
+        queue = SwAVQueue(len(cfg.swav.crops_for_assign), cfg.swav.queue_length // env.world_size,
+                          cfg.model.head_out).to(device)
+    if env.world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = _unwrap(model)
+    optimizer = build_optimizer(net, cfg)
+    criterion = SwAVLoss(cfg.n_crops, cfg.swav.crops_for_assign, cfg.swav.temperature, cfg.swav.epsilon,
+                         cfg.swav.sinkhorn_iters, queue, cfg.swav.queue_start_step)
+
+    step = 0
+    counters = {"bad_images": {}, "skipped_steps": 0, "images_seen": 0}
+    if resume:
+        path, state = latest_checkpoint(run_dir)
+        saved_cfg = config_from_dict(state["config"])
+        for section in ("model", "swav", "crops", "optim", "data"):
+            a, b = to_dict(getattr(saved_cfg, section)), to_dict(getattr(cfg, section))
+            diff = [k for k in a if a[k] != b[k] and f"{section}.{k}" not in ("data.num_workers",)]
+            if diff:
+                raise CheckpointError(f"checkpoint {path} was trained with a different {section}.{diff[0]} "
+                                      f"({a[diff[0]]!r} vs {b[diff[0]]!r})")
+        _restore(state, model, optimizer, queue, env, path)
+        step = int(state["step"])
+        counters.update(state.get("counters", {}))
+    stop = sched["total_steps"] if max_steps is None else min(max_steps, sched["total_steps"])
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    scaler = torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None
+
+    log = MetricsLog(run_dir, cfg, sched, step, stop, env.is_main)
+    if env.is_main:
+        log.message(
+            f"openseer: {source.description}; world {env.world_size}, global batch {sched['global_batch']} "
+            f"({sched['batch_per_rank']}/rank), peak LR {sched['peak_lr']:.4g}, {sched['total_steps']} steps "
+            f"({sched['steps_per_epoch']}/epoch), {'resuming at step ' + str(step) if resume else 'from scratch'}"
+            f"{', stopping at step ' + str(stop) if stop < sched['total_steps'] else ''} -> {run_dir}"
+        )
+        (run_dir / "schedule.json").write_text(json.dumps(sched, indent=1))
+
+    K = cfg.swav.n_prototypes
+    collapse_run, collapse_warned, bad_in_a_row = 0, False, 0
+    acc = _Accumulator()
+    timings = {"data": 0.0, "forward": 0.0, "sinkhorn": 0.0, "backward": 0.0, "optimizer": 0.0}
+    last_ckpt_step = step
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    batches = iterate_batches(source, cfg, env.rank, env.world_size, step, stop)
+    t_wait = time.perf_counter()
+    try:
+        for batch in batches:
+            batch: Batch
+            t0 = time.perf_counter()
+            timings["data"] += t0 - t_wait
+            if batch.bad:
+                for reason, n in count_reasons(batch.bad).items():
+                    counters["bad_images"][reason] = counters["bad_images"].get(reason, 0) + n
+                _append_bad(run_dir, batch.bad, env.is_main)
+            crops = [c.to(device, non_blocking=True) for c in batch.crops]
+            lr = lr_at(step, sched["total_steps"], sched["peak_lr"], cfg.optim.warmup_steps,
+                       cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+
+            net.prototypes.normalize_()
+            with autocast():
+                z, scores = model(crops)
+            sync()
+            t1 = time.perf_counter()
+            targets = criterion.targets(z, scores, net.prototypes.weight, step)
+            sync()
+            t2 = time.perf_counter()
+            loss = criterion(scores, targets)
+            optimizer.zero_grad(set_to_none=True)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if step < cfg.swav.freeze_prototypes_steps:
+                net.prototypes.layer.weight.grad = None  # frozen: no grad, no momentum, no decay
+            if scaler:
+                scaler.unscale_(optimizer.optim)
+            sync()
+            t3 = time.perf_counter()
+            loss_value = float(loss.detach())
+            bad = not math.isfinite(loss_value) or not optimizer.grads_finite()
+            bad = all_reduce_scalar(float(bad), "max") > 0
+            if bad:
+                counters["skipped_steps"] += 1
+                bad_in_a_row += 1
+                optimizer.zero_grad(set_to_none=True)
+                _write_diagnostic(run_dir, step, loss_value, scores, targets, batch.keys, env)
+                log.message(f"step {step}: non-finite loss or gradient ({loss_value}); step skipped "
+                            f"({bad_in_a_row} in a row), diagnostic in {run_dir / 'diagnostics'}")
+                if bad_in_a_row >= cfg.optim.max_bad_steps:
+                    raise RunError(f"{bad_in_a_row} consecutive non-finite steps at step {step}: stopping. "
+                                   f"Lower optim.base_lr, use optim.precision=fp32, or check the data "
+                                   f"(diagnostics in {run_dir / 'diagnostics'})")
+            else:
+                bad_in_a_row = 0
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+            sync()
+            t4 = time.perf_counter()
+            timings["forward"] += t1 - t0
+            timings["sinkhorn"] += t2 - t1
+            timings["backward"] += t3 - t2
+            timings["optimizer"] += t4 - t3
+            step += 1
+            n_imgs = len(batch.keys) * env.world_size
+            counters["images_seen"] += n_imgs
+            used, entropy = assignment_stats(scores.detach())
+            acc.add(loss_value if not bad else float("nan"), n_imgs, used, entropy)
+            log.tick()
+
+            if step > cfg.swav.freeze_prototypes_steps and math.isfinite(loss_value):
+                collapse_run = collapse_run + 1 if loss_value > 0.9 * ln_k(K) else 0
+                if collapse_run >= cfg.log.collapse_patience and not collapse_warned:
+                    collapse_warned = True
+                    log.message(
+                        f"WARNING: the loss has stayed near ln K = {ln_k(K):.2f} for {collapse_run} steps: "
+                        "the model may have collapsed. Try swav.epsilon=0.03, a longer "
+                        "swav.freeze_prototypes_steps, model.head_bn=false, a later swav.queue_start_step, "
+                        "or fewer prototypes than the batch can fill."
+                    )
+            if step % cfg.log.every == 0 or step == stop:
+                elapsed = time.perf_counter() - acc.t_start
+                row = {
+                    "step": step,
+                    "epoch": round(step / sched["steps_per_epoch"], 4),
+                    "loss": all_reduce_scalar(acc.mean_loss()),
+                    "lr": lr,
+                    "imgs_per_s": acc.images / max(elapsed, 1e-9),
+                    "data_s": timings["data"] / acc.steps,
+                    "step_s": elapsed / acc.steps,
+                    "forward_s": timings["forward"] / acc.steps,
+                    "sinkhorn_s": timings["sinkhorn"] / acc.steps,
+                    "backward_s": timings["backward"] / acc.steps,
+                    "optimizer_s": timings["optimizer"] / acc.steps,
+                    "prototypes_used": acc.mean("used"),
+                    "assign_entropy": acc.mean("entropy"),
+                    "ln_k": ln_k(K),
+                    "skipped_steps": counters["skipped_steps"],
+                    "bad_images": sum(counters["bad_images"].values()),
+                    "collapse_warning": collapse_warned,
+                }
+                log.write(row)
+                acc = _Accumulator()
+                timings = dict.fromkeys(timings, 0.0)
+            if step % cfg.checkpoint.every == 0 and step < stop:
+                _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log)
+                last_ckpt_step = step
+            t_wait = time.perf_counter()
+    finally:
+        log.close()
+    if step != last_ckpt_step or not list_checkpoints(run_dir):
+        _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log)
+    if counters["bad_images"] and env.is_main:
+        print(f"openseer: skipped unreadable images: {counters['bad_images']} (listed in {run_dir / 'bad_images.txt'})")
+    summary = {"step": step, "total_steps": sched["total_steps"], "counters": counters, "run_dir": str(run_dir)}
+    if env.world_size > 1:
+        dist.barrier()
+    return summary
+
+
+class _Accumulator:
+    def __init__(self):
+        self.t_start = time.perf_counter()
+        self.steps, self.images = 0, 0
+        self.losses: list[float] = []
+        self.sums = {"used": 0.0, "entropy": 0.0}
+
+    def add(self, loss: float, images: int, used: int, entropy: float) -> None:
+        self.steps += 1
+        self.images += images
+        self.losses.append(loss)
+        self.sums["used"] += used
+        self.sums["entropy"] += entropy
+
+    def mean_loss(self) -> float:
+        good = [x for x in self.losses if math.isfinite(x)]
+        return sum(good) / len(good) if good else float("nan")
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / max(self.steps, 1)
+
+
+def _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log) -> None:
+    state = _state(step, model, optimizer, queue, cfg, sched, counters)
+    if not env.is_main:
+        return
+    try:
+        save_checkpoint(state, run_dir, step, cfg.checkpoint.keep)
+    except CheckpointError as e:
+        log.message(f"WARNING: {e}. Training continues; the next checkpoint will be tried at the usual interval.")
+
+
+def _append_bad(run_dir: Path, bad: list[tuple[str, str]], main: bool) -> None:
+    if main:
+        with open(run_dir / "bad_images.txt", "a") as f:
+            for key, reason in bad:
+                f.write(f"{reason}\t{key}\n")
+
+
+def _write_diagnostic(run_dir: Path, step: int, loss: float, scores, targets, keys, env: DistEnv) -> None:
+    folder = run_dir / "diagnostics"
+    folder.mkdir(exist_ok=True)
+    s = scores.detach().float()
+    diag = {
+        "step": step,
+        "rank": env.rank,
+        "loss": loss,
+        "scores_finite_fraction": float(torch.isfinite(s).float().mean()),
+        "scores_absmax": float(s[torch.isfinite(s)].abs().max()) if torch.isfinite(s).any() else float("nan"),
+        "scores_sample": s[:8].tolist(),
+        "assignments_sample": {str(i): q[:8].argmax(1).tolist() for i, q in targets.items()},
+        "keys": list(keys),
+    }
+    (folder / f"step_{step:08d}_rank{env.rank}.json").write_text(json.dumps(diag))
