@@ -63,9 +63,18 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
             raise ConfigError("--out RUN_DIR is required (where the run's config, metrics and checkpoints go)")
         base = {"data": {"source": args.data}} if args.data else None
         cfg = build_config(args.recipe or "tiny-cpu", args.overrides, base=base)
-        summary = pretrain(cfg, Path(args.out), max_steps=args.max_steps)
-    print(f"openseer: stopped at step {summary['step']}/{summary['total_steps']}; run in {summary['run_dir']}")
+        summary = pretrain(cfg, Path(args.out), resume="auto" if args.auto_resume else False,
+                           max_steps=args.max_steps)
+    why = f" ({summary['preempted']}: checkpoint written, resume with --resume)" if summary.get("preempted") else ""
+    print(f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}; run in {summary['run_dir']}")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check a run directory and say how to recover."""
+    from .doctor import run_doctor
+
+    return run_doctor(args.run_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,9 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", help="a recipe name (see `openseer recipes`) or a YAML file; default tiny-cpu")
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="if --out already holds this run, continue it (for torchrun --max-restarts and requeued jobs)")
     p.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is unchanged)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("doctor", help="check a run directory (config, checkpoints, metrics) and how to recover")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_doctor)
 
     try:
         from .eval import cli as eval_cli

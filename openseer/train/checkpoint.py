@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import time
 from pathlib import Path
 
 import torch
@@ -58,14 +59,22 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int) -> P
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
+            pause = os.environ.get("OPENSEER_FAULT_PAUSE_IN_CHECKPOINT")  # fault injection (tests only)
+            if pause:
+                time.sleep(float(pause))
             os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
+    except (OSError, RuntimeError) as e:  # torch.save wraps a full disk in a RuntimeError
+        cause = e if isinstance(e, OSError) else (e.__context__ if isinstance(e.__context__, OSError) else e)
+        reason = getattr(cause, "strerror", None) or str(cause).splitlines()[0]
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
         previous = [p for p in list_checkpoints(run_dir) if p != final]
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
-        raise CheckpointError(f"could not write checkpoint {final}: {e.strerror or e}{kept}") from None
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}{kept}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return final

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
 import warnings
 from contextlib import nullcontext
@@ -19,9 +21,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import Config, ConfigError, config_from_dict, save_config, to_dict
+from ..config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
 from ..data.batches import Batch, count_reasons, iterate_batches, steps_per_epoch
-from ..data.sources import DataError, open_source
+from ..data.sources import open_source
 from ..model.swav import SwAV, SwAVLoss, SwAVQueue, assignment_stats, build_swav, ln_k
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
 from .distributed import DistEnv, all_reduce_scalar, gather_cat, init_distributed
@@ -171,21 +173,72 @@ def _restore(state: dict, model, optimizer, queue: SwAVQueue | None, env: DistEn
         queue.filled.fill_(min(int(saved["filled"]) // env.world_size, share))
 
 
-def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool, main: bool) -> None:
+def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool | str, main: bool) -> bool:
+    """Create or check the run directory; returns whether to resume from a checkpoint.
+
+    ``resume='auto'`` (``--auto-resume``, for torchrun restarts and job requeues) continues a run
+    already in ``run_dir`` with the same config, or starts it when there is none yet.
+    """
+    has_config = (run_dir / "config.yaml").is_file()
+    if resume == "auto":
+        if has_config:
+            saved = load_config(run_dir / "config.yaml")
+            diff = _config_diff(saved, cfg)
+            if diff:
+                raise RunError(f"{run_dir} holds a run with a different config ({diff}); "
+                               f"choose another --out or resume it with --resume {run_dir}")
+            if list_checkpoints(run_dir):
+                check_writable(run_dir)
+                return True
+        check_writable(run_dir)
+        if main:
+            save_config(cfg, run_dir / "config.yaml")
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        return False
     if resume:
-        if not (run_dir / "config.yaml").is_file():
+        if not has_config:
             raise RunError(f"{run_dir} is not a run directory (no config.yaml); start a run with --out {run_dir}")
-        return
-    if run_dir.exists() and ((run_dir / "config.yaml").exists() or list_checkpoints(run_dir)):
+        check_writable(run_dir)
+        return True
+    if run_dir.exists() and (has_config or list_checkpoints(run_dir)):
         raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
     check_writable(run_dir)
     if main:
         save_config(cfg, run_dir / "config.yaml")
+    return False
+
+
+def _config_diff(a: Config, b: Config) -> str:
+    """The first setting (outside the resumable keys) that differs between two configs, or ''."""
+    da, db = to_dict(a), to_dict(b)
+    for section, values in da.items():
+        items = values.items() if isinstance(values, dict) else [(None, values)]
+        for k, v in items:
+            key = f"{section}.{k}" if k is not None else section
+            other = db[section][k] if k is not None else db[section]
+            if v != other and not key.startswith(RESUMABLE_KEYS) and key != "recipe":
+                return f"{key}: {v!r} vs {other!r}"
+    return ""
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line torn by a crash
+    path.write_text("".join(x + "\n" for x in keep))
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     """The saved config of a run, with only the overrides that may change on resume."""
-    from ..config import load_config, merge, parse_override
+    from ..config import merge, parse_override
 
     cfg = load_config(run_dir / "config.yaml")
     for text in overrides:
@@ -198,7 +251,28 @@ def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     return cfg
 
 
-def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: int | None = None) -> dict:
+class _StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_steps: int | None = None) -> dict:
     """Run (or continue) SwAV pretraining; returns a summary dict (final step, loss, counters)."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
@@ -209,7 +283,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: 
     env = init_distributed(cfg.dist.backend, device.type)
     if device.type == "cuda":
         device = torch.device("cuda", env.local_rank)
-    _prepare_run_dir(run_dir, cfg, resume, env.is_main)
+    resume = _prepare_run_dir(run_dir, cfg, resume, env.is_main)
 
     source = open_source(cfg.data.source, cfg.data.limit)
     sched = schedule(cfg, len(source), env.world_size)
@@ -236,15 +310,14 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: 
     if resume:
         path, state = latest_checkpoint(run_dir)
         saved_cfg = config_from_dict(state["config"])
-        for section in ("model", "swav", "crops", "optim", "data"):
-            a, b = to_dict(getattr(saved_cfg, section)), to_dict(getattr(cfg, section))
-            diff = [k for k in a if a[k] != b[k] and f"{section}.{k}" not in ("data.num_workers",)]
-            if diff:
-                raise CheckpointError(f"checkpoint {path} was trained with a different {section}.{diff[0]} "
-                                      f"({a[diff[0]]!r} vs {b[diff[0]]!r})")
+        diff = _config_diff(saved_cfg, cfg)
+        if diff:
+            raise CheckpointError(f"checkpoint {path} was trained with a different config ({diff})")
         _restore(state, model, optimizer, queue, env, path)
         step = int(state["step"])
         counters.update(state.get("counters", {}))
+        if env.is_main:
+            _truncate_metrics(run_dir, step)
     stop = sched["total_steps"] if max_steps is None else min(max_steps, sched["total_steps"])
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision)
@@ -262,6 +335,9 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: 
         (run_dir / "schedule.json").write_text(json.dumps(sched, indent=1))
 
     K = cfg.swav.n_prototypes
+    fault_nan_steps = {int(x) for x in os.environ.get("OPENSEER_FAULT_NAN_STEPS", "").split(",") if x.strip()}
+    loss_ema: float | None = None
+    counters.setdefault("loss_spikes", 0)
     collapse_run, collapse_warned, bad_in_a_row = 0, False, 0
     acc = _Accumulator()
     timings = {"data": 0.0, "forward": 0.0, "sinkhorn": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -270,7 +346,10 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: 
 
     batches = iterate_batches(source, cfg, env.rank, env.world_size, step, stop)
     t_wait = time.perf_counter()
+    preempted = None
+    stop_request = _StopRequest()
     try:
+        stop_request.__enter__()
         for batch in batches:
             batch: Batch
             t0 = time.perf_counter()
@@ -294,6 +373,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: 
             sync()
             t2 = time.perf_counter()
             loss = criterion(scores, targets)
+            if step in fault_nan_steps:
+                loss = loss * float("nan")  # fault injection for the reliability tests
             optimizer.zero_grad(set_to_none=True)
             (scaler.scale(loss) if scaler else loss).backward()
             if step < cfg.swav.freeze_prototypes_steps:
@@ -336,6 +417,11 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: 
             acc.add(loss_value if not bad else float("nan"), n_imgs, used, entropy)
             log.tick()
 
+            if not bad:
+                if loss_ema is not None and step > 20 and loss_value > 1.5 * loss_ema + 0.5:
+                    counters["loss_spikes"] += 1
+                    log.message(f"step {step}: loss spike {loss_value:.3f} (recent average {loss_ema:.3f})")
+                loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
             if step > cfg.swav.freeze_prototypes_steps and math.isfinite(loss_value):
                 collapse_run = collapse_run + 1 if loss_value > 0.9 * ln_k(K) else 0
                 if collapse_run >= cfg.log.collapse_patience and not collapse_warned:
@@ -364,6 +450,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: 
                     "assign_entropy": acc.mean("entropy"),
                     "ln_k": ln_k(K),
                     "skipped_steps": counters["skipped_steps"],
+                    "loss_spikes": counters["loss_spikes"],
                     "bad_images": sum(counters["bad_images"].values()),
                     "collapse_warning": collapse_warned,
                 }
@@ -373,14 +460,20 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool = False, max_steps: 
             if step % cfg.checkpoint.every == 0 and step < stop:
                 _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log)
                 last_ckpt_step = step
+            if all_reduce_scalar(float(stop_request.signal is not None), "max") > 0:
+                preempted = signal.Signals(stop_request.signal).name if stop_request.signal else "peer"
+                log.message(f"openseer: {preempted} received: checkpointing at step {step} and exiting")
+                break
             t_wait = time.perf_counter()
     finally:
+        stop_request.__exit__()
         log.close()
     if step != last_ckpt_step or not list_checkpoints(run_dir):
         _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log)
     if counters["bad_images"] and env.is_main:
         print(f"openseer: skipped unreadable images: {counters['bad_images']} (listed in {run_dir / 'bad_images.txt'})")
-    summary = {"step": step, "total_steps": sched["total_steps"], "counters": counters, "run_dir": str(run_dir)}
+    summary = {"step": step, "total_steps": sched["total_steps"], "counters": counters, "run_dir": str(run_dir),
+               "preempted": preempted}
     if env.world_size > 1:
         dist.barrier()
     return summary

@@ -1,0 +1,117 @@
+"""``openseer doctor RUN_DIR``: check a run directory and say what is wrong and how to recover."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import ConfigError, load_config
+from .train.checkpoint import CKPT_DIR, CheckpointError, list_checkpoints, load_checkpoint
+
+
+@dataclass
+class Finding:
+    level: str  # ok | warn | error
+    what: str
+    fix: str = ""
+
+    def line(self) -> str:
+        tag = {"ok": "ok   ", "warn": "WARN ", "error": "ERROR"}[self.level]
+        return f"{tag} {self.what}" + (f"\n      -> {self.fix}" if self.fix else "")
+
+
+def diagnose(run_dir: str | Path) -> list[Finding]:
+    """Every check on a run directory, as findings (never raises for a broken run)."""
+    run = Path(run_dir)
+    out: list[Finding] = []
+    if not run.is_dir():
+        return [Finding("error", f"{run} is not a directory", "pass the --out folder of a pretraining run")]
+
+    cfg = None
+    try:
+        cfg = load_config(run / "config.yaml")
+        out.append(Finding("ok", f"config.yaml loads (recipe {cfg.recipe}, backbone {cfg.model.arch})"))
+    except ConfigError as e:
+        out.append(Finding("error", f"config.yaml: {e}", "restore config.yaml from a checkpoint's 'config' entry"))
+
+    ckpts = list_checkpoints(run)
+    leftovers = sorted((run / CKPT_DIR).glob("*.tmp")) if (run / CKPT_DIR).is_dir() else []
+    for t in leftovers:
+        out.append(Finding("warn", f"{t.name}: an unfinished checkpoint write (the process died while saving)",
+                           f"safe to delete: rm {t}"))
+    if not ckpts:
+        out.append(Finding("error", "no checkpoint", "the run cannot be resumed; start it again with --out"))
+    good_step = None
+    for path in reversed(ckpts):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            out.append(Finding("error", str(e), f"delete {path}; --resume will use the previous checkpoint"))
+            continue
+        step = int(state.get("step", -1))
+        expected = int(path.stem.split("_")[1])
+        missing = [k for k in ("model", "optimizer", "step", "config") if k not in state]
+        if missing:
+            out.append(Finding("error", f"{path.name} lacks {', '.join(missing)}", f"delete {path}"))
+        elif step != expected:
+            out.append(Finding("error", f"{path.name} holds step {step}, not {expected}", f"delete {path}"))
+        else:
+            bad = [k for k, v in state["model"].items() if v.is_floating_point() and not v.isfinite().all()]
+            if bad:
+                out.append(Finding("error", f"{path.name} has non-finite weights in {bad[0]}",
+                                   f"delete {path} and resume from an earlier checkpoint"))
+            else:
+                out.append(Finding("ok", f"{path.name} loads safely (weights_only) at step {step}"))
+                good_step = step if good_step is None else good_step
+
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file() and metrics.stat().st_size:
+        last = None
+        for line in metrics.read_text().splitlines():
+            try:
+                last = json.loads(line)
+            except json.JSONDecodeError:
+                out.append(Finding("warn", "metrics.jsonl has a torn line (written while the process died)",
+                                   "harmless; new lines are appended after it"))
+        if last:
+            loss = last.get("loss", float("nan"))
+            msg = f"last metrics: step {last.get('step')}, loss {loss:.4f}, lr {last.get('lr', 0):.4g}"
+            if not math.isfinite(loss):
+                out.append(Finding("error", msg + " (non-finite)", "lower optim.base_lr or use optim.precision=fp32"))
+            elif last.get("collapse_warning") or (last.get("ln_k") and loss > 0.9 * last["ln_k"]):
+                out.append(Finding("warn", msg + f" (near ln K = {last.get('ln_k', 0):.2f}: collapse?)",
+                                   "see SEER.md §5.7: swav.epsilon=0.03, longer freeze, model.head_bn=false"))
+            else:
+                out.append(Finding("ok", msg))
+            if good_step is not None and last.get("step", 0) > good_step:
+                out.append(Finding("ok", f"resuming repeats steps {good_step + 1}..{last['step']} "
+                                         f"(logged after the last checkpoint); this is expected"))
+    else:
+        out.append(Finding("warn", "no metrics.jsonl yet", "the run stopped before its first logged step"))
+
+    diag = run / "diagnostics"
+    if diag.is_dir() and any(diag.iterdir()):
+        out.append(Finding("warn", f"{len(list(diag.iterdir()))} skipped non-finite steps (diagnostics/)",
+                           "inspect the JSON files: scores, assignments and the batch's sample keys"))
+    bad_images = run / "bad_images.txt"
+    if bad_images.is_file():
+        n = len(bad_images.read_text().splitlines())
+        out.append(Finding("ok", f"{n} unreadable images were skipped (bad_images.txt)"))
+    denylist = run / "data_provenance.json"
+    if denylist.is_file():
+        out.append(Finding("ok", f"data provenance recorded: {denylist.name}"))
+    else:
+        out.append(Finding("ok", "no deny-list recorded (the run read no tar shards)"))
+    if good_step is not None:
+        out.append(Finding("ok", f"resume with: openseer pretrain --resume {run}"))
+    return out
+
+
+def run_doctor(run_dir: str | Path) -> int:
+    """Print the findings; exit code 1 when any is an error."""
+    findings = diagnose(run_dir)
+    for f in findings:
+        print(f.line())
+    return 1 if any(f.level == "error" for f in findings) else 0
