@@ -14,15 +14,22 @@ USER_ERRORS: tuple[type[BaseException], ...] = ()
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.sources import DataError
     from .model.backbone import BackboneError
+    from .plan import PlanError
     from .train.checkpoint import CheckpointError
     from .train.distributed import DistError
     from .train.loop import RunError
 
-    errors = [ConfigError, DataError, CheckpointError, RunError, BackboneError, DistError]
+    errors = [ConfigError, DataError, CheckpointError, RunError, BackboneError, DistError, PlanError]
     try:
         from .eval.common import EvalError
 
         errors.append(EvalError)
+    except ImportError:
+        pass
+    try:
+        from .data.takedown import TakedownError
+
+        errors.append(TakedownError)
     except ImportError:
         pass
     return tuple(errors)
@@ -65,8 +72,37 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = build_config(args.recipe or "tiny-cpu", args.overrides, base=base)
         summary = pretrain(cfg, Path(args.out), resume="auto" if args.auto_resume else False,
                            max_steps=args.max_steps)
+    from .train.distributed import env_from_os
+
     why = f" ({summary['preempted']}: checkpoint written, resume with --resume)" if summary.get("preempted") else ""
-    print(f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}; run in {summary['run_dir']}")
+    if env_from_os().is_main:  # once per run, not once per process
+        print(f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}; run in {summary['run_dir']}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Parameters and per-GPU memory of a recipe on N GPUs (meta device: no memory, no GPU needed)."""
+    from .plan import PlanError, format_plan, make_plan, plan_json
+
+    cfg = build_config(args.recipe, args.overrides)
+    plan = make_plan(cfg, args.gpus, args.gpu_mem_gb)
+    print(plan_json(plan) if args.json else format_plan(plan))
+    if not any(plan["fits"].values()):
+        need = plan.get("min_gpus")
+        hint = (f"{need} GPUs of {args.gpu_mem_gb:g} GiB would fit with FSDP + activation checkpointing"
+                if need else f"no GPU count that divides the global batch fits in {args.gpu_mem_gb:g} GiB; "
+                             f"use larger GPUs or a smaller data.batch_size")
+        raise PlanError(f"{cfg.recipe} does not fit on {args.gpus} GPUs of {args.gpu_mem_gb:g} GiB with any "
+                        f"strategy: {hint}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a run's backbone as one safetensors file with timm key names."""
+    from .export import export_backbone
+
+    out = export_backbone(args.source, args.out)
+    print(f"openseer: backbone of {args.source} -> {out}")
     return 0
 
 
@@ -91,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain a backbone with SwAV",
                        description="Pretrain with SwAV. Trailing key=value pairs override the recipe, "
                                    "e.g. optim.base_lr=0.6 data.batch_size=128 checkpoint.every=100.")
-    p.add_argument("--data", help="a folder of images (recursive) or 'fashion-mnist'")
+    p.add_argument("--data", help="a folder of images (recursive), 'fashion-mnist', or tar shards "
+                                   "('shards/{000000..000099}.tar', a glob, 'pipe:CMD', or a folder from `openseer shard`)")
     p.add_argument("--recipe", help="a recipe name (see `openseer recipes`) or a YAML file; default tiny-cpu")
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
@@ -105,10 +142,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(func=cmd_doctor)
 
+    p = sub.add_parser("plan", help="parameters and per-GPU memory of a recipe on N GPUs; does it fit?",
+                       description="Plan a run: exact parameter counts and per-GPU memory (weights, gradients, "
+                                   "momentum, activations) under DDP and FSDP, with and without activation "
+                                   "checkpointing, from a meta-device model (no memory, no GPU needed).")
+    p.add_argument("--recipe", default="tiny-cpu", help="a recipe name or YAML file")
+    p.add_argument("--gpus", type=int, required=True, help="total number of GPUs (processes)")
+    p.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GiB, e.g. 40 or 80")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("export", help="write a run's backbone as safetensors with timm key names")
+    p.add_argument("source", metavar="RUN_DIR", help="a run directory (latest checkpoint) or one checkpoint")
+    p.add_argument("out", metavar="OUT.safetensors")
+    p.set_defaults(func=cmd_export)
+
     try:
         from .eval import cli as eval_cli
 
         eval_cli.add_parsers(sub)
+    except ImportError:
+        pass
+    try:
+        from .data import cli as data_cli
+
+        data_cli.add_parsers(sub)
     except ImportError:
         pass
     return parser
@@ -116,7 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # key=value overrides may stand anywhere (``--data X a=1 --out Y b=2``); argparse only
+        # collects the first run of positionals into ``overrides``
+        if isinstance(getattr(args, "overrides", None), list) and not any(x.startswith("-") for x in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except _user_errors() as e:

@@ -33,6 +33,10 @@ class DataConfig:
     num_workers: int = 2  # loader processes for decoded sources (folders)
     limit: int = 0  # use only the first N images of the seeded order (0 = all); for tests
     batched_aug: bool = True  # in-memory sources: augment whole batches of uint8 tensors
+    fast_decode: bool = True  # decoded images: reduced-size decode + FastMultiCrop (false: full decode, MultiCrop)
+    epoch_samples: int = 0  # tar shards: samples per virtual epoch (0 = from the shards' index.json)
+    shuffle_buffer: int = 1000  # tar shards: per-loader-slot shuffle buffer (samples)
+    denylist: str = ""  # tar shards: deny-list file ('' = takedowns.txt beside the shards, if any)
 
 
 @dataclass
@@ -123,8 +127,14 @@ class MonitorConfig:
 
 @dataclass
 class DistConfig:
+    """Multi-process training (docs/distributed.md): DDP or FSDP2, SyncBN groups, activation checkpointing."""
+
     backend: str = "auto"  # auto | gloo | nccl
-    strategy: str = "ddp"  # ddp | fsdp
+    strategy: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard, sharded DCP checkpoints)
+    fsdp_wrap: str = "stage"  # fsdp unit: 'stage' (one per backbone stage) or 'block' (one per residual block)
+    syncbn_group_size: int = 0  # SyncBN over groups of this many processes; 0 = off (SEER: 64, 8 for 10B)
+    activation_checkpointing: bool = False  # recompute each residual block's activations in backward
+    activation_checkpointing_stages: list[int] = field(default_factory=list)  # 1-based stages; [] = all
 
 
 @dataclass
@@ -169,6 +179,8 @@ class Config:
                 raise ConfigError(f"swav.crops_for_assign has {i}, allowed 0..{n_crops - 1}")
         if self.data.batch_size < 1:
             raise ConfigError("data.batch_size must be >= 1")
+        if self.data.epoch_samples < 0 or self.data.shuffle_buffer < 0 or self.data.num_workers < 0:
+            raise ConfigError("data.epoch_samples, data.shuffle_buffer and data.num_workers must be >= 0")
         if self.swav.n_prototypes < 2:
             raise ConfigError("swav.n_prototypes must be >= 2")
         if self.swav.epsilon <= 0 or self.swav.temperature <= 0:
@@ -240,6 +252,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key} must be a number; got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

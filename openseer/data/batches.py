@@ -5,6 +5,9 @@ s takes the next global batch of it, and rank r takes its slice. Augmentation ra
 seeded per (seed, step, rank) for in-memory batches and per (seed, step, image) for decoded files.
 So the data position is just the step number: a resumed run continues with exactly the batches
 (and crops) the uninterrupted run would have seen, whatever the number of loader workers.
+
+Tar shards are streams, not indexable: their batches come from data/stream_batches.py and their
+position (per loader slot) is saved in the checkpoint through ``data_state``/``prepare_stream``.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
-from .decode import BadImage
-from .multicrop import BatchMultiCrop, MultiCrop
+from .decode import BadImage, reduced_decode_pixels
+from .multicrop import BatchMultiCrop, FastMultiCrop, MultiCrop
 from .sources import DataError, ImageSource
 
 MAX_BAD_IN_A_ROW = 64
@@ -66,10 +70,15 @@ class Batch:
 
 
 class _DecodedCrops(Dataset):
-    """Decodes one file and makes its crops; a bad file is replaced by the next good one, and counted."""
+    """Decodes one file and makes its crops; a bad file is replaced by the next good one, and counted.
 
-    def __init__(self, source: ImageSource, multicrop: MultiCrop, seed: int):
-        self.source, self.multicrop, self.seed = source, multicrop, seed
+    With ``min_pixels`` (data.fast_decode) the file is decoded at a reduced size and cropped by
+    ``FastMultiCrop`` with a generator seeded per (seed, step, image); otherwise full decode and the
+    torchvision ``MultiCrop`` seeded through the global RNG (the original path).
+    """
+
+    def __init__(self, source: ImageSource, multicrop, seed: int, min_pixels: int | None = None):
+        self.source, self.multicrop, self.seed, self.min_pixels = source, multicrop, seed, min_pixels
 
     def __len__(self) -> int:
         return len(self.source)
@@ -81,13 +90,16 @@ class _DecodedCrops(Dataset):
         for attempt in range(MAX_BAD_IN_A_ROW):
             j = (idx + attempt) % n
             try:
-                sample = self.source.load(j)
+                sample = self.source.load(j, min_pixels=self.min_pixels) if self.min_pixels else self.source.load(j)
                 break
             except BadImage as e:
                 bad.append((self.source.key(j), e.reason))
         else:
             raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row near {self.source.key(idx)}; "
                             f"is this really a folder of images?")
+        if self.min_pixels:
+            gen = torch.Generator().manual_seed(seed_of(self.seed, step, idx, 0xFA57))
+            return self.multicrop(sample.image, gen), sample.key, bad
         torch.manual_seed(seed_of(self.seed, step, idx))  # per-image augmentation stream
         return self.multicrop(sample.image), sample.key, bad
 
@@ -115,12 +127,28 @@ class _StepSampler:
 
 def iterate_batches(source: ImageSource, cfg: Config, rank: int, world: int, start_step: int,
                     total_steps: int) -> Iterator[Batch]:
-    """Batches for steps ``start_step .. total_steps - 1`` on this rank."""
+    """Batches for steps ``start_step .. total_steps - 1`` on this rank.
+
+    For streaming sources (tar shards) the result is a ``StreamBatches`` (data/stream_batches.py):
+    iterate it like the others; its ``state_dict()``/``load_state_dict()`` carry the stream
+    position through checkpoints (see ``prepare_stream`` and ``data_state`` below).
+    """
     gb = cfg.data.batch_size
     if gb % world:
         raise DataError(f"data.batch_size={gb} (global) is not divisible by the world size {world}")
     n = len(source)
     steps_per_epoch(n, gb)
+    if getattr(source, "streaming", False):
+        from .stream_batches import StreamBatches
+
+        return StreamBatches(source, cfg, rank, world, start_step, total_steps)
+    return _indexed_batches(source, cfg, rank, world, start_step, total_steps)
+
+
+def _indexed_batches(source: ImageSource, cfg: Config, rank: int, world: int, start_step: int,
+                     total_steps: int) -> Iterator[Batch]:
+    gb = cfg.data.batch_size
+    n = len(source)
     if source.in_memory and cfg.data.batched_aug:
         aug = BatchMultiCrop(cfg.crops)
         images = source.images  # type: ignore[attr-defined]
@@ -133,8 +161,12 @@ def iterate_batches(source: ImageSource, cfg: Config, rank: int, world: int, sta
         return
     sampler = _StepSampler(n, gb, rank, world, cfg.seed, start_step, total_steps)
     workers = cfg.data.num_workers
+    if cfg.data.fast_decode and not source.in_memory:
+        dataset = _DecodedCrops(source, FastMultiCrop(cfg.crops), cfg.seed, decode_pixels(cfg))
+    else:
+        dataset = _DecodedCrops(source, MultiCrop(cfg.crops), cfg.seed)
     loader = DataLoader(
-        _DecodedCrops(source, MultiCrop(cfg.crops), cfg.seed), batch_sampler=sampler, num_workers=workers,
+        dataset, batch_sampler=sampler, num_workers=workers,
         collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None,
         pin_memory=torch.cuda.is_available(),
     )
@@ -144,3 +176,29 @@ def iterate_batches(source: ImageSource, cfg: Config, rank: int, world: int, sta
 
 def count_reasons(bad: list[tuple[str, str]]) -> dict[str, int]:
     return dict(Counter(reason for _, reason in bad))
+
+
+def decode_pixels(cfg: Config) -> int:
+    """Fewest pixels a reduced-size decode must keep for ``cfg.crops`` (see decode.py)."""
+    return reduced_decode_pixels(cfg.crops.sizes, cfg.crops.min_scale)
+
+
+# ---------------------------------------------------------------- hooks for the training loop
+
+
+def prepare_stream(batches: Iterator[Batch], run_dir: str | Path, resume_state: dict | None, is_main: bool) -> None:
+    """Streaming sources only (a no-op otherwise): restore the stream position saved in a
+    checkpoint (``resume_state['data']``) and record the run's data provenance
+    (RUN_DIR/data_provenance.json: shards, manifest, deny-list version, layout)."""
+    if not hasattr(batches, "load_state_dict"):
+        return
+    if resume_state is not None:
+        batches.load_state_dict(resume_state.get("data"))
+    if is_main:
+        batches.record_provenance(run_dir)
+
+
+def data_state(batches: Iterator[Batch]) -> dict | None:
+    """The data position to store in a checkpoint (streaming sources; ``None`` otherwise).
+    Collective under torch.distributed: every rank calls it at the same step."""
+    return batches.state_dict() if hasattr(batches, "state_dict") else None

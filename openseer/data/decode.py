@@ -2,14 +2,39 @@
 
 Web-scale piles hold truncated files, zero-byte files, HTML saved as .jpg, decompression bombs and
 odd colour modes. Decoding never crashes the run: the caller counts the reason and moves on.
-Valid but unusual images are converted deliberately: EXIF orientation applied, palette and alpha
-composited on white, 16-bit scaled to 8-bit, CMYK/1-bit/LA converted to RGB.
+Valid but unusual images are converted deliberately: EXIF orientation applied (a broken EXIF block
+is ignored, not fatal), palette and alpha composited on white, 16-bit and float scaled to 8-bit,
+CMYK/1-bit/LA converted to RGB.
+
+Reasons (``BadImage.reason``), the same everywhere (folders, shards, the shard writer):
+
+=================== ==========================================================================
+``empty``           a zero-byte file
+``truncated``       an image whose data stops early
+``corrupt``         an image signature with data that does not decode (bad CRC, garbage, ...)
+``not_an_image``    bytes that are no image format at all (HTML, text, random bytes)
+``too_many_pixels`` more than ``MAX_PIXELS`` pixels (decompression bombs)
+``too_large``       a file over ``MAX_FILE_BYTES`` (never read into memory)
+``unreadable``      the file cannot be read (permissions, broken symlink, I/O error)
+``not_a_file``      a FIFO, socket or device with an image name (reading it could hang)
+=================== ==========================================================================
+
+Reduced-size decoding (``min_pixels``): multi-crop never needs more pixels than
+``reduced_decode_pixels(crops)``, so a JPEG much larger than that is decoded with libjpeg's DCT
+scaling (PIL ``draft``, 1/2, 1/4 or 1/8 per side) and other formats are box-reduced after
+decoding. Both keep the full field of view, so random-resized-crop scales (fractions of the
+image area) mean the same thing as on the full image.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import os
+import stat
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +44,14 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 178_956_970  # PIL's own default, set explicitly so nothing can lift it silently
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is bad, not half-grey
+MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are skipped as 'too_large' without reading them
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+REASONS = ("empty", "truncated", "corrupt", "not_an_image", "too_many_pixels", "too_large",
+           "unreadable", "not_a_file")
+
+# unambiguous leading bytes of image formats; used to tell 'corrupt' from 'not_an_image'
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*")
 
 
 class BadImage(Exception):
@@ -32,65 +63,192 @@ class BadImage(Exception):
         self.detail = detail
 
 
+def _looks_like_image(data: bytes) -> bool:
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+
+
+def _lacks_end(data: bytes) -> bool:
+    """A PNG without its IEND chunk or a JPEG without its EOI marker: the file was cut short."""
+    if data.startswith(b"\x89PNG"):
+        return b"IEND" not in data[-16:]
+    if data.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" not in data[-64:]
+    return False
+
+
+def _failure_reason(data: bytes, text: str) -> str:
+    text = text.lower()
+    if "truncated" in text or "premature" in text or _lacks_end(data):
+        return "truncated"
+    return "corrupt"
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB the way a person would expect to see it."""
     mode = img.mode
     if mode == "RGB":
         return img
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        top = float(arr.max()) if arr.size else 0.0
+        if mode.startswith("I;16"):
+            hi = 65535.0
+        elif mode == "F" and top <= 1.0:
+            hi = 1.0  # float images hold 0..1
+        else:
+            hi = 65535.0 if top > 255 else 255.0  # 32-bit int: 16-bit data or 8-bit data
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
+        if mode == "RGB":
+            return img
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        if mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] == 255:
+            return img.convert("RGB")  # fully opaque: nothing to composite (much faster)
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def decode_bytes(data: bytes, name: str = "<bytes>", draft_size: int | None = None) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image, or raise ``BadImage``.
+def _exif_transpose(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF is metadata noise, not a reason to drop a good image
+        return img
 
-    ``draft_size``: for JPEGs, let libjpeg decode at a reduced scale (DCT scaling) as long as
-    both sides stay at least this many pixels; much faster for large photos.
-    """
-    if len(data) == 0:
-        raise BadImage("empty", name)
+
+def exif_orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1..8; 1 when absent or unreadable). Call it on a decoded image:
+    for PNG, PIL loads the pixels to find EXIF, and a failure there would be silently swallowed."""
+    try:
+        value = int(img.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+@contextmanager
+def _classified(name: str, data: bytes) -> Iterator[None]:
+    """Turn anything PIL raises into a ``BadImage`` with a countable reason."""
     try:
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": noise, not a failure
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            if draft_size and img.format == "JPEG":
-                w, h = img.size
-                scale = min(w, h) / draft_size
-                if scale >= 2:
-                    img.draft("RGB", (int(w / scale) + 1, int(h / scale) + 1))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            img = to_rgb(img)
+            yield
+    except BadImage:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage("too_many_pixels", f"{name}: {e}") from None
     except UnidentifiedImageError:
+        if _looks_like_image(data):
+            raise BadImage(_failure_reason(data, ""), f"{name}: unrecognised image data") from None
         raise BadImage("not_an_image", name) from None
+    except MemoryError:
+        raise BadImage("too_many_pixels", f"{name}: out of memory while decoding") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        text = str(e).lower()
-        reason = "truncated" if ("truncated" in text or "premature" in text or "broken" in text) else "corrupt"
-        raise BadImage(reason, f"{name}: {e}") from None
+        raise BadImage(_failure_reason(data, str(e)), f"{name}: {e}") from None
     except Exception as e:  # any decoder bug: still a bad file, never a crash
         raise BadImage("corrupt", f"{name}: {type(e).__name__}: {e}") from None
-    if img.width < 1 or img.height < 1:
-        raise BadImage("corrupt", f"{name}: zero-sized image")
-    return img
 
 
-def load_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
-    """Read and decode a file; unreadable files are ``BadImage('unreadable')``."""
+def open_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
+    """Open encoded bytes lazily (header only, pixel-limit checked); raises ``BadImage``."""
+    if len(data) == 0:
+        raise BadImage("empty", name)
+    with _classified(name, data):
+        img = Image.open(io.BytesIO(data))
+        if img.width < 1 or img.height < 1:
+            raise BadImage("corrupt", f"{name}: zero-sized image")
+        return img
+
+
+def draft_scale(width: int, height: int, min_pixels: int) -> int:
+    """The largest DCT scale 8, 4 or 2 that keeps at least ``min_pixels`` pixels (1 = none)."""
+    for s in (8, 4, 2):
+        if (width // s) * (height // s) >= min_pixels:
+            return s
+    return 1
+
+
+def finish(img: Image.Image, name: str, data: bytes, min_pixels: int | None = None) -> Image.Image:
+    """Decode an image opened with ``open_bytes`` (optionally reduced), apply EXIF, make it RGB."""
+    with _classified(name, data):
+        w, h = img.size
+        reduce_after = 1
+        if min_pixels:
+            s = draft_scale(w, h, min_pixels)
+            if s > 1 and img.format in ("JPEG", "MPO"):
+                img.draft("RGB", (w // s, h // s))  # DCT scaling: 1/s of each side, whole image
+            else:
+                reduce_after = s
+        img.load()
+        img = _exif_transpose(img)
+        img = to_rgb(img)
+        if reduce_after > 1:
+            img = img.reduce(reduce_after)  # box filter on RGB (fast), whole image kept
+        if img.width < 1 or img.height < 1:
+            raise BadImage("corrupt", f"{name}: zero-sized image")
+        return img
+
+
+def decode_bytes(data: bytes, name: str = "<bytes>", draft_size: int | None = None,
+                 min_pixels: int | None = None) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image, or raise ``BadImage``.
+
+    ``min_pixels``: decode at a reduced size (see the module doc) as long as at least this many
+    pixels remain. ``draft_size`` (older interface): the same, keeping both sides >= draft_size.
+    """
+    img = open_bytes(data, name)
+    if draft_size and not min_pixels:
+        scale = int(min(img.size) // draft_size)
+        min_pixels = (img.width // max(scale, 1)) * (img.height // max(scale, 1)) if scale >= 2 else None
+    return finish(img, name, data, min_pixels)
+
+
+def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a regular file, or ``BadImage`` ('unreadable', 'not_a_file', 'too_large', 'empty').
+
+    FIFOs, sockets and devices are refused before opening (opening a FIFO blocks forever).
+    """
     try:
-        data = Path(path).read_bytes()
+        st = os.stat(path)
     except OSError as e:
         raise BadImage("unreadable", f"{path}: {e.strerror or e}") from None
-    return decode_bytes(data, str(path), draft_size=draft_size)
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImage("not_a_file", f"{path}: not a regular file")
+    if st.st_size > max_bytes:
+        raise BadImage("too_large", f"{path}: {st.st_size} bytes > {max_bytes}")
+    if st.st_size == 0:
+        raise BadImage("empty", str(path))
+    try:
+        with open(path, "rb") as f:
+            return f.read(max_bytes + 1)
+    except OSError as e:
+        raise BadImage("unreadable", f"{path}: {e.strerror or e}") from None
+
+
+def load_image(path: str | Path, draft_size: int | None = None, min_pixels: int | None = None) -> Image.Image:
+    """Read and decode a file; unreadable files are ``BadImage('unreadable')``."""
+    data = read_file(path)
+    return decode_bytes(data, str(path), draft_size=draft_size, min_pixels=min_pixels)
+
+
+UPSAMPLE_TOLERANCE = 1.05  # the most extreme crop may be upsampled by up to 5% per side
+
+
+def reduced_decode_pixels(sizes: list[int], min_scales: list[float], ratio_min: float = 3 / 4,
+                          tolerance: float = UPSAMPLE_TOLERANCE) -> int:
+    """Fewest decoded pixels for which no multi-crop output is upsampled by more than ``tolerance``.
+
+    A crop of output size S drawn at area scale ``lo`` with aspect ratio down to ``ratio_min`` has
+    a short side of sqrt(lo * A * ratio_min) pixels in an image of A pixels; it is not upsampled
+    when that is >= S. Only crops at both the smallest scale and the most extreme aspect ratio come
+    near the bound. SEER's 2x160 (0.14-1) + 4x96 (0.05-0.14) gives 245,760 pixels exactly, 222,912
+    with the default 5% tolerance (so a 5120x2880 photo decodes at 1/8 scale, 640x360).
+    """
+    exact = max(s * s / (lo * ratio_min) for s, lo in zip(sizes, min_scales))
+    return int(math.ceil(exact / (tolerance * tolerance)))

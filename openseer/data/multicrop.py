@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
@@ -146,8 +147,10 @@ class BatchMultiCrop:
         crops = []
         for size, lo, hi in self.plan:
             boxes = sample_crop_boxes(n, height, width, (lo, hi), gen)
+            # sampling_ratio=0: ceil(box / size) bilinear samples per output pixel, i.e. plain bilinear
+            # when upsampling (as torchvision's resize) and a box filter when downsampling (antialias)
             crop = roi_align(x, torch.cat([batch_index, boxes], 1), output_size=size, spatial_scale=1.0,
-                             sampling_ratio=2, aligned=True)
+                             sampling_ratio=0, aligned=True)
             crops.append(self._colour(crop, gen, gray_input))
         return crops
 
@@ -197,3 +200,114 @@ class BatchMultiCrop:
         out = F.conv2d(flat, kern[:, None, None, :], groups=n * ch)
         out = F.conv2d(out, kern[:, None, :, None], groups=n * ch).view(n, ch, height, width)
         return torch.where(apply[:, None, None, None], out, x)
+
+
+# ---------------------------------------------------------------- decoded images, fast path
+
+
+def adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
+    """Rotate the HSV hue of float RGB in [0, 1] (..., 3, H, W) by ``shift`` turns.
+
+    Same result as torchvision's ``adjust_hue`` (HSV round trip) in a few fused tensor ops: the
+    max and min channel stay, the hue moves (the standard closed-form HSV -> RGB).
+    """
+    maxc, argmax = x.max(dim=-3)
+    minc = x.min(dim=-3).values
+    c = maxc - minc
+    r, g, b = x.unbind(-3)
+    safe = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(argmax == 0, ((g - b) / safe) % 6,
+                    torch.where(argmax == 1, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = (h + 6 * shift) % 6
+    out = []
+    for n in (5.0, 3.0, 1.0):
+        k = (h + n) % 6
+        out.append(maxc - c * torch.clamp(torch.minimum(k, 4 - k), 0, 1))
+    return torch.stack(out, dim=-3)
+
+
+class FastMultiCrop:
+    """Multi-crop of one decoded PIL RGB image: the distribution of ``MultiCrop``, less work.
+
+    Each crop box is drawn as ``RandomResizedCrop`` draws it (scales relative to the whole image)
+    and resampled straight from the decoded image with PIL's antialiased bilinear ``resize(box=)``
+    (no full-image tensor copy); flip, colour jitter (factors and a random order per crop), random
+    grayscale, Gaussian blur (sigma drawn per crop) and normalisation then run on the small crop.
+    All randomness comes from the generator passed in, so a crop set is a function of its seed.
+    """
+
+    def __init__(self, cfg: CropsConfig):
+        self.cfg = cfg
+        self.groups = [(size, count, (lo, hi)) for size, count, lo, hi in
+                       zip(cfg.sizes, cfg.counts, cfg.min_scale, cfg.max_scale)]
+        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.std).view(3, 1, 1)
+        s = cfg.jitter_strength
+        self.jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+        self._kernels: dict[int, int] = {size: blur_kernel_size(size, cfg.blur_sigma[1]) for size in cfg.sizes}
+
+    def __call__(self, image, gen: torch.Generator) -> list[torch.Tensor]:
+        from PIL import Image
+
+        if isinstance(image, torch.Tensor):  # uint8 CHW (in-memory sources)
+            arr = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+            image = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy())
+        width, height = image.size
+        out = []
+        for size, count, scale in self.groups:
+            boxes = sample_crop_boxes(count, height, width, scale, gen).tolist()
+            for x1, y1, x2, y2 in boxes:
+                crop = image.resize((size, size), Image.BILINEAR, box=(x1, y1, x2, y2), reducing_gap=3.0)
+                x = torch.from_numpy(np.asarray(crop, dtype=np.float32).copy()).permute(2, 0, 1).div_(255)
+                out.append(self._colour(x, gen))
+        return out
+
+    def _colour(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        cfg = self.cfg
+        draws = torch.rand(4, generator=gen).tolist()  # flip, jitter, grayscale, blur
+        if draws[0] < cfg.flip_p:
+            x = x.flip(-1)
+        if draws[1] < cfg.jitter_p:
+            b, c, s, h = self.jitter
+            f = torch.rand(4, generator=gen).tolist()
+            fb = max(0.0, 1 - b) + f[0] * (1 + b - max(0.0, 1 - b))
+            fc = max(0.0, 1 - c) + f[1] * (1 + c - max(0.0, 1 - c))
+            fs = max(0.0, 1 - s) + f[2] * (1 + s - max(0.0, 1 - s))
+            fh = -h + f[3] * 2 * h
+            for op in torch.randperm(4, generator=gen).tolist():
+                if op == 0 and b > 0:
+                    x = (x * fb).clamp_(0, 1)
+                elif op == 1 and c > 0:
+                    m = _gray(x[None]).mean()
+                    x = (fc * x + (1 - fc) * m).clamp_(0, 1)
+                elif op == 2 and s > 0:
+                    x = (fs * x + (1 - fs) * _gray(x[None])[0]).clamp_(0, 1)
+                elif op == 3 and h > 0:
+                    x = adjust_hue(x, fh)
+        if draws[2] < cfg.grayscale_p:
+            x = _gray(x[None])[0].expand(3, -1, -1)
+        if cfg.blur_p > 0 and draws[3] < cfg.blur_p:
+            lo, hi = cfg.blur_sigma
+            sigma = lo + float(torch.rand(1, generator=gen)) * (hi - lo)
+            # +-3 sigma of this crop's sigma (at most the configured kernel): same blur, less work
+            k = min(self._kernels[x.shape[-1]], 2 * math.ceil(3 * sigma) + 1)
+            x = _blur_one(x, sigma, max(k, 3))
+        return ((x - self.mean) / self.std).contiguous()
+
+
+def _blur_one(x: torch.Tensor, sigma: float, k: int) -> torch.Tensor:
+    """Separable Gaussian blur of one (3, H, W) image with reflect padding, the same numbers as
+    torchvision's ``gaussian_blur``, as k shifted multiply-adds per axis (fast on a CPU)."""
+    r = k // 2
+    offsets = torch.arange(-r, r + 1, dtype=torch.float32)
+    w = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    w = (w / w.sum()).tolist()
+    height, width = x.shape[-2:]
+    p = F.pad(x[None], (r, r, r, r), mode="reflect")[0]
+    y = p[:, :, 0:width] * w[0]
+    for i in range(1, k):
+        y.add_(p[:, :, i:i + width], alpha=w[i])
+    z = y[:, 0:height] * w[0]
+    for i in range(1, k):
+        z.add_(y[:, i:i + height], alpha=w[i])
+    return z

@@ -1,4 +1,4 @@
-"""Where images come from: a folder of files (searched recursively) or Fashion-MNIST.
+"""Where images come from: a folder of files (searched recursively), Fashion-MNIST, or tar shards.
 
 A source is an indexable collection of unlabelled images with a stable key per image. Small
 sources (Fashion-MNIST) live in memory as one uint8 tensor so batches can be augmented in one
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..config import DataConfig
 from .decode import IMAGE_EXTENSIONS, load_image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -79,9 +80,13 @@ class Sample:
 
 
 class ImageSource:
-    """Base class: ``len``, ``key(i)`` and ``load(i)`` (raises ``BadImage`` for unusable files)."""
+    """Base class: ``len``, ``key(i)`` and ``load(i)`` (raises ``BadImage`` for unusable files).
+
+    ``streaming`` sources (tar shards) have no random access; they are read by data/stream.py.
+    """
 
     in_memory: bool = False
+    streaming: bool = False
     description: str = ""
 
     def __len__(self) -> int:
@@ -90,7 +95,8 @@ class ImageSource:
     def key(self, i: int) -> str:
         raise NotImplementedError
 
-    def load(self, i: int) -> Sample:
+    def load(self, i: int, min_pixels: int | None = None) -> Sample:
+        """Image ``i``; decoded sources may decode at a reduced size keeping >= ``min_pixels``."""
         raise NotImplementedError
 
 
@@ -111,7 +117,7 @@ class TensorSource(ImageSource):
     def key(self, i: int) -> str:
         return f"{self.name}:{i}"
 
-    def load(self, i: int) -> Sample:
+    def load(self, i: int, min_pixels: int | None = None) -> Sample:
         return Sample(self.images[i], self.key(i))
 
 
@@ -134,8 +140,9 @@ class FolderSource(ImageSource):
     def key(self, i: int) -> str:
         return str(self.paths[i].relative_to(self.root))
 
-    def load(self, i: int) -> Sample:
-        return Sample(load_image(self.paths[i], draft_size=self.draft_size), self.key(i))
+    def load(self, i: int, min_pixels: int | None = None) -> Sample:
+        image = load_image(self.paths[i], draft_size=None if min_pixels else self.draft_size, min_pixels=min_pixels)
+        return Sample(image, self.key(i))
 
 
 def list_images(root: Path) -> list[Path]:
@@ -166,14 +173,105 @@ class SubsetSource(ImageSource):
     def key(self, i: int) -> str:
         return self.base.key(i)
 
-    def load(self, i: int) -> Sample:
-        return self.base.load(i)
+    def load(self, i: int, min_pixels: int | None = None) -> Sample:
+        return self.base.load(i, min_pixels=min_pixels) if min_pixels else self.base.load(i)
 
 
-def open_source(spec: str, limit: int = 0, draft_size: int | None = None) -> ImageSource:
-    """Open ``--data``: 'fashion-mnist', a folder of images, or a folder holding Fashion-MNIST idx files."""
+class ShardSource(ImageSource):
+    """Tar shards read as a stream (data/stream.py): no random access, a virtual epoch of N samples.
+
+    N is ``epoch_samples`` when given, else ``limit``, else the sample count of the selected shards
+    from the ``index.json`` that ``openseer shard`` writes beside them, else (local shards without
+    an index) counted from the tar headers. ``pipe:`` shards without an index need
+    ``data.epoch_samples``. The deny-list is ``denylist`` or, when that is empty, ``takedowns.txt``
+    beside the shards (if present).
+    """
+
+    streaming = True
+
+    def __init__(self, spec: str, epoch_samples: int = 0, denylist: str = "", limit: int = 0):
+        from .stream import DEFAULT_DENYLIST, INDEX, MANIFEST, count_samples, expand_spec, urls_digest
+        from .takedown import DenyList, TakedownError
+
+        self.spec = spec
+        self.urls = expand_spec(spec)
+        local = [Path(u) for u in self.urls if not u.startswith("pipe:")]
+        self.root = local[0].parent if local else None
+        index_path = self.root / INDEX if self.root and (self.root / INDEX).is_file() else None
+        self.index: dict[str, int] = {}
+        if index_path is not None:
+            import json
+
+            try:
+                info = json.loads(index_path.read_text())
+                self.index = {row["name"]: int(row["samples"]) for row in info.get("shards", [])}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DataError(f"shard index {index_path} is unreadable: {e}") from None
+        self.index_path = index_path
+        self.manifest_path = self.root / MANIFEST if self.root and (self.root / MANIFEST).is_file() else None
+        deny_path = denylist or (str(self.root / DEFAULT_DENYLIST) if self.root and
+                                 (self.root / DEFAULT_DENYLIST).is_file() else "")
+        try:
+            self.deny = DenyList.load(deny_path)
+        except TakedownError as e:
+            raise DataError(str(e)) from None
+        self.n = int(epoch_samples or limit)
+        how = "data.epoch_samples" if epoch_samples else "data.limit"
+        if not self.n:
+            if all(Path(u).name in self.index for u in self.urls):
+                self.n, how = sum(self.index[Path(u).name] for u in self.urls), f"from {INDEX}"
+            elif all(not u.startswith("pipe:") for u in self.urls):
+                self.n, how = sum(count_samples(u) for u in self.urls), "counted"
+            else:
+                raise DataError(f"cannot tell how many samples {spec!r} holds (pipe: shards and no {INDEX}): "
+                                f"set data.epoch_samples=N, the number of samples per (virtual) epoch")
+        if self.n < 1:
+            raise DataError(f"the shards of {spec!r} hold no samples")
+        self.urls_digest = urls_digest(self.urls)
+        deny = f", deny-list {self.deny.path} ({len(self.deny)} keys, version {self.deny.version})" if self.deny.path else ""
+        self.description = (f"tar shards {spec} ({len(self.urls)} shards, {self.n} samples per epoch {how}"
+                            f"{deny}, streamed)")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def key(self, i: int) -> str:
+        raise DataError("tar shards are a stream: samples have no index")
+
+    def load(self, i: int, min_pixels: int | None = None) -> Sample:
+        raise DataError("tar shards are a stream: samples have no index")
+
+    def provenance(self) -> dict:
+        """What this source reads, for RUN_DIR/data_provenance.json."""
+        import hashlib
+
+        def file_info(path: Path | None) -> dict | None:
+            if path is None:
+                return None
+            st = path.stat()
+            out = {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if st.st_size <= 64 * 1024 * 1024:
+                out["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            return out
+
+        urls = [u if u.startswith("pipe:") else str(Path(u).resolve()) for u in self.urls]
+        return {"source": self.spec, "shards": urls, "shards_digest": self.urls_digest,
+                "index": file_info(self.index_path), "manifest": file_info(self.manifest_path),
+                "epoch_samples": self.n}
+
+
+def open_source(spec: str, limit: int = 0, draft_size: int | None = None,
+                data_cfg: DataConfig | None = None) -> ImageSource:
+    """Open ``--data``: 'fashion-mnist', a folder of images, a folder holding Fashion-MNIST idx files,
+    or tar shards (a ``.tar`` path, brace range or glob, ``pipe:CMD``, or a folder written by
+    ``openseer shard``); ``data_cfg`` (a DataConfig) supplies the shard reader's settings."""
     if not spec:
         raise DataError("no data given: pass --data PATH (a folder of images) or --data fashion-mnist")
+    from .stream import looks_like_shards
+
+    if looks_like_shards(spec):
+        return ShardSource(spec, epoch_samples=getattr(data_cfg, "epoch_samples", 0),
+                           denylist=getattr(data_cfg, "denylist", ""), limit=limit)
     if spec == "fashion-mnist":
         images, labels = load_fashion_mnist("train")
         source: ImageSource = TensorSource(images, "fashion-mnist", labels)

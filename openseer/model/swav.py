@@ -44,6 +44,7 @@ class Prototypes(nn.Module):
     def __init__(self, dim: int, n_prototypes: int):
         super().__init__()
         self.layer = nn.Linear(dim, n_prototypes, bias=False)
+        self.normalize_()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -51,7 +52,7 @@ class Prototypes(nn.Module):
 
     @torch.no_grad()
     def normalize_(self) -> None:
-        """L2-normalise each prototype in place (every iteration, before the forward)."""
+        """L2-normalise each prototype in place (at init and after every step that updates them)."""
         w = self.layer.weight
         w.copy_(F.normalize(w.float(), dim=1, p=2).to(w.dtype))
 
@@ -117,28 +118,34 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def _global_logsumexp(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """log(sum(exp(x))) over ``dim`` (all elements when None) and over all ranks, without overflow."""
+    if dim is None:
+        m = _all_reduce(x.max().clone(), dist.ReduceOp.MAX if _world() > 1 else None)
+        return m + torch.log(_all_reduce(torch.exp(x - m).sum()))
+    m = _all_reduce(x.amax(dim=dim, keepdim=True).clone(), dist.ReduceOp.MAX if _world() > 1 else None)
+    return m + torch.log(_all_reduce(torch.exp(x - m).sum(dim=dim, keepdim=True)))
+
+
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
     """Equipartitioned soft assignments (B_local x K) from scores (B_local x K), across all ranks.
 
-    Q = exp(scores / eps)^T (global max subtracted first), divided by its global sum; then ``iters``
-    times: rows divided by their global sums and by K, columns by their local sums and by the global
-    B; finally times B so each row of the result sums to 1. Only a scalar (max, sum) and the K row
-    sums cross ranks, so the result equals a single process on the concatenated batch.
+    Q = exp(scores / eps)^T divided by its global sum; then ``iters`` times: rows divided by their
+    global sums and by K, columns by their local sums and by the global B; finally times B so each
+    row of the result sums to 1. Computed in the log domain (every sum is a max-shifted logsumexp),
+    so large scores or a small epsilon cannot underflow a whole row or column to 0/0. Only scalars
+    and K-vectors (row maxima and row sums) cross ranks, so the result equals a single process on
+    the concatenated batch.
     """
-    q = scores.float() / epsilon
-    m = _all_reduce(q.max().clone(), dist.ReduceOp.MAX if _world() > 1 else None)
-    q = torch.exp(q - m).t()  # K x B_local
-    k = q.shape[0]
-    b = q.shape[1] * _world()
-    q /= _all_reduce(q.sum())
+    log_q = (scores.float() / epsilon).t()  # K x B_local
+    k = log_q.shape[0]
+    b = log_q.shape[1] * _world()
+    log_q = log_q - _global_logsumexp(log_q)
     for _ in range(iters):
-        q /= _all_reduce(q.sum(dim=1, keepdim=True))
-        q /= k
-        q /= q.sum(dim=0, keepdim=True)
-        q /= b
-    q *= b
-    return q.t()
+        log_q -= _global_logsumexp(log_q, dim=1) + math.log(k)
+        log_q -= torch.logsumexp(log_q, dim=0, keepdim=True) + math.log(b)
+    return torch.exp(log_q + math.log(b)).t()
 
 
 # ---------------------------------------------------------------- loss and queue

@@ -4,6 +4,13 @@ A checkpoint is written to a temporary file, fsynced, then renamed over its fina
 at any moment leaves either the previous checkpoint or the new one as the latest, never half a file.
 Old checkpoints are removed only after the new one is safely on disk. Loading uses
 ``torch.load(weights_only=True)``: a file that would run code when unpickled is refused.
+
+FSDP runs write sharded checkpoints with ``torch.distributed.checkpoint`` (DCP): a directory
+``step_XXXXXXXX.dcp`` holding each rank's shards, DCP's ``.metadata`` and ``meta.pt`` (step, config,
+schedule, counters, RNG, queue, optimiser groups). It is written as ``*.dcp.tmp`` and renamed when
+complete, so the same crash rules hold. DCP reshards on load: a run saved on N processes resumes on
+M. ``load_checkpoint`` of a ``.dcp`` directory in one process returns the same dict as a ``.pt``
+file (``model``, ``optimizer`` keyed by parameter name, ...); ``shallow=True`` skips the tensors.
 """
 
 from __future__ import annotations
@@ -11,13 +18,16 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 CKPT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d{8,})\.pt$")
+_NAME = re.compile(r"^step_(\d{8,})\.(pt|dcp)$")
+META = "meta.pt"  # the non-tensor part of a sharded (.dcp) checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -33,8 +43,16 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     folder = Path(run_dir) / CKPT_DIR
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _NAME.match(p.name)) and (p.suffix == ".pt" or (p / META).is_file())]
     return [p for _, p in sorted(found)]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -76,13 +94,114 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int) -> P
         kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
         raise CheckpointError(f"could not write checkpoint {final}: {reason}{kept}") from None
     for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+        _remove(old)
     return final
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint on CPU with ``weights_only=True``; clear errors for bad or unsafe files."""
+def save_sharded_checkpoint(meta: dict, tensors: dict, run_dir: str | Path, step: int, keep: int) -> Path:
+    """Every rank: write ``tensors`` (flat name -> tensor/DTensor) with DCP plus ``meta`` (rank 0) as
+    ``checkpoints/step_XXXXXXXX.dcp``; atomic rename and rotation on rank 0. Raises CheckpointError
+    on every rank when any rank failed (so no rank waits for another)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    final = checkpoint_path(run_dir, step).with_suffix(".dcp")
+    tmp = final.with_name(final.name + ".tmp")
+    main = dist.get_rank() == 0
+    error = ""
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    try:
+        dcp.save(tensors, checkpoint_id=str(tmp))
+    except Exception as e:  # DCP reports any rank's failure on every rank
+        error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if main and not error:
+        try:
+            with open(tmp / META, "wb") as f:
+                torch.save(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _remove(final)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
+        except OSError as e:
+            error = e.strerror or str(e)
+    failed = torch.tensor([1.0 if error else 0.0])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p for p in list_checkpoints(run_dir) if p != final]
+        kept = f"; the previous checkpoint {previous[-1]} is intact" if previous else ""
+        raise CheckpointError(f"could not write checkpoint {final}: {error or 'failed on another rank'}{kept}")
+    if main:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            _remove(old)
+    return final
+
+
+def sharded_keys(path: str | Path) -> set[str]:
+    """Names of the tensors in a ``.dcp`` checkpoint (from DCP's metadata, no tensor is read)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return set(FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def load_sharded(path: str | Path, template: dict) -> None:
+    """Fill ``template`` (name -> tensor or DTensor, shaped/sharded as this run wants) from a ``.dcp``
+    checkpoint, in place, whatever world size wrote it. Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(template, checkpoint_id=str(path))
+    except Exception as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(f"checkpoint {path} does not fit this model/config: "
+                              f"{first[0] if first else type(e).__name__}") from None
+
+
+def _read_sharded(path: Path, shallow: bool) -> dict:
+    try:
+        state = torch.load(path / META, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refused to load {path / META}: it contains objects that would run code when "
+                              f"unpickled. Detail: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path} does not hold a dict of training state")
+    state["dcp"] = str(path)
+    if shallow:
+        return state
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "loading in a single process": that is the intent here
+            flat = _load_state_dict_from_keys(checkpoint_id=str(path))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated: {e}") from None
+    state["model"] = {k[len("model."):]: v for k, v in flat.items() if k.startswith("model.")}
+    state["optimizer"] = {
+        "state": {k[len("momentum."):]: {"momentum_buffer": v} for k, v in flat.items() if k.startswith("momentum.")},
+        "param_groups": state.get("optimizer_groups", []),
+    }
+    return state
+
+
+def load_checkpoint(path: str | Path, shallow: bool = False) -> dict:
+    """Load a checkpoint on CPU with ``weights_only=True``; clear errors for bad or unsafe files.
+
+    A sharded ``.dcp`` directory is consolidated (one process; optimizer state keyed by parameter
+    name), or with ``shallow=True`` only its ``meta.pt`` is read and ``state['dcp']`` names it.
+    """
     path = Path(path)
+    if path.suffix == ".dcp" and path.is_dir():
+        return _read_sharded(path, shallow)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
@@ -99,7 +218,7 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict]:
+def latest_checkpoint(run_dir: str | Path, shallow: bool = False) -> tuple[Path, dict]:
     """The newest checkpoint of a run that loads; a corrupt newest one falls back to the one before."""
     found = list_checkpoints(run_dir)
     if not found:
@@ -107,7 +226,7 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[Path, dict]:
     errors = []
     for path in reversed(found):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, shallow=shallow)
         except CheckpointError as e:
             errors.append(str(e))
     raise CheckpointError("no checkpoint of the run could be loaded:\n  " + "\n  ".join(errors))

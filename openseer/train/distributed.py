@@ -3,6 +3,9 @@
 World size and rank come from the environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or SLURM's
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with MASTER_ADDR/MASTER_PORT). One process without any of
 these is world size 1, no process group needed. gloo on CPU, NCCL on GPU.
+
+``check_dist`` validates a config against the world size BEFORE any process group exists, so a bad
+set-up is one clear message on every rank instead of a hang in a collective.
 """
 
 from __future__ import annotations
@@ -39,6 +42,56 @@ def env_from_os(environ=os.environ) -> DistEnv:
     return DistEnv()
 
 
+def check_dist(cfg, env: DistEnv, device: str = "cpu") -> None:
+    """Refuse a distributed set-up that cannot work, before any collective (same verdict on every rank)."""
+    d, world = cfg.dist, env.world_size
+    if d.backend == "nccl" and not torch.cuda.is_available():
+        raise DistError("dist.backend=nccl needs CUDA GPUs and none is visible here; use dist.backend=gloo on CPU")
+    n_gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if world > 1 and n_gpus > 1 and env.local_rank >= n_gpus:
+        raise DistError(f"LOCAL_RANK {env.local_rank} but only {n_gpus} GPUs are visible on this node; "
+                        f"start at most {n_gpus} processes per node (--nproc_per_node {n_gpus})")
+    if cfg.data.batch_size % world:
+        raise DistError(f"data.batch_size={cfg.data.batch_size} is the GLOBAL batch and must be divisible by the "
+                        f"world size {world}; e.g. data.batch_size={max(1, cfg.data.batch_size // world) * world}")
+    if cfg.swav.queue_length % world:
+        raise DistError(f"swav.queue_length={cfg.swav.queue_length} must be divisible by the world size {world}")
+    if d.fsdp_wrap not in ("stage", "block"):
+        raise DistError(f"dist.fsdp_wrap must be 'stage' or 'block'; got {d.fsdp_wrap!r}")
+    g = d.syncbn_group_size
+    if g < 0:
+        raise DistError(f"dist.syncbn_group_size must be >= 0 (0 = plain BatchNorm); got {g}")
+    if g and world > 1 and (g > world or world % g):
+        divisors = [k for k in range(1, world + 1) if world % k == 0]
+        raise DistError(f"dist.syncbn_group_size={g} does not divide the world size {world} into equal groups; "
+                        f"use one of {divisors} (or 0 for plain BatchNorm)")
+    if world > 1 and d.strategy == "fsdp" and cfg.monitor.every and cfg.monitor.data:
+        raise DistError("the kNN monitor runs the backbone on rank 0 only, which FSDP cannot (its shards are "
+                        "gathered by all ranks together): set monitor.every=0 or use dist.strategy=ddp")
+    if any(s < 1 for s in d.activation_checkpointing_stages):
+        raise DistError(f"dist.activation_checkpointing_stages are 1-based stage numbers; "
+                        f"got {d.activation_checkpointing_stages}")
+
+
+def syncbn_group(group_size: int):
+    """The process group this rank's SyncBN layers reduce over: consecutive ranks, ``group_size`` each.
+
+    Every rank must call this (it creates all groups collectively). Returns None for the whole world.
+    """
+    world = dist.get_world_size()
+    if group_size >= world:
+        return None
+    group, _ = dist.new_subgroups(group_size)
+    return group
+
+
+def cuda_index(env: DistEnv) -> int:
+    """This process's GPU: its local rank, or 0 when the launcher shows each process one GPU (SLURM
+    ``--gpus-per-task=1`` sets CUDA_VISIBLE_DEVICES per task)."""
+    n = torch.cuda.device_count()
+    return env.local_rank if n > 1 else 0
+
+
 def init_distributed(backend: str = "auto", device: str = "cpu") -> DistEnv:
     """Initialise the default process group when the world has more than one process."""
     env = env_from_os()
@@ -53,9 +106,31 @@ def init_distributed(backend: str = "auto", device: str = "cpu") -> DistEnv:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if device == "cuda":
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(cuda_index(env))
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
     return env
+
+
+def on_main(env: DistEnv, fn, *args):
+    """Run ``fn(*args)`` on rank 0 only and give every rank its result, or raise its error on every
+    rank (as ``DistError`` on the others), so file-system decisions cannot race between ranks."""
+    if env.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return fn(*args)
+    box: list = [None, None]
+    error = None
+    dist.barrier()  # every rank is done with what came before (e.g. reading the directory) first
+    if env.is_main:
+        try:
+            box[0] = fn(*args)
+        except Exception as e:  # re-raised below, on every rank
+            error = e
+            box[1] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise DistError(box[1])
+    return box[0]
 
 
 def all_reduce_scalar(value: float, op: str = "mean") -> float:

@@ -2,7 +2,8 @@
 
 ``pretrain(cfg, run_dir)`` starts a run; ``pretrain(..., resume=True)`` continues the run in
 ``run_dir`` from its latest checkpoint with the same step, LR, data order, queue and optimiser state.
-The same code runs in one process or under torchrun (DDP).
+The same code runs in one process or under torchrun (DDP or FSDP2, see train/parallel.py; FSDP
+runs write sharded DCP checkpoints, see train/checkpoint.py and train/sharded.py).
 """
 
 from __future__ import annotations
@@ -22,15 +23,27 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
-from ..data.batches import Batch, count_reasons, iterate_batches, steps_per_epoch
+from ..data.batches import Batch, count_reasons, data_state, iterate_batches, prepare_stream, steps_per_epoch
 from ..data.sources import open_source
 from ..model.swav import SwAV, SwAVLoss, SwAVQueue, assignment_stats, build_swav, ln_k
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
-from .distributed import DistEnv, all_reduce_scalar, gather_cat, init_distributed
+from .distributed import (
+    DistEnv,
+    all_reduce_scalar,
+    check_dist,
+    cuda_index,
+    env_from_os,
+    gather_cat,
+    init_distributed,
+    on_main,
+)
 from .optim import build_optimizer, lr_at, peak_lr
+from .parallel import full_tensor, is_sharded, prepare_model
+from .sharded import restore_state, save_sharded
 
 # overrides that may change when a run is resumed; everything else must match the checkpoint
-RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device")
+RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device", "dist.backend",
+                  "dist.strategy", "dist.fsdp_wrap", "dist.activation_checkpointing")
 
 
 class RunError(RuntimeError):
@@ -131,8 +144,10 @@ def _unwrap(model) -> SwAV:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _state(step: int, model, optimizer, queue: SwAVQueue | None, cfg: Config, sched: dict, counters: dict) -> dict:
-    """Everything needed to continue bit for bit. The queue is gathered from all ranks."""
+def _state(step: int, model, optimizer, queue: SwAVQueue | None, cfg: Config, sched: dict, counters: dict,
+           data: dict | None = None) -> dict:
+    """Everything needed to continue bit for bit. The queue is gathered from all ranks; ``data`` is the
+    stream position of tar-shard sources (data/stream_batches.py), gathered from all ranks."""
     net = _unwrap(model)
     state = {
         "format": "openseer.pretrain.v1",
@@ -144,6 +159,8 @@ def _state(step: int, model, optimizer, queue: SwAVQueue | None, cfg: Config, sc
         "counters": counters,
         "rng": {"torch": torch.get_rng_state()},
     }
+    if data is not None:
+        state["data"] = data
     if queue is not None:
         # saved whole (all ranks' shares in rank order) so a run can resume on another world size
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -153,12 +170,16 @@ def _state(step: int, model, optimizer, queue: SwAVQueue | None, cfg: Config, sc
 
 def _restore(state: dict, model, optimizer, queue: SwAVQueue | None, env: DistEnv, path: Path) -> None:
     net = _unwrap(model)
-    try:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(f"checkpoint {path} does not fit this model/config: {first[1] if len(first) > 1 else first[0]}") from None
+    if "dcp" in state or is_sharded(net):  # sharded checkpoint, or whole tensors into FSDP shards
+        restore_state(state, net, optimizer, path)
+    else:
+        try:
+            net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            first = str(e).strip().splitlines()
+            raise CheckpointError(f"checkpoint {path} does not fit this model/config: "
+                                  f"{first[1] if len(first) > 1 else first[0]}") from None
     if "rng" in state:
         torch.set_rng_state(state["rng"]["torch"])
     if queue is not None:
@@ -173,11 +194,13 @@ def _restore(state: dict, model, optimizer, queue: SwAVQueue | None, env: DistEn
         queue.filled.fill_(min(int(saved["filled"]) // env.world_size, share))
 
 
-def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool | str, main: bool) -> bool:
+def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool | str, main: bool, write: bool = True) -> bool:
     """Create or check the run directory; returns whether to resume from a checkpoint.
 
     ``resume='auto'`` (``--auto-resume``, for torchrun restarts and job requeues) continues a run
     already in ``run_dir`` with the same config, or starts it when there is none yet.
+    ``write=False`` only checks (nothing is created), so a bad ``--out`` is refused at once and a
+    start that fails later (bad data, unknown backbone) leaves no half-made run behind.
     """
     has_config = (run_dir / "config.yaml").is_file()
     if resume == "auto":
@@ -188,23 +211,27 @@ def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool | str, main: bool)
                 raise RunError(f"{run_dir} holds a run with a different config ({diff}); "
                                f"choose another --out or resume it with --resume {run_dir}")
             if list_checkpoints(run_dir):
-                check_writable(run_dir)
+                if write:
+                    check_writable(run_dir)
                 return True
-        check_writable(run_dir)
-        if main:
-            save_config(cfg, run_dir / "config.yaml")
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if write:
+            check_writable(run_dir)
+            if main:
+                save_config(cfg, run_dir / "config.yaml")
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         return False
     if resume:
         if not has_config:
             raise RunError(f"{run_dir} is not a run directory (no config.yaml); start a run with --out {run_dir}")
-        check_writable(run_dir)
+        if write:
+            check_writable(run_dir)
         return True
     if run_dir.exists() and (has_config or list_checkpoints(run_dir)):
         raise RunError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    check_writable(run_dir)
-    if main:
-        save_config(cfg, run_dir / "config.yaml")
+    if write:
+        check_writable(run_dir)
+        if main:
+            save_config(cfg, run_dir / "config.yaml")
     return False
 
 
@@ -280,12 +307,12 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
         raise RunError("optim.precision=fp16 needs CUDA (a grad scaler on GPU); use bf16 or fp32 on CPU")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    check_dist(cfg, env_from_os(), device.type)  # before any collective: a bad set-up cannot hang
     env = init_distributed(cfg.dist.backend, device.type)
     if device.type == "cuda":
-        device = torch.device("cuda", env.local_rank)
-    resume = _prepare_run_dir(run_dir, cfg, resume, env.is_main)
-
-    source = open_source(cfg.data.source, cfg.data.limit)
+        device = torch.device("cuda", cuda_index(env))
+    _prepare_run_dir(run_dir, cfg, resume, env.is_main, write=False)  # refuse a bad --out before any work
+    source = open_source(cfg.data.source, cfg.data.limit, data_cfg=cfg.data)
     sched = schedule(cfg, len(source), env.world_size)
 
     torch.manual_seed(cfg.seed)
@@ -298,8 +325,9 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
             raise RunError(f"swav.queue_length={cfg.swav.queue_length} must be divisible by the world size {env.world_size}")
         queue = SwAVQueue(len(cfg.swav.crops_for_assign), cfg.swav.queue_length // env.world_size,
                           cfg.model.head_out).to(device)
-    if env.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # written only now that the data and the model are known to work
+    resume = on_main(env, _prepare_run_dir, run_dir, cfg, resume, env.is_main)  # rank 0 decides, all follow
+    model = prepare_model(model, cfg, env, device)  # one process: unchanged; else SyncBN, DDP or FSDP2
     net = _unwrap(model)
     optimizer = build_optimizer(net, cfg)
     criterion = SwAVLoss(cfg.n_crops, cfg.swav.crops_for_assign, cfg.swav.temperature, cfg.swav.epsilon,
@@ -308,7 +336,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     step = 0
     counters = {"bad_images": {}, "skipped_steps": 0, "images_seen": 0}
     if resume:
-        path, state = latest_checkpoint(run_dir)
+        path, state = latest_checkpoint(run_dir, shallow=True)  # .dcp: tensors are loaded by _restore
         saved_cfg = config_from_dict(state["config"])
         diff = _config_diff(saved_cfg, cfg)
         if diff:
@@ -335,6 +363,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
         (run_dir / "schedule.json").write_text(json.dumps(sched, indent=1))
 
     K = cfg.swav.n_prototypes
+    monitor_result: dict = {}
     fault_nan_steps = {int(x) for x in os.environ.get("OPENSEER_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     loss_ema: float | None = None
     counters.setdefault("loss_spikes", 0)
@@ -345,6 +374,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     batches = iterate_batches(source, cfg, env.rank, env.world_size, step, stop)
+    prepare_stream(batches, run_dir, state if resume else None, env.is_main)  # tar shards: position, provenance
     t_wait = time.perf_counter()
     preempted = None
     stop_request = _StopRequest()
@@ -364,12 +394,12 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
             for g in optimizer.param_groups:
                 g["lr"] = lr
 
-            net.prototypes.normalize_()
             with autocast():
                 z, scores = model(crops)
             sync()
             t1 = time.perf_counter()
-            targets = criterion.targets(z, scores, net.prototypes.weight, step)
+            protos = full_tensor(net.prototypes.weight) if queue is not None else net.prototypes.weight
+            targets = criterion.targets(z, scores, protos, step)
             sync()
             t2 = time.perf_counter()
             loss = criterion(scores, targets)
@@ -404,6 +434,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
                     scaler.update()
                 else:
                     optimizer.step()
+                if step >= cfg.swav.freeze_prototypes_steps:
+                    net.prototypes.normalize_()  # unit rows for the next forward; frozen ones stay bit-identical
             sync()
             t4 = time.perf_counter()
             timings["forward"] += t1 - t0
@@ -432,6 +464,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
                         "swav.freeze_prototypes_steps, model.head_bn=false, a later swav.queue_start_step, "
                         "or fewer prototypes than the batch can fill."
                     )
+            if cfg.monitor.every and cfg.monitor.data and (step % cfg.monitor.every == 0 or step == stop):
+                monitor_result = _run_monitor(net, cfg, device, env)
             if step % cfg.log.every == 0 or step == stop:
                 elapsed = time.perf_counter() - acc.t_start
                 row = {
@@ -454,11 +488,14 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
                     "bad_images": sum(counters["bad_images"].values()),
                     "collapse_warning": collapse_warned,
                 }
+                row.update(monitor_result)
+                monitor_result = {}
                 log.write(row)
                 acc = _Accumulator()
                 timings = dict.fromkeys(timings, 0.0)
             if step % cfg.checkpoint.every == 0 and step < stop:
-                _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log)
+                _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log,
+                            data=data_state(batches))
                 last_ckpt_step = step
             if all_reduce_scalar(float(stop_request.signal is not None), "max") > 0:
                 preempted = signal.Signals(stop_request.signal).name if stop_request.signal else "peer"
@@ -469,7 +506,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
         stop_request.__exit__()
         log.close()
     if step != last_ckpt_step or not list_checkpoints(run_dir):
-        _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log)
+        _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log, data=data_state(batches))
     if counters["bad_images"] and env.is_main:
         print(f"openseer: skipped unreadable images: {counters['bad_images']} (listed in {run_dir / 'bad_images.txt'})")
     summary = {"step": step, "total_steps": sched["total_steps"], "counters": counters, "run_dir": str(run_dir),
@@ -501,14 +538,35 @@ class _Accumulator:
         return self.sums[key] / max(self.steps, 1)
 
 
-def _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log) -> None:
-    state = _state(step, model, optimizer, queue, cfg, sched, counters)
+def _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log, data=None) -> None:
+    state = _state(step, model, optimizer, queue, cfg, sched, counters, data)
+    if is_sharded(_unwrap(model)):  # FSDP: every rank writes its shards (DCP)
+        try:
+            save_sharded(state, _unwrap(model), optimizer, run_dir, step, cfg.checkpoint.keep)
+        except CheckpointError as e:
+            log.message(f"WARNING: {e}. Training continues; the next checkpoint will be tried at the usual interval.")
+        return
     if not env.is_main:
         return
     try:
         save_checkpoint(state, run_dir, step, cfg.checkpoint.keep)
     except CheckpointError as e:
         log.message(f"WARNING: {e}. Training continues; the next checkpoint will be tried at the usual interval.")
+
+
+def _run_monitor(net: SwAV, cfg: Config, device: torch.device, env: DistEnv) -> dict:
+    """kNN accuracy of the current backbone on labelled data (rank 0), e.g. monitor.data=fashion-mnist."""
+    if not env.is_main:
+        return {}
+    from ..eval.monitor import knn_monitor
+
+    was_training = net.backbone.training
+    net.backbone.eval()
+    try:
+        result = knn_monitor(net.backbone, cfg, device)
+    finally:
+        net.backbone.train(was_training)
+    return {f"monitor_{k}": v for k, v in result.items()}
 
 
 def _append_bad(run_dir: Path, bad: list[tuple[str, str]], main: bool) -> None:

@@ -5,6 +5,10 @@ LARC, per parameter p with weight decay wd and trust coefficient eta:
     g <- (g + wd * w) * local_lr             (scaling mode; clip mode: * min(local_lr / lr, 1))
 then a plain SGD-momentum step with lr and no further weight decay. Parameters whose gradient is
 None (e.g. frozen prototypes) are skipped entirely: no momentum, no decay.
+
+Under FSDP the parameters and gradients are DTensor shards; ||w|| and ||g|| must be the norms of
+the WHOLE parameters (SEER.md §4), so the squared norms of the local shards are summed over the
+shard group (one all-reduce per step for all parameters) before the trust ratio is formed.
 """
 
 from __future__ import annotations
@@ -12,6 +16,34 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch without DTensor
+    DTensor = ()  # type: ignore[assignment,misc]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each whole tensor (stacked). Plain tensors: ``torch._foreach_norm``. DTensor shards
+    (FSDP): local squared norms summed over the mesh dimensions the tensor is sharded on."""
+    if not any(isinstance(t, DTensor) for t in tensors):
+        return torch.stack(torch._foreach_norm(tensors))
+    sq = torch.stack(torch._foreach_norm([_local(t) for t in tensors])).float() ** 2
+    sharded = [isinstance(t, DTensor) and any(p.is_shard() for p in t.placements) for t in tensors]
+    meshes = {t.device_mesh for t, s in zip(tensors, sharded) if s}
+    if len(meshes) > 1 or any(m.ndim != 1 for m in meshes):
+        raise NotImplementedError("LARC supports FSDP on one 1-D device mesh (no HSDP/TP)")
+    if meshes:
+        mask = torch.tensor(sharded, device=sq.device)
+        part = torch.where(mask, sq, torch.zeros_like(sq))
+        dist.all_reduce(part, group=next(iter(meshes)).get_group())
+        sq = torch.where(mask, part, sq)
+    return sq.sqrt()
 
 
 class LARC:
@@ -40,10 +72,10 @@ class LARC:
     @torch.no_grad()
     def grads_finite(self) -> bool:
         """True when every gradient is finite (one fused check)."""
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = [_local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return True
-        norms = torch._foreach_norm(grads)
+        norms = torch._foreach_norm(grads)  # local shards: the loop all-reduces the verdict
         return bool(torch.isfinite(torch.stack(norms)).all())
 
     @torch.no_grad()
@@ -56,12 +88,14 @@ class LARC:
             if not params:
                 continue
             grads = [p.grad for p in params]
-            w_norms = torch.stack(torch._foreach_norm(params))
-            g_norms = torch.stack(torch._foreach_norm(grads))
+            w_norms = whole_norms(params)
+            g_norms = whole_norms(grads)
             local = self.trust_coefficient * w_norms / (g_norms + wd * w_norms + self.eps)
             if self.clip:
                 local = torch.clamp(local / group["lr"], max=1.0)
             local = torch.where((w_norms > 0) & (g_norms > 0), local, torch.ones_like(local))
+            if any(isinstance(p, DTensor) for p in params):  # scale the local shards in place
+                params, grads = [_local(p) for p in params], [_local(g) for g in grads]
             if wd:
                 torch._foreach_add_(grads, params, alpha=wd)
             torch._foreach_mul_(grads, list(local.unbind()))
@@ -86,10 +120,14 @@ def peak_lr(base_lr: float, global_batch: int) -> float:
 
 def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int, warmup_start_ratio: float,
           final_lr_ratio: float) -> float:
-    """Linear warmup from ``warmup_start_ratio * peak`` to ``peak``, then cosine to ``final_lr_ratio * peak``."""
+    """Linear warmup from ``warmup_start_ratio * peak`` to ``peak``, then cosine to ``final_lr_ratio * peak``.
+
+    Steps run from 0 to ``total_steps - 1``: step 0 gets the warmup start, step ``warmup_steps`` the
+    peak and the last step (``total_steps - 1``) exactly the final LR.
+    """
     start, final = peak * warmup_start_ratio, peak * final_lr_ratio
     if step < warmup_steps:
         return start + (peak - start) * step / warmup_steps
-    decay = max(total_steps - warmup_steps, 1)
+    decay = max(total_steps - 1 - warmup_steps, 1)
     t = min(step - warmup_steps, decay) / decay
     return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * t))

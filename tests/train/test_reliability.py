@@ -33,6 +33,7 @@ RUN_ARGS = [
     "checkpoint.every=3", "checkpoint.keep=2", "log.every=1", "log.progress=false", "log.tensorboard=false",
     "swav.queue_length=128", "swav.queue_start_step=2", "swav.freeze_prototypes_steps=4",
     "swav.n_prototypes=50", "model.head_hidden=[128]", "model.head_out=64",
+    "threads=1",  # the same thread count in every process (bit-exactness), and no oversubscription
 ]
 TOTAL_STEPS = 24
 
@@ -106,7 +107,7 @@ def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path):
         if kind == "in_checkpoint":
             proc = _start(run, {"OPENSEER_FAULT_PAUSE_IN_CHECKPOINT": "60"})
             ckdir = run / "checkpoints"
-            _wait(lambda: ckdir.is_dir() and any(p.name.endswith(".tmp") for p in ckdir.iterdir()), proc)
+            _wait(lambda d=ckdir: d.is_dir() and any(f.name.endswith(".tmp") for f in d.iterdir()), proc)
         else:
             proc = _start(run)
             _wait(lambda at=at: _logged_step(run) >= at, proc)

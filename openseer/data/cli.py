@@ -1,0 +1,149 @@
+"""Data subcommands: ``openseer shard``, ``openseer data report``, ``openseer takedown add|check``.
+
+Thin: parsing and printing only; the work is in data/shards.py and data/takedown.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def cmd_shard(args: argparse.Namespace) -> int:
+    """Write tar shards, a manifest and an index from a folder or a file list (resumable)."""
+    from .shards import write_shards
+
+    summary = write_shards(args.src, args.out, shard_size=args.shard_size, max_side=args.max_side,
+                           sidecar=args.sidecar, workers=args.workers,
+                           log=(lambda text: None) if args.quiet else (lambda text: print(text, flush=True)))
+    counts = summary["counts"]
+    skipped = {k[len("skipped_"):]: v for k, v in sorted(counts.items()) if k.startswith("skipped_")}
+    print(f"openseer: {summary['total']} images in {len(summary['shards'])} shard(s) under {args.out} "
+          f"(manifest.csv, index.json); skipped: {skipped or 'none'}")
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Summarise a shard folder: counts, sizes, formats, duplicates, skipped by reason."""
+    from .shards import report
+
+    r = report(args.folder)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"{r['folder']}: {r['images']} images in {r['shards']} shards (from {r['inputs']} inputs)")
+    print(f"  bytes: original {_human(r['original_bytes'])}, stored {_human(r['stored_bytes'])}, "
+          f"shards {_human(r['shard_bytes'])} (max side {r['max_side'] or 'unchanged'})")
+    print(f"  formats: {r['formats']}  stored as: {r['stored_formats']}")
+    mp = r["megapixels"]
+    print(f"  megapixels: min {mp['min']}, median {mp['median']}, p90 {mp['p90']}, max {mp['max']}")
+    print(f"  exact duplicates dropped: {r['duplicates']}")
+    print(f"  skipped by reason: {r['skipped'] or 'none'}")
+    if r["denylist"]:
+        print(f"  takedowns.txt: {r['denylist']['entries']} keys (version {r['denylist']['version']})")
+    return 0
+
+
+def cmd_takedown_add(args: argparse.Namespace) -> int:
+    """Add content hashes/keys (from files, or of image files) to a deny-list."""
+    from pathlib import Path
+
+    from .decode import read_file
+    from .takedown import TakedownError, add_to_denylist, content_key, read_entries
+
+    keys: list[str] = []
+    for f in args.files:
+        keys += read_entries(f)
+    for img in args.image or []:
+        try:
+            keys.append(content_key(read_file(Path(img))))
+        except Exception as e:
+            raise TakedownError(f"cannot read image {img}: {e}") from None
+    if not keys:
+        raise TakedownError("nothing to add: give a file of hashes/keys or --image FILE")
+    added, deny = add_to_denylist(args.list, keys, note=args.note or "")
+    print(f"openseer: added {added} key(s) ({len(keys) - added} already listed) to {args.list}: "
+          f"{len(deny)} keys, version {deny.version}")
+    return 0
+
+
+def cmd_takedown_check(args: argparse.Namespace) -> int:
+    """Which runs and checkpoints saw an image (exit 1 when any did)."""
+    from .takedown import check_image
+
+    key, sightings = check_image(args.image, args.runs)
+    if args.json:
+        print(json.dumps({"key": key, "runs": [
+            {"run": s.run, "read": s.read, "shard": s.shard, "position": s.position,
+             "checkpoints": s.checkpoints, "note": s.note} for s in sightings]}))
+    else:
+        print(f"content key {key}")
+        for s in sightings:
+            if not s.read:
+                print(f"  {s.run}: not read ({s.note})")
+                continue
+            saw = [c for c, v in s.checkpoints.items() if v]
+            clean = [c for c, v in s.checkpoints.items() if not v]
+            print(f"  {s.run}: READ (shard {s.shard}, sample {s.position}); "
+                  f"checkpoints that saw it: {', '.join(saw) or 'none'}; not yet: {', '.join(clean) or 'none'}"
+                  + (f" [{s.note}]" if s.note else ""))
+    return 1 if any(any(s.checkpoints.values()) for s in sightings) else 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add ``shard``, ``data`` and ``takedown`` to the ``openseer`` command."""
+    p = sub.add_parser("shard", help="pack a folder or file list of images into tar shards + manifest",
+                       description="Write tar shards (webdataset layout: <key>.jpg + <key>.json), manifest.csv, "
+                                   "skipped.csv and index.json. Keys are content hashes (first 32 hex of SHA-256); "
+                                   "exact duplicates are dropped; bad files are skipped by reason. Re-run the same "
+                                   "command to resume an interrupted run.")
+    p.add_argument("src", help="a folder of images (recursive) or a text file with one image path per line")
+    p.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
+    p.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
+    p.add_argument("--max-side", type=int, default=0,
+                   help="downscale images whose longer side exceeds this (JPEG q95 / PNG stays PNG); 0 = keep")
+    p.add_argument("--sidecar", help="CSV with a 'path' column and e.g. source_url, licence: copied into the manifest")
+    p.add_argument("--workers", type=int, default=0, help="decode processes (default: up to 4)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no per-shard progress lines")
+    p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("data", help="inspect shard folders (data report)")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("report", help="counts, sizes, formats, duplicates and skipped files of a shard folder")
+    q.add_argument("folder", help="a folder written by `openseer shard`")
+    q.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    q.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("takedown", help="deny-list images (honoured at read time) and audit which runs saw one")
+    td = p.add_subparsers(dest="takedown_command", required=True)
+    q = td.add_parser("add", help="add content hashes or manifest keys to a deny-list",
+                      description="Append keys to a deny-list (created if missing). Lines of the input files: a "
+                                  "SHA-256 (64 hex), a content key (32 hex) or a manifest key; '#' comments. "
+                                  "Runs reading shards apply --list via data.denylist=LIST, or automatically "
+                                  "when it is SHARDS/takedowns.txt.")
+    q.add_argument("files", nargs="*", help="text files of hashes or keys, one per line")
+    q.add_argument("--list", required=True, help="the deny-list file, e.g. shards/takedowns.txt")
+    q.add_argument("--image", action="append", metavar="FILE", help="also deny-list this image file's content hash")
+    q.add_argument("--note", help="a note stored with each new entry (e.g. a ticket number)")
+    q.set_defaults(func=cmd_takedown_add)
+    q = td.add_parser("check", help="which runs and checkpoints saw an image (exit 1 if any)")
+    q.add_argument("image", help="an image file (hashed), or its content key / SHA-256")
+    q.add_argument("--runs", required=True, help="a run directory or a folder of runs (searched 3 levels deep)")
+    q.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    q.set_defaults(func=cmd_takedown_check)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    parser = argparse.ArgumentParser(prog="openseer-data")
+    add_parsers(parser.add_subparsers(dest="command", required=True))
+    ns = parser.parse_args()
+    sys.exit(ns.func(ns))

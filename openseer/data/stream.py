@@ -1,0 +1,297 @@
+"""Streaming tar shards (webdataset): deterministic per-slot streams whose position is checkpointed.
+
+A shard spec is what ``--data`` accepts for web-scale data: ``shards/{000000..000099}.tar``
+(brace ranges), ``shards/*.tar`` (globs), ``pipe:CMD`` (the command's stdout is a tar, e.g.
+``pipe:curl -s https://host/s/{0000..0099}.tar`` or ``pipe:aws s3 cp s3://b/s/000001.tar -``),
+a folder written by ``openseer shard`` (its ``*.tar``), or several of these joined by ``::``.
+URLs are expanded and opened with webdataset (``expand_urls``, ``gopen``, ``tarfile_samples``).
+
+How samples are dealt out (see docs/data.md for the guarantees):
+
+* A *slot* is one (rank, loader worker) pair; a run has ``world_size x slots_per_rank`` of them,
+  fixed when the run starts (``slots_per_rank = max(data.num_workers, 1)``).
+* Pass ``p`` over the data permutes the shard list with ``(seed, p)`` and gives shard ``i`` of the
+  permutation to slot ``i mod n_slots``. Each slot reads its shards in order, drops deny-listed
+  samples, and shuffles through a buffer of ``data.shuffle_buffer`` samples (seeded by
+  ``(seed, p, slot)``, emptied at the end of each pass). So every sample is read exactly once per
+  pass, and a slot's stream is a pure function of (seed, pass, slot).
+* Step ``t`` on a rank takes its whole per-rank batch from local slot ``t mod slots_per_rank``.
+* A slot's position (pass, shard, sample, the (shard, sample) references waiting in the shuffle
+  buffer, the buffer RNG) travels with every batch; the batch iterator keeps the position after
+  the last batch handed to training, and the checkpoint stores it. A resumed run re-opens at most
+  the shards the buffer references and continues: no sample repeated, none skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .decode import IMAGE_EXTENSIONS
+from .sources import DataError
+from .takedown import DenyList
+
+SAMPLE_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("gif",)
+INDEX = "index.json"
+MANIFEST = "manifest.csv"
+DEFAULT_DENYLIST = "takedowns.txt"
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def looks_like_shards(spec: str) -> bool:
+    """Whether ``--data`` names tar shards rather than a folder of images or Fashion-MNIST."""
+    if spec.startswith("pipe:") or "::" in spec:
+        return True
+    if spec.endswith(".tar") or ".tar}" in spec or spec.endswith((".tar'", '.tar"')):
+        return True
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return (path / INDEX).is_file() or (path / MANIFEST).is_file() and any(path.glob("*.tar"))
+    return any(ch in spec for ch in "*?[") and ".tar" in spec
+
+
+def expand_spec(spec: str) -> list[str]:
+    """Shard URLs of a spec, in order: braces expanded (webdataset), globs sorted, folders listed."""
+    import webdataset as wds
+
+    urls: list[str] = []
+    missing: list[str] = []
+    for part in spec.split("::"):
+        part = part.strip()
+        if not part:
+            continue
+        for url in wds.shardlists.expand_urls(part):
+            if url.startswith("pipe:"):
+                urls.append(url)
+                continue
+            path = Path(url).expanduser()
+            if any(ch in url for ch in "*?["):
+                hits = sorted(glob.glob(str(path)))
+                if not hits:
+                    missing.append(url)
+                urls += hits
+            elif path.is_dir():
+                hits = sorted(str(p) for p in path.glob("*.tar"))
+                if not hits:
+                    raise DataError(f"{path} holds no *.tar shards")
+                urls += hits
+            elif path.is_file():
+                urls.append(str(path))
+            else:
+                missing.append(url)
+    if missing:
+        raise DataError(f"{len(missing)} shard(s) of {spec!r} do not exist, e.g. {missing[0]}")
+    if not urls:
+        raise DataError(f"no shards found for {spec!r}")
+    return urls
+
+
+def slot_shards(n_urls: int, seed: int, pass_: int, slot: int, n_slots: int) -> list[int]:
+    """Shard indices that ``slot`` reads in pass ``pass_``, in reading order."""
+    rng = np.random.Generator(np.random.PCG64(_seed(seed, pass_, 0x5A4D)))
+    perm = rng.permutation(n_urls).tolist()
+    return perm[slot::n_slots]
+
+
+@dataclass
+class RawSample:
+    """One sample as read from a tar: where it came from and its image bytes (or why not)."""
+
+    url_index: int
+    position: int  # sample number inside its shard (0-based, in tar order)
+    key: str
+    data: bytes | None = None
+    reason: str = ""  # why it cannot be used ('denied', 'no_image', 'shard_error')
+
+
+def iter_shard(url: str, url_index: int, errors: list[str] | None = None) -> Iterator[RawSample]:
+    """Samples of one shard, in tar order. Tar or pipe errors end the shard and are appended to
+    ``errors`` (never raised)."""
+    import webdataset as wds
+
+    def handler(exn: Exception) -> bool:
+        if errors is not None:
+            errors.append(f"{type(exn).__name__}: {str(exn.args[0]) if exn.args else exn}"[:300])
+        return True
+
+    position = 0
+    try:
+        for sample in wds.tarfile_samples([{"url": url}], handler=handler):
+            key = str(sample.get("__key__", ""))
+            ext = next((e for e in SAMPLE_IMAGE_EXTS if e in sample), None)
+            data = sample[ext] if ext else None
+            yield RawSample(url_index, position, key, data, "" if ext else "no_image")
+            position += 1
+    except Exception as e:  # a broken pipe or tar that webdataset's handler did not catch
+        handler(e)
+
+
+def count_samples(path: str) -> int:
+    """Samples in a local tar, from its headers only (grouped by key as webdataset groups them)."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    n, last = 0, None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                prefix, _ = base_plus_ext(member.name)
+                if prefix is not None and prefix != last:
+                    n, last = n + 1, prefix
+    except (OSError, tarfile.TarError, EOFError):
+        pass  # a damaged shard counts what could be read; the reader reports the damage
+    return n
+
+
+def scan_shard_keys(url: str) -> list[str]:
+    """Sample keys of a shard in order (for audits)."""
+    return [s.key for s in iter_shard(url, 0)]
+
+
+class SlotStream:
+    """The infinite, deterministic sample stream of one slot; ``state()`` after any sample."""
+
+    def __init__(self, urls: list[str], seed: int, slot: int, n_slots: int, buffer_size: int,
+                 deny: DenyList, state: dict | None = None):
+        self.urls, self.seed, self.slot, self.n_slots = urls, seed, slot, n_slots
+        self.buffer_size = max(int(buffer_size), 1)
+        self.deny = deny
+        self.pass_, self.shard, self.pos = 0, 0, 0
+        self.buffer: list[RawSample] = []
+        self.rng = random.Random(_seed(seed, 0, slot, 0xB0F))
+        self.reports: list[tuple[str, str]] = []  # (key, reason) of samples dropped since last take
+        self._resume = state
+        self._gen = self._run()
+
+    # -- state ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"pass": self.pass_, "shard": self.shard, "pos": self.pos,
+                "buffer": [[s.url_index, s.position] for s in self.buffer],
+                "rng": [version, list(internal), gauss]}
+
+    def take_reports(self) -> list[tuple[str, str]]:
+        out, self.reports = self.reports, []
+        return out
+
+    def __next__(self) -> RawSample:
+        return next(self._gen)
+
+    def __iter__(self) -> Iterator[RawSample]:
+        return self
+
+    # -- reading -------------------------------------------------------------------------------
+    def _admit(self, s: RawSample, errors: list[str]) -> RawSample | None:
+        url = self.urls[s.url_index]
+        if s.reason:
+            self.reports.append((f"{Path(url).name}:{s.key}", s.reason))
+            return None
+        if self.deny.denies(s.key, s.data):
+            self.reports.append((f"{Path(url).name}:{s.key}", "denied"))
+            return None
+        return s
+
+    def _flush_errors(self, errors: list[str], url: str) -> None:
+        for e in errors:
+            self.reports.append((f"{url}: {e}", "shard_error"))
+        errors.clear()
+
+    def _restore(self, state: dict) -> tuple[Iterator[RawSample], list[str]]:
+        """Rebuild the buffer from the referenced samples; returns the rest of the current shard."""
+        self.pass_, self.shard, self.pos = int(state["pass"]), int(state["shard"]), int(state["pos"])
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
+        wanted = [(int(u), int(p)) for u, p in state["buffer"]]
+        mine = slot_shards(len(self.urls), self.seed, self.pass_, self.slot, self.n_slots)
+        current = mine[self.shard] if self.shard < len(mine) else None
+        found: dict[tuple[int, int], RawSample] = {}
+        need: dict[int, set[int]] = {}
+        for u, p in wanted:
+            need.setdefault(u, set()).add(p)
+        for u, positions in need.items():
+            if u == current:
+                continue
+            errors: list[str] = []
+            for s in iter_shard(self.urls[u], u, errors):
+                if s.position in positions:
+                    found[(u, s.position)] = s
+                    if len(positions) == sum(1 for k in found if k[0] == u):
+                        break
+        tail: Iterator[RawSample] = iter(())
+        tail_errors: list[str] = []
+        if current is not None:
+            it = iter_shard(self.urls[current], current, tail_errors)
+            positions = need.get(current, set())
+            if self.pos > 0:
+                for s in it:
+                    if s.position in positions:
+                        found[(current, s.position)] = s
+                    if s.position + 1 >= self.pos:
+                        break
+            tail = it
+        dropped: list[tuple[str, str]] = []
+        self.buffer = []
+        for u, p in wanted:
+            s = found.get((u, p))
+            if s is None:
+                dropped.append((f"{Path(self.urls[u]).name}:#{p}", "shard_changed"))
+                continue
+            if self._admit(s, []) is not None:
+                self.buffer.append(s)
+        self.reports += dropped
+        return tail, tail_errors
+
+    def _run(self) -> Iterator[RawSample]:
+        tail: Iterator[RawSample] | None = None
+        tail_errors: list[str] = []
+        if self._resume:
+            tail, tail_errors = self._restore(self._resume)
+            self._resume = None
+        while True:
+            mine = slot_shards(len(self.urls), self.seed, self.pass_, self.slot, self.n_slots)
+            from_start = self.shard == 0 and self.pos == 0 and not self.buffer
+            got_any = False
+            while self.shard < len(mine):
+                u = mine[self.shard]
+                errors: list[str] = tail_errors if tail is not None else []
+                it = tail if tail is not None else iter_shard(self.urls[u], u, errors)
+                tail = None
+                for s in it:
+                    self.pos = s.position + 1
+                    s = self._admit(s, errors)
+                    if s is None:
+                        continue
+                    got_any = True
+                    self.buffer.append(s)
+                    if len(self.buffer) >= self.buffer_size:
+                        yield self._pop()
+                self._flush_errors(errors, self.urls[u])
+                self.shard, self.pos = self.shard + 1, 0
+            while self.buffer:
+                yield self._pop()
+            if from_start and not got_any:
+                raise DataError(f"loader slot {self.slot} found no usable sample in a whole pass over its "
+                                f"{len(mine)} shard(s) (empty, unreadable, no images, or all deny-listed)")
+            self.pass_, self.shard, self.pos = self.pass_ + 1, 0, 0
+            self.rng = random.Random(_seed(self.seed, self.pass_, self.slot, 0xB0F))
+
+    def _pop(self) -> RawSample:
+        j = self.rng.randrange(len(self.buffer))
+        self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+        return self.buffer.pop()
+
+
+def urls_digest(urls: list[str]) -> str:
+    return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]

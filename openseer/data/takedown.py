@@ -1,0 +1,355 @@
+"""Takedowns and audit: a versioned deny-list honoured at read time, run provenance, "who saw it".
+
+Deny-list (a text file, append-only by convention; ``openseer takedown add`` writes it)::
+
+    # comment lines start with '#'
+    <key>\t<added-utc>\t<note>
+
+A key is a **content key** (the first 32 hex digits of the SHA-256 of the original image bytes,
+what ``openseer shard`` uses as the sample key; a full 64-digit SHA-256 is shortened to that) or
+any other manifest/sample key. Its **version** is a hash of the keys in file order, so
+appending changes it and a run can record exactly which list it applied. The stream reader drops
+a sample when its key or the content key of its stored bytes is listed: shards are never
+rewritten, and a deny-listed image never reaches a batch again (also on resume of an older run:
+the list is re-read at every start).
+
+Provenance: every run that reads tar shards writes ``RUN_DIR/data_provenance.json`` with the
+source spec, the expanded shard list, the shard index and manifest it found, the stream layout
+(seed, ranks, loader slots, shuffle buffer) and, per start or resume, the step and the deny-list
+version in force.
+
+"Saw" (``openseer takedown check``): a checkpoint at step S *saw* an image when the image's
+sample was delivered in a training batch of a step < S, i.e. the weights in that checkpoint were
+updated with it. It is computed from the stream positions saved in the checkpoint (per loader
+slot: pass, shard, sample position and the keys still waiting in the shuffle buffer), so samples a
+worker had read ahead but not yet handed to training do not count. When the image was deny-listed
+at some point during the run, the answer is conservative: it counts as seen if it was read.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+KEY_HEX = 32  # content keys: the first 128 bits of SHA-256
+PROVENANCE = "data_provenance.json"
+_HEX = re.compile(r"^[0-9a-f]+$")
+
+
+class TakedownError(ValueError):
+    """A deny-list or audit problem, with what and where."""
+
+
+def content_key(data: bytes) -> str:
+    """The content key of encoded image bytes: the first 32 hex digits of their SHA-256."""
+    return hashlib.sha256(data).hexdigest()[:KEY_HEX]
+
+
+def normalise_key(token: str) -> str | None:
+    """A deny-list entry from one token: full SHA-256 -> content key; other keys kept; '' -> None."""
+    token = token.strip()
+    if not token or token.startswith("#"):
+        return None
+    low = token.lower()
+    if _HEX.match(low) and len(low) in (KEY_HEX, 64):
+        return low[:KEY_HEX]
+    return token
+
+
+def list_version(keys: list[str]) -> str:
+    """Version of a deny-list: a hash of its keys in order ('empty' for none)."""
+    if not keys:
+        return "empty"
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+@dataclass
+class DenyList:
+    """The keys of a deny-list file, in file order, with a set for lookups."""
+
+    path: str = ""
+    keys: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._set = set(self.keys)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> DenyList:
+        """Read a deny-list; a path that does not exist (yet) is an empty list."""
+        if not path:
+            return cls()
+        p = Path(path)
+        if not p.exists():
+            return cls(str(p))
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise TakedownError(f"cannot read deny-list {p}: {e.strerror or e}") from None
+        keys, seen = [], set()
+        for line in text.splitlines():
+            key = normalise_key(line.split("\t")[0].split(" ")[0]) if line.strip() else None
+            if key and key not in seen:
+                seen.add(key)
+                keys.append(key)
+        return cls(str(p), keys)
+
+    @property
+    def version(self) -> str:
+        return list_version(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._set
+
+    def denies(self, key: str, data: bytes | None = None) -> bool:
+        """Whether a sample (its key and, when given, its stored bytes) is taken down."""
+        if not self._set:
+            return False
+        if key in self._set or key.rsplit("/", 1)[-1] in self._set:
+            return True
+        return data is not None and content_key(data) in self._set
+
+    def describe(self) -> dict:
+        return {"path": self.path, "version": self.version, "entries": len(self.keys)}
+
+
+def read_entries(path: str | Path) -> list[str]:
+    """Keys from a user's file of hashes or keys (one per line; '#' comments, extra columns ignored)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise TakedownError(f"cannot read {p}: {e.strerror or e}") from None
+    out = []
+    for line in text.splitlines():
+        fields = re.split(r"[\s,]+", line.strip())
+        key = normalise_key(fields[0]) if fields else None
+        if key:
+            out.append(key)
+    return out
+
+
+def add_to_denylist(list_path: str | Path, keys: list[str], note: str = "") -> tuple[int, DenyList]:
+    """Append new keys (already-listed ones are skipped) atomically; returns (added, new list)."""
+    list_path = Path(list_path)
+    current = DenyList.load(list_path)
+    normalised = [n for n in (normalise_key(k) for k in keys) if n]
+    new = [k for k in dict.fromkeys(normalised) if k not in current]
+    if not new:
+        return 0, current
+    old_text = list_path.read_text(encoding="utf-8", errors="replace") if list_path.exists() else (
+        "# openseer deny-list: one content key (first 32 hex of the image's SHA-256) or manifest key per line.\n"
+        "# Append only: the list's version is a hash of its keys in order.\n")
+    if old_text and not old_text.endswith("\n"):
+        old_text += "\n"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    clean_note = re.sub(r"[\t\r\n]+", " ", note)
+    lines = "".join(f"{k}\t{stamp}\t{clean_note}\n" for k in new)
+    list_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = list_path.with_name(list_path.name + f".tmp-{os.getpid()}")
+    try:
+        tmp.write_text(old_text + lines, encoding="utf-8")
+        os.replace(tmp, list_path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TakedownError(f"cannot write deny-list {list_path}: {e.strerror or e}") from None
+    return len(new), DenyList.load(list_path)
+
+
+# ---------------------------------------------------------------- provenance
+
+
+def _atomic_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def record_provenance(run_dir: str | Path, info: dict, start_step: int, denylist: DenyList) -> dict:
+    """Create or extend ``RUN_DIR/data_provenance.json`` with this (re)start; returns the record."""
+    path = Path(run_dir) / PROVENANCE
+    record: dict = {}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            record = {}
+    sessions = [s for s in record.get("sessions", []) if int(s.get("start_step", -1)) < start_step]
+    record = {"format": "openseer.provenance.v1", **info, "sessions": sessions}
+    record["sessions"].append({
+        "start_step": int(start_step),
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "denylist": denylist.describe(),
+    })
+    _atomic_json(path, record)
+    return record
+
+
+# ---------------------------------------------------------------- audit: which runs saw an image
+
+
+@dataclass
+class Sighting:
+    """One run's answer for one image."""
+
+    run: str
+    shard: str = ""  # the shard holding the image ('' when the run did not list it)
+    position: int = -1  # sample position inside that shard
+    checkpoints: dict[str, bool] = field(default_factory=dict)  # checkpoint file -> saw it
+    note: str = ""
+
+    @property
+    def read(self) -> bool:
+        return bool(self.shard)
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Run directories with a provenance record: ``root`` itself and folders up to 3 levels below."""
+    root = Path(root)
+    found = []
+    for depth in range(0, 4):
+        pattern = "/".join(["*"] * depth + [PROVENANCE])
+        found += [p.parent for p in root.glob(pattern) if p.is_file()]
+    return sorted(set(found))
+
+
+def _locate(key: str, record: dict) -> tuple[str, int, str]:
+    """(shard url, position in shard, note) of ``key`` among the run's shards; '' when absent."""
+    from .stream import scan_shard_keys
+
+    urls: list[str] = record.get("shards", [])
+    manifest = (record.get("manifest") or {}).get("path")
+    if manifest and Path(manifest).is_file():
+        hit = _manifest_lookup(Path(manifest), key)
+        if hit is None:
+            return "", -1, f"not in the manifest {manifest}"
+        shard_name, position = hit
+        for url in urls:
+            if url == shard_name or Path(url).name == Path(shard_name).name:
+                return url, position, ""
+        return "", -1, f"in shard {shard_name}, which this run did not read"
+    notes = []
+    for url in urls:  # no manifest: look inside the run's shards (local files only)
+        if url.startswith("pipe:"):
+            notes.append("pipe: shards cannot be searched without a manifest")
+            continue
+        keys = scan_shard_keys(url)
+        if key in keys:
+            return url, keys.index(key), ""
+    return "", -1, "; ".join(sorted(set(notes))) or "not in any shard this run read"
+
+
+def _manifest_lookup(path: Path, key: str) -> tuple[str, int] | None:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        for row in csv.DictReader(f):
+            if row.get("key") == key or row.get("sha256", "")[:KEY_HEX] == key:
+                return row.get("shard", ""), int(row.get("position", -1) or -1)
+    return None
+
+
+def _data_state(checkpoint: Path) -> dict | None:
+    import torch
+
+    try:
+        if checkpoint.is_dir():  # a sharded (.dcp) checkpoint: the data state is in meta.pt
+            state = torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    return state.get("data") if isinstance(state, dict) else None
+
+
+def saw_sample(data_state: dict, url_index: int, position: int) -> bool:
+    """Whether the stream positions in a checkpoint's data state had delivered sample
+    (shard ``url_index``, ``position``) to training, in any pass so far."""
+    from .stream import slot_shards
+
+    layout = data_state["layout"]
+    n_urls, seed = layout["n_urls"], layout["seed"]
+    per_rank = layout["slots_per_rank"]
+    n_slots = layout["world_size"] * per_rank
+    for rank, slots in enumerate(data_state["ranks"]):
+        for local, st in enumerate(slots or []):
+            if not st:
+                continue
+            slot = rank * per_rank + local
+            for p in range(0, int(st["pass"]) + 1):
+                mine = slot_shards(n_urls, seed, p, slot, n_slots)
+                if url_index not in mine:
+                    continue
+                c = mine.index(url_index)
+                if p < st["pass"]:
+                    return True  # a finished pass delivered every sample of it
+                read = c < st["shard"] or (c == st["shard"] and position < st["pos"])
+                waiting = [c, position] in [list(b) for b in st["buffer"]]
+                if read and not waiting:
+                    return True
+    return False
+
+
+def _denied_from_start(key: str, record: dict) -> bool:
+    """Whether ``key`` was on the deny-list the run applied from its first start (the list is
+    append-only: its first N keys must still hash to the version recorded then)."""
+    sessions = record.get("sessions", [])
+    first = sessions[0].get("denylist", {}) if sessions else {}
+    if not first.get("path") or not first.get("entries"):
+        return False
+    try:
+        current = DenyList.load(first["path"])
+    except TakedownError:
+        return False
+    n = int(first["entries"])
+    return list_version(current.keys[:n]) == first.get("version") and key in current.keys[:n]
+
+
+def check_image(target: str, runs_root: str | Path) -> tuple[str, list[Sighting]]:
+    """The content key of ``target`` (an image file, or a key/hash) and what every run under
+    ``runs_root`` did with it."""
+    from ..train.checkpoint import list_checkpoints
+
+    p = Path(target)
+    if p.is_file():
+        key = content_key(p.read_bytes())
+    else:
+        key = normalise_key(target) or ""
+        if not key:
+            raise TakedownError(f"{target!r} is neither an image file nor a key")
+    runs = find_runs(runs_root)
+    if not runs:
+        raise TakedownError(f"no run under {runs_root} has a {PROVENANCE} (only runs that read tar shards have one)")
+    out = []
+    for run in runs:
+        try:
+            record = json.loads((run / PROVENANCE).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            out.append(Sighting(str(run), note=f"unreadable {PROVENANCE}: {e}"))
+            continue
+        url, position, note = _locate(key, record)
+        s = Sighting(str(run), shard=url, position=position, note=note)
+        if url:
+            index = record["shards"].index(url)
+            for ckpt in list_checkpoints(run):
+                state = _data_state(ckpt)
+                if state is None:
+                    s.checkpoints[ckpt.name] = False
+                    s.note = f"{ckpt.name} has no stream positions"
+                    continue
+                s.checkpoints[ckpt.name] = saw_sample(state, index, position)
+            if _denied_from_start(key, record):
+                s.checkpoints = dict.fromkeys(s.checkpoints, False)
+                s.note = "deny-listed before the run started: filtered at read time, never delivered"
+            else:
+                versions = {sess["denylist"]["version"] for sess in record.get("sessions", [])}
+                if len(versions) > 1:
+                    s.note = "the deny-list changed during the run: 'saw' counts every read (conservative)"
+        out.append(s)
+    return key, out

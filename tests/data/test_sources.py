@@ -1,0 +1,141 @@
+"""Sources: folders searched recursively (all extensions, subfolders are not labels), Fashion-MNIST."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from openseer.data.decode import IMAGE_EXTENSIONS, BadImage, decode_bytes, load_image
+from openseer.data.sources import (
+    DataError,
+    FolderSource,
+    SubsetSource,
+    TensorSource,
+    list_images,
+    load_fashion_mnist,
+    open_source,
+)
+from tests.conftest import fmnist_available, png_bytes, write_pngs
+
+FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
+           ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def _encoded(fmt: str, seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_folder_is_searched_recursively_for_every_extension(tmp_path):
+    root = tmp_path / "pile"
+    expected = set()
+    for i, (ext, fmt) in enumerate(sorted(FORMATS.items())):
+        sub = root / ("cats" if i % 2 else "dogs") / ("deep" if i % 3 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        for name in (f"a{i}{ext}", f"B{i}{ext.upper()}"):  # extensions are case-insensitive
+            (sub / name).write_bytes(_encoded(fmt, i))
+            expected.add(str((sub / name).relative_to(root)))
+    (root / "notes.txt").write_text("not an image")
+    (root / "dogs" / "readme.md").write_text("not an image")
+    assert set(IMAGE_EXTENSIONS) == set(FORMATS)
+
+    src = FolderSource(root)
+    keys = [src.key(i) for i in range(len(src))]
+    assert set(keys) == expected
+    assert keys == sorted(keys)  # stable order
+    assert list_images(root) == sorted(list_images(root))
+    for i in range(len(src)):
+        sample = src.load(i)
+        assert sample.image.mode == "RGB"
+        assert sample.image.size == (10, 12)
+        assert sample.key == keys[i]
+
+
+def test_subfolders_are_not_labels(tmp_path):
+    """Images of all subfolders form one flat unlabelled pile; folder names are only in the keys."""
+    write_pngs(tmp_path / "class_a", 3)
+    write_pngs(tmp_path / "class_b" / "nested", 2)
+    write_pngs(tmp_path, 1, prefix="top")
+    src = open_source(str(tmp_path))
+    assert isinstance(src, FolderSource)
+    assert len(src) == 6
+    assert not hasattr(src, "labels") and not hasattr(src, "classes")
+    sample = src.load(0)
+    assert set(vars(sample)) == {"image", "key"}
+    assert {src.key(i).split("/")[0] for i in range(len(src))} == {"class_a", "class_b", "top000.png"}
+
+
+def test_empty_folder_and_missing_path_are_data_errors(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "sub" / "notes.txt").write_text("x")
+    with pytest.raises(DataError, match="no images found"):
+        open_source(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="does not exist"):
+        open_source(str(tmp_path / "nope"))
+    (tmp_path / "file.png").write_bytes(png_bytes(0))
+    with pytest.raises(DataError, match="not a folder"):
+        open_source(str(tmp_path / "file.png"))
+    with pytest.raises(DataError):
+        open_source("")
+
+
+def test_bad_files_raise_bad_image_with_a_reason(tmp_path):
+    good = png_bytes(1)
+    cases = {
+        "zero.jpg": (b"", "empty"),
+        "text.jpg": (b"<html>this is not a jpeg</html>", "not_an_image"),
+        "trunc.png": (good[: len(good) // 2], "truncated"),
+    }
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(BadImage) as e:
+            load_image(tmp_path / name)
+        assert e.value.reason == reason, name
+    with pytest.raises(BadImage) as e:
+        load_image(tmp_path / "missing.png")
+    assert e.value.reason == "unreadable"
+
+
+def test_odd_modes_become_rgb():
+    for mode in ("L", "RGBA", "P", "LA", "I;16", "CMYK", "1"):
+        img = Image.new(mode, (5, 4))
+        buf = io.BytesIO()
+        img.save(buf, format="TIFF" if mode in ("I;16", "CMYK") else "PNG")
+        out = decode_bytes(buf.getvalue(), mode)
+        assert out.mode == "RGB" and out.size == (5, 4), mode
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENSEER_FASHION_MNIST", str(tmp_path))
+    with pytest.raises(DataError) as e:
+        open_source("fashion-mnist")
+    msg = str(e.value)
+    assert str(tmp_path) in msg
+    assert "apt-get install" in msg and "--data" in msg
+
+
+def test_subset_keeps_the_first_images():
+    images = torch.arange(10 * 4, dtype=torch.uint8).view(10, 1, 2, 2)
+    src = TensorSource(images, "t")
+    sub = SubsetSource(src, 4)
+    assert len(sub) == 4 and sub.in_memory
+    assert torch.equal(sub.images, images[:4])
+    assert [sub.key(i) for i in range(4)] == ["t:0", "t:1", "t:2", "t:3"]
+
+
+@fmnist_available
+def test_fashion_mnist_loads():
+    images, labels = load_fashion_mnist("train")
+    assert images.shape == (60000, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (60000,) and set(labels.unique().tolist()) == set(range(10))
+    test_images, _ = load_fashion_mnist("test")
+    assert test_images.shape == (10000, 1, 28, 28)
+    src = open_source("fashion-mnist", limit=100)
+    assert len(src) == 100 and src.in_memory
+    assert torch.equal(src.images, images[:100])

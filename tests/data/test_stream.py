@@ -1,0 +1,164 @@
+"""Streaming tar shards: spec expansion, exactly-once per virtual epoch across 2 ranks x 2 workers,
+bit-exact mid-stream resume (also with another worker count), bad samples counted by reason."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from openseer.data.batches import data_state, iterate_batches
+from openseer.data.shards import write_shards
+from openseer.data.sources import DataError, ShardSource, open_source
+from openseer.data.stream import SlotStream, expand_spec, slot_shards
+from openseer.data.takedown import DenyList
+from tests.conftest import tiny_config
+from tests.data.corpus import corpus_bytes
+
+
+def _images(folder: Path, n: int, size: tuple[int, int] = (36, 28)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for i in range(n):
+        arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"im{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """8 shards x 6 distinct images, written by the shard writer."""
+    root = tmp_path_factory.mktemp("stream")
+    _images(root / "in", 48)
+    write_shards(root / "in", root / "shards", shard_size=6, workers=1)
+    return root / "shards"
+
+
+def _cfg(*extra: str):
+    return tiny_config("crops.sizes=[16,8]", *extra)
+
+
+def test_spec_forms_expand_to_the_same_shards(shards):
+    names = [str(shards / f"{i:06d}.tar") for i in range(8)]
+    assert expand_spec(str(shards / "{000000..000007}.tar")) == names
+    assert expand_spec(str(shards / "*.tar")) == names
+    assert expand_spec(str(shards)) == names
+    assert expand_spec(f"{names[0]}::{names[1]}") == names[:2]
+    assert expand_spec(f"pipe:cat {shards}/{{000000..000001}}.tar") == [f"pipe:cat {n}" for n in names[:2]]
+    with pytest.raises(DataError, match="do not exist"):
+        expand_spec(str(shards / "{000000..000009}.tar"))
+    src = open_source(str(shards / "{000000..000007}.tar"))
+    assert isinstance(src, ShardSource) and len(src) == 48  # from index.json
+    assert len(open_source(str(shards / "00000[01].tar"))) == 12
+    with pytest.raises(DataError, match="epoch_samples"):
+        open_source(f"pipe:cat {shards}/000000.tar")
+
+
+def test_every_sample_exactly_once_per_virtual_epoch_across_2_ranks_x_2_workers(shards):
+    cfg = _cfg("data.batch_size=6", "data.num_workers=2", "data.shuffle_buffer=4")
+    src = open_source(str(shards), data_cfg=cfg.data)
+    all_keys = {r.split(",")[0] for r in (shards / "manifest.csv").read_text().splitlines()[1:]}
+    per_epoch = 48 // 6
+    seen: list[list[str]] = [[], []]  # per virtual epoch
+    for rank in range(2):
+        for batch in iterate_batches(src, cfg, rank, 2, 0, 2 * per_epoch):
+            assert len(batch.keys) == 3 and batch.crops[0].shape == (3, 3, 16, 16)
+            seen[batch.step // per_epoch] += batch.keys
+    for epoch in seen:
+        assert Counter(epoch) == Counter(all_keys)  # each of the 48 once, none twice
+    assert seen[0] != seen[1]  # a new shard order and shuffle each pass
+
+
+@pytest.mark.parametrize("resume_workers", [0, 2])
+def test_mid_stream_resume_neither_repeats_nor_skips(shards, resume_workers):
+    cfg = _cfg("data.batch_size=5", "data.num_workers=2", "data.shuffle_buffer=7")
+    src = open_source(str(shards), data_cfg=cfg.data)
+    full = list(iterate_batches(src, cfg, 0, 1, 0, 14))  # 70 samples: crosses a pass boundary
+    first = iterate_batches(src, cfg, 0, 1, 0, 14)
+    head = []
+    for batch in first:
+        head.append(batch)
+        if batch.step == 5:
+            break
+    state = data_state(first)
+    again_cfg = _cfg("data.batch_size=5", f"data.num_workers={resume_workers}", "data.shuffle_buffer=7")
+    rest = iterate_batches(open_source(str(shards), data_cfg=again_cfg.data), again_cfg, 0, 1, 6, 14)
+    rest.load_state_dict(state)
+    tail = list(rest)
+    assert [b.step for b in head + tail] == list(range(14))
+    for a, b in zip(full, head + tail):
+        assert a.keys == b.keys
+        assert all(torch.equal(x, y) for x, y in zip(a.crops, b.crops))  # bit-exact crops too
+    first_pass = set()
+    for slot in range(2):  # each slot's first pass (24 samples of its 4 shards): no repeat, together all 48
+        keys = [k for b in full if b.step % 2 == slot for k in b.keys]
+        assert len(set(keys[:24])) == 24
+        first_pass |= set(keys[:24])
+    assert len(first_pass) == 48
+
+
+def test_resume_refuses_another_world_size(shards):
+    cfg = _cfg("data.batch_size=4", "data.num_workers=1")
+    src = open_source(str(shards), data_cfg=cfg.data)
+    it = iterate_batches(src, cfg, 0, 1, 0, 1)
+    list(it)
+    other = iterate_batches(src, cfg, 0, 2, 1, 2)
+    with pytest.raises(DataError, match="same number of processes"):
+        other.load_state_dict(data_state(it))
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_in_shards_are_counted_by_reason_and_good_ones_load(tmp_path):
+    """Shards made by another tool: the corpus of malformed files, a sample without an image,
+    a truncated tar. One pass reports each bad sample once with its reason."""
+    bad, good = corpus_bytes()
+    bads = [(f"bad{i:02d}.{name.rsplit('.', 1)[-1]}", data) for i, (name, (data, _)) in enumerate(bad.items())]
+    goods = [(f"good{i:02d}.{name.rsplit('.', 1)[-1]}", data) for i, (name, (data, _)) in enumerate(good.items())]
+    # every shard ends with a good sample, so the pass's last good sample is its last sample
+    _tar(tmp_path / "a.tar", bads[:6] + goods[:10])
+    _tar(tmp_path / "b.tar", bads[6:] + [("caption_only.txt", b"a sample with no image")] + goods[10:])
+    whole = tmp_path / "c_full.tar"
+    _tar(whole, [(f"extra{i}.png", good["one_pixel.png"][0] + bytes([i])) for i in range(3)])
+    (tmp_path / "c.tar").write_bytes(whole.read_bytes()[:700])  # cut inside the second member
+    whole.unlink()
+    n_good = len(good)
+    cfg = _cfg(f"data.batch_size={n_good + 1}", "data.num_workers=0", "data.epoch_samples=100",
+               "data.shuffle_buffer=0")
+    src = open_source(str(tmp_path / "*.tar"), data_cfg=cfg.data)
+    it = iterate_batches(src, cfg, 0, 1, 0, 1)
+    batch = next(iter(it))
+    assert data_state(it)["ranks"][0][0]["pass"] == 0 and not data_state(it)["ranks"][0][0]["buffer"]
+    reasons = Counter(r for _, r in batch.bad)
+    want = Counter(r for _, r in bad.values())
+    want.update({"no_image": 1, "shard_error": 1})
+    assert reasons == want
+    assert sorted(batch.keys) == sorted([f"good{i:02d}" for i in range(n_good)] + ["extra0"])
+
+
+def test_slot_stream_state_round_trip_and_deny(shards):
+    urls = expand_spec(str(shards))
+    mine = slot_shards(len(urls), 3, 0, 1, 2)
+    assert sorted(mine + slot_shards(len(urls), 3, 0, 0, 2)) == list(range(8))
+    deny = DenyList("x", [])
+    s = SlotStream(urls, 3, 1, 2, 5, deny)
+    got = [next(s).key for _ in range(9)]
+    state = s.state()
+    more = [next(s).key for _ in range(20)]
+    t = SlotStream(urls, 3, 1, 2, 5, deny, state=state)
+    assert [next(t).key for _ in range(20)] == more
+    u = SlotStream(urls, 3, 1, 2, 5, DenyList("x", more[:3]), state=state)
+    after = [next(u).key for _ in range(17)]
+    assert not set(more[:3]) & set(after) and set(after) <= set(more) | set(got)
+    assert Counter(r for _, r in u.take_reports()) == {"denied": 3}

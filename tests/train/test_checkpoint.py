@@ -1,0 +1,111 @@
+"""Checkpoints: safe loading (no code from pickles), atomic writes, rotation, fallbacks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from openseer.train import checkpoint as ckpt
+from openseer.train.checkpoint import (
+    CheckpointError,
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+
+class _Evil:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "model": {"w": torch.full((3,), float(step))}, "config": {"seed": 0}}
+
+
+def test_a_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoints" / "step_00000001.pt"
+    path.parent.mkdir()
+    torch.save({"step": 1, "model": _Evil(str(marker))}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    assert "refused" in str(e.value)
+    assert not marker.exists()  # the command never ran
+    # and resuming from such a run refuses too, without running anything
+    with pytest.raises(CheckpointError):
+        latest_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+def test_save_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    path = save_checkpoint(_state(7), tmp_path, 7, keep=3)
+    assert path == checkpoint_path(tmp_path, 7) and path.name == "step_00000007.pt"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000007.pt"]
+    back = load_checkpoint(path)
+    assert back["step"] == 7 and torch.equal(back["model"]["w"], torch.full((3,), 7.0))
+
+
+def test_rotation_keeps_the_last_k(tmp_path):
+    for step in (10, 20, 30, 40, 50):
+        save_checkpoint(_state(step), tmp_path, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000040.pt", "step_00000050.pt"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000040.pt", "step_00000050.pt"]
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "step_00000050.pt" and state["step"] == 50
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_checkpoint(_state(1), tmp_path, 1, keep=1)
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt.torch, "save", disk_full)
+    with pytest.raises(CheckpointError) as e:
+        save_checkpoint(_state(2), tmp_path, 2, keep=1)
+    assert "No space left" in str(e.value) and "step_00000001.pt" in str(e.value)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000001.pt"]  # no .tmp, old kept
+    assert load_checkpoint(checkpoint_path(tmp_path, 1))["step"] == 1
+
+
+def test_temporary_and_foreign_files_are_never_listed(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    (folder / "step_00000005.pt.tmp").write_bytes(b"partial")
+    (folder / "notes.pt").write_bytes(b"x")
+    save_checkpoint(_state(3), tmp_path, 3, keep=5)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003.pt"]
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    save_checkpoint(_state(1), tmp_path, 1, keep=5)
+    good = checkpoint_path(tmp_path, 2)
+    save_checkpoint(_state(2), tmp_path, 2, keep=5)
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 3])  # truncated by a crash of the storage
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(good)
+    path, state = latest_checkpoint(tmp_path)
+    assert path.name == "step_00000001.pt" and state["step"] == 1
+
+
+def test_missing_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint to resume from"):
+        latest_checkpoint(tmp_path)
+    (tmp_path / "list.pt").write_bytes(b"")
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="dict"):
+        load_checkpoint(tmp_path / "list.pt")
