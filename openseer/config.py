@@ -67,6 +67,7 @@ class ModelConfig:
     head_bn: bool = True
     channels_last: bool = True
     zero_init_last: bool = True  # timm's zero-init of each block's last norm
+    compile: bool = False  # torch.compile the backbone in place (same weights and keys; slow first steps)
 
 
 @dataclass

@@ -329,6 +329,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     resume = on_main(env, _prepare_run_dir, run_dir, cfg, resume, env.is_main)  # rank 0 decides, all follow
     model = prepare_model(model, cfg, env, device)  # one process: unchanged; else SyncBN, DDP or FSDP2
     net = _unwrap(model)
+    if cfg.model.compile:
+        net.backbone.compile()  # in place: state-dict keys and checkpoints are unchanged
     optimizer = build_optimizer(net, cfg)
     criterion = SwAVLoss(cfg.n_crops, cfg.swav.crops_for_assign, cfg.swav.temperature, cfg.swav.epsilon,
                          cfg.swav.sinkhorn_iters, queue, cfg.swav.queue_start_step)

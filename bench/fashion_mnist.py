@@ -1,0 +1,113 @@
+"""Fashion-MNIST benchmark: pretrain tiny-cpu for M minutes (labels unused), then every protocol.
+
+    .venv/bin/python bench/fashion_mnist.py --minutes 30
+
+A short probe (a few steps) measures seconds per step; the run then gets the number of steps that
+fit in M minutes, with ``optim.epochs`` set so the LR schedule ends exactly at that step (and
+warmup / prototype freezing shortened for very short budgets). Then ``openseer eval`` runs every
+protocol and baseline on Fashion-MNIST's own train/test split. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from openseer.config import ConfigError, build_config
+from openseer.data.sources import DataError
+from openseer.eval.common import EvalError
+from openseer.eval.runner import PROTOCOLS, EvalOptions, evaluate
+from openseer.model.backbone import BackboneError
+from openseer.train.checkpoint import CheckpointError
+from openseer.train.loop import RunError, pretrain
+
+STEPS_PER_EPOCH_BATCH = 256
+PROBE_STEPS = 6
+
+
+def seconds_per_step(out: Path, overrides: list[str]) -> float:
+    """Median step time of a short probe run (first two steps dropped: warm-up)."""
+    probe = out / "probe"
+    cfg = build_config("tiny-cpu", [*overrides, "log.every=1", "checkpoint.every=100000"],
+                       base={"data": {"source": "fashion-mnist"}})
+    pretrain(cfg, probe, max_steps=PROBE_STEPS)
+    rows = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [r["step_s"] for r in rows if r["step"] > 2] or [r["step_s"] for r in rows]
+    shutil.rmtree(probe, ignore_errors=True)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, required=True, help="pretraining budget in minutes")
+    p.add_argument("--out", help="run directory (default runs/bench-fashion-mnist-<M>m)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--protocols", default=",".join(PROTOCOLS), help="eval protocols (default all)")
+    p.add_argument("--limit-train", type=int, default=0, help="eval on a subset of the train labels (quick checks)")
+    p.add_argument("--limit-test", type=int, default=0, help="eval on a subset of the test images (quick checks)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs (default: eval's auto budget)")
+    p.add_argument("--cache-dir", help="feature cache folder for the eval")
+    args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out or f"runs/bench-fashion-mnist-{args.minutes:g}m")
+    if (out / "config.yaml").exists():
+        print(f"bench: {out} already holds a run; pass --out NEW_DIR", file=sys.stderr)
+        return 2
+    base = ["log.progress=false", "log.tensorboard=false"] + ([f"threads={args.threads}"] if args.threads else [])
+    try:
+        t0 = time.perf_counter()
+        step_s = seconds_per_step(out, base)
+        recipe = build_config("tiny-cpu")
+        steps = max(1, int(args.minutes * 60 / step_s))
+        epochs = steps / (60000 // recipe.data.batch_size)
+        overrides = [*base, f"optim.epochs={epochs:.6f}", "checkpoint.every=100000",
+                     f"optim.warmup_steps={min(recipe.optim.warmup_steps, max(1, steps // 10))}",
+                     f"swav.freeze_prototypes_steps={min(recipe.swav.freeze_prototypes_steps, steps // 3)}"]
+        cfg = build_config("tiny-cpu", overrides, base={"data": {"source": "fashion-mnist"}})
+        t1 = time.perf_counter()
+        summary = pretrain(cfg, out, max_steps=steps)
+        pretrain_s = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        doc = evaluate(EvalOptions(weights=str(out), data="fashion-mnist", out=str(out / "eval.json"),
+                                   protocols=tuple(args.protocols.split(",")), limit_train=args.limit_train,
+                                   limit_test=args.limit_test, finetune_epochs=args.finetune_epochs,
+                                   cache_dir=args.cache_dir, progress=False,
+                                   command="bench/fashion_mnist.py " + " ".join(sys.argv[1:])))
+        eval_s = time.perf_counter() - t2
+    except (ConfigError, DataError, EvalError, RunError, CheckpointError, BackboneError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 2
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+    def top1(model: str, protocol: str, split: str, k: int | None = None) -> float | None:
+        for r in doc["results"]:
+            if (r["model"], r["protocol"], r["split"]) == (model, protocol, split) and r.get("k", k) == k:
+                return r["top1"]
+        return None
+
+    line = {
+        "bench": "fashion_mnist", "minutes": args.minutes, "steps": summary["step"], "probe_step_s": round(step_s, 3),
+        "epochs": round(epochs, 3), "final_loss": round(final["loss"], 4), "pretrain_s": round(pretrain_s, 1),
+        "eval_s": round(eval_s, 1), "total_s": round(time.perf_counter() - t0, 1),
+        "knn20": top1("this", "knn", "full", 20), "linear": top1("this", "linear", "full"),
+        "knn20_1pct": top1("this", "knn", "1pct", 20), "linear_1pct": top1("this", "linear", "1pct"),
+        "finetune_1pct": top1("this", "finetune", "1pct"), "finetune_10pct": top1("this", "finetune", "10pct"),
+        "random_knn20": top1("random_init", "knn", "full", 20), "random_linear": top1("random_init", "linear", "full"),
+        "pixels_knn20": top1("pixels", "knn", "full", 20), "pixels_linear": top1("pixels", "linear", "full"),
+        "scratch_1pct": top1("scratch", "finetune", "1pct"), "scratch_10pct": top1("scratch", "finetune", "10pct"),
+        "overrides": overrides, "report": doc["written"]["json"],
+    }
+    print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

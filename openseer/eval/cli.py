@@ -1,0 +1,135 @@
+"""``openseer eval``: evaluate a run, checkpoint, exported backbone or timm model on labelled data."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from .common import EvalError
+from .knn import DEFAULT_KS, TEMPERATURE
+from .lowshot import FinetuneSettings
+from .runner import PROTOCOLS, EvalOptions, evaluate
+
+EXAMPLES = """examples:
+  openseer eval runs/a --data fashion-mnist --out runs/a/eval.json      # every protocol, default splits
+  openseer eval runs/a --data /path/labelled --protocols knn,linear,lowshot
+  openseer eval --backbone regnety_002 --random-init --data fashion-mnist  # the floor
+  openseer eval model.safetensors --backbone regnety_002 --data labels.csv --skip-missing
+
+labelled data: 'fashion-mnist'; a folder with one subfolder per class (with train/ and val/
+subfolders, or a seeded stratified split); or a CSV of path,label[,split].
+"""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if any(not 0 < v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"percentages must be in (0, 100], got {text!r}")
+    return values
+
+
+def _protocols(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in PROTOCOLS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"unknown protocol(s) {', '.join(map(repr, bad)) or repr(text)}; "
+                                         f"choose from {','.join(PROTOCOLS)}")
+    return values
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Add the ``eval`` subcommand to the ``openseer`` command."""
+    d = FinetuneSettings()
+    p = sub.add_parser("eval", help="evaluate weights: kNN, linear probe, low-shot fine-tune, baselines",
+                       description="Evaluate a backbone on labelled data with every protocol of SEER.md §6 and "
+                                   "the baselines; writes eval.json and eval.md and prints the table.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("weights", nargs="?", metavar="WEIGHTS",
+                   help="a run directory, a checkpoint (.pt), an exported backbone (.safetensors or .pt state "
+                        "dict), or a timm model name")
+    p.add_argument("--backbone", metavar="NAME", help="timm architecture (required for files that do not say it)")
+    p.add_argument("--random-init", action="store_true",
+                   help="evaluate the architecture with random weights (zero_init_last=False): the floor")
+    p.add_argument("--data", default="fashion-mnist", help="labelled data (default fashion-mnist)")
+    p.add_argument("--out", help="report path (default RUN/eval.json, or eval-NAME/eval.json)")
+    p.add_argument("--protocols", type=_protocols, default=PROTOCOLS, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(PROTOCOLS)} (default all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every split and training (default 0)")
+    p.add_argument("--cache-dir", help="feature cache (default $OPENSEER_CACHE or ~/.cache/openseer/features)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--skip-missing", action="store_true",
+                   help="skip (and list) missing or undecodable files instead of stopping")
+    p.add_argument("--k", type=_ints, default=DEFAULT_KS, metavar="LIST", dest="ks",
+                   help=f"kNN neighbour counts (default {','.join(map(str, DEFAULT_KS))})")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE, help=f"kNN temperature (default {TEMPERATURE})")
+    p.add_argument("--lowshot", type=_floats, default=(1.0, 10.0), metavar="PCTS",
+                   help="low-shot percentages of the train labels (default 1,10)")
+    p.add_argument("--per-class", type=_ints, default=(), metavar="LIST",
+                   help="also low-shot subsets of N images per class, e.g. 5,10")
+    p.add_argument("--finetune-epochs", type=int, default=0,
+                   help="fine-tune epochs per subset (default: about --finetune-images images seen)")
+    p.add_argument("--finetune-images", type=int, default=6000,
+                   help="auto budget: images seen per fine-tune (default 6000, ~1 min for regnety_002 on 2 cores)")
+    p.add_argument("--finetune-batch-size", type=int, default=d.batch_size)
+    p.add_argument("--finetune-lr", type=float, default=d.lr_backbone, help=f"backbone LR (default {d.lr_backbone})")
+    p.add_argument("--finetune-head-lr", type=float, default=d.lr_head, help=f"new head's LR (default {d.lr_head})")
+    p.add_argument("--limit-train", type=int, default=0, help="use a seeded stratified subset of N train images")
+    p.add_argument("--limit-test", type=int, default=0, help="use a seeded stratified subset of N test images")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="test share when a folder or CSV has no split of its own (default 0.2)")
+    p.add_argument("--recipe", help="take crop size and mean/std from this recipe (default: the weights' config)")
+    p.add_argument("--crop-size", type=int, default=0, help="override the eval crop size")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
+    p.set_defaults(func=cmd_eval)
+
+
+def _command_line() -> str:
+    """The command as typed, when run as ``openseer`` (empty when called from Python)."""
+    if Path(sys.argv[0]).name not in ("openseer", "__main__.py"):
+        return ""
+    return " ".join(shlex.quote(a) for a in ["openseer", *sys.argv[1:]])
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run the evaluation and print the markdown table."""
+    if not args.weights and not args.backbone:
+        raise EvalError("give the weights to evaluate (a run dir, checkpoint, exported file or timm name) "
+                        "or --backbone NAME")
+    if args.batch_size < 1 or args.finetune_batch_size < 2:
+        raise EvalError("--batch-size must be >= 1 and --finetune-batch-size >= 2")
+    settings = FinetuneSettings(batch_size=args.finetune_batch_size, lr_backbone=args.finetune_lr,
+                                lr_head=args.finetune_head_lr)
+    opts = EvalOptions(
+        weights=args.weights, backbone=args.backbone, random_init=args.random_init, data=args.data, out=args.out,
+        protocols=args.protocols, seed=args.seed, cache_dir=args.cache_dir, no_cache=args.no_cache,
+        batch_size=args.batch_size, skip_missing=args.skip_missing, ks=args.ks, temperature=args.temperature,
+        percents=args.lowshot, per_class=args.per_class, finetune_epochs=args.finetune_epochs,
+        finetune_images=args.finetune_images, finetune=settings, limit_train=args.limit_train,
+        limit_test=args.limit_test, test_fraction=args.test_fraction, recipe=args.recipe, crop_size=args.crop_size,
+        device=args.device, threads=args.threads, progress=not args.quiet,
+        command=_command_line(),
+    )
+    doc = evaluate(opts)
+    from .report import render_markdown
+
+    print(render_markdown(doc))
+    print(f"\nopenseer: wrote {doc['written']['json']} and {doc['written']['markdown']}")
+    return 0

@@ -1,0 +1,189 @@
+"""Low-shot evaluation: fixed, seeded, stratified label subsets, and full fine-tuning on them.
+
+A subset takes, in each class, the first images of a seeded order that depends only on the image
+keys and the seed, so it is identical across runs, machines and models; it is saved as a JSON
+split file next to eval.json. Fine-tuning follows SwAV's semi-supervised protocol: the whole
+backbone with a small LR, a new head (a non-affine BatchNorm scaled to unit norm, then a linear
+layer) with a much larger one (100x by default), a few epochs of light augmentation (random
+resized crop + flip), cosine LR. The supervised-from-scratch baseline uses the same loop and budget.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+from tqdm import tqdm
+
+from ..data.multicrop import sample_crop_boxes
+from ..model.backbone import build_backbone, feature_dim
+from .common import EvalTransform, LabelledImages, load_batch, stratified_take
+from .knn import ranked_accuracy
+
+SPLIT_FORMAT = "openseer.lowshot-split.v1"
+
+
+def split_name(percent: float | None = None, per_class: int | None = None) -> str:
+    return f"{percent:g}pct" if percent is not None else f"{per_class}perclass"
+
+
+def lowshot_splits(train: LabelledImages, classes: list[str], seed: int, percents: tuple[float, ...] = (1, 10),
+                   per_class: tuple[int, ...] = ()) -> dict[str, dict]:
+    """{name: {"indices", "rule"}} for each percentage (at least one image per class) and each N per class."""
+    out = {}
+    for p in percents:
+        idx = stratified_take(train.labels, train.keys, seed, fraction=p / 100, classes=classes,
+                              what=f"the {p:g}% split")
+        out[split_name(percent=p)] = {"indices": idx, "rule": f"{p:g}% of each class (rounded, at least 1)"}
+    for n in per_class:
+        idx = stratified_take(train.labels, train.keys, seed, per_class=n, classes=classes,
+                              what=f"the {n}-per-class split")
+        out[split_name(per_class=n)] = {"indices": idx, "rule": f"{n} images of each class"}
+    return out
+
+
+def save_split(folder: Path, name: str, split: dict, train: LabelledImages, data_name: str, fingerprint: str,
+               seed: int) -> Path:
+    """Write ``lowshot-<name>-seed<seed>.json`` (train indices and keys) into ``folder``."""
+    idx = split["indices"]
+    counts = np.bincount(train.labels[idx]).tolist()
+    doc = {"format": SPLIT_FORMAT, "data": data_name, "train_fingerprint": fingerprint, "seed": seed,
+           "name": name, "rule": split["rule"], "order": "sha1(f'{seed}:{key}') within each class",
+           "n": int(len(idx)), "per_class_counts": counts,
+           "indices": [int(i) for i in idx], "keys": [train.keys[int(i)] for i in idx]}
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"lowshot-{name}-seed{seed}.json"
+    path.write_text("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items()) + "\n}\n")
+    return path
+
+
+@dataclass
+class FinetuneSettings:
+    """One budget for fine-tuning and for the supervised-from-scratch baseline."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr_backbone: float = 0.05
+    lr_head: float = 5.0  # 100x the backbone's (the head's inputs have norm ~1: see ClassifierHead)
+    lr_scratch: float = 0.1  # the backbone's LR when training from scratch (the head keeps lr_head)
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    min_scale: float = 0.35  # light random resized crop
+    flip_p: float = 0.5
+
+
+def auto_epochs(n_images: int, budget_images: int = 6000, max_epochs: int = 50) -> int:
+    """Epochs so that about ``budget_images`` images are seen (at least 1, at most ``max_epochs``)."""
+    return int(min(max_epochs, max(1, round(budget_images / max(1, n_images)))))
+
+
+def augment(x: torch.Tensor, transform: EvalTransform, s: FinetuneSettings, gen: torch.Generator) -> torch.Tensor:
+    """Random resized crop (scale min_scale..1) + horizontal flip of float images (B, 3, S, S), normalised."""
+    n, _, h, w = x.shape
+    boxes = sample_crop_boxes(n, h, w, (s.min_scale, 1.0), gen)
+    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], boxes], 1)
+    x = roi_align(x, rois, output_size=transform.crop, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    flip = torch.rand(n, generator=gen) < s.flip_p
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return transform.normalize(x)
+
+
+class ClassifierHead(nn.Module):
+    """BatchNorm (no affine), divided by sqrt(D), then a linear layer.
+
+    Each input then has norm ~1 whatever the scale of the backbone's features (which differs wildly
+    between trained and random weights), so the head's LR means the same for every model: one SGD
+    step moves a sample's logits by about the LR.
+    """
+
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False)
+        self.scale = dim ** -0.5
+        self.linear = nn.Linear(dim, n_classes)
+        nn.init.normal_(self.linear.weight, std=0.01)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.norm(x) * self.scale)
+
+
+@torch.inference_mode()
+def classify(model: nn.Module, head: nn.Module, data: LabelledImages, transform: EvalTransform,
+             device: torch.device, batch_size: int = 256) -> list[float]:
+    """Top-1 / top-5 (percent) of backbone + head on ``data`` with the eval transform."""
+    model.eval()
+    head.eval()
+    ranked = []
+    for a in range(0, len(data), batch_size):
+        x = transform.normalize(load_batch(data, np.arange(a, min(len(data), a + batch_size)), transform))
+        logits = head(model(x.to(device).contiguous(memory_format=torch.channels_last)))
+        ranked.append(logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu())
+    return ranked_accuracy(torch.cat(ranked), data.labels)
+
+
+def finetune(backbone: nn.Module | None, arch: str, train: LabelledImages, test: LabelledImages,
+             transform: EvalTransform, n_classes: int, settings: FinetuneSettings, seed: int = 0,
+             device: str | torch.device = "cpu", progress: bool = True, desc: str = "fine-tune") -> dict:
+    """Fine-tune ``backbone`` (or, with ``backbone=None``, train ``arch`` from scratch) plus a new
+    linear head on ``train``; returns top-1/top-5 on ``test`` and the protocol."""
+    device = torch.device(device)
+    scratch = backbone is None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_backbone(arch) if scratch else copy.deepcopy(backbone)
+        head = ClassifierHead(feature_dim(model), n_classes)
+    model = model.to(device).to(memory_format=torch.channels_last).train()
+    head = head.to(device).train()
+    s = settings
+    lr_bb, lr_head = (s.lr_scratch if scratch else s.lr_backbone), s.lr_head
+    opt = torch.optim.SGD([{"params": model.parameters(), "lr": lr_bb, "base": lr_bb},
+                           {"params": head.parameters(), "lr": lr_head, "base": lr_head}],
+                          momentum=s.momentum, nesterov=True, weight_decay=s.weight_decay)
+    n = len(train)
+    bs = min(s.batch_size, n)
+    per_epoch = max(1, n // bs)  # a last batch smaller than batch_size is dropped (BatchNorm needs > 1)
+    total = per_epoch * s.epochs
+    gen = torch.Generator().manual_seed(seed)
+    y_all = torch.as_tensor(train.labels, dtype=torch.long)
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False, dynamic_ncols=True)
+    losses = []
+    step = 0
+    for _ in range(s.epochs):
+        perm = torch.randperm(n, generator=gen).numpy()
+        for j in range(per_epoch):
+            idx = np.sort(perm[j * bs:(j + 1) * bs])
+            x = augment(load_batch(train, idx, transform), transform, s, gen).to(device)
+            for g in opt.param_groups:
+                g["lr"] = g["base"] * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = F.cross_entropy(head(model(x.contiguous(memory_format=torch.channels_last))),
+                                   y_all[idx].to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    train_s = time.perf_counter() - t0
+    top1, top5 = classify(model, head, test, transform, device)
+    return {
+        "top1": top1, "top5": top5, "epochs": s.epochs, "steps": total, "batch_size": bs,
+        "images_seen": total * bs, "final_loss": float(np.mean(losses[-max(1, per_epoch):])) if losses else None,
+        "lr_backbone": lr_bb, "lr_head": lr_head, "head": "BatchNorm1d (no affine) / sqrt(D) + Linear", "init": "random (timm default init)" if scratch else "pretrained",
+        "optimizer": f"SGD nesterov {s.momentum}, weight decay {s.weight_decay:g}, cosine LR",
+        "augmentation": f"random resized crop (scale {s.min_scale:g}-1) + flip p={s.flip_p:g}",
+        "settings": asdict(s), "train_seconds": round(train_s, 2),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }

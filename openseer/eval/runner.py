@@ -1,0 +1,248 @@
+"""``evaluate(options)``: every protocol and baseline for one set of weights, into one report.
+
+Order of work: load weights and data; extract (or reuse cached) features once; kNN and the linear
+probe on all labels; fixed low-shot subsets saved as split files; on each subset kNN, the linear
+probe and a full fine-tune; the same for the baselines; eval.json + eval.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..model.load import load_backbone
+from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
+from .common import EvalError, EvalTransform, LabelledData, open_labelled, warn
+from .features import FEATURE_LAYER, backbone_features, cache_dir
+from .knn import DEFAULT_KS, TEMPERATURE, knn_eval
+from .linear import linear_probe
+from .lowshot import FinetuneSettings, auto_epochs, finetune, lowshot_splits, save_split
+from .report import Report
+
+PROTOCOLS = ("knn", "linear", "lowshot", "baselines")
+
+
+@dataclass
+class EvalOptions:
+    """Everything ``openseer eval`` can be told (see ``openseer eval --help``)."""
+
+    weights: str | None = None
+    backbone: str | None = None
+    random_init: bool = False
+    data: str = "fashion-mnist"
+    out: str | None = None
+    protocols: tuple[str, ...] = PROTOCOLS
+    seed: int = 0
+    cache_dir: str | None = None
+    no_cache: bool = False
+    batch_size: int = 256
+    skip_missing: bool = False
+    ks: tuple[int, ...] = DEFAULT_KS
+    temperature: float = TEMPERATURE
+    percents: tuple[float, ...] = (1, 10)
+    per_class: tuple[int, ...] = ()
+    finetune_epochs: int = 0  # 0 = auto: about finetune_images images seen per subset
+    finetune_images: int = 6000
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    limit_train: int = 0
+    limit_test: int = 0
+    test_fraction: float = 0.2
+    recipe: str | None = None
+    crop_size: int = 0
+    pixels_size: int = PIXELS_SIZE
+    device: str = "auto"
+    threads: int = 0
+    progress: bool = True
+    command: str = ""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--device cuda but no CUDA GPU is visible; use --device cpu")
+    return torch.device(name)
+
+
+def default_out(opts: EvalOptions) -> Path:
+    """RUN/eval.json for a run dir; <file>-eval/eval.json beside a file; ./eval-<arch>/eval.json for a name."""
+    if opts.weights and Path(opts.weights).is_dir():
+        return Path(opts.weights) / "eval.json"
+    if opts.weights and Path(opts.weights).is_file():
+        p = Path(opts.weights)
+        return p.parent / f"{p.stem}-eval" / "eval.json"
+    name = opts.weights or opts.backbone or "model"
+    return Path(f"eval-{name}{'-random' if opts.random_init else ''}") / "eval.json"
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise EvalError(f"cannot write the report to {folder}: {e.strerror or e}") from None
+
+
+class _Run:
+    """State shared by the stages of one evaluation."""
+
+    def __init__(self, opts: EvalOptions):
+        self.opts = opts
+        self.device = resolve_device(opts.device)
+        self.cache = None if opts.no_cache else cache_dir(opts.cache_dir)
+        self.say = (lambda text: print(f"openseer: {text}", file=sys.stderr)) if opts.progress else (lambda text: None)
+
+    def features(self, model, info: dict, data: LabelledData, transform: EvalTransform, label: str):
+        """(train, test) features, from the cache when possible; undecodable images handled once."""
+        t0 = time.perf_counter()
+        out = []
+        for split_name in ("train", "test"):
+            split = getattr(data, split_name)
+            feats, bad, hit = backbone_features(model, info["weights_hash"], split, transform, self.cache,
+                                                self.opts.batch_size, self.device, self.opts.progress,
+                                                f"{label} {split_name}")
+            if bad:
+                feats = self._drop_bad(data, split_name, feats, bad)
+            out.append(feats)
+            self.say(f"{label} {split_name} features {feats.shape} {'from cache' if hit else 'extracted'}")
+        return out[0], out[1], time.perf_counter() - t0
+
+    def _drop_bad(self, data: LabelledData, split_name: str, feats: np.ndarray, bad: list) -> np.ndarray:
+        split = getattr(data, split_name)
+        names = [str(split.paths[i]) if split.paths else split.keys[i] for i, _ in bad]
+        listed = "\n  ".join(f"{n}: {reason}" for n, (_, reason) in zip(names[:20], bad[:20]))
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        if not self.opts.skip_missing:
+            raise EvalError(f"{len(bad)} {split_name} images could not be decoded:\n  {listed}{more}\n"
+                            f"Remove them, or pass --skip-missing to skip them")
+        warn(f"skipping {len(bad)} undecodable {split_name} images:\n  {listed}{more}")
+        keep = np.setdiff1d(np.arange(len(split)), [i for i, _ in bad])
+        setattr(data, split_name, split.subset(keep))
+        data.notes.append(f"skipped {len(bad)} undecodable {split_name} images")
+        return np.asarray(feats[keep])
+
+
+def evaluate(opts: EvalOptions) -> dict:
+    """Run the protocols in ``opts.protocols`` and the baselines; write eval.json/eval.md; return the report."""
+    unknown = [p for p in opts.protocols if p not in PROTOCOLS]
+    if unknown or not opts.protocols:
+        raise EvalError(f"unknown protocol(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(PROTOCOLS)}")
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    run = _Run(opts)
+    t0 = time.perf_counter()
+    model, info = load_backbone(opts.weights, random_init=opts.random_init, arch=opts.backbone,
+                                recipe=opts.recipe, seed=opts.seed)
+    data = open_labelled(opts.data, opts.seed, opts.test_fraction, opts.skip_missing, opts.limit_train,
+                         opts.limit_test)
+    out = Path(opts.out) if opts.out else default_out(opts)
+    _check_writable(out.parent)
+    crop = opts.crop_size or info["crop_size"]
+    transform = EvalTransform(crop, tuple(info["mean"]), tuple(info["std"]))
+    run.say(f"evaluating {info['source']} ({info['arch']}, weights {info['weights_hash']}) on {data.name}: "
+            f"{len(data.train)} train / {len(data.test)} test, {data.n_classes} classes -> {out}")
+    header_info = {k: v for k, v in info.items() if k != "config"}
+    report = Report({"format": "openseer.eval.v1", "command": opts.command, "weights": header_info,
+                     "data": {}, "transform": transform.describe(), "feature_layer": FEATURE_LAYER,
+                     "seed": opts.seed, "protocols": list(opts.protocols), "device": str(run.device),
+                     "options": {k: v for k, v in asdict(opts).items() if k not in ("finetune", "command")}})
+    report.time("load", time.perf_counter() - t0)
+
+    ftr, fte, secs = run.features(model, info, data, transform, "model")
+    report.time("features", secs)
+    report.header["data"] = data.describe()  # after any undecodable images were dropped
+    common = {"seed": opts.seed, "feature_layer": "pooled", "weights_hash": info["weights_hash"]}
+    do = set(opts.protocols)
+
+    splits: dict[str, dict] = {}
+    if do & {"lowshot", "baselines"}:
+        fingerprint = data.train.fingerprint()
+        splits = lowshot_splits(data.train, data.classes, opts.seed, opts.percents, opts.per_class)
+        for name, sp in splits.items():
+            sp["path"] = str(save_split(out.parent, name, sp, data.train, data.name, fingerprint, opts.seed))
+        report.header["lowshot_splits"] = {n: {"path": sp["path"], "n": int(len(sp["indices"])), "rule": sp["rule"]}
+                                           for n, sp in splits.items()}
+
+    # kNN + linear probe: on all labels as asked, and on each low-shot subset when low-shot is asked
+    sub_plan = [(name, {"knn", "linear"}) for name in splits] if "lowshot" in do else []
+    _feature_protocols(report, run, "this", ftr, fte, data, splits, [("full", do & {"knn", "linear"}), *sub_plan],
+                       common)
+
+    settings = {name: replace(opts.finetune, epochs=opts.finetune_epochs
+                              or auto_epochs(len(sp["indices"]), opts.finetune_images))
+                for name, sp in splits.items()}
+    if "lowshot" in do:
+        for name, sp in splits.items():
+            t = time.perf_counter()
+            r = finetune(model, info["arch"], data.train.subset(sp["indices"]), data.test, transform,
+                         data.n_classes, settings[name], opts.seed, run.device, opts.progress, f"fine-tune {name}")
+            report.add("this", "finetune", name, r.pop("top1"), r.pop("top5"), n_train=int(len(sp["indices"])),
+                       n_test=len(data.test), **common, **r)
+            report.time("finetune", time.perf_counter() - t)
+            run.say(f"fine-tune {name}: top-1 {report.results[-1]['top1']:.2f}")
+
+    if "baselines" in do:
+        base_plan = [("full", {"knn", "linear"}), *sub_plan]
+        if info["random_init"]:
+            report.notes.append("the evaluated weights are themselves a random init; the random-init baseline is skipped")
+        else:
+            rmodel, rinfo = random_init(info["arch"], opts.seed)
+            rtr, rte, secs = run.features(rmodel, rinfo, data, transform, "random init")
+            report.time("features", secs)
+            rcommon = {**common, "weights_hash": rinfo["weights_hash"], "init": rinfo["init"]}
+            _feature_protocols(report, run, "random_init", rtr, rte, data, splits, base_plan, rcommon)
+        t = time.perf_counter()
+        ptr, pte = pixels(data.train, data.test, run.cache, opts.pixels_size, opts.progress)
+        report.time("features", time.perf_counter() - t)
+        pcommon = {"seed": opts.seed, "feature_layer": f"raw pixels {opts.pixels_size}x{opts.pixels_size}",
+                   "weights_hash": None}
+        _feature_protocols(report, run, "pixels", ptr, pte, data, splits, base_plan, pcommon)
+        for name, sp in splits.items():
+            t = time.perf_counter()
+            r = supervised_scratch(info["arch"], data.train.subset(sp["indices"]), data.test, transform,
+                                   data.n_classes, settings[name], opts.seed, run.device, opts.progress,
+                                   f"scratch {name}")
+            report.add("scratch", "finetune", name, r.pop("top1"), r.pop("top5"), n_train=int(len(sp["indices"])),
+                       n_test=len(data.test), seed=opts.seed, feature_layer=None, weights_hash=None, **r)
+            report.time("scratch", time.perf_counter() - t)
+            run.say(f"supervised from scratch {name}: top-1 {report.results[-1]['top1']:.2f}")
+
+    return report.write(out)
+
+
+def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, fte: np.ndarray,
+                       data: LabelledData, splits: dict, plan: list[tuple[str, set]], common: dict) -> None:
+    """kNN and/or the linear probe on frozen features, for each (split, protocols) in ``plan``."""
+    opts = run.opts
+    for split, do in plan:
+        if not do:
+            continue
+        rows = None if split == "full" else splits[split]["indices"]
+        ytr = data.train.labels if rows is None else data.train.labels[rows]
+        n = len(ytr)
+        if "knn" in do:
+            t = time.perf_counter()
+            bank = ftr if rows is None else np.asarray(ftr[rows])
+            # the full table keeps every k; low-shot subsets keep k=20 (SEER's) or the nearest given k
+            ks = opts.ks if split == "full" else (min(opts.ks, key=lambda k: abs(k - 20)),)
+            for r in knn_eval(bank, ytr, fte, data.test.labels, data.n_classes, ks, opts.temperature, run.device):
+                report.add(model, "knn", split, r.pop("top1"), r.pop("top5"), n_train=n, n_test=len(data.test),
+                           **common, **r)
+            report.time("knn", time.perf_counter() - t)
+        if "linear" in do:
+            t = time.perf_counter()
+            r = linear_probe(ftr, ytr, fte, data.test.labels, data.n_classes, opts.seed, train_rows=rows)
+            report.add(model, "linear", split, r.pop("top1"), r.pop("top5"), n_train=n, n_test=len(data.test),
+                       **common, **r)
+            report.time("linear", time.perf_counter() - t)
+        run.say(f"{model} {split}: " + ", ".join(
+            f"{x['protocol']}{'@' + str(x['k']) if 'k' in x else ''} {x['top1']:.1f}"
+            for x in report.results if x["model"] == model and x["split"] == split))

@@ -1,0 +1,56 @@
+"""``openseer eval`` end to end on a tiny checkpoint and a small part of Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+
+from openseer.cli import main
+
+from ..conftest import fmnist_available
+
+
+@fmnist_available
+def test_eval_writes_every_protocol_and_baseline(tiny_run, tmp_path, capsys):
+    out = tmp_path / "report" / "eval.json"
+    argv = [
+        "eval", str(tiny_run), "--data", "fashion-mnist", "--out", str(out), "--limit-train", "1000",
+        "--limit-test", "200", "--finetune-epochs", "1", "--cache-dir", str(tmp_path / "cache"),
+        "--k", "5,20", "--quiet", "--threads", "1",
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| protocol | labels | this model | random init* | raw pixels | supervised from scratch |" in printed
+    doc = json.loads(out.read_text())
+    assert (out.parent / "eval.md").read_text().strip() in printed
+    got = {(r["model"], r["protocol"], r["split"], r.get("k")) for r in doc["results"]}
+    for model in ("this", "random_init", "pixels"):
+        for split in ("full", "1pct", "10pct"):
+            assert (model, "linear", split, None) in got
+            assert (model, "knn", split, 20) in got
+        assert (model, "knn", "full", 5) in got
+    for model in ("this", "scratch"):
+        for split in ("1pct", "10pct"):
+            assert (model, "finetune", split, None) in got
+    for r in doc["results"]:
+        assert 0 <= r["top1"] <= r["top5"] <= 100
+        assert "seed" in r and "feature_layer" in r and "weights_hash" in r
+    assert doc["weights"]["weights_hash"] and doc["data"]["n_train"] == 1000 and doc["data"]["n_test"] == 200
+    assert doc["transform"]["crop"] == 32
+    knn = next(r for r in doc["results"] if r["protocol"] == "knn")
+    assert knn["temperature"] == 0.07
+    ft = next(r for r in doc["results"] if r["protocol"] == "finetune")
+    assert ft["epochs"] == 1 and ft["lr_head"] > ft["lr_backbone"]
+    assert "zero_init_last=False" in printed
+    splits = sorted(p.name for p in out.parent.glob("lowshot-*.json"))
+    assert splits == ["lowshot-10pct-seed0.json", "lowshot-1pct-seed0.json"]
+    first = (out.parent / "lowshot-1pct-seed0.json").read_text()
+
+    # a second run (other weights: the random floor) reuses nothing but gives identical split files
+    out2 = tmp_path / "floor" / "eval.json"
+    assert main(["eval", "--backbone", "regnety_002", "--random-init", "--data", "fashion-mnist", "--out", str(out2),
+                 "--limit-train", "1000", "--limit-test", "200", "--protocols", "knn,lowshot",
+                 "--finetune-epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
+    assert (out2.parent / "lowshot-1pct-seed0.json").read_text() == first
+    doc2 = json.loads(out2.read_text())
+    assert {r["model"] for r in doc2["results"]} == {"this"}
+    assert doc2["weights"]["random_init"] is True
