@@ -23,6 +23,7 @@ demo: setup data
 	rm -rf $(DEMO)
 	$(VENV)/bin/openseer pretrain --data fashion-mnist --recipe tiny-cpu --out $(DEMO)
 	$(VENV)/bin/openseer eval $(DEMO) --data fashion-mnist --out $(DEMO)/eval.json
+	$(VENV)/bin/openseer report $(DEMO)
 	@echo "demo run: $(DEMO) (config.yaml, metrics.jsonl, checkpoints/, eval.json, eval.md)"
 
 test: setup data

@@ -97,15 +97,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    """Write a run's backbone as one safetensors file with timm key names."""
-    from .export import export_backbone
-
-    out = export_backbone(args.source, args.out)
-    print(f"openseer: backbone of {args.source} -> {out}")
-    return 0
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check a run directory and say how to recover."""
     from .doctor import run_doctor
@@ -153,10 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("export", help="write a run's backbone as safetensors with timm key names")
-    p.add_argument("source", metavar="RUN_DIR", help="a run directory (latest checkpoint) or one checkpoint")
-    p.add_argument("out", metavar="OUT.safetensors")
-    p.set_defaults(func=cmd_export)
+    from . import use_cli  # export, embed, import-seer, report
+
+    use_cli.add_parsers(sub)
 
     try:
         from .eval import cli as eval_cli

@@ -1,0 +1,182 @@
+"""The Python API: ``openseer.load(...)`` -> a ``Model`` that embeds images, exports and evaluates.
+
+    import openseer
+    model = openseer.load("runs/a")              # run dir, checkpoint, exported file, or timm name
+    emb = model.embed(["img1.jpg", "img2.png"])  # numpy (N, D) float32, one row per image
+    net = model.backbone                         # the plain timm nn.Module: images -> pooled features
+
+Images are prepared exactly as ``openseer eval`` prepares them (``EvalTransform``: images no larger
+than the training crop are resized to it, larger ones have their shorter side scaled to 1.14 x crop
+and are centre-cropped; grayscale is replicated; normalised with the training mean/std).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.decode import BadImage, load_image, to_rgb
+from .eval.common import RESIZE_RATIO, EvalTransform
+
+
+def draft_size(crop: int) -> int:
+    """The smallest decoded side the eval transform needs (JPEGs are DCT-scaled down to it)."""
+    return int(crop * RESIZE_RATIO) + 1
+
+
+def image_tensor(item: Any, crop: int) -> torch.Tensor:
+    """One image as a (C, H, W) tensor on the 0..255 scale (uint8, or float for float inputs).
+
+    Accepts a path (str or Path), a PIL image, a numpy array (H, W) / (H, W, C) (uint8 0..255 or
+    float 0..1) or a torch tensor (C, H, W) / (H, W) with the same value conventions.
+    Undecodable files raise ``BadImage`` with a reason.
+    """
+    from PIL import Image
+
+    if isinstance(item, (str, Path)):
+        img = load_image(item, draft_size=draft_size(crop))
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+    if isinstance(item, Image.Image):
+        return torch.from_numpy(np.asarray(to_rgb(item), dtype=np.uint8).copy()).permute(2, 0, 1)
+    if isinstance(item, np.ndarray):
+        arr = item[..., None] if item.ndim == 2 else item
+        if arr.ndim != 3:
+            raise ValueError(f"an image array must be (H, W) or (H, W, C); got shape {item.shape}")
+        t = torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1)
+    elif isinstance(item, torch.Tensor):
+        t = item.unsqueeze(0) if item.ndim == 2 else item
+        if t.ndim != 3:
+            raise ValueError(f"an image tensor must be (C, H, W) or (H, W); got shape {tuple(item.shape)}")
+    else:
+        raise TypeError(f"cannot embed a {type(item).__name__}: give paths, PIL images, numpy arrays or tensors")
+    if t.shape[0] == 4:
+        t = t[:3]
+    if t.shape[0] not in (1, 3):
+        raise ValueError(f"an image needs 1, 3 or 4 channels; got {t.shape[0]}")
+    if t.is_floating_point():
+        t = t.float() * 255.0
+    return t
+
+
+def prepare(items: Sequence[Any], transform: EvalTransform) -> torch.Tensor:
+    """Images -> one normalised float batch (B, 3, crop, crop)."""
+    return transform.normalize(torch.cat([transform.geometry(image_tensor(x, transform.crop).unsqueeze(0))
+                                          for x in items]))
+
+
+class Model:
+    """A backbone with what it needs to be used: its transform, its info, and the actions on it."""
+
+    def __init__(self, backbone: nn.Module, info: dict, spec: str | None = None, device: str = "cpu"):
+        self.backbone = backbone.eval()
+        self.info = info
+        self.spec = spec
+        self.transform = EvalTransform(int(info["crop_size"]), tuple(info["mean"]), tuple(info["std"]))
+        self.device = torch.device(device)
+        self.backbone.to(self.device)
+
+    def __repr__(self) -> str:
+        return (f"openseer.Model({self.arch}, {self.info.get('init', 'loaded')}, crop {self.transform.crop}, "
+                f"{self.feature_dim}-d features, from {self.info.get('source')})")
+
+    @property
+    def arch(self) -> str:
+        return self.info["arch"]
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.info["feature_dim"])
+
+    def to(self, device: str | torch.device) -> Model:
+        self.device = torch.device(device)
+        self.backbone.to(self.device)
+        return self
+
+    def embed(self, images: Any, batch_size: int = 64, normalize: bool = False,
+              progress: bool = False) -> np.ndarray:
+        """Pooled features (N, D) float32, one row per image, in order.
+
+        ``images``: a list of paths / PIL images / arrays / tensors, one of those alone, or a uint8
+        batch tensor (B, C, H, W). ``normalize=True`` L2-normalises each row (for cosine search).
+        A file that cannot be decoded raises ``BadImage`` naming it (``openseer embed`` skips and
+        lists such files instead).
+        """
+        if isinstance(images, torch.Tensor) and images.ndim == 4:
+            items: list = list(images)
+        elif isinstance(images, (str, Path)) or not isinstance(images, Iterable) or (
+                isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim <= 3):
+            items = [images]
+        else:
+            items = list(images)
+        out = np.zeros((len(items), self.feature_dim), dtype=np.float32)
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(items), unit="img", disable=not progress, leave=False)
+        for start in range(0, len(items), batch_size):
+            x = prepare(items[start:start + batch_size], self.transform)
+            out[start:start + len(x)] = self.forward(x)
+            bar.update(len(x))
+        bar.close()
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def forward(self, x: torch.Tensor) -> np.ndarray:
+        """Normalised batch (B, 3, H, W) -> features (B, D) float32 numpy."""
+        with torch.inference_mode():
+            f = self.backbone(x.to(self.device, non_blocking=True))
+        return f.float().cpu().numpy()
+
+    def embed_collection(self, data: str, out: str | Path, **options) -> dict:
+        """``openseer embed``: a folder, file list or shards -> .npy + index.csv (resumable)."""
+        from .embed import embed_collection
+
+        return embed_collection(self, data, out, **options)
+
+    def export(self, out: str | Path, format: str | None = None, check: bool = True) -> dict:
+        """Write the backbone as safetensors / torchscript / onnx / vissl (see ``openseer.export``)."""
+        from .export import export_model
+
+        return export_model(self.backbone, self.info, out, format, check=check)
+
+    def evaluate(self, data: str = "fashion-mnist", out: str | Path | None = None, **options) -> dict:
+        """Run ``openseer eval`` on these weights; ``options`` are ``EvalOptions`` fields
+        (``protocols=('knn', 'linear')``, ``limit_train=2000``, ...). Returns the report dict."""
+        from .eval.runner import EvalOptions, evaluate
+
+        kwargs = dict(options)
+        weights = self.spec
+        if weights is None:  # built in Python: evaluate a temporary safetensors copy
+            import tempfile
+
+            from .export import save_safetensors
+
+            folder = Path(tempfile.mkdtemp(prefix="openseer-eval-"))
+            weights = str(save_safetensors(self.backbone.cpu(), self.info, folder / "backbone.safetensors"))
+            self.backbone.to(self.device)
+            out = out or folder / "eval.json"
+        elif self.info.get("random_init"):
+            kwargs.setdefault("random_init", True)
+        opts = EvalOptions(weights=str(weights), data=data, out=str(out) if out else None, **kwargs)
+        return evaluate(opts)
+
+
+def load(spec: str | Path, arch: str | None = None, device: str = "cpu", random_init: bool = False,
+         seed: int = 0) -> Model:
+    """A ``Model`` from a run directory, a checkpoint, an exported file (.safetensors, a .pt state
+    dict, an imported SEER file) or a timm model name (random weights: nothing is downloaded).
+
+    ``arch`` names the architecture of files that do not record it.
+    """
+    from .model.load import load_backbone
+
+    backbone, info = load_backbone(str(spec), random_init=random_init, arch=arch, seed=seed)
+    return Model(backbone, info, spec=str(spec), device=device)
+
+
+__all__ = ["BadImage", "Model", "image_tensor", "load", "prepare"]

@@ -1,0 +1,439 @@
+"""``openseer embed``: embeddings of a whole collection, written in resumable chunks.
+
+Input (``--data``): a folder of images (recursive, sorted), a text file listing image paths (one a
+line; relative paths are relative to the list's folder), tar shards (anything ``--data`` accepts
+for pretraining: ``shards/{000000..000099}.tar``, a glob, a folder from ``openseer shard``; the
+deny-list beside them is honoured), or ``fashion-mnist``.
+
+Output folder::
+
+    embeddings.npy   (N, D) float16 or float32, row i = image i of index.csv (np.load(..., mmap_mode='r'))
+    index.csv        row,key,path     (key: path relative to the folder / the line as listed / shard sample key)
+    bad.csv          key,path,reason  (images skipped: undecodable, missing, deny-listed)
+    meta.json        model, transform, dtype, counts, timings
+
+While it runs, rows are written straight into ``embeddings.partial.npy`` (a memory-mapped array
+with one row per input) chunk by chunk; after each chunk the array is flushed and the chunk's
+index and bad rows are written to ``parts/`` under their final name. Running the same command
+again after an interruption skips the chunks already there. At the end the good rows are packed
+into ``embeddings.npy`` (a rename when no image was bad) and ``parts/`` is removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.decode import BadImage, decode_bytes, load_image
+from .data.sources import DataError
+
+PARTIAL = "embeddings.partial.npy"
+PROGRESS = "progress.json"
+FINAL = "embeddings.npy"
+DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+class EmbedError(DataError):
+    """An embedding job that cannot run as asked (what and how to fix it)."""
+
+
+@dataclass
+class Chunk:
+    """Rows [start, stop) of the output; ``shard`` set for tar shards (one chunk per shard)."""
+
+    index: int
+    start: int
+    stop: int
+    shard: str = ""
+
+
+class Collection:
+    """Images in a fixed order, split into chunks; ``read(chunk)`` yields (row, key, path, image|reason)."""
+
+    kind = ""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.chunks: list[Chunk] = []
+        self.description = ""
+
+    def fingerprint(self) -> str:
+        raise NotImplementedError
+
+    def read(self, chunk: Chunk, crop: int, workers: int = 0) -> Iterator[tuple[int, str, str, object]]:
+        raise NotImplementedError
+
+
+def _split(n: int, chunk_size: int) -> list[Chunk]:
+    return [Chunk(i, s, min(n, s + chunk_size)) for i, s in enumerate(range(0, n, chunk_size))]
+
+
+def _reason(e: BadImage, name: str) -> str:
+    """'reason' or 'reason: detail' without the file name the detail repeats."""
+    detail = e.detail[len(name):].lstrip(": ") if e.detail.startswith(name) else e.detail
+    return f"{e.reason}: {detail}" if detail else e.reason
+
+
+def _tensor(img) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], rows: range, crop: int):
+        from .api import draft_size
+
+        self.paths, self.rows, self.draft = paths, rows, draft_size(crop)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = self.rows[i]
+        try:
+            return row, _tensor(load_image(self.paths[row], draft_size=self.draft))
+        except BadImage as e:
+            return row, _reason(e, str(self.paths[row]))
+
+
+class FileCollection(Collection):
+    """A folder (recursive) or a text file list of image paths."""
+
+    kind = "files"
+
+    def __init__(self, spec: str, chunk_size: int, limit: int = 0):
+        super().__init__()
+        from .data.shards import list_inputs
+
+        base, names = list_inputs(spec)
+        if limit:
+            names = names[:limit]
+        if not names:
+            raise EmbedError(f"no images found in {spec}")
+        self.keys = names
+        self.paths = [Path(n) if os.path.isabs(n) else base / n for n in names]
+        self.n = len(names)
+        self.chunks = _split(self.n, chunk_size)
+        self.description = f"{'folder' if Path(spec).is_dir() else 'file list'} {spec} ({self.n} images)"
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for k in self.keys:
+            h.update(k.encode("utf-8", "backslashreplace") + b"\n")
+        return h.hexdigest()[:16]
+
+    def read(self, chunk: Chunk, crop: int, workers: int = 0):
+        ds = _FileDataset(self.paths, range(chunk.start, chunk.stop), crop)
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, shuffle=False,
+                                             prefetch_factor=16 if workers else None)
+        for row, item in loader:
+            row = int(row)
+            yield row, self.keys[row], str(self.paths[row]), item
+
+
+class TensorCollection(Collection):
+    """Fashion-MNIST (the train split, in memory)."""
+
+    kind = "fashion-mnist"
+
+    def __init__(self, spec: str, chunk_size: int, limit: int = 0):
+        super().__init__()
+        from .data.sources import open_source
+
+        src = open_source(spec, limit=limit)
+        self.images = src.images  # type: ignore[attr-defined]
+        self.name = "fashion-mnist"
+        self.n = len(self.images)
+        self.chunks = _split(self.n, chunk_size)
+        self.description = src.description
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+    def read(self, chunk: Chunk, crop: int, workers: int = 0):
+        for row in range(chunk.start, chunk.stop):
+            yield row, f"{self.name}:train:{row}", "", self.images[row]
+
+
+class ShardCollection(Collection):
+    """Tar shards, read in order; one chunk per shard (its sample count from index.json or the tar)."""
+
+    kind = "shards"
+
+    def __init__(self, spec: str, limit: int = 0):
+        super().__init__()
+        from .data.sources import ShardSource
+        from .data.stream import count_samples
+
+        src = ShardSource(spec)
+        self.urls, self.deny = src.urls, src.deny
+        start = 0
+        for i, url in enumerate(self.urls):
+            name = Path(url).name
+            n = src.index.get(name) if name in src.index else count_samples(url)
+            if limit:
+                n = min(n, limit - start)
+            if n <= 0:
+                break
+            self.chunks.append(Chunk(i, start, start + n, url))
+            start += n
+        self.n = start
+        self.description = f"tar shards {spec} ({len(self.chunks)} shards, {self.n} samples)"
+
+    def fingerprint(self) -> str:
+        from .data.stream import urls_digest
+
+        return f"{urls_digest(self.urls)}:{self.n}:{self.deny.version if self.deny.path else ''}"
+
+    def read(self, chunk: Chunk, crop: int, workers: int = 0):
+        from .api import draft_size
+        from .data.stream import iter_shard
+
+        errors: list[str] = []
+        row = chunk.start
+        name = Path(chunk.shard).name
+        for s in iter_shard(chunk.shard, chunk.index, errors):
+            if row >= chunk.stop:
+                break
+            where = f"{chunk.shard}#{s.key}"
+            if s.reason:
+                yield row, s.key, where, s.reason
+            elif self.deny.denies(s.key, s.data):
+                yield row, s.key, where, "denied"
+            else:
+                try:
+                    yield row, s.key, where, _tensor(decode_bytes(s.data or b"", f"{name}:{s.key}",
+                                                                  draft_size=draft_size(crop)))
+                except BadImage as e:
+                    yield row, s.key, where, _reason(e, f"{name}:{s.key}")
+            row += 1
+        for r in range(row, chunk.stop):  # the shard ended early (damaged): the rest is missing
+            detail = f": {errors[0]}" if errors else ""
+            yield r, f"{name}:#{r - chunk.start}", chunk.shard, f"shard_error{detail}"
+
+
+def open_collection(spec: str, chunk_size: int = 4096, limit: int = 0) -> Collection:
+    from .data.sources import _find_idx
+    from .data.stream import looks_like_shards
+
+    if not spec:
+        raise EmbedError("no data given: pass --data (a folder, a .txt list of paths, tar shards or fashion-mnist)")
+    path = Path(spec).expanduser()
+    if spec == "fashion-mnist" or (path.is_dir() and _find_idx(path, "train-images-idx3-ubyte")):
+        return TensorCollection(spec, chunk_size, limit)
+    if looks_like_shards(spec):
+        return ShardCollection(spec, limit)
+    if not path.exists():
+        raise EmbedError(f"{spec} does not exist (give a folder of images, a .txt list of paths, tar shards "
+                         f"or fashion-mnist)")
+    return FileCollection(spec, chunk_size, limit)
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _csv(rows: list[list], header: list[str]) -> str:
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _read_csv(path: Path) -> list[list[str]]:
+    with open(path, newline="") as f:
+        return list(csv.reader(f))[1:]
+
+
+def _read_progress(path: Path) -> dict | None:
+    try:
+        old = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None
+    return old if isinstance(old, dict) else None
+
+
+def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", batch_size: int = 64,
+                     chunk_size: int = 4096, workers: int = 0, limit: int = 0, normalize: bool = False,
+                     overwrite: bool = False, progress: bool = True, max_chunks: int = 0) -> dict:
+    """Embed every image of ``data`` with ``model`` (an ``openseer.Model``) into ``out``; resumable.
+
+    ``max_chunks`` stops after that many new chunks (to test resuming). Returns meta.json's content.
+    """
+    from tqdm import tqdm
+
+    if dtype not in DTYPES:
+        raise EmbedError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if batch_size < 1 or chunk_size < 1:
+        raise EmbedError("--batch-size and --chunk-size must be >= 1")
+    out = Path(out).expanduser()
+    coll = open_collection(data, chunk_size, limit)
+    dim = model.feature_dim
+    params = {"format": "openseer.embeddings.v1", "data": str(data), "data_fingerprint": coll.fingerprint(),
+              "n": coll.n, "chunks": len(coll.chunks), "chunk_size": chunk_size if coll.kind != "shards" else None,
+              "dtype": dtype, "dim": dim, "normalize": normalize, "weights_hash": model.info["weights_hash"],
+              "transform": model.transform.ident()}
+    progress_path, partial, parts = out / PROGRESS, out / PARTIAL, out / "parts"
+    if out.exists() and any(out.iterdir()):
+        old = _read_progress(progress_path)
+        if overwrite:
+            if old is None and not (out / FINAL).is_file():
+                raise EmbedError(f"{out} is not an openseer embedding folder: refusing to delete it for --overwrite")
+            shutil.rmtree(out)
+        elif old is None:
+            raise EmbedError(f"{out} exists and is not an openseer embedding folder; choose another --out or "
+                             f"pass --overwrite")
+        else:
+            # a finished job does not depend on how it was chunked
+            ignore = ("chunks", "chunk_size") if old.get("complete") else ()
+            diff = [k for k in params if k not in ignore and old.get("params", {}).get(k) != params[k]]
+            if diff:
+                raise EmbedError(f"{out} holds embeddings made with other settings ({', '.join(diff)} differ); "
+                                 f"pass --overwrite to start again, or another --out")
+            if old.get("complete"):
+                meta = json.loads((out / "meta.json").read_text())
+                meta["resumed"] = "already complete"
+                return meta
+    out.mkdir(parents=True, exist_ok=True)
+    parts.mkdir(exist_ok=True)
+    if not progress_path.is_file():
+        _atomic_text(progress_path, json.dumps({"params": params, "complete": False}, indent=1))
+    np_dtype = DTYPES[dtype]
+    if partial.is_file():
+        arr = np.lib.format.open_memmap(partial, mode="r+")
+        if arr.shape != (coll.n, dim) or arr.dtype != np_dtype:
+            raise EmbedError(f"{partial} has shape {arr.shape} {arr.dtype}, expected {(coll.n, dim)} {dtype}; "
+                             f"pass --overwrite")
+    else:
+        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np_dtype, shape=(coll.n, dim))
+    done = {c.index for c in coll.chunks if (parts / f"{c.index:06d}.csv").is_file()}
+    todo = [c for c in coll.chunks if c.index not in done]
+    t0 = time.perf_counter()
+    bar = tqdm(total=coll.n, initial=sum(c.stop - c.start for c in coll.chunks if c.index in done), unit="img",
+               desc="embed", disable=not progress, dynamic_ncols=True)
+    n_new = 0
+    for k, chunk in enumerate(todo):
+        if max_chunks and k >= max_chunks:
+            break
+        good, bad = _embed_chunk(model, coll, chunk, arr, batch_size, workers, normalize, bar)
+        arr.flush()
+        _atomic_text(parts / f"{chunk.index:06d}.bad.csv", _csv(bad, ["row", "key", "path", "reason"]))
+        _atomic_text(parts / f"{chunk.index:06d}.csv", _csv(good, ["row", "key", "path"]))  # marks it done
+        n_new += chunk.stop - chunk.start
+    bar.close()
+    del arr
+    seconds = time.perf_counter() - t0
+    complete = all((parts / f"{c.index:06d}.csv").is_file() for c in coll.chunks)
+    meta = {"format": "openseer.embeddings.v1", "complete": complete, "data": coll.description,
+            "n_inputs": coll.n, "dim": dim, "dtype": dtype, "normalized": normalize,
+            "model": {k: v for k, v in model.info.items() if k != "config"},
+            "transform": model.transform.describe(), "chunks": len(coll.chunks), "chunks_skipped": len(done),
+            "images_this_run": n_new, "seconds_this_run": round(seconds, 2),
+            "images_per_s": round(n_new / seconds, 1) if seconds > 0 and n_new else None}
+    if not complete:
+        meta["resume"] = "run the same command again to continue"
+        return meta
+    meta.update(_finish(out, coll, dim, np_dtype))
+    _atomic_text(out / "meta.json", json.dumps(meta, indent=1))
+    _atomic_text(progress_path, json.dumps({"params": params, "complete": True}, indent=1))
+    return meta
+
+
+def _embed_chunk(model, coll: Collection, chunk: Chunk, arr: np.ndarray, batch_size: int, workers: int,
+                 normalize: bool, bar) -> tuple[list, list]:
+    t = model.transform
+    good: list[list] = []
+    bad: list[list] = []
+    rows: list[int] = []
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        x = t.normalize(torch.cat(batch))
+        f = model.forward(x)
+        if normalize:
+            f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+        arr[np.asarray(rows)] = f.astype(arr.dtype)
+        bar.update(len(rows))
+        batch.clear()
+        rows.clear()
+
+    for row, key, path, item in coll.read(chunk, t.crop, workers):
+        if isinstance(item, str):
+            bad.append([row, key, path, item])
+            bar.update(1)
+            continue
+        batch.append(t.geometry(item.unsqueeze(0)))
+        rows.append(row)
+        good.append([row, key, path])
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    return good, bad
+
+
+def _finish(out: Path, coll: Collection, dim: int, np_dtype) -> dict:
+    """Pack the good rows into embeddings.npy, write index.csv and bad.csv, remove the parts."""
+    parts = out / "parts"
+    good: list[list[str]] = []
+    bad: list[list[str]] = []
+    for c in coll.chunks:
+        good += _read_csv(parts / f"{c.index:06d}.csv")
+        bad += _read_csv(parts / f"{c.index:06d}.bad.csv")
+    good_rows = np.array([int(r[0]) for r in good], dtype=np.int64)
+    partial = out / PARTIAL
+    if len(good_rows) == coll.n:
+        os.replace(partial, out / FINAL)
+    else:
+        src = np.load(partial, mmap_mode="r")
+        tmp = out / f".{FINAL}.tmp.npy"
+        dst = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(len(good_rows), dim))
+        step = 65536
+        for s in range(0, len(good_rows), step):
+            dst[s:s + step] = src[good_rows[s:s + step]]
+        dst.flush()
+        del dst, src
+        os.replace(tmp, out / FINAL)
+        partial.unlink()
+    _atomic_text(out / "index.csv", _csv([[i, k, p] for i, (_, k, p) in enumerate(good)], ["row", "key", "path"]))
+    _atomic_text(out / "bad.csv", _csv([[k, p, r] for _, k, p, r in bad], ["key", "path", "reason"]))
+    shutil.rmtree(parts, ignore_errors=True)
+    if bad:
+        reasons: dict[str, int] = {}
+        for *_, r in bad:
+            reasons[r.split(":")[0]] = reasons.get(r.split(":")[0], 0) + 1
+        print(f"openseer: skipped {len(bad)} images ({', '.join(f'{k} {v}' for k, v in reasons.items())}); "
+              f"listed in {out / 'bad.csv'}", file=sys.stderr)
+    return {"n": int(len(good_rows)), "n_bad": len(bad),
+            "files": {"embeddings": str(out / FINAL), "index": str(out / "index.csv"), "bad": str(out / "bad.csv")}}
+
+
+def load_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
+    """(memory-mapped embeddings, index rows as dicts) of a finished ``openseer embed`` folder."""
+    folder = Path(folder)
+    arr = np.load(folder / FINAL, mmap_mode="r")
+    with open(folder / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return arr, rows

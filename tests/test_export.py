@@ -1,0 +1,89 @@
+"""Export: safetensors that timm loads as is, TorchScript and ONNX with the same outputs as PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+
+from openseer.cli import main
+from openseer.export import export, format_for
+from openseer.model.load import load_backbone
+from openseer.train.checkpoint import CheckpointError
+from tests.usekit import make_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("export") / "run")
+
+
+def _x(n=3, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(7))
+
+
+def test_safetensors_export_loads_in_timm_without_remapping(run, tmp_path, capsys):
+    out = tmp_path / "backbone.safetensors"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+        keys = set(f.keys())
+    assert meta["arch"] == "regnety_002"
+    assert json.loads(meta["mean"]) == [0.286] * 3 and json.loads(meta["std"]) == [0.353] * 3
+    assert meta["crop_size"] == "32" and json.loads(meta["input_size"]) == [3, 32, 32]
+    assert json.loads(meta["config"])["model"]["arch"] == "regnety_002"
+    net = timm.create_model("regnety_002", num_classes=0, pretrained=True,
+                            pretrained_cfg_overlay=dict(file=str(out))).eval()
+    assert keys == set(net.state_dict())
+    ref, _ = load_backbone(str(run))
+    x = _x()
+    with torch.no_grad():
+        assert torch.equal(net(x), ref(x))
+    # the older positional form still works
+    assert main(["export", str(run), str(tmp_path / "again.safetensors")]) == 0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated upstream
+def test_torchscript_matches_pytorch_and_carries_metadata(run, tmp_path):
+    out = tmp_path / "backbone.pt"
+    r = export(run, out)  # format from the suffix
+    assert r["format"] == "torchscript" and r["max_abs_diff"] < 1e-4
+    extra = {"openseer.json": ""}
+    loaded = torch.jit.load(str(out), _extra_files=extra)
+    meta = json.loads(extra["openseer.json"])
+    assert meta["arch"] == "regnety_002" and json.loads(meta["input_size"]) == [3, 32, 32]
+    ref, _ = load_backbone(str(run))
+    x = _x(5)
+    with torch.no_grad():
+        assert (loaded(x) - ref(x)).abs().max() < 1e-4
+
+
+def test_onnx_matches_pytorch_in_onnxruntime(run, tmp_path, capsys):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    out = tmp_path / "backbone.onnx"
+    assert main(["export", str(run), "--format", "onnx", "--out", str(out), "--threads", "1"]) == 0
+    assert "max |onnx - PyTorch|" in capsys.readouterr().out
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["arch"] == "regnety_002" and json.loads(props["std"]) == [0.353] * 3
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    ref, _ = load_backbone(str(run))
+    x = _x(4)  # another batch size than the export's example: the batch axis is dynamic
+    got = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
+    with torch.no_grad():
+        diff = float((got - ref(x)).abs().max())
+    assert diff < 1e-4
+
+
+def test_format_errors_are_clear(run, tmp_path, capsys):
+    with pytest.raises(CheckpointError, match="cannot tell the export format"):
+        format_for(tmp_path / "x.bin")
+    assert main(["export", str(run), "--out", str(tmp_path / "x.bin")]) == 2
+    assert "--format" in capsys.readouterr().err
+    assert main(["export", str(run)]) == 2
+    assert "--out" in capsys.readouterr().err
