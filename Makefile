@@ -31,7 +31,6 @@ test: setup data
 
 lint: setup
 	$(VENV)/bin/ruff check openseer tests bench
-	$(VENV)/bin/ruff format --check openseer tests bench || true
 
 bench: setup data
 	$(PY) bench/pretrain_throughput.py

@@ -39,7 +39,7 @@ WORLD = 2
 B = 8  # global batch of the equivalence step
 STEP_ARGS = [
     *QUIET, "model.arch=regnety_002", "model.head_hidden=[32]", "model.head_out=16", "model.head_bn=true",
-    "crops.sizes=[32,16]", "crops.counts=[2,2]", "swav.n_prototypes=12", "swav.freeze_prototypes_steps=0",
+    "crops.sizes=[32,16]", "crops.counts=[2,2]", "swav.n_prototypes=12", "swav.freeze_prototypes_steps=0", "swav.epsilon=0.05",
     f"data.batch_size={B}", "optim.lars_trust=0.02", "dist.syncbn_group_size=2",
 ]
 STRATEGIES = {"ddp": ["dist.strategy=ddp"],
