@@ -76,14 +76,12 @@ class SwAV(nn.Module):
     def features(self, crops: list[torch.Tensor]) -> torch.Tensor:
         """Pooled trunk features of all crops, one trunk pass per resolution group (large first)."""
         feats = []
-        start = 0
         for _, group in groupby(crops, key=lambda c: tuple(c.shape[-2:])):
             group = list(group)
             x = torch.cat(group) if len(group) > 1 else group[0]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             feats.append(self.backbone(x))
-            start += len(group)
         return torch.cat(feats)
 
     def forward(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
