@@ -8,8 +8,6 @@ from pathlib import Path
 
 from .config import ConfigError, build_config, recipe_names, recipe_values
 
-USER_ERRORS: tuple[type[BaseException], ...] = ()
-
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.sources import DataError
