@@ -99,12 +99,16 @@ def main(argv: list[str] | None = None) -> int:
         "eval_s": round(eval_s, 1), "total_s": round(time.perf_counter() - t0, 1),
         "knn20": top1("this", "knn", "full", 20), "linear": top1("this", "linear", "full"),
         "knn20_1pct": top1("this", "knn", "1pct", 20), "linear_1pct": top1("this", "linear", "1pct"),
+        "knn20_10pct": top1("this", "knn", "10pct", 20), "linear_10pct": top1("this", "linear", "10pct"),
         "finetune_1pct": top1("this", "finetune", "1pct"), "finetune_10pct": top1("this", "finetune", "10pct"),
         "random_knn20": top1("random_init", "knn", "full", 20), "random_linear": top1("random_init", "linear", "full"),
         "pixels_knn20": top1("pixels", "knn", "full", 20), "pixels_linear": top1("pixels", "linear", "full"),
         "scratch_1pct": top1("scratch", "finetune", "1pct"), "scratch_10pct": top1("scratch", "finetune", "10pct"),
         "overrides": overrides, "report": doc["written"]["json"],
     }
+    for split in ("1pct", "10pct"):  # the low-shot figure: the best protocol on each subset
+        vals = [line[f"{p}_{split}"] for p in ("knn20", "linear", "finetune") if line[f"{p}_{split}"] is not None]
+        line[f"best_{split}"] = max(vals) if vals else None
     print(json.dumps(line))
     return 0
 

@@ -4,7 +4,8 @@ For each configuration prints one JSON line: source images/s of the whole traini
 included), the split between data wait, forward, Sinkhorn, backward and optimiser step, and model
 FLOP utilisation = FLOPs of one forward+backward (counted with torch.utils.flop_counter) divided by
 the measured forward+backward time, over the matmul peak measured in the same run (large square
-fp32 and bf16 matmuls).
+fp32 and bf16 matmuls). Convolution backward FLOPs use a grouped-aware formula (torch's counts the
+grad-weight term of grouped convolutions as dense).
 
 Configurations:
   tiny     the tiny-cpu recipe on Fashion-MNIST (openseer's real training loop)
@@ -13,8 +14,12 @@ Configurations:
            augmentation in a plain DataLoader with 2 workers
   rg32     regnety_320 at SEER's crops (2x160 + 4x96), small batch, synthetic images, bf16 +
            channels_last (model step only: data is not the question for a big model)
+  levers   each speed lever of the tiny step switched off (or on) alone, one JSON line per lever:
+           channels_last, bf16 autocast, torch.compile, batched uint8 augmentation vs per-image crops
+           in 0/1/2 loader workers, one trunk pass per resolution vs per crop, foreach LARC vs a
+           per-parameter loop, and the Sinkhorn cost at K = 16000
 
-    python bench/train_step.py [--configs tiny,tiny-baseline,rg32] [--steps N] [--smoke]
+    python bench/train_step.py [--configs tiny,tiny-baseline,rg32,levers] [--steps N] [--smoke]
 """
 
 from __future__ import annotations
@@ -28,7 +33,21 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of a convolution's backward: one forward's worth for grad-input, one for grad-weight.
+
+    torch's own formula (2.14) counts the grad-weight term as a dense convolution, ignoring
+    ``groups``; for RegNetY's grouped 3x3 convs that inflates the count several-fold.
+    """
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+FLOP_FORMULAS = {torch.ops.aten.convolution_backward: conv_backward_flops}
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
@@ -45,9 +64,10 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
     return best
 
 
-def count_flops(model, crops: list[torch.Tensor], amp_dtype=None) -> int:
-    """FLOPs of one forward + backward of the SwAV model on these crops."""
-    with FlopCounterMode(display=False) as counter:
+def count_flops(model, crops: list[torch.Tensor], amp_dtype=None, torch_formula: bool = False) -> int:
+    """FLOPs of one forward + backward of the SwAV model on these crops (``torch_formula``: with
+    torch's own convolution-backward formula, which over-counts grouped convolutions)."""
+    with FlopCounterMode(display=False, custom_mapping=None if torch_formula else FLOP_FORMULAS) as counter:
         with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
             z, scores = model(crops)
         scores.float().logsumexp(1).mean().backward()
@@ -82,10 +102,11 @@ def bench_tiny(steps: int, overrides: list[str]) -> dict:
              for _ in range(n)]
     amp = torch.bfloat16 if cfg.optim.precision == "bf16" else None
     flops = count_flops(model, crops, amp)
+    flops_torch = count_flops(model, crops, amp, torch_formula=True)
     model_s = split["forward"] + split["backward"]
     return {"config": "tiny", "arch": cfg.model.arch, "batch": cfg.data.batch_size, "overrides": overrides,
             "imgs_per_s": round(cfg.data.batch_size / step_s, 1), "step_s": round(step_s, 4), "split_s": split,
-            "flops_per_step": flops, "model_flops_per_s": flops / model_s,
+            "flops_per_step": flops, "flops_per_step_torch_formula": flops_torch, "model_flops_per_s": flops / model_s,
             "precision": cfg.optim.precision, "channels_last": cfg.model.channels_last}
 
 
@@ -167,10 +188,11 @@ def bench_tiny_baseline(steps: int) -> dict:
     crops = [torch.randn(cfg.data.batch_size, 3, s, s) for s, n in zip(cfg.crops.sizes, cfg.crops.counts)
              for _ in range(n)]
     flops = count_flops(model, crops)
+    flops_torch = count_flops(model, crops, torch_formula=True)
     split = {k: round(v / steps, 4) for k, v in t.items()}
     return {"config": "tiny-baseline", "arch": cfg.model.arch, "batch": cfg.data.batch_size,
             "imgs_per_s": round(cfg.data.batch_size * steps / wall, 1), "step_s": round(wall / steps, 4),
-            "split_s": split, "flops_per_step": flops,
+            "split_s": split, "flops_per_step": flops, "flops_per_step_torch_formula": flops_torch,
             "model_flops_per_s": flops / (split["forward"] + split["backward"]),
             "precision": "fp32", "channels_last": False}
 
@@ -206,10 +228,105 @@ def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool
             times.append(t1 - t0)
     model_s = sum(times) / len(times)
     flops = count_flops(model, crops, amp)
+    flops_torch = count_flops(model, crops, amp, torch_formula=True)
     return {"config": "rg32" if arch == "regnety_320" else arch, "arch": arch, "batch": batch,
             "imgs_per_s": round(batch / model_s, 2), "model_s": round(model_s, 3), "flops_per_step": flops,
+            "flops_per_step_torch_formula": flops_torch,
             "model_flops_per_s": flops / model_s, "precision": "bf16" if bf16 else "fp32",
             "channels_last": channels_last}
+
+
+def _timed(fn, reps: int) -> float:
+    fn()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t) / reps
+
+
+def _larc_loop_step(params: list[torch.Tensor], bufs: list, lr: float, wd: float, trust: float,
+                    momentum: float) -> None:
+    """LARC + SGD one tensor at a time, the way the original SwAV code does it (reference)."""
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            g = p.grad
+            w_norm, g_norm = p.norm(), g.norm()
+            scale = trust * w_norm / (g_norm + wd * w_norm + 1e-8) if w_norm > 0 and g_norm > 0 else 1.0
+            d = (g + wd * p) * scale
+            bufs[i] = d if bufs[i] is None else bufs[i].mul_(momentum).add_(d)
+            p.add_(bufs[i], alpha=-lr)
+
+
+def bench_model_levers(smoke: bool) -> list[dict]:
+    """Micro-benchmarks of the levers that live inside one step (fixed batch, tiny-cpu model)."""
+    from openseer.config import build_config
+    from openseer.model.swav import build_swav, sinkhorn
+    from openseer.train.optim import build_optimizer
+
+    cfg = build_config("tiny-cpu")
+    b = 64 if smoke else cfg.data.batch_size
+    reps = 1 if smoke else 5
+    torch.manual_seed(0)
+    model = build_swav(cfg).to(memory_format=torch.channels_last)
+    crops = [torch.randn(b, 3, s, s) for s, n in zip(cfg.crops.sizes, cfg.crops.counts) for _ in range(n)]
+
+    def grouped():
+        model(crops)[1].logsumexp(1).mean().backward()
+
+    def per_crop():
+        feats = torch.cat([model.backbone(c.contiguous(memory_format=torch.channels_last)) for c in crops])
+        model.prototypes(torch.nn.functional.normalize(model.head(feats), dim=1)).logsumexp(1).mean().backward()
+
+    rows = [{"lever": "one trunk pass per resolution group", "on_s": _timed(grouped, reps),
+             "off_s": _timed(per_crop, reps), "off": "one trunk pass per crop"}]
+
+    opt = build_optimizer(model, cfg)
+    for g in opt.param_groups:
+        g["lr"] = 0.1
+    params = [p for p in model.parameters() if p.grad is not None]
+    bufs: list = [None] * len(params)
+    o = cfg.optim
+    rows.append({"lever": "foreach SGD + LARC (one fused pass)", "on_s": _timed(opt.step, reps * 4),
+                 "off_s": _timed(lambda: _larc_loop_step(params, bufs, 0.1, o.weight_decay, o.lars_trust,
+                                                         o.momentum), reps * 4),
+                 "off": "per-parameter loop", "n_tensors": len(params)})
+    for k, batch in ((16000, 512), (16000, 4096)):
+        scores = torch.randn(batch, k).clamp_(-1, 1)
+        rows.append({"lever": f"Sinkhorn K={k}, {batch} rows, 3 iterations, fp32 (log domain)",
+                     "on_s": _timed(lambda s=scores: sinkhorn(s, 0.05, 3), reps)})
+    for r in rows:
+        r["config"] = "lever"
+        for key in ("on_s", "off_s"):
+            if key in r:
+                r[key] = round(r[key], 5)
+        if "off_s" in r:
+            r["speedup"] = round(r["off_s"] / r["on_s"], 2)
+    return rows
+
+
+# (lever, the overrides that switch it OFF, or ON for the ones off by default)
+LOOP_LEVERS = [
+    ("channels_last (off)", ["model.channels_last=false"]),
+    ("bf16 autocast (on)", ["optim.precision=bf16"]),
+    ("torch.compile (on)", ["model.compile=true"]),
+    ("batched uint8 augmentation (off: per-image crops, 2 workers)", ["data.batched_aug=false", "data.num_workers=2"]),
+    ("batched uint8 augmentation (off: per-image crops, 1 worker)", ["data.batched_aug=false", "data.num_workers=1"]),
+    ("batched uint8 augmentation (off: per-image crops, in process)", ["data.batched_aug=false", "data.num_workers=0"]),
+]
+
+
+def bench_loop_levers(steps: int, smoke: bool) -> list[dict]:
+    """The tiny step with every lever on, then with each switched alone."""
+    extra = ["data.limit=2048", "data.batch_size=64"] if smoke else []
+    levers = LOOP_LEVERS[:1] if smoke else LOOP_LEVERS
+    base = bench_tiny(steps, extra)
+    rows = [{"config": "lever", "lever": "all levers (the tiny-cpu recipe)", "imgs_per_s": base["imgs_per_s"],
+             "split_s": base["split_s"]}]
+    for name, overrides in levers:
+        r = bench_tiny(steps, extra + overrides)
+        rows.append({"config": "lever", "lever": name, "overrides": overrides, "imgs_per_s": r["imgs_per_s"],
+                     "split_s": r["split_s"], "vs_recipe": round(r["imgs_per_s"] / base["imgs_per_s"], 3)})
+    return rows
 
 
 def main() -> None:
@@ -227,6 +344,11 @@ def main() -> None:
              "bf16": matmul_peak(torch.bfloat16, 512 if args.smoke else 2048)}
     results = []
     for name in args.configs.split(","):
+        if name == "levers":
+            for r in bench_loop_levers(args.steps, args.smoke) + bench_model_levers(args.smoke):
+                r["bench"] = "train_step"
+                print(json.dumps(r), flush=True)
+            continue
         if name == "tiny":
             r = bench_tiny(args.steps, args.overrides + (["data.limit=2048", "data.batch_size=64"] if args.smoke else []))
         elif name == "tiny-baseline":
@@ -241,6 +363,9 @@ def main() -> None:
         r["peak_bf16_flops"] = peaks["bf16"]
         r["util_fp32"] = round(r["model_flops_per_s"] / peaks["fp32"], 3)
         r["util_bf16"] = round(r["model_flops_per_s"] / peaks["bf16"], 3)
+        torch_rate = r["model_flops_per_s"] * r["flops_per_step_torch_formula"] / r["flops_per_step"]
+        r["util_torch_formula"] = {"fp32": round(torch_rate / peaks["fp32"], 3),
+                                   "bf16": round(torch_rate / peaks["bf16"], 3)}
         r["threads"] = torch.get_num_threads()
         r["machine"] = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
         results.append(r)

@@ -36,7 +36,7 @@ class DataConfig:
     fast_decode: bool = True  # decoded images: reduced-size decode + FastMultiCrop (false: full decode, MultiCrop)
     epoch_samples: int = 0  # tar shards: samples per virtual epoch (0 = from the shards' index.json)
     shuffle_buffer: int = 1000  # tar shards: per-loader-slot shuffle buffer (samples)
-    denylist: str = ""  # tar shards: deny-list file ('' = takedowns.txt beside the shards, if any)
+    denylist: str = ""  # deny-list file ('' = takedowns.txt beside the shards or in the folder, if any)
 
 
 @dataclass
@@ -68,6 +68,7 @@ class ModelConfig:
     channels_last: bool = True
     zero_init_last: bool = True  # timm's zero-init of each block's last norm
     compile: bool = False  # torch.compile the backbone in place (same weights and keys; slow first steps)
+    stem_stride: int = 0  # 0 = the architecture's; 1 = no downsampling in the stem (small images, e.g. 28 px)
 
 
 @dataclass
@@ -196,6 +197,8 @@ class Config:
             raise ConfigError(f"dist.strategy must be one of ddp, fsdp; got {self.dist.strategy!r}")
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
             raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+        if self.model.stem_stride < 0:
+            raise ConfigError(f"model.stem_stride must be >= 0 (0 = the architecture's own), got {self.model.stem_stride}")
         if self.log.every < 1:
             raise ConfigError("log.every must be >= 1")
         if self.optim.epochs <= 0:

@@ -223,13 +223,13 @@ class ShardCollection(Collection):
 
 
 def open_collection(spec: str, chunk_size: int = 4096, limit: int = 0) -> Collection:
-    from .data.sources import _find_idx
+    from .data.sources import is_fashion_mnist
     from .data.stream import looks_like_shards
 
     if not spec:
         raise EmbedError("no data given: pass --data (a folder, a .txt list of paths, tar shards or fashion-mnist)")
     path = Path(spec).expanduser()
-    if spec == "fashion-mnist" or (path.is_dir() and _find_idx(path, "train-images-idx3-ubyte")):
+    if is_fashion_mnist(spec):
         return TensorCollection(spec, chunk_size, limit)
     if looks_like_shards(spec):
         return ShardCollection(spec, limit)

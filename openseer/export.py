@@ -29,7 +29,8 @@ from .train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoin
 PREFIX = "backbone."
 
 
-def _backbone_tensors(path: Path, state: dict) -> dict[str, torch.Tensor]:
+def backbone_tensors(path: Path, state: dict) -> dict[str, torch.Tensor]:
+    """The backbone's tensors (prefix stripped) from a loaded checkpoint, plain or sharded."""
     if "dcp" in state:  # sharded: read only the backbone's tensors
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
@@ -59,14 +60,15 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
         path, state = source, load_checkpoint(source, shallow=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        tensors = _backbone_tensors(path, state)
+        tensors = backbone_tensors(path, state)
     meta = {"format": "openseer.backbone.v1", "source": str(path), "step": str(state.get("step", ""))}
     if isinstance(state.get("config"), dict):
         cfg = config_from_dict(state["config"])
         crop = cfg.crops.sizes[0]
         meta.update(arch=cfg.model.arch, crop_size=str(crop), input_size=json.dumps([3, crop, crop]),
                     mean=json.dumps(list(cfg.crops.mean)),
-                    std=json.dumps(list(cfg.crops.std)), config=json.dumps(state["config"]))
+                    std=json.dumps(list(cfg.crops.std)), config=json.dumps(state["config"]),
+                    stem_stride=str(cfg.model.stem_stride))
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -105,6 +107,8 @@ def file_metadata(info: dict) -> dict[str, str]:
                                                        "(x - mean) / std", "output": "pooled features (B, D)"}
     if isinstance(info.get("config"), dict):
         meta["config"] = json.dumps(info["config"])
+    if info.get("stem_stride"):
+        meta["stem_stride"] = str(info["stem_stride"])  # not timm's default: build with this stem stride
     return meta
 
 

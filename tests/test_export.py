@@ -87,3 +87,29 @@ def test_format_errors_are_clear(run, tmp_path, capsys):
     assert "--format" in capsys.readouterr().err
     assert main(["export", str(run)]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_a_small_image_stem_travels_with_the_weights(tmp_path, capsys):
+    """model.stem_stride=1: the run, its exported file and the random-init floor all use the same stem."""
+    from openseer.eval.baselines import random_init
+
+    run = make_run(tmp_path / "run", overrides=("model.stem_stride=1", "crops.sizes=[24,12]"))
+    ref, info = load_backbone(str(run))
+    stem = next(m for m in ref.modules() if isinstance(m, torch.nn.Conv2d))
+    assert stem.stride == (1, 1) and info["stem_stride"] == 1
+    out = tmp_path / "small.safetensors"
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["stem_stride"] == "1"
+    again, _ = load_backbone(str(out))
+    default, _ = load_backbone(str(out))
+    x = _x(size=24)
+    with torch.no_grad():
+        assert torch.equal(again(x), ref(x))
+        # the same weights with timm's stride-2 stem compute something else
+        next(m for m in default.modules() if isinstance(m, torch.nn.Conv2d)).stride = (2, 2)
+        assert not torch.allclose(default(x), ref(x))
+    floor, finfo = random_init("regnety_002", 0, info["stem_stride"])
+    assert next(m for m in floor.modules() if isinstance(m, torch.nn.Conv2d)).stride == (1, 1)
+    with torch.no_grad():
+        assert floor(torch.randn(2, 3, 24, 24)).shape == (2, ref.num_features)  # guard keeps 1x1 maps right

@@ -15,10 +15,11 @@ from tests.conftest import write_pngs
 TINY = ["model.head_hidden=[64]", "swav.n_prototypes=16", "model.zero_init_last=false"]
 
 
-def make_run(run_dir: Path, arch: str = "regnety_002", seed: int = 0, metrics: int = 0) -> Path:
+def make_run(run_dir: Path, arch: str = "regnety_002", seed: int = 0, metrics: int = 0,
+             overrides: tuple[str, ...] = ()) -> Path:
     """A run directory with one checkpoint in the training format (random SwAV weights, non-trivial
     features) and, when ``metrics``, that many lines of metrics.jsonl."""
-    cfg = build_config("tiny-cpu", [*TINY, f"model.arch={arch}"])
+    cfg = build_config("tiny-cpu", [*TINY, f"model.arch={arch}", *overrides])
     torch.manual_seed(seed)
     model = build_swav(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)

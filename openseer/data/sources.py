@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
-from .decode import IMAGE_EXTENSIONS, load_image
+from .decode import IMAGE_EXTENSIONS, BadImage, decode_bytes, load_image, read_file
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HELP = (
@@ -51,19 +51,26 @@ def _read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-def _find_idx(folder: Path, stem: str) -> Path | None:
+def find_idx(folder: Path, stem: str) -> Path | None:
+    """``folder/stem`` or ``folder/stem.gz`` (an idx file of Fashion-MNIST), or None."""
     for name in (stem, stem + ".gz"):
         if (folder / name).is_file():
             return folder / name
     return None
 
 
+def is_fashion_mnist(spec: str) -> bool:
+    """True for ``'fashion-mnist'`` and for a folder holding its idx files."""
+    path = Path(spec).expanduser()
+    return spec == "fashion-mnist" or (path.is_dir() and find_idx(path, "train-images-idx3-ubyte") is not None)
+
+
 def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as uint8 (N, 1, 28, 28) and labels as int64 (N,), from the idx files."""
     folder = Path(root) if root else Path(os.environ.get("OPENSEER_FASHION_MNIST", FASHION_MNIST_DIR))
     prefix = "train" if split == "train" else "t10k"
-    img_path = _find_idx(folder, f"{prefix}-images-idx3-ubyte")
-    lbl_path = _find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    img_path = find_idx(folder, f"{prefix}-images-idx3-ubyte")
+    lbl_path = find_idx(folder, f"{prefix}-labels-idx1-ubyte")
     if img_path is None or lbl_path is None:
         raise DataError(FASHION_MNIST_HELP.format(where=folder))
     images = torch.from_numpy(_read_idx(img_path).copy()).unsqueeze(1)
@@ -124,7 +131,10 @@ class TensorSource(ImageSource):
 class FolderSource(ImageSource):
     """All images under a folder, recursively, in sorted order; subfolders are NOT labels."""
 
-    def __init__(self, root: str | Path, draft_size: int | None = None):
+    def __init__(self, root: str | Path, draft_size: int | None = None, denylist: str = ""):
+        from .stream import DEFAULT_DENYLIST
+        from .takedown import DenyList, TakedownError
+
         self.root = Path(root)
         self.draft_size = draft_size
         self.paths = list_images(self.root)
@@ -132,7 +142,17 @@ class FolderSource(ImageSource):
             raise DataError(
                 f"no images found under {self.root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
             )
-        self.description = f"folder {self.root} ({len(self.paths)} files)"
+        deny_path = denylist or (str(self.root / DEFAULT_DENYLIST) if (self.root / DEFAULT_DENYLIST).is_file() else "")
+        try:
+            self.deny = DenyList.load(deny_path)
+        except TakedownError as e:
+            raise DataError(str(e)) from None
+        deny = f", deny-list {self.deny.path} ({len(self.deny)} keys, version {self.deny.version})" if self.deny.path else ""
+        self.description = f"folder {self.root} ({len(self.paths)} files{deny})"
+
+    def provenance(self) -> dict:
+        """What this source reads, for RUN_DIR/data_provenance.json."""
+        return {"source": str(self.root), "folder": {"path": str(self.root.resolve()), "files": len(self.paths)}}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -141,8 +161,14 @@ class FolderSource(ImageSource):
         return str(self.paths[i].relative_to(self.root))
 
     def load(self, i: int, min_pixels: int | None = None) -> Sample:
-        image = load_image(self.paths[i], draft_size=None if min_pixels else self.draft_size, min_pixels=min_pixels)
-        return Sample(image, self.key(i))
+        """Decode file ``i``; a deny-listed file (by its relative path or content key) is ``BadImage('denied')``."""
+        draft = None if min_pixels else self.draft_size
+        if not self.deny.keys:
+            return Sample(load_image(self.paths[i], draft_size=draft, min_pixels=min_pixels), self.key(i))
+        data = read_file(self.paths[i])
+        if self.deny.denies(self.key(i), data):
+            raise BadImage("denied", self.key(i))
+        return Sample(decode_bytes(data, str(self.paths[i]), draft_size=draft, min_pixels=min_pixels), self.key(i))
 
 
 def list_images(root: Path) -> list[Path]:
@@ -279,11 +305,11 @@ def open_source(spec: str, limit: int = 0, draft_size: int | None = None,
         path = Path(spec).expanduser()
         if not path.exists():
             raise DataError(f"data path {spec!r} does not exist")
-        if path.is_dir() and _find_idx(path, "train-images-idx3-ubyte"):
+        if path.is_dir() and find_idx(path, "train-images-idx3-ubyte"):
             images, labels = load_fashion_mnist("train", path)
             source = TensorSource(images, "fashion-mnist", labels)
         elif path.is_dir():
-            source = FolderSource(path, draft_size=draft_size)
+            source = FolderSource(path, draft_size=draft_size, denylist=getattr(data_cfg, "denylist", ""))
         else:
             raise DataError(f"data path {spec!r} is not a folder (give a folder of images, or 'fashion-mnist')")
     if limit and limit < len(source):

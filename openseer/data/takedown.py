@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 KEY_HEX = 32  # content keys: the first 128 bits of SHA-256
 PROVENANCE = "data_provenance.json"
 _HEX = re.compile(r"^[0-9a-f]+$")
@@ -311,6 +313,69 @@ def _denied_from_start(key: str, record: dict) -> bool:
     return list_version(current.keys[:n]) == first.get("version") and key in current.keys[:n]
 
 
+def _checkpoint_step(path: Path) -> int:
+    return int(path.name.split("_")[1].split(".")[0])
+
+
+def _folder_sighting(run: Path, record: dict, key: str) -> Sighting:
+    """A folder run: find the file by content key, then replay the run's deterministic order.
+
+    The batch of step t holds the files at positions [t*B, (t+1)*B) of epoch e's seeded
+    permutation (data/batches.py); a file whose predecessors in index order were unreadable may
+    stand in for them (``bad_images.txt`` of the run says which were). A checkpoint at step S saw
+    the file when one of those slots fell in a step < S.
+    """
+    from ..config import ConfigError, load_config
+    from ..train.checkpoint import list_checkpoints
+    from .batches import MAX_BAD_IN_A_ROW, epoch_permutation, steps_per_epoch
+    from .sources import list_images
+
+    folder = Path(record["folder"]["path"])
+    try:
+        cfg = load_config(run / "config.yaml")
+    except (ConfigError, OSError) as e:
+        return Sighting(str(run), note=f"cannot read {run / 'config.yaml'}: {e}")
+    files = list_images(folder) if folder.is_dir() else []
+    if cfg.data.limit:
+        files = files[:cfg.data.limit]
+    hit = next((i for i, f in enumerate(files) if f.is_file() and content_key(f.read_bytes()) == key), None)
+    if hit is None:
+        return Sighting(str(run), note=f"not among the {len(files)} files now under {folder}")
+    rel = lambda i: str(files[i].relative_to(folder))  # noqa: E731
+    s = Sighting(str(run), shard=str(folder), position=hit)
+    bad = set()
+    if (run / "bad_images.txt").is_file():
+        bad = {line.split("\t", 1)[1] for line in (run / "bad_images.txt").read_text().splitlines() if "\t" in line}
+    if _denied_from_start(key, record) or _denied_from_start(rel(hit), record):
+        for ckpt in list_checkpoints(run):
+            s.checkpoints[ckpt.name] = False
+        s.note = "deny-listed before the run started: filtered at read time, never delivered"
+        return s
+    slots = [hit]  # index slots that deliver this file: itself, and unreadable predecessors it replaced
+    j = hit - 1
+    while j >= 0 and hit - j < MAX_BAD_IN_A_ROW and rel(j) in bad:
+        slots.append(j)
+        j -= 1
+    n, gb = len(files), cfg.data.batch_size
+    spe = steps_per_epoch(n, gb)
+    ckpts = list_checkpoints(run)
+    last = max((_checkpoint_step(c) for c in ckpts), default=0)
+    first = None
+    for epoch in range(0, last // spe + 1):
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[np.asarray(epoch_permutation(n, cfg.seed, epoch))] = np.arange(n)
+        steps = [epoch * spe + int(inverse[k]) // gb for k in slots if inverse[k] < spe * gb]
+        if steps:
+            first = min(steps)
+            break
+    for ckpt in ckpts:
+        s.checkpoints[ckpt.name] = first is not None and first < _checkpoint_step(ckpt)
+    versions = {sess["denylist"]["version"] for sess in record.get("sessions", [])}
+    if len(versions) > 1:
+        s.note = "the deny-list changed during the run: 'saw' counts every read (conservative)"
+    return s
+
+
 def check_image(target: str, runs_root: str | Path) -> tuple[str, list[Sighting]]:
     """The content key of ``target`` (an image file, or a key/hash) and what every run under
     ``runs_root`` did with it."""
@@ -325,13 +390,16 @@ def check_image(target: str, runs_root: str | Path) -> tuple[str, list[Sighting]
             raise TakedownError(f"{target!r} is neither an image file nor a key")
     runs = find_runs(runs_root)
     if not runs:
-        raise TakedownError(f"no run under {runs_root} has a {PROVENANCE} (only runs that read tar shards have one)")
+        raise TakedownError(f"no run under {runs_root} has a {PROVENANCE} (runs that read tar shards or folders write one)")
     out = []
     for run in runs:
         try:
             record = json.loads((run / PROVENANCE).read_text())
         except (OSError, json.JSONDecodeError) as e:
             out.append(Sighting(str(run), note=f"unreadable {PROVENANCE}: {e}"))
+            continue
+        if isinstance(record.get("folder"), dict):
+            out.append(_folder_sighting(run, record, key))
             continue
         url, position, note = _locate(key, record)
         s = Sighting(str(run), shard=url, position=position, note=note)

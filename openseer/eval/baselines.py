@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model.backbone import set_stem_stride
 from ..model.load import load_backbone
 from .common import EvalTransform, LabelledImages
 from .features import pixel_features
@@ -23,9 +24,14 @@ from .lowshot import FinetuneSettings, finetune
 PIXELS_SIZE = 28
 
 
-def random_init(arch: str, seed: int = 0) -> tuple[nn.Module, dict]:
-    """The floor: ``arch`` with seeded random weights, ``zero_init_last=False``."""
-    return load_backbone(None, arch=arch, random_init=True, seed=seed)
+def random_init(arch: str, seed: int = 0, stem_stride: int = 0) -> tuple[nn.Module, dict]:
+    """The floor: ``arch`` (with the evaluated model's stem stride) with seeded random weights,
+    ``zero_init_last=False``."""
+    model, info = load_backbone(None, arch=arch, random_init=True, seed=seed)
+    if stem_stride:
+        set_stem_stride(model, stem_stride)
+        info["stem_stride"] = stem_stride
+    return model, info
 
 
 def pixels(train: LabelledImages, test: LabelledImages, folder: Path | None, size: int = PIXELS_SIZE,
@@ -36,6 +42,8 @@ def pixels(train: LabelledImages, test: LabelledImages, folder: Path | None, siz
 
 def supervised_scratch(arch: str, train: LabelledImages, test: LabelledImages, transform: EvalTransform,
                        n_classes: int, settings: FinetuneSettings, seed: int = 0,
-                       device: str | torch.device = "cpu", progress: bool = True, desc: str = "scratch") -> dict:
+                       device: str | torch.device = "cpu", progress: bool = True, desc: str = "scratch",
+                       stem_stride: int = 0) -> dict:
     """Train ``arch`` from random weights on the labelled subset with the fine-tune's budget."""
-    return finetune(None, arch, train, test, transform, n_classes, settings, seed, device, progress, desc)
+    return finetune(None, arch, train, test, transform, n_classes, settings, seed, device, progress, desc,
+                    stem_stride=stem_stride)

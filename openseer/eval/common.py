@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.decode import IMAGE_EXTENSIONS, BadImage, load_image
-from ..data.sources import FASHION_MNIST_CLASSES, DataError, _find_idx, list_images, load_fashion_mnist
+from ..data.sources import FASHION_MNIST_CLASSES, DataError, is_fashion_mnist, list_images, load_fashion_mnist
 
 RESIZE_RATIO = 1.14  # larger images: shorter side to 1.14 x crop, then a centre crop
 
@@ -160,7 +160,7 @@ def open_labelled(spec: str, seed: int = 0, test_fraction: float = 0.2, skip_mis
     if not spec:
         raise EvalError("no labelled data given: pass --data fashion-mnist, a folder of class folders, or a CSV")
     path = Path(spec).expanduser()
-    if spec == "fashion-mnist" or (path.is_dir() and _find_idx(path, "train-images-idx3-ubyte")):
+    if is_fashion_mnist(spec):
         data = _fashion_mnist(None if spec == "fashion-mnist" else path)
     elif not path.exists():
         raise EvalError(f"labelled data {spec!r} does not exist (give 'fashion-mnist', a folder with one "

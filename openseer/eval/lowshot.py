@@ -133,14 +133,15 @@ def classify(model: nn.Module, head: nn.Module, data: LabelledImages, transform:
 
 def finetune(backbone: nn.Module | None, arch: str, train: LabelledImages, test: LabelledImages,
              transform: EvalTransform, n_classes: int, settings: FinetuneSettings, seed: int = 0,
-             device: str | torch.device = "cpu", progress: bool = True, desc: str = "fine-tune") -> dict:
+             device: str | torch.device = "cpu", progress: bool = True, desc: str = "fine-tune",
+             stem_stride: int = 0) -> dict:
     """Fine-tune ``backbone`` (or, with ``backbone=None``, train ``arch`` from scratch) plus a new
     linear head on ``train``; returns top-1/top-5 on ``test`` and the protocol."""
     device = torch.device(device)
     scratch = backbone is None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_backbone(arch) if scratch else copy.deepcopy(backbone)
+        model = build_backbone(arch, stem_stride=stem_stride) if scratch else copy.deepcopy(backbone)
         head = ClassifierHead(feature_dim(model), n_classes)
     model = model.to(device).to(memory_format=torch.channels_last).train()
     head = head.to(device).train()

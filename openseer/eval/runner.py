@@ -194,7 +194,7 @@ def evaluate(opts: EvalOptions) -> dict:
         if info["random_init"]:
             report.notes.append("the evaluated weights are themselves a random init; the random-init baseline is skipped")
         else:
-            rmodel, rinfo = random_init(info["arch"], opts.seed)
+            rmodel, rinfo = random_init(info["arch"], opts.seed, info.get("stem_stride", 0))
             rtr, rte, secs = run.features(rmodel, rinfo, data, transform, "random init")
             report.time("features", secs)
             rcommon = {**common, "weights_hash": rinfo["weights_hash"], "init": rinfo["init"]}
@@ -209,7 +209,7 @@ def evaluate(opts: EvalOptions) -> dict:
             t = time.perf_counter()
             r = supervised_scratch(info["arch"], data.train.subset(sp["indices"]), data.test, transform,
                                    data.n_classes, settings[name], opts.seed, run.device, opts.progress,
-                                   f"scratch {name}")
+                                   f"scratch {name}", stem_stride=info.get("stem_stride", 0))
             report.add("scratch", "finetune", name, r.pop("top1"), r.pop("top5"), n_train=int(len(sp["indices"])),
                        n_test=len(data.test), seed=opts.seed, feature_layer=None, weights_hash=None, **r)
             report.time("scratch", time.perf_counter() - t)

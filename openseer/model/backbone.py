@@ -50,11 +50,14 @@ class BackboneError(ValueError):
     """An unknown or unusable backbone name."""
 
 
-def build_backbone(arch: str, zero_init_last: bool = True, device: str | torch.device = "cpu") -> nn.Module:
+def build_backbone(arch: str, zero_init_last: bool = True, device: str | torch.device = "cpu",
+                   stem_stride: int = 0) -> nn.Module:
     """``timm.create_model(arch, num_classes=0)``: an nn.Module mapping images to pooled features.
 
     ``zero_init_last=False`` switches off timm's zero-init of each residual block's last norm, which
-    otherwise makes a randomly initialised network's features nearly constant.
+    otherwise makes a randomly initialised network's features nearly constant. ``stem_stride``
+    (when > 0) replaces the stride of the first convolution: 1 keeps full resolution through the stem
+    for small images (the usual CIFAR-style adaptation; same weights and keys, more compute).
     """
     if arch not in timm.list_models():
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:10]
@@ -66,7 +69,47 @@ def build_backbone(arch: str, zero_init_last: bool = True, device: str | torch.d
             model = timm.create_model(arch, zero_init_last=zero_init_last, **kwargs)
         except TypeError:
             model = timm.create_model(arch, **kwargs)
+    if stem_stride:
+        set_stem_stride(model, stem_stride)
+    guard_strided_convs_on_1x1_inputs(model)
     return model
+
+
+def set_stem_stride(model: nn.Module, stride: int) -> nn.Conv2d:
+    """Set the stride of the model's first convolution (its stem); returns that convolution."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise BackboneError("model.stem_stride needs a convolutional backbone (no Conv2d found)")
+    conv.stride = (stride, stride)
+    if hasattr(conv, "_openseer_stride"):  # guarded (see below): the guard restores this stride
+        conv._openseer_stride = conv.stride
+    return conv
+
+
+def _stride_one_on_1x1(conv: nn.Conv2d, args: tuple) -> None:
+    x = args[0]
+    conv.stride = (1, 1) if x.shape[-2:] == (1, 1) else conv._openseer_stride
+
+
+def guard_strided_convs_on_1x1_inputs(model: nn.Module) -> int:
+    """Run 'same'-padded strided convs at stride 1 when their input is 1x1 (same output, same gradients).
+
+    Small crops (16 px) reach RegNetY's last stage as 1x1 maps. On such an input a k x k conv with
+    padding (k-1)/2 sees only its centre tap and gives one output pixel at any stride, so stride 1
+    is the same function. It avoids a CPU kernel bug (torch 2.14.1 / oneDNN): the bf16
+    channels_last backward of a strided grouped conv on a 1x1 input returns NaN or garbage weight
+    gradients in most steps (measured: 18 of 20 calls), which the loop then skips. Returns the
+    number of convs guarded.
+    """
+    n = 0
+    for conv in model.modules():
+        if (isinstance(conv, nn.Conv2d) and max(conv.stride) > 1 and isinstance(conv.padding, tuple)
+                and all(k == 2 * p + 1 for k, p in zip(conv.kernel_size, conv.padding))
+                and all(d == 1 for d in conv.dilation)):
+            conv._openseer_stride = conv.stride
+            conv.register_forward_pre_hook(_stride_one_on_1x1)
+            n += 1
+    return n
 
 
 def feature_dim(backbone: nn.Module) -> int:

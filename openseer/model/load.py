@@ -50,7 +50,8 @@ def _from_config(cfg_dict: dict) -> dict:
         cfg = config_from_dict(cfg_dict)
     except ConfigError as e:
         raise CheckpointError(f"the checkpoint's config is not valid: {e}") from None
-    return {"arch": cfg.model.arch, "crop_size": cfg.crops.sizes[0], "mean": list(cfg.crops.mean),
+    return {"arch": cfg.model.arch, "stem_stride": cfg.model.stem_stride, "crop_size": cfg.crops.sizes[0],
+            "mean": list(cfg.crops.mean),
             "std": list(cfg.crops.std), "transform_from": "training config", "config": cfg_dict}
 
 
@@ -76,12 +77,12 @@ def _backbone_state(state: dict) -> dict[str, torch.Tensor]:
 def _checkpoint(path: Path, state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Backbone tensors (timm names) and what the training config says, from a training checkpoint
     (a ``.pt`` or a sharded ``.dcp``, of which only the backbone's tensors are read)."""
-    from ..export import _backbone_tensors
+    from ..export import backbone_tensors
 
     about = _from_config(state["config"]) if isinstance(state.get("config"), dict) else {}
     if "step" in state:
         about["step"] = int(state["step"])
-    return _backbone_tensors(path, state), about
+    return backbone_tensors(path, state), about
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], arch: str, where: str) -> None:
@@ -124,7 +125,7 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
                 pass
         if "arch" in meta:
             about["arch"] = meta["arch"]
-        for key in ("crop_size", "step"):
+        for key in ("crop_size", "step", "stem_stride"):
             if meta.get(key, "").isdigit():
                 about[key] = int(meta[key])
         for key in ("mean", "std"):
@@ -183,10 +184,10 @@ def load_backbone(spec: str | None, random_init: bool = False, arch: str | None 
     if random_init or tensors is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_backbone(arch, zero_init_last=False)
+            model = build_backbone(arch, zero_init_last=False, stem_stride=about.get("stem_stride", 0))
         random_init = True
     else:
-        model = build_backbone(arch)
+        model = build_backbone(arch, stem_stride=about.get("stem_stride", 0))
         _load_into(model, tensors, arch, where)
     model.eval()
     defaults = default_transform(model, arch, recipe)
@@ -197,6 +198,7 @@ def load_backbone(spec: str | None, random_init: bool = False, arch: str | None 
         "kind": kind,
         "source": where,
         "arch": arch,
+        "stem_stride": int(about.get("stem_stride", 0)),
         "random_init": random_init,
         "init": f"random (seed {seed}, zero_init_last=False)" if random_init else "loaded",
         "weights_hash": weights_hash(model),

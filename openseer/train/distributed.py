@@ -144,6 +144,15 @@ def all_reduce_scalar(value: float, op: str = "mean") -> float:
     return float(t.item())
 
 
+def any_across_ranks(*flags: bool) -> list[bool]:
+    """For each flag: is it set on any rank? One all-reduce for all of them."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v > 0) for v in t.tolist()]
+
+
 def gather_cat(t: torch.Tensor, dim: int) -> torch.Tensor:
     """All ranks' tensors concatenated along ``dim`` in rank order."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

@@ -24,12 +24,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
 from ..data.batches import Batch, count_reasons, data_state, iterate_batches, prepare_stream, steps_per_epoch
-from ..data.sources import open_source
+from ..data.sources import FolderSource, open_source
+from ..data.takedown import record_provenance
 from ..model.swav import SwAV, SwAVLoss, SwAVQueue, assignment_stats, build_swav, ln_k
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
 from .distributed import (
     DistEnv,
     all_reduce_scalar,
+    any_across_ranks,
     check_dist,
     cuda_index,
     env_from_os,
@@ -377,6 +379,9 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
 
     batches = iterate_batches(source, cfg, env.rank, env.world_size, step, stop)
     prepare_stream(batches, run_dir, state if resume else None, env.is_main)  # tar shards: position, provenance
+    folder = getattr(source, "base", source)
+    if env.is_main and isinstance(folder, FolderSource):  # folders: what was read, deny-list in force
+        record_provenance(run_dir, folder.provenance(), step, folder.deny)
     t_wait = time.perf_counter()
     preempted = None
     stop_request = _StopRequest()
@@ -417,7 +422,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
             t3 = time.perf_counter()
             loss_value = float(loss.detach())
             bad = not math.isfinite(loss_value) or not optimizer.grads_finite()
-            bad = all_reduce_scalar(float(bad), "max") > 0
+            # one all-reduce per step: a bad step anywhere, and a stop signal anywhere (acted on below)
+            bad, stop_signalled = any_across_ranks(bad, stop_request.signal is not None)
             if bad:
                 counters["skipped_steps"] += 1
                 bad_in_a_row += 1
@@ -499,7 +505,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
                 _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log,
                             data=data_state(batches))
                 last_ckpt_step = step
-            if all_reduce_scalar(float(stop_request.signal is not None), "max") > 0:
+            if stop_signalled:
                 preempted = signal.Signals(stop_request.signal).name if stop_request.signal else "peer"
                 log.message(f"openseer: {preempted} received: checkpointing at step {step} and exiting")
                 break

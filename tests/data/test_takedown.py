@@ -147,3 +147,55 @@ def test_a_takedown_between_runs_applies_on_resume(pile, tmp_path, capsys):
     assert main(["takedown", "check", first, "--runs", str(run), "--json"]) == 0
     answer = json.loads(capsys.readouterr().out)["runs"][0]
     assert answer["read"] and not any(answer["checkpoints"].values()) and "never delivered" in answer["note"]
+
+
+def test_folder_runs_honour_the_denylist_and_takedown_check_replays_their_order(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (28, 36, 3), dtype=np.uint8)).save(
+            folder / ("sub" if i % 3 == 0 else ".") / f"f{i:02d}.png")
+    (folder / "f99.png").write_bytes(b"not an image")  # unreadable: a neighbour stands in for it
+    run_args = ["data.batch_size=4", "data.num_workers=0", "optim.epochs=2", "checkpoint.every=2",
+                "checkpoint.keep=10", "log.every=1"]
+    # deny two files: one by content key (--image), one by its relative path (a manifest-style key)
+    deny = tmp_path / "takedowns.txt"
+    victim_a = folder / "f01.png"
+    (tmp_path / "keys.txt").write_text("sub/f03.png\n")  # sub/f03.png by its relative path
+    assert main(["takedown", "add", str(tmp_path / "keys.txt"), "--image", str(victim_a), "--list", str(deny)]) == 0
+    cfg = tiny_config(*run_args, f"data.denylist={deny}")
+    src = open_source(str(folder), data_cfg=cfg.data)
+    assert "deny-list" in src.description
+    seen, denied = [], []
+    for batch in iterate_batches(src, cfg, 0, 1, 0, 9):  # three epochs of 3 steps
+        seen += batch.keys
+        denied += [k for k, r in batch.bad if r == "denied"]
+    assert "f01.png" not in seen and "sub/f03.png" not in seen
+    assert {"f01.png", "sub/f03.png"} <= set(denied)
+
+    # a folder run without a deny-list: provenance recorded, and `takedown check` replays the order
+    runs = tmp_path / "runs"
+    cfg = tiny_config(*run_args, f"data.source={folder}")
+    pretrain(cfg, runs / "r")
+    prov = json.loads((runs / "r" / "data_provenance.json").read_text())
+    assert prov["folder"]["files"] == 13 and prov["source"] == str(folder)
+    order = [b.keys for b in iterate_batches(open_source(str(folder), data_cfg=cfg.data), cfg, 0, 1, 0, 6)]
+    first = {}
+    for step, keys in enumerate(order):
+        for k in keys:
+            first.setdefault(k, step)
+    ckpts = sorted(p.name for p in list_checkpoints(runs / "r"))
+    for name, step in first.items():
+        capsys.readouterr()
+        main(["takedown", "check", str(folder / name), "--runs", str(runs), "--json"])
+        (run,) = json.loads(capsys.readouterr().out)["runs"]
+        assert run["read"], name
+        expected = {c: step < int(c.split("_")[1].split(".")[0]) for c in ckpts}
+        assert run["checkpoints"] == expected, name
+    never = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")
+                   if p.relative_to(folder).as_posix() not in first and p.name != "f99.png")
+    for name in never:  # left out by the dropped last partial batch of each epoch
+        main(["takedown", "check", str(folder / name), "--runs", str(runs), "--json"])
+        (run,) = json.loads(capsys.readouterr().out)["runs"]
+        assert not any(run["checkpoints"].values()), name

@@ -1,0 +1,62 @@
+"""bench/train_step.py: its FLOP count for grouped convolutions, and a smoke run of every configuration."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from tests.conftest import fmnist_available
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("train_step_bench", ROOT / "bench" / "train_step.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_grouped_convolution_backward_counts_two_forwards():
+    """grad-input + grad-weight of a conv cost one forward each, whatever the groups (by hand: 2*N*Cout*(Cin/g)*k*k*H'*W')."""
+    bench = _bench()
+    for groups in (1, 8, 64):
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1, stride=2, groups=groups)
+        x = torch.randn(2, 64, 20, 20, requires_grad=True)
+        with FlopCounterMode(display=False, custom_mapping=bench.FLOP_FORMULAS) as counter:
+            conv(x).sum().backward()
+        forward = 2 * 2 * 64 * (64 // groups) * 9 * 10 * 10
+        counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+        assert counts["aten.convolution"] == forward
+        assert counts["aten.convolution_backward"] == 2 * forward
+        x2 = torch.randn(2, 64, 20, 20)  # no grad-input wanted: the weight gradient only
+        with FlopCounterMode(display=False, custom_mapping=bench.FLOP_FORMULAS) as counter:
+            conv(x2).sum().backward()
+        counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+        assert counts["aten.convolution_backward"] == forward
+
+
+@fmnist_available
+def test_train_step_bench_smoke_prints_one_json_line_per_configuration():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--smoke",
+                          "--configs", "tiny,tiny-baseline,rg32,levers"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    by = {r["config"]: r for r in rows if r.get("config") not in (None, "lever")}
+    assert {"tiny", "tiny-baseline", "regnety_002"} <= by.keys()
+    for r in by.values():
+        assert r["imgs_per_s"] > 0 and r["flops_per_step"] > 0
+        assert 0 < r["util_fp32"] and r["peak_bf16_flops"] > 0
+    assert set(by["tiny"]["split_s"]) == {"data", "forward", "sinkhorn", "backward", "optimizer"}
+    levers = [r for r in rows if r.get("config") == "lever"]
+    names = " | ".join(r["lever"] for r in levers)
+    for part in ("channels_last", "trunk pass", "LARC", "Sinkhorn K=16000"):
+        assert part in names
+    assert any("speedup_tiny_vs_baseline" in r for r in rows)

@@ -1,0 +1,63 @@
+"""The backbone builder: the stride-1 guard for strided convs on 1x1 inputs (a CPU bf16 kernel bug)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from openseer.model.backbone import build_backbone, guard_strided_convs_on_1x1_inputs
+
+
+def _conv(groups: int = 8) -> torch.nn.Conv2d:
+    torch.manual_seed(0)
+    return torch.nn.Conv2d(64, 64, 3, stride=2, padding=1, groups=groups, bias=False)
+
+
+def test_guard_gives_the_same_output_and_gradients_on_1x1_inputs():
+    plain = _conv()
+    guarded = copy.deepcopy(plain)
+    assert guard_strided_convs_on_1x1_inputs(guarded) == 1
+    x = torch.randn(4, 64, 1, 1)
+    for conv in (plain, guarded):
+        conv(x).square().sum().backward()
+    assert torch.allclose(plain(x), guarded(x), atol=1e-6)
+    assert torch.allclose(plain.weight.grad, guarded.weight.grad, atol=1e-6)
+    # larger inputs keep the stride
+    assert guarded(torch.randn(1, 64, 8, 8)).shape[-2:] == (4, 4)
+    assert guarded.stride == (2, 2)
+
+
+def test_guard_skips_convs_whose_output_would_differ():
+    unpadded = torch.nn.Conv2d(8, 8, 3, stride=2, padding=0)
+    dilated = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, dilation=2)
+    plain = torch.nn.Conv2d(8, 8, 3, stride=1, padding=1)
+    assert guard_strided_convs_on_1x1_inputs(torch.nn.Sequential(unpadded, dilated, plain)) == 0
+
+
+def test_bf16_channels_last_backward_on_small_crops_has_finite_gradients():
+    """Without the guard, most of these steps give NaN weight gradients in the last stage (torch 2.14.1)."""
+    torch.manual_seed(0)
+    model = build_backbone("regnety_002").to(memory_format=torch.channels_last)
+    for _ in range(5):
+        model.zero_grad(set_to_none=True)
+        x = torch.randn(64, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().mean().backward()
+        norms = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])
+        assert torch.isfinite(norms).all()
+
+
+def test_stem_stride_changes_only_the_first_convolution():
+    default = build_backbone("regnety_002").eval()
+    small = build_backbone("regnety_002", stem_stride=1).eval()
+    assert small.state_dict().keys() == default.state_dict().keys()
+    convs = [m for m in small.modules() if isinstance(m, torch.nn.Conv2d)]
+    ref = [m for m in default.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs[0].stride == (1, 1) and ref[0].stride == (2, 2)
+    assert [c.stride for c in convs[1:]] == [c.stride for c in ref[1:]]
+    with torch.no_grad():  # one more level of resolution kept: 24 px reaches the last stage at 2x2, not 1x1
+        maps = small.forward_features(torch.randn(1, 3, 24, 24))
+        assert maps.shape[-2:] == (2, 2)
+        assert default.forward_features(torch.randn(1, 3, 24, 24)).shape[-2:] == (1, 1)
