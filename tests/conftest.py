@@ -47,6 +47,7 @@ FAST = [
     "model.head_out=32",
     "crops.sizes=[24,12]",
     "crops.counts=[2,2]",
+    "model.stem_stride=0",
     "swav.n_prototypes=30",
     "swav.freeze_prototypes_steps=4",
     "optim.warmup_steps=4",

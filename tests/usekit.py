@@ -12,7 +12,8 @@ from openseer.model.swav import build_swav
 from openseer.train.checkpoint import save_checkpoint
 from tests.conftest import write_pngs
 
-TINY = ["model.head_hidden=[64]", "swav.n_prototypes=16", "model.zero_init_last=false"]
+# timm's own stem (stride 2), so exported files load into plain timm unchanged; 24-px crops (tiny-cpu)
+TINY = ["model.head_hidden=[64]", "swav.n_prototypes=16", "model.zero_init_last=false", "model.stem_stride=0"]
 
 
 def make_run(run_dir: Path, arch: str = "regnety_002", seed: int = 0, metrics: int = 0,

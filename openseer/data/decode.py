@@ -174,8 +174,13 @@ def draft_scale(width: int, height: int, min_pixels: int) -> int:
     return 1
 
 
-def finish(img: Image.Image, name: str, data: bytes, min_pixels: int | None = None) -> Image.Image:
-    """Decode an image opened with ``open_bytes`` (optionally reduced), apply EXIF, make it RGB."""
+def finish(img: Image.Image, name: str, data: bytes, min_pixels: int | None = None,
+           jpeg_only: bool = False) -> Image.Image:
+    """Decode an image opened with ``open_bytes`` (optionally reduced), apply EXIF, make it RGB.
+
+    ``jpeg_only``: reduce only where decoding gets cheaper (JPEG DCT scaling); other formats are
+    returned at full size, so their pixels equal what PIL gives for the whole file.
+    """
     with _classified(name, data):
         w, h = img.size
         reduce_after = 1
@@ -183,7 +188,7 @@ def finish(img: Image.Image, name: str, data: bytes, min_pixels: int | None = No
             s = draft_scale(w, h, min_pixels)
             if s > 1 and img.format in ("JPEG", "MPO"):
                 img.draft("RGB", (w // s, h // s))  # DCT scaling: 1/s of each side, whole image
-            else:
+            elif not jpeg_only:
                 reduce_after = s
         img.load()
         img = _exif_transpose(img)
@@ -200,12 +205,14 @@ def decode_bytes(data: bytes, name: str = "<bytes>", draft_size: int | None = No
     """Decode encoded image bytes into an RGB PIL image, or raise ``BadImage``.
 
     ``min_pixels``: decode at a reduced size (see the module doc) as long as at least this many
-    pixels remain. ``draft_size`` (older interface): the same, keeping both sides >= draft_size.
+    pixels remain. ``draft_size`` (evaluation, embedding): keep both sides >= draft_size, reducing
+    only JPEG decoding (DCT scaling); other formats come back whole, as PIL decodes them.
     """
     img = open_bytes(data, name)
-    if draft_size and not min_pixels:
+    if draft_size and not min_pixels:  # evaluation and embedding: only JPEG decoding is reduced
         scale = int(min(img.size) // draft_size)
         min_pixels = (img.width // max(scale, 1)) * (img.height // max(scale, 1)) if scale >= 2 else None
+        return finish(img, name, data, min_pixels, jpeg_only=True)
     return finish(img, name, data, min_pixels)
 
 

@@ -81,7 +81,7 @@ class FinetuneSettings:
     flip_p: float = 0.5
 
 
-def auto_epochs(n_images: int, budget_images: int = 6000, max_epochs: int = 50) -> int:
+def auto_epochs(n_images: int, budget_images: int = 30000, max_epochs: int = 50) -> int:
     """Epochs so that about ``budget_images`` images are seen (at least 1, at most ``max_epochs``)."""
     return int(min(max_epochs, max(1, round(budget_images / max(1, n_images)))))
 

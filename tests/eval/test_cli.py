@@ -35,7 +35,7 @@ def test_eval_writes_every_protocol_and_baseline(tiny_run, tmp_path, capsys):
         assert 0 <= r["top1"] <= r["top5"] <= 100
         assert "seed" in r and "feature_layer" in r and "weights_hash" in r
     assert doc["weights"]["weights_hash"] and doc["data"]["n_train"] == 1000 and doc["data"]["n_test"] == 200
-    assert doc["transform"]["crop"] == 32
+    assert doc["transform"]["crop"] == 24
     knn = next(r for r in doc["results"] if r["protocol"] == "knn")
     assert knn["temperature"] == 0.07
     ft = next(r for r in doc["results"] if r["protocol"] == "finetune")

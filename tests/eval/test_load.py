@@ -15,7 +15,7 @@ from openseer.train.checkpoint import CheckpointError
 def test_every_kind_of_weights_gives_the_same_backbone(tiny_run, tmp_path):
     model, info = load_backbone(str(tiny_run))
     assert info["kind"] == "run" and info["arch"] == "regnety_002" and info["step"] == 3
-    assert info["crop_size"] == 32 and info["mean"] == pytest.approx([0.286] * 3)
+    assert info["crop_size"] == 24 and info["mean"] == pytest.approx([0.286] * 3)
     ckpt = next((tiny_run / "checkpoints").iterdir())
     _, info_ckpt = load_backbone(str(ckpt))
     assert info_ckpt["weights_hash"] == info["weights_hash"]
@@ -25,7 +25,7 @@ def test_every_kind_of_weights_gives_the_same_backbone(tiny_run, tmp_path):
     assert info_st["weights_hash"] == info["weights_hash"] and info_st["kind"] == "safetensors"
     exported = export_backbone(tiny_run, tmp_path / "exported.safetensors")
     _, info_ex = load_backbone(str(exported))
-    assert info_ex["weights_hash"] == info["weights_hash"] and info_ex["step"] == 3 and info_ex["crop_size"] == 32
+    assert info_ex["weights_hash"] == info["weights_hash"] and info_ex["step"] == 3 and info_ex["crop_size"] == 24
     torch.save(sd, tmp_path / "b.pt")
     _, info_pt = load_backbone(str(tmp_path / "b.pt"), arch="regnety_002")
     assert info_pt["weights_hash"] == info["weights_hash"] and info_pt["kind"] == "state_dict"
@@ -36,9 +36,9 @@ def test_random_init_is_seeded_and_not_constant():
     _, i2 = load_backbone(None, arch="regnety_002", random_init=True, seed=0)
     _, i3 = load_backbone(None, arch="regnety_002", random_init=True, seed=1)
     assert i1["weights_hash"] == i2["weights_hash"] != i3["weights_hash"]
-    assert i1["crop_size"] == 32  # the tiny-cpu recipe trains regnety_002
+    assert i1["crop_size"] == 24  # the tiny-cpu recipe trains regnety_002
     with torch.inference_mode():
-        f = m1(torch.randn(8, 3, 32, 32))
+        f = m1(torch.randn(8, 3, 24, 24))
     assert float(f.std(0).mean()) > 1e-3
 
 

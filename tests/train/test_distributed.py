@@ -38,7 +38,8 @@ from tests.conftest import QUIET, fmnist_available
 WORLD = 2
 B = 8  # global batch of the equivalence step
 STEP_ARGS = [
-    *QUIET, "model.arch=regnety_002", "model.head_hidden=[32]", "model.head_out=16", "model.head_bn=true",
+    *QUIET, "model.arch=regnety_002", "model.stem_stride=0", "model.head_hidden=[32]", "model.head_out=16",
+    "model.head_bn=true",
     "crops.sizes=[32,16]", "crops.counts=[2,2]", "swav.n_prototypes=12", "swav.freeze_prototypes_steps=0", "swav.epsilon=0.05",
     f"data.batch_size={B}", "optim.lars_trust=0.02", "dist.syncbn_group_size=2",
 ]
@@ -254,7 +255,8 @@ def test_activation_checkpointing_is_exact_and_keeps_bn_statistics():
 # ---------------------------------------------------------------- real runs under torchrun
 
 RUN = ["--data", "fashion-mnist", *QUIET, "data.limit=256", "data.batch_size=32", "optim.epochs=1",
-       "log.every=1", "threads=1", "model.arch=regnety_002", "crops.sizes=[32,16]", "crops.counts=[2,2]",
+       "log.every=1", "threads=1", "model.arch=regnety_002", "model.stem_stride=0", "crops.sizes=[32,16]",
+       "crops.counts=[2,2]",
        "swav.n_prototypes=20", "model.head_hidden=[32]", "model.head_out=16", "checkpoint.every=2",
        "swav.queue_length=64", "swav.queue_start_step=0", "dist.strategy=fsdp", "dist.syncbn_group_size=2"]
 
