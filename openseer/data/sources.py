@@ -128,13 +128,27 @@ class TensorSource(ImageSource):
         return Sample(self.images[i], self.key(i))
 
 
+def open_denylist(denylist: str, root: Path | None):
+    """The deny-list a source applies: ``denylist`` or, when empty, ``takedowns.txt`` in ``root``."""
+    from .stream import DEFAULT_DENYLIST
+    from .takedown import DenyList, TakedownError
+
+    path = denylist or (str(root / DEFAULT_DENYLIST) if root and (root / DEFAULT_DENYLIST).is_file() else "")
+    try:
+        return DenyList.load(path)
+    except TakedownError as e:
+        raise DataError(str(e)) from None
+
+
+def describe_denylist(deny) -> str:
+    """', deny-list PATH (N keys, version V)' for a source description ('' without a list)."""
+    return f", deny-list {deny.path} ({len(deny)} keys, version {deny.version})" if deny.path else ""
+
+
 class FolderSource(ImageSource):
     """All images under a folder, recursively, in sorted order; subfolders are NOT labels."""
 
     def __init__(self, root: str | Path, draft_size: int | None = None, denylist: str = ""):
-        from .stream import DEFAULT_DENYLIST
-        from .takedown import DenyList, TakedownError
-
         self.root = Path(root)
         self.draft_size = draft_size
         self.paths = list_images(self.root)
@@ -142,13 +156,8 @@ class FolderSource(ImageSource):
             raise DataError(
                 f"no images found under {self.root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
             )
-        deny_path = denylist or (str(self.root / DEFAULT_DENYLIST) if (self.root / DEFAULT_DENYLIST).is_file() else "")
-        try:
-            self.deny = DenyList.load(deny_path)
-        except TakedownError as e:
-            raise DataError(str(e)) from None
-        deny = f", deny-list {self.deny.path} ({len(self.deny)} keys, version {self.deny.version})" if self.deny.path else ""
-        self.description = f"folder {self.root} ({len(self.paths)} files{deny})"
+        self.deny = open_denylist(denylist, self.root)
+        self.description = f"folder {self.root} ({len(self.paths)} files{describe_denylist(self.deny)})"
 
     def provenance(self) -> dict:
         """What this source reads, for RUN_DIR/data_provenance.json."""
@@ -216,8 +225,7 @@ class ShardSource(ImageSource):
     streaming = True
 
     def __init__(self, spec: str, epoch_samples: int = 0, denylist: str = "", limit: int = 0):
-        from .stream import DEFAULT_DENYLIST, INDEX, MANIFEST, count_samples, expand_spec, urls_digest
-        from .takedown import DenyList, TakedownError
+        from .stream import INDEX, MANIFEST, count_samples, expand_spec, urls_digest
 
         self.spec = spec
         self.urls = expand_spec(spec)
@@ -235,12 +243,7 @@ class ShardSource(ImageSource):
                 raise DataError(f"shard index {index_path} is unreadable: {e}") from None
         self.index_path = index_path
         self.manifest_path = self.root / MANIFEST if self.root and (self.root / MANIFEST).is_file() else None
-        deny_path = denylist or (str(self.root / DEFAULT_DENYLIST) if self.root and
-                                 (self.root / DEFAULT_DENYLIST).is_file() else "")
-        try:
-            self.deny = DenyList.load(deny_path)
-        except TakedownError as e:
-            raise DataError(str(e)) from None
+        self.deny = open_denylist(denylist, self.root)
         self.n = int(epoch_samples or limit)
         how = "data.epoch_samples" if epoch_samples else "data.limit"
         if not self.n:
@@ -254,9 +257,8 @@ class ShardSource(ImageSource):
         if self.n < 1:
             raise DataError(f"the shards of {spec!r} hold no samples")
         self.urls_digest = urls_digest(self.urls)
-        deny = f", deny-list {self.deny.path} ({len(self.deny)} keys, version {self.deny.version})" if self.deny.path else ""
         self.description = (f"tar shards {spec} ({len(self.urls)} shards, {self.n} samples per epoch {how}"
-                            f"{deny}, streamed)")
+                            f"{describe_denylist(self.deny)}, streamed)")
 
     def __len__(self) -> int:
         return self.n
