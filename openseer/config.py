@@ -37,6 +37,7 @@ class DataConfig:
     epoch_samples: int = 0  # tar shards: samples per virtual epoch (0 = from the shards' index.json)
     shuffle_buffer: int = 1000  # tar shards: per-loader-slot shuffle buffer (samples)
     denylist: str = ""  # deny-list file ('' = takedowns.txt beside the shards or in the folder, if any)
+    pipe_timeout: float = 300.0  # tar shards: a pipe: command silent this long (s) is stopped, its shard counted bad
 
 
 @dataclass
@@ -183,6 +184,8 @@ class Config:
             raise ConfigError("data.batch_size must be >= 1")
         if self.data.epoch_samples < 0 or self.data.shuffle_buffer < 0 or self.data.num_workers < 0:
             raise ConfigError("data.epoch_samples, data.shuffle_buffer and data.num_workers must be >= 0")
+        if self.data.pipe_timeout <= 0:
+            raise ConfigError(f"data.pipe_timeout must be > 0 seconds; got {self.data.pipe_timeout:g}")
         if self.swav.n_prototypes < 2:
             raise ConfigError("swav.n_prototypes must be >= 2")
         if self.swav.epsilon <= 0 or self.swav.temperature <= 0:

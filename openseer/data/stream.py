@@ -4,7 +4,8 @@ A shard spec is what ``--data`` accepts for web-scale data: ``shards/{000000..00
 (brace ranges), ``shards/*.tar`` (globs), ``pipe:CMD`` (the command's stdout is a tar, e.g.
 ``pipe:curl -s https://host/s/{0000..0099}.tar`` or ``pipe:aws s3 cp s3://b/s/000001.tar -``),
 a folder written by ``openseer shard`` (its ``*.tar``), or several of these joined by ``::``.
-URLs are expanded and opened with webdataset (``expand_urls``, ``gopen``, ``tarfile_samples``).
+URLs are expanded and read with webdataset (``expand_urls``, ``tarfile_samples``); a ``pipe:`` command's
+output is read through ``StallGuardedPipe``, so a command that hangs is stopped after ``data.pipe_timeout``.
 
 How samples are dealt out (see docs/data.md for the guarantees):
 
@@ -26,7 +27,12 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import io
+import os
 import random
+import select
+import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,7 @@ SAMPLE_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("gif",)
 INDEX = "index.json"
 MANIFEST = "manifest.csv"
 DEFAULT_DENYLIST = "takedowns.txt"
+PIPE_TIMEOUT = 300.0  # seconds a ``pipe:`` command may go without sending a byte (data.pipe_timeout)
 
 
 def _seed(*parts: int) -> int:
@@ -113,10 +120,54 @@ class RawSample:
     reason: str = ""  # why it cannot be used ('denied', 'no_image', 'shard_error')
 
 
-def iter_shard(url: str, url_index: int, errors: list[str] | None = None) -> Iterator[RawSample]:
-    """Samples of one shard, in tar order. Tar or pipe errors end the shard and are appended to
-    ``errors`` (never raised)."""
+class StallGuardedPipe(io.RawIOBase):
+    """The stdout of a ``pipe:`` command, read with a stall limit.
+
+    A command that sends nothing for ``timeout`` seconds (a hung object-store client, a stalled
+    network) is killed with its process group and the read raises ``TimeoutError``; a command that
+    exits non-zero raises ``OSError`` at the end of its output. Either ends the shard as a counted
+    ``shard_error`` instead of hanging the run (webdataset's own pipe reader blocks forever).
+    """
+
+    def __init__(self, cmd: str, timeout: float = PIPE_TIMEOUT):
+        self.cmd, self.timeout = cmd, timeout
+        self.proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, bufsize=0, start_new_session=True)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        fd = self.proc.stdout.fileno()
+        if not select.select([fd], [], [], self.timeout)[0]:
+            self._kill()
+            raise TimeoutError(f"pipe command sent no data for {self.timeout:g} s and was stopped: {self.cmd}")
+        data = os.read(fd, len(buffer))
+        if not data and self.proc.wait() != 0:
+            raise OSError(f"pipe command exited with status {self.proc.returncode}: {self.cmd}")
+        buffer[:len(data)] = data
+        return len(data)
+
+    def _kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        if not self.closed:
+            self._kill()  # a tar read to its end-of-archive marker may leave the command running
+            self.proc.stdout.close()
+        super().close()
+
+
+def iter_shard(url: str, url_index: int, errors: list[str] | None = None,
+               pipe_timeout: float = PIPE_TIMEOUT) -> Iterator[RawSample]:
+    """Samples of one shard, in tar order. Tar or pipe errors, and a ``pipe:`` command silent for
+    ``pipe_timeout`` seconds, end the shard and are appended to ``errors`` (never raised)."""
     import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
 
     def handler(exn: Exception) -> bool:
         if errors is not None:
@@ -124,8 +175,15 @@ def iter_shard(url: str, url_index: int, errors: list[str] | None = None) -> Ite
         return True
 
     position = 0
+    pipe = None
     try:
-        for sample in wds.tarfile_samples([{"url": url}], handler=handler):
+        if url.startswith("pipe:"):
+            pipe = io.BufferedReader(StallGuardedPipe(url[len("pipe:"):], pipe_timeout))
+            samples = group_by_keys(tar_file_expander([{"url": url, "stream": pipe}], handler=handler),
+                                    handler=handler)
+        else:
+            samples = wds.tarfile_samples([{"url": url}], handler=handler)
+        for sample in samples:
             key = str(sample.get("__key__", ""))
             ext = next((e for e in SAMPLE_IMAGE_EXTS if e in sample), None)
             data = sample[ext] if ext else None
@@ -133,6 +191,9 @@ def iter_shard(url: str, url_index: int, errors: list[str] | None = None) -> Ite
             position += 1
     except Exception as e:  # a broken pipe or tar that webdataset's handler did not catch
         handler(e)
+    finally:
+        if pipe is not None:
+            pipe.close()
 
 
 def count_samples(path: str) -> int:
@@ -164,8 +225,9 @@ class SlotStream:
     """The infinite, deterministic sample stream of one slot; ``state()`` after any sample."""
 
     def __init__(self, urls: list[str], seed: int, slot: int, n_slots: int, buffer_size: int,
-                 deny: DenyList, state: dict | None = None):
+                 deny: DenyList, state: dict | None = None, pipe_timeout: float = PIPE_TIMEOUT):
         self.urls, self.seed, self.slot, self.n_slots = urls, seed, slot, n_slots
+        self.pipe_timeout = pipe_timeout
         self.buffer_size = max(int(buffer_size), 1)
         self.deny = deny
         self.pass_, self.shard, self.pos = 0, 0, 0
@@ -224,7 +286,7 @@ class SlotStream:
             if u == current:
                 continue
             errors: list[str] = []
-            for s in iter_shard(self.urls[u], u, errors):
+            for s in iter_shard(self.urls[u], u, errors, self.pipe_timeout):
                 if s.position in positions:
                     found[(u, s.position)] = s
                     if len(positions) == sum(1 for k in found if k[0] == u):
@@ -232,7 +294,7 @@ class SlotStream:
         tail: Iterator[RawSample] = iter(())
         tail_errors: list[str] = []
         if current is not None:
-            it = iter_shard(self.urls[current], current, tail_errors)
+            it = iter_shard(self.urls[current], current, tail_errors, self.pipe_timeout)
             positions = need.get(current, set())
             if self.pos > 0:
                 for s in it:
@@ -266,7 +328,7 @@ class SlotStream:
             while self.shard < len(mine):
                 u = mine[self.shard]
                 errors: list[str] = tail_errors if tail is not None else []
-                it = tail if tail is not None else iter_shard(self.urls[u], u, errors)
+                it = tail if tail is not None else iter_shard(self.urls[u], u, errors, self.pipe_timeout)
                 tail = None
                 for s in it:
                     self.pos = s.position + 1

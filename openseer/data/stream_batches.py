@@ -65,7 +65,8 @@ class _SlotBatches(IterableDataset):
             if stream is None:
                 stream = streams[local] = SlotStream(
                     self.urls, self.layout["seed"], self.rank * L + local, self.world * L,
-                    self.layout["shuffle_buffer"], self.deny, state=self.states[local])
+                    self.layout["shuffle_buffer"], self.deny, state=self.states[local],
+                    pipe_timeout=cfg.data.pipe_timeout)
             crops: list[list[torch.Tensor]] = []
             keys: list[str] = []
             bad = stream.take_reports()

@@ -84,11 +84,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="also low-shot subsets of N images per class, e.g. 5,10")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune epochs per subset (default: about --finetune-images images seen)")
-    p.add_argument("--finetune-images", type=int, default=30000,
-                   help="auto budget: images seen per fine-tune (default 30000, ~40 s per fine-tune for the tiny-cpu backbone on 2 cores)")
+    p.add_argument("--finetune-images", type=int, default=60000,
+                   help="auto budget: images seen per fine-tune, at most 50 epochs (default 60000, ~2 min per "
+                        "fine-tune for the tiny-cpu backbone on 2 cores)")
     p.add_argument("--finetune-batch-size", type=int, default=d.batch_size)
     p.add_argument("--finetune-lr", type=float, default=d.lr_backbone, help=f"backbone LR (default {d.lr_backbone})")
     p.add_argument("--finetune-head-lr", type=float, default=d.lr_head, help=f"new head's LR (default {d.lr_head})")
+    p.add_argument("--scratch-lr", type=float, default=d.lr_scratch,
+                   help=f"backbone LR of the supervised-from-scratch baseline (default {d.lr_scratch})")
+    p.add_argument("--finetune-min-scale", type=float, default=d.min_scale,
+                   help=f"fine-tune random resized crop scale min..1 (default {d.min_scale:g}: whole image, flips only)")
     p.add_argument("--limit-train", type=int, default=0, help="use a seeded stratified subset of N train images")
     p.add_argument("--limit-test", type=int, default=0, help="use a seeded stratified subset of N test images")
     p.add_argument("--test-fraction", type=float, default=0.2,
@@ -115,8 +120,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         "or --backbone NAME")
     if args.batch_size < 1 or args.finetune_batch_size < 2:
         raise EvalError("--batch-size must be >= 1 and --finetune-batch-size >= 2")
+    if not 0 < args.finetune_min_scale <= 1:
+        raise EvalError(f"--finetune-min-scale must be in (0, 1], got {args.finetune_min_scale:g}")
     settings = FinetuneSettings(batch_size=args.finetune_batch_size, lr_backbone=args.finetune_lr,
-                                lr_head=args.finetune_head_lr)
+                                lr_head=args.finetune_head_lr, lr_scratch=args.scratch_lr,
+                                min_scale=args.finetune_min_scale)
     opts = EvalOptions(
         weights=args.weights, backbone=args.backbone, random_init=args.random_init, data=args.data, out=args.out,
         protocols=args.protocols, seed=args.seed, cache_dir=args.cache_dir, no_cache=args.no_cache,

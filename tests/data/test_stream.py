@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from PIL import Image
 from openseer.data.batches import data_state, iterate_batches
 from openseer.data.shards import write_shards
 from openseer.data.sources import DataError, ShardSource, open_source
-from openseer.data.stream import SlotStream, expand_spec, slot_shards
+from openseer.data.stream import SlotStream, expand_spec, iter_shard, slot_shards
 from openseer.data.takedown import DenyList
 from tests.conftest import tiny_config
 from tests.data.corpus import corpus_bytes
@@ -162,3 +163,26 @@ def test_slot_stream_state_round_trip_and_deny(shards):
     after = [next(u).key for _ in range(17)]
     assert not set(more[:3]) & set(after) and set(after) <= set(more) | set(got)
     assert Counter(r for _, r in u.take_reports()) == {"denied": 3}
+
+
+def test_a_hanging_or_failing_pipe_ends_its_shard_with_a_counted_error(shards):
+    first = str(shards / "000000.tar")
+    whole = [s.key for s in iter_shard(first, 0)]
+    cases = {
+        f"pipe:head -c 3000 {first}; sleep 60": (None, "sent no data for 1 s"),  # part of a tar, then a hang
+        "pipe:sleep 60": ([], "sent no data for 1 s"),  # a hang before any byte
+        f"pipe:cat {first}; sleep 60": (whole, None),  # a whole tar: read to its end marker, then stopped
+        f"pipe:cat {first}; exit 3": (whole, None),
+        f"pipe:head -c 3000 {first}; exit 3": (None, "status 3"),  # cut short, then failing
+    }
+    for url, (keys, message) in cases.items():
+        errors: list[str] = []
+        t0 = time.perf_counter()
+        got = [s.key for s in iter_shard(url, 0, errors, pipe_timeout=1.0)]
+        assert time.perf_counter() - t0 < 15, url
+        if keys is not None:
+            assert got == keys, url
+        if message is None:
+            assert not errors, (url, errors)
+        else:
+            assert len(errors) >= 1 and any(message in e for e in errors), (url, errors)

@@ -86,3 +86,8 @@ def test_unknown_protocol_and_missing_weights(capsys):
     assert "unknown protocol(s) 'magic'" in capsys.readouterr().err
     code, err = _run(["eval", "--data", "fashion-mnist"], capsys)
     assert code == 2 and "give the weights to evaluate" in err
+
+
+def test_bad_finetune_settings(capsys):
+    code, err = _run(["eval", "--backbone", "regnety_002", "--random-init", "--finetune-min-scale", "0"], capsys)
+    assert code == 2 and "--finetune-min-scale must be in (0, 1], got 0" in err

@@ -35,5 +35,5 @@ def test_finetune_and_scratch_run_end_to_end():
 
 
 def test_auto_epochs_budget():
-    assert auto_epochs(600) == 50 and auto_epochs(6000) == 5 and auto_epochs(60000) == 1 and auto_epochs(20) == 50
+    assert auto_epochs(600) == 50 and auto_epochs(6000) == 10 and auto_epochs(60000) == 1 and auto_epochs(20) == 50
     assert auto_epochs(600, budget_images=6000) == 10 and auto_epochs(100000) == 1
