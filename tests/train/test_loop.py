@@ -109,7 +109,7 @@ def test_stop_and_resume_equals_one_uninterrupted_run(tmp_path):
     assert [r["lr"] for r in mb] == [r["lr"] for r in ma]
     assert [r["loss"] for r in mb] == [r["loss"] for r in ma]  # the same batches, crops and updates
     cfg = load_config(parts / "config.yaml")
-    assert mb[-1]["lr"] == lr_at(15, 16, 0.6 * 64 / 256, cfg.optim.warmup_steps, cfg.optim.warmup_start_ratio,
+    assert mb[-1]["lr"] == lr_at(15, 16, cfg.optim.base_lr * 64 / 256, cfg.optim.warmup_steps, cfg.optim.warmup_start_ratio,
                                  cfg.optim.final_lr_ratio)
 
 
