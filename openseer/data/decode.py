@@ -209,7 +209,7 @@ def decode_bytes(data: bytes, name: str = "<bytes>", draft_size: int | None = No
     only JPEG decoding (DCT scaling); other formats come back whole, as PIL decodes them.
     """
     img = open_bytes(data, name)
-    if draft_size and not min_pixels:  # evaluation and embedding: only JPEG decoding is reduced
+    if draft_size and not min_pixels:
         scale = int(min(img.size) // draft_size)
         min_pixels = (img.width // max(scale, 1)) * (img.height // max(scale, 1)) if scale >= 2 else None
         return finish(img, name, data, min_pixels, jpeg_only=True)

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import DataConfig
 from .decode import IMAGE_EXTENSIONS
 from .sources import DataError
 from .takedown import DenyList
@@ -47,7 +48,7 @@ SAMPLE_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("gif",)
 INDEX = "index.json"
 MANIFEST = "manifest.csv"
 DEFAULT_DENYLIST = "takedowns.txt"
-PIPE_TIMEOUT = 300.0  # seconds a ``pipe:`` command may go without sending a byte (data.pipe_timeout)
+PIPE_TIMEOUT = DataConfig.pipe_timeout  # seconds a ``pipe:`` command may go without sending a byte
 
 
 def _seed(*parts: int) -> int:
