@@ -94,6 +94,7 @@ class OptimConfig:
     warmup_start_ratio: float = 0.0  # warmup starts at this fraction of the peak LR
     final_lr_ratio: float = 0.001  # cosine ends at this fraction of the peak LR
     epochs: float = 100.0  # schedule length in passes over the data
+    minutes: float = 0.0  # wall-clock budget; > 0: the schedule ends at whichever of epochs/minutes comes first
     warmup_steps: int = 0
     momentum: float = 0.9
     weight_decay: float = 1e-6
@@ -206,6 +207,8 @@ class Config:
             raise ConfigError("log.every must be >= 1")
         if self.optim.epochs <= 0:
             raise ConfigError("optim.epochs must be > 0")
+        if not math.isfinite(self.optim.minutes) or self.optim.minutes < 0:
+            raise ConfigError(f"optim.minutes must be >= 0 (0 = no time budget), got {self.optim.minutes}")
         if not math.isfinite(self.optim.base_lr) or self.optim.base_lr <= 0:
             raise ConfigError("optim.base_lr must be a positive number")
 

@@ -85,6 +85,7 @@ def schedule(cfg: Config, n_images: int, world: int) -> dict:
         "total_steps": max(1, int(round(cfg.optim.epochs * spe))),
         "peak_lr": peak_lr(cfg.optim.base_lr, gb),
         "n_images": n_images,
+        "minutes": cfg.optim.minutes,
     }
 
 
@@ -108,8 +109,11 @@ class MetricsLog:
         if cfg.log.progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=stop_step, initial=start_step, unit="step", dynamic_ncols=True,
-                            desc="pretrain", smoothing=0.1)
+            # under a time budget the bar counts seconds of it: the step count is not known in advance
+            self.by_time = cfg.optim.minutes > 0
+            self.bar = tqdm(total=round(cfg.optim.minutes * 60) if self.by_time else stop_step,
+                            initial=0 if self.by_time else start_step, unit="s" if self.by_time else "step",
+                            dynamic_ncols=True, desc="pretrain", smoothing=0.1)
 
     def write(self, row: dict) -> None:
         if not self.main:
@@ -123,9 +127,13 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['imgs_per_s']:.0f}")
 
-    def tick(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+    def tick(self, spent_s: float) -> None:
+        if self.bar is None:
+            return
+        if self.by_time:
+            self.bar.update(max(0, min(round(spent_s), self.bar.total) - self.bar.n))
+        else:
+            self.bar.update(1)
 
     def message(self, text: str) -> None:
         if not self.main:
@@ -351,6 +359,11 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
         if env.is_main:
             _truncate_metrics(run_dir, step)
     stop = sched["total_steps"] if max_steps is None else min(max_steps, sched["total_steps"])
+    budget_s = cfg.optim.minutes * 60
+    spent = float(counters.get("train_seconds", 0.0))  # wall-clock seconds of training so far (resumes too)
+    time_up = bool(budget_s) and spent >= budget_s
+    if time_up:
+        stop = step  # a finished time-budgeted run: nothing left to do
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
@@ -361,7 +374,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
         log.message(
             f"openseer: {source.description}; world {env.world_size}, global batch {sched['global_batch']} "
             f"({sched['batch_per_rank']}/rank), peak LR {sched['peak_lr']:.4g}, {sched['total_steps']} steps "
-            f"({sched['steps_per_epoch']}/epoch), {'resuming at step ' + str(step) if resume else 'from scratch'}"
+            f"({sched['steps_per_epoch']}/epoch){f' or {cfg.optim.minutes:g} minutes, whichever comes first' if budget_s else ''}, "
+            f"{'resuming at step ' + str(step) if resume else 'from scratch'}"
             f"{', stopping at step ' + str(stop) if stop < sched['total_steps'] else ''} -> {run_dir}"
         )
         (run_dir / "schedule.json").write_text(json.dumps(sched, indent=1))
@@ -382,7 +396,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     folder = getattr(source, "base", source)
     if env.is_main and isinstance(folder, FolderSource):  # folders: what was read, deny-list in force
         record_provenance(run_dir, folder.provenance(), step, folder.deny)
-    t_wait = time.perf_counter()
+    t_wait = t_loop = time.perf_counter()
+    spent_before = spent
     preempted = None
     stop_request = _StopRequest()
     try:
@@ -397,7 +412,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
                 _append_bad(run_dir, batch.bad, env.is_main)
             crops = [c.to(device, non_blocking=True) for c in batch.crops]
             lr = lr_at(step, sched["total_steps"], sched["peak_lr"], cfg.optim.warmup_steps,
-                       cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio)
+                       cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio,
+                       time_fraction=spent / budget_s if budget_s else 0.0)
             for g in optimizer.param_groups:
                 g["lr"] = lr
 
@@ -455,7 +471,12 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
             counters["images_seen"] += n_imgs
             used, entropy = assignment_stats(scores.detach())
             acc.add(loss_value if not bad else float("nan"), n_imgs, used, entropy)
-            log.tick()
+            spent = spent_before + time.perf_counter() - t_loop
+            if budget_s:  # every rank must agree on the LR and on when to stop: the slowest clock decides
+                spent = all_reduce_scalar(spent, "max")
+                time_up = spent >= budget_s
+            counters["train_seconds"] = round(spent, 3)
+            log.tick(spent)
 
             if not bad:
                 if loss_ema is not None and step > 20 and loss_value > 1.5 * loss_ema + 0.5:
@@ -472,9 +493,10 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
                         "swav.freeze_prototypes_steps, model.head_bn=false, a later swav.queue_start_step, "
                         "or fewer prototypes than the batch can fill."
                     )
-            if cfg.monitor.every and cfg.monitor.data and (step % cfg.monitor.every == 0 or step == stop):
+            last = step == stop or time_up
+            if cfg.monitor.every and cfg.monitor.data and (step % cfg.monitor.every == 0 or last):
                 monitor_result = _run_monitor(net, cfg, device, env)
-            if step % cfg.log.every == 0 or step == stop:
+            if step % cfg.log.every == 0 or last:
                 elapsed = time.perf_counter() - acc.t_start
                 row = {
                     "step": step,
@@ -501,13 +523,16 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
                 log.write(row)
                 acc = _Accumulator()
                 timings = dict.fromkeys(timings, 0.0)
-            if step % cfg.checkpoint.every == 0 and step < stop:
+            if step % cfg.checkpoint.every == 0 and not last:
                 _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log,
                             data=data_state(batches))
                 last_ckpt_step = step
             if stop_signalled:
                 preempted = signal.Signals(stop_request.signal).name if stop_request.signal else "peer"
                 log.message(f"openseer: {preempted} received: checkpointing at step {step} and exiting")
+                break
+            if time_up:
+                log.message(f"openseer: time budget of {cfg.optim.minutes:g} minutes reached at step {step}")
                 break
             t_wait = time.perf_counter()
     finally:
@@ -518,7 +543,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     if counters["bad_images"] and env.is_main:
         print(f"openseer: skipped unreadable images: {counters['bad_images']} (listed in {run_dir / 'bad_images.txt'})")
     summary = {"step": step, "total_steps": sched["total_steps"], "counters": counters, "run_dir": str(run_dir),
-               "preempted": preempted}
+               "preempted": preempted, "time_budget_reached": time_up}
     if env.world_size > 1:
         dist.barrier()
     return summary

@@ -119,15 +119,17 @@ def peak_lr(base_lr: float, global_batch: int) -> float:
 
 
 def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int, warmup_start_ratio: float,
-          final_lr_ratio: float) -> float:
+          final_lr_ratio: float, time_fraction: float = 0.0) -> float:
     """Linear warmup from ``warmup_start_ratio * peak`` to ``peak``, then cosine to ``final_lr_ratio * peak``.
 
     Steps run from 0 to ``total_steps - 1``: step 0 gets the warmup start, step ``warmup_steps`` the
-    peak and the last step (``total_steps - 1``) exactly the final LR.
+    peak and the last step (``total_steps - 1``) exactly the final LR. Under a time budget
+    (``optim.minutes``) the cosine follows whichever is further along: the steps or
+    ``time_fraction``, the share of the budget already spent (1 gives the final LR).
     """
     start, final = peak * warmup_start_ratio, peak * final_lr_ratio
     if step < warmup_steps:
         return start + (peak - start) * step / warmup_steps
     decay = max(total_steps - 1 - warmup_steps, 1)
-    t = min(step - warmup_steps, decay) / decay
+    t = max(min(step - warmup_steps, decay) / decay, min(max(time_fraction, 0.0), 1.0))
     return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * t))

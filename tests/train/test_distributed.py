@@ -313,6 +313,20 @@ def test_torchrun_run_resumes_on_other_world_sizes_and_exports(tmp_path):
                 assert torch.equal(tensors[k[len("backbone."):]], v), k
 
 
+@pytest.mark.slow
+@fmnist_available
+def test_torchrun_ranks_agree_on_when_a_time_budget_ends(tmp_path):
+    """optim.minutes under 2 ranks: each rank's clock differs, the slowest decides, both stop together."""
+    run = tmp_path / "run"
+    r = _openseer(2, "pretrain", "--out", str(run), *RUN, "optim.epochs=1000", "optim.minutes=0.1",
+                  "checkpoint.every=100000")
+    assert r.returncode == 0, r.stdout + r.stderr  # a disagreement would hang one rank in a collective
+    assert "time budget of 0.1 minutes reached" in r.stdout
+    state = load_checkpoint(list_checkpoints(run)[-1])
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert 6.0 <= state["counters"]["train_seconds"] < 60 and state["step"] == rows[-1]["step"] < 8000
+
+
 # ---------------------------------------------------------------- refused before any collective
 
 

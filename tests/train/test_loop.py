@@ -193,3 +193,32 @@ def test_checkpoint_rotation_in_a_run(tmp_path):
          "checkpoint.keep=2", "--out", str(run))
     assert [p.name for p in list_checkpoints(run)] == ["step_00000005.pt", "step_00000006.pt"]
     assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())
+
+
+# ---------------------------------------------------------------- time budget
+
+
+@fmnist_available
+def test_a_time_budget_ends_the_run_and_the_schedule_on_the_clock(tmp_path):
+    """optim.minutes: the run stops when the budget is spent, its last step at the final LR; a resume
+    of the finished run trains no further."""
+    run = tmp_path / "run"
+    args = ["--data", "fashion-mnist", "--out", str(run), *FAST, "data.limit=512", "data.batch_size=32",
+            "optim.epochs=1000", "optim.minutes=0.1", "optim.warmup_steps=2", "log.every=1"]
+    _cli(*args)
+    rows = _metrics(run)
+    path, state = latest_checkpoint(run)
+    spent = state["counters"]["train_seconds"]
+    assert 6.0 <= spent < 30.0  # stopped on the clock (6 s), not by the 16,000-step schedule
+    assert state["step"] == rows[-1]["step"] < 16_000
+    assert len(rows) >= 4
+    cfg = load_config(run / "config.yaml")
+    peak = cfg.optim.base_lr * 32 / 256
+    assert rows[-1]["lr"] < 0.05 * peak  # the cosine followed the clock down to (nearly) the final LR
+    after = [r["lr"] for r in rows[2:]]
+    assert all(a >= b for a, b in zip(after, after[1:]))
+    assert json.loads((run / "schedule.json").read_text())["minutes"] == 0.1
+
+    assert main(["pretrain", "--resume", str(run)]) == 0  # budget already spent: nothing more to do
+    _, again = latest_checkpoint(run)
+    assert again["step"] == state["step"] and len(_metrics(run)) == len(rows)

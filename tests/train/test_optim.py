@@ -151,3 +151,18 @@ def test_lr_schedule_seer_numbers():
     assert lr_at(warmup, total, peak, warmup, 0.15 / 9.6, 0.001) == pytest.approx(9.6)
     assert lr_at(total - 1, total, peak, warmup, 0.15 / 9.6, 0.001) == pytest.approx(0.0096)
     assert math.isfinite(lr_at(total + 10, total, peak, warmup, 0.15 / 9.6, 0.001))
+
+
+def test_lr_schedule_under_a_time_budget_follows_the_spent_share():
+    """optim.minutes: the cosine follows whichever is further along, the steps or the time spent."""
+    total, warmup, peak, final = 10_000, 10, 2.0, 0.001
+    lr = lambda step, frac: lr_at(step, total, peak, warmup, 0.0, final, time_fraction=frac)  # noqa: E731
+    assert lr(5, 0.9) == pytest.approx(1.0)  # warmup is counted in steps, whatever the clock says
+    assert lr(100, 0.5) == pytest.approx((peak + final * peak) / 2)  # half the budget: half-way down
+    assert lr(100, 1.0) == pytest.approx(final * peak)  # budget spent: the final LR
+    assert lr(100, 1.7) == pytest.approx(final * peak)  # and never beyond it
+    assert lr(100, 0.0) == pytest.approx(lr_at(100, total, peak, warmup, 0.0, final))  # no time spent: the steps
+    assert lr(total - 1, 0.1) == pytest.approx(final * peak)  # the steps run out first: they decide
+    fracs = [i / 50 for i in range(51)]
+    lrs = [lr(200, f) for f in fracs]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # never up as the budget is spent
