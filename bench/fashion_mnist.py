@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, required=True, help="pretraining budget in minutes")
     p.add_argument("--out", help="run directory (default runs/bench-fashion-mnist-<M>m)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="pretraining seed (the evaluation's splits stay seed 0)")
     p.add_argument("--protocols", default=",".join(PROTOCOLS), help="eval protocols (default all)")
     p.add_argument("--limit-train", type=int, default=0, help="eval on a subset of the train labels (quick checks)")
     p.add_argument("--limit-test", type=int, default=0, help="eval on a subset of the test images (quick checks)")
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     base = ["log.progress=false", "log.tensorboard=false"] + ([f"threads={args.threads}"] if args.threads else [])
     try:
         t0 = time.perf_counter()
-        overrides = [*base, f"optim.minutes={args.minutes:g}", f"optim.epochs={EPOCH_CAP}", "checkpoint.every=100000"]
+        overrides = [*base, f"optim.minutes={args.minutes:g}", f"optim.epochs={EPOCH_CAP}", "checkpoint.every=100000",
+                     f"seed={args.seed}"]
         cfg = build_config("tiny-cpu", overrides, base={"data": {"source": "fashion-mnist"}})
         t1 = time.perf_counter()
         summary = pretrain(cfg, out)
