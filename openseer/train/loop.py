@@ -97,6 +97,7 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         self.bar = None
+        self.by_time = cfg.optim.minutes > 0  # under a time budget the bar counts seconds: steps are not known
         if not main:
             return
         if cfg.log.tensorboard:
@@ -109,8 +110,6 @@ class MetricsLog:
         if cfg.log.progress:
             from tqdm import tqdm
 
-            # under a time budget the bar counts seconds of it: the step count is not known in advance
-            self.by_time = cfg.optim.minutes > 0
             self.bar = tqdm(total=round(cfg.optim.minutes * 60) if self.by_time else stop_step,
                             initial=0 if self.by_time else start_step, unit="s" if self.by_time else "step",
                             dynamic_ncols=True, desc="pretrain", smoothing=0.1)
