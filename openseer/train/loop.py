@@ -395,8 +395,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     folder = getattr(source, "base", source)
     if env.is_main and isinstance(folder, FolderSource):  # folders: what was read, deny-list in force
         record_provenance(run_dir, folder.provenance(), step, folder.deny)
-    t_wait = t_loop = time.perf_counter()
-    spent_before = spent
+    t_wait = time.perf_counter()
+    t_loop = t_wait - spent  # the clock of the whole run, resumed runs included
     preempted = None
     stop_request = _StopRequest()
     try:
@@ -470,7 +470,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
             counters["images_seen"] += n_imgs
             used, entropy = assignment_stats(scores.detach())
             acc.add(loss_value if not bad else float("nan"), n_imgs, used, entropy)
-            spent = spent_before + time.perf_counter() - t_loop
+            spent = time.perf_counter() - t_loop
             if budget_s:  # every rank must agree on the LR and on when to stop: the slowest clock decides
                 spent = all_reduce_scalar(spent, "max")
                 time_up = spent >= budget_s
