@@ -12,6 +12,7 @@ position (per loader slot) is saved in the checkpoint through ``data_state``/``p
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -194,6 +195,8 @@ def prepare_stream(batches: Iterator[Batch], run_dir: str | Path, resume_state: 
         return
     if resume_state is not None:
         batches.load_state_dict(resume_state.get("data"))
+        if is_main and getattr(batches, "note", ""):
+            print(f"openseer: {batches.note}", file=sys.stderr)
     if is_main:
         batches.record_provenance(run_dir)
 

@@ -21,10 +21,15 @@ How samples are dealt out (see docs/data.md for the guarantees):
   buffer, the buffer RNG) travels with every batch; the batch iterator keeps the position after
   the last batch handed to training, and the checkpoint stores it. A resumed run re-opens at most
   the shards the buffer references and continues: no sample repeated, none skipped.
+* Resuming on another world size re-deals the work left (``redeal``): the shards, part-shards and
+  buffered samples every old slot still had to read in the passes begun so far become *pieces*,
+  dealt round-robin to the new slots, which read them first; then every new slot starts the next
+  pass on the new layout. So each sample is still read exactly once per pass.
 """
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import io
@@ -232,6 +237,8 @@ class SlotStream:
         self.buffer_size = max(int(buffer_size), 1)
         self.deny = deny
         self.pass_, self.shard, self.pos = 0, 0, 0
+        self.extra: list[list[int]] = []  # [url_index, from position] pieces to read before the pass
+        self.draining = False  # reading pieces dealt by ``redeal``, or emptying the buffer after them
         self.buffer: list[RawSample] = []
         self.rng = random.Random(_seed(seed, 0, slot, 0xB0F))
         self.reports: list[tuple[str, str]] = []  # (key, reason) of samples dropped since last take
@@ -240,10 +247,15 @@ class SlotStream:
 
     # -- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
+        if self._resume is not None:  # not read since it was restored: still the state it was given
+            return copy.deepcopy(self._resume)
         version, internal, gauss = self.rng.getstate()
-        return {"pass": self.pass_, "shard": self.shard, "pos": self.pos,
-                "buffer": [[s.url_index, s.position] for s in self.buffer],
-                "rng": [version, list(internal), gauss]}
+        out = {"pass": self.pass_, "shard": self.shard, "pos": self.pos,
+               "buffer": [[s.url_index, s.position] for s in self.buffer],
+               "rng": [version, list(internal), gauss]}
+        if self.draining:
+            out["extra"] = [list(piece) for piece in self.extra]
+        return out
 
     def take_reports(self) -> list[tuple[str, str]]:
         out, self.reports = self.reports, []
@@ -274,17 +286,22 @@ class SlotStream:
     def _restore(self, state: dict) -> tuple[Iterator[RawSample], list[str]]:
         """Rebuild the buffer from the referenced samples; returns the rest of the current shard."""
         self.pass_, self.shard, self.pos = int(state["pass"]), int(state["shard"]), int(state["pos"])
+        self.extra = [[int(u), int(p)] for u, p in state.get("extra", [])]
+        self.draining = "extra" in state
         version, internal, gauss = state["rng"]
         self.rng.setstate((int(version), tuple(int(x) for x in internal), gauss))
         wanted = [(int(u), int(p)) for u, p in state["buffer"]]
-        mine = slot_shards(len(self.urls), self.seed, self.pass_, self.slot, self.n_slots)
-        current = mine[self.shard] if self.shard < len(mine) else None
+        if self.extra:
+            current, pos = self.extra[0]
+        else:
+            mine = slot_shards(len(self.urls), self.seed, self.pass_, self.slot, self.n_slots)
+            current, pos = (mine[self.shard] if self.shard < len(mine) else None), self.pos
         found: dict[tuple[int, int], RawSample] = {}
         need: dict[int, set[int]] = {}
         for u, p in wanted:
             need.setdefault(u, set()).add(p)
         for u, positions in need.items():
-            if u == current:
+            if u == current and max(positions) < pos:  # found while skipping to the position below
                 continue
             errors: list[str] = []
             for s in iter_shard(self.urls[u], u, errors, self.pipe_timeout):
@@ -297,11 +314,11 @@ class SlotStream:
         if current is not None:
             it = iter_shard(self.urls[current], current, tail_errors, self.pipe_timeout)
             positions = need.get(current, set())
-            if self.pos > 0:
+            if pos > 0:
                 for s in it:
                     if s.position in positions:
                         found[(current, s.position)] = s
-                    if s.position + 1 >= self.pos:
+                    if s.position + 1 >= pos:
                         break
             tail = it
         dropped: list[tuple[str, str]] = []
@@ -322,9 +339,14 @@ class SlotStream:
         if self._resume:
             tail, tail_errors = self._restore(self._resume)
             self._resume = None
+        if self.draining:
+            yield from self._drain(tail, tail_errors)
+            tail = None
         while True:
             mine = slot_shards(len(self.urls), self.seed, self.pass_, self.slot, self.n_slots)
             from_start = self.shard == 0 and self.pos == 0 and not self.buffer
+            if from_start:  # nothing of this pass drawn yet: its own shuffle order
+                self.rng = random.Random(_seed(self.seed, self.pass_, self.slot, 0xB0F))
             got_any = False
             while self.shard < len(mine):
                 u = mine[self.shard]
@@ -348,12 +370,79 @@ class SlotStream:
                 raise DataError(f"loader slot {self.slot} found no usable sample in a whole pass over its "
                                 f"{len(mine)} shard(s) (empty, unreadable, no images, or all deny-listed)")
             self.pass_, self.shard, self.pos = self.pass_ + 1, 0, 0
-            self.rng = random.Random(_seed(self.seed, self.pass_, self.slot, 0xB0F))
+
+    def _drain(self, tail: Iterator[RawSample] | None, tail_errors: list[str]) -> Iterator[RawSample]:
+        """Read the pieces dealt to this slot by ``redeal`` (each from its start position), then
+        empty the buffer: the passes begun before the world size changed end here."""
+        while self.extra:
+            u, start = self.extra[0]
+            errors: list[str] = tail_errors if tail is not None else []
+            it = tail if tail is not None else iter_shard(self.urls[u], u, errors, self.pipe_timeout)
+            tail = None
+            for s in it:
+                if s.position < start:
+                    continue
+                self.extra[0] = [u, s.position + 1]
+                s = self._admit(s, errors)
+                if s is None:
+                    continue
+                self.buffer.append(s)
+                if len(self.buffer) >= self.buffer_size:
+                    yield self._pop()
+            self._flush_errors(errors, self.urls[u])
+            self.extra.pop(0)
+        while self.buffer:
+            yield self._pop()
+        self.draining = False
 
     def _pop(self) -> RawSample:
         j = self.rng.randrange(len(self.buffer))
         self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
         return self.buffer.pop()
+
+
+def redeal(states: list[dict | None], n_urls: int, seed: int, n_new: int,
+           shard_size: float = 1.0) -> tuple[list[dict], dict]:
+    """Stream positions for ``n_new`` slots that finish what ``states`` (one per old slot, in slot
+    order; ``None`` = never read) had left of the passes begun so far.
+
+    Left of old slot ``s`` at pass ``p`` (the furthest slot is at ``P``): its own pieces not yet
+    read, the rest of its current shard, its later shards of pass ``p``, and all its shards of the
+    passes ``p + 1 .. P``. Each old slot's buffered samples go to new slot ``s mod n_new``; then
+    each piece, in order, goes to the new slot with the least work so far (a piece from position
+    ``k`` of a shard counts as ``shard_size - k`` samples), so the new slots finish their share of
+    the old passes at about the same step. Every new slot reads its pieces, empties its
+    buffer, then starts pass ``P + 1`` on the new layout. Returns (new states, ``{"dealt": the pieces
+    of each new slot, "dealt_buffer": the buffered samples it was given, "first_pass": P + 1}``).
+    """
+    n_old = len(states)
+    fresh = {"pass": 0, "shard": 0, "pos": 0, "buffer": []}
+    norm = [st or fresh for st in states]
+    last = max(int(st["pass"]) for st in norm)
+    pieces: list[list[int]] = []
+    buffers: list[list[list[int]]] = [[] for _ in range(n_new)]
+    for slot, st in enumerate(norm):
+        pieces += [[int(u), int(p)] for u, p in st.get("extra", [])]
+        mine = slot_shards(n_urls, seed, int(st["pass"]), slot, n_old)
+        shard = int(st["shard"])
+        if shard < len(mine):
+            pieces.append([mine[shard], int(st["pos"])])
+            pieces += [[u, 0] for u in mine[shard + 1:]]
+        for p in range(int(st["pass"]) + 1, last + 1):
+            pieces += [[u, 0] for u in slot_shards(n_urls, seed, p, slot, n_old)]
+        buffers[slot % n_new] += [[int(u), int(p)] for u, p in st["buffer"]]
+    dealt: list[list[list[int]]] = [[] for _ in range(n_new)]
+    load = [float(len(b)) for b in buffers]
+    for piece in pieces:
+        j = min(range(n_new), key=lambda k: (load[k], k))
+        dealt[j].append(piece)
+        load[j] += max(shard_size - piece[1], 0.0)
+    out = []
+    for j in range(n_new):
+        version, internal, gauss = random.Random(_seed(seed, last + 1, j, 0xD7A1)).getstate()
+        out.append({"pass": last + 1, "shard": 0, "pos": 0, "buffer": [list(b) for b in buffers[j]],
+                    "rng": [version, list(internal), gauss], "extra": [list(piece) for piece in dealt[j]]})
+    return out, {"dealt": dealt, "dealt_buffer": buffers, "first_pass": last + 1}
 
 
 def urls_digest(urls: list[str]) -> str:

@@ -27,7 +27,7 @@ from .batches import Batch, decode_pixels, seed_of
 from .decode import BadImage, decode_bytes
 from .multicrop import FastMultiCrop, MultiCrop
 from .sources import DataError, ImageSource
-from .stream import SlotStream, urls_digest
+from .stream import SlotStream, redeal, urls_digest
 
 MAX_BAD_IN_A_ROW = 1000  # consecutive undecodable samples before the stream is declared not images
 STATE_FORMAT = "openseer.stream.v1"
@@ -109,6 +109,7 @@ class StreamBatches:
         self._check_slots()
         self.slot_states: list[dict | None] = [None] * self.layout["slots_per_rank"]
         self.note = ""
+        self._history: dict | None = None  # the stream state before the world size last changed
         self._gen: Iterator[Batch] | None = None
 
     def _check_slots(self) -> None:
@@ -131,7 +132,10 @@ class StreamBatches:
         else:  # one process (or ranks driven by hand): only this rank's slots are known here
             gathered = [None] * self.world
             gathered[self.rank] = local
-        return {"format": STATE_FORMAT, "layout": dict(self.layout), "ranks": gathered}
+        out = {"format": STATE_FORMAT, "layout": dict(self.layout), "ranks": gathered}
+        if self._history is not None:
+            out["before"] = self._history
+        return out
 
     def load_state_dict(self, state: dict | None) -> None:
         """Continue from a checkpoint's stream positions (call before iterating)."""
@@ -144,18 +148,39 @@ class StreamBatches:
         if saved["urls_digest"] != self.layout["urls_digest"] or saved["n_urls"] != self.layout["n_urls"]:
             raise DataError("the shard list differs from the one this run started with "
                             f"({saved['n_urls']} vs {self.layout['n_urls']} shards); resume with the same --data")
-        if saved["world_size"] != self.world:
-            raise DataError(f"this shard stream was checkpointed with {saved['world_size']} rank(s); resume it "
-                            f"with the same number of processes (now {self.world})")
+        notes = []
         if saved["slots_per_rank"] != self.layout["slots_per_rank"]:
-            self.note = (f"stream layout keeps {saved['slots_per_rank']} loader slot(s) per rank from the run's "
+            notes.append(f"stream layout keeps {saved['slots_per_rank']} loader slot(s) per rank from the run's "
                          f"start (data.num_workers={self.cfg.data.num_workers} now)")
+        if saved["world_size"] != self.world:
+            state = self._redeal(state)
+            notes.append(f"the world size changed from {saved['world_size']} to {self.world}: the shards left of "
+                         f"the passes begun were re-dealt to the new ranks; pass {state['layout']['first_pass']} "
+                         "starts on the new layout")
+        self.note = "; ".join(notes)
         mine = state["ranks"][self.rank]
         if mine is None:
             raise DataError(f"the stream state has no position for rank {self.rank}")
-        self.layout = dict(saved)
+        self.layout = dict(state["layout"])
         self._check_slots()
         self.slot_states = list(mine)
+        self._history = state.get("before")
+
+    def _redeal(self, state: dict) -> dict:
+        """The stream state of ``state``'s run continued on this world size (see ``stream.redeal``);
+        the old state is kept under ``before`` so a takedown check can still tell what it had read."""
+        missing = [r for r, slots in enumerate(state["ranks"]) if slots is None]
+        if missing:
+            raise DataError(f"the checkpoint lacks the stream positions of rank(s) {missing} (written by ranks driven "
+                            "without torch.distributed); it can only be resumed on the same number of processes")
+        layout = state["layout"]
+        L = layout["slots_per_rank"]
+        old = [st for slots in state["ranks"] for st in slots]
+        new, dealt = redeal(old, layout["n_urls"], layout["seed"], self.world * L,
+                            shard_size=layout["epoch_samples"] / max(layout["n_urls"], 1))
+        new_layout = {**layout, "world_size": self.world, **dealt}
+        return {"format": STATE_FORMAT, "layout": new_layout,
+                "ranks": [new[r * L:(r + 1) * L] for r in range(self.world)], "before": state}
 
     def record_provenance(self, run_dir) -> None:
         from .takedown import record_provenance

@@ -272,30 +272,60 @@ def _data_state(checkpoint: Path) -> dict | None:
 
 def saw_sample(data_state: dict, url_index: int, position: int) -> bool:
     """Whether the stream positions in a checkpoint's data state had delivered sample
-    (shard ``url_index``, ``position``) to training, in any pass so far."""
+    (shard ``url_index``, ``position``) to training, in any pass so far.
+
+    After a change of world size (``stream.redeal``) the state also holds the one before it
+    (``before``), the first pass of the new layout, and what each new slot was dealt: pieces of
+    shards and the old slots' buffered samples.
+    """
     from .stream import slot_shards
 
+    if data_state.get("before") and saw_sample(data_state["before"], url_index, position):
+        return True
     layout = data_state["layout"]
     n_urls, seed = layout["n_urls"], layout["seed"]
     per_rank = layout["slots_per_rank"]
     n_slots = layout["world_size"] * per_rank
+    first_pass = int(layout.get("first_pass", 0))
+    me = [url_index, position]
     for rank, slots in enumerate(data_state["ranks"]):
         for local, st in enumerate(slots or []):
             if not st:
                 continue
             slot = rank * per_rank + local
-            for p in range(0, int(st["pass"]) + 1):
+            waiting = [list(b) for b in st["buffer"]].count(me)
+            if "dealt" in layout:
+                read = _reads_since_redeal(layout, slot, st, url_index, position)
+                if read and ("extra" not in st or read > waiting):
+                    return True  # the drain is over (all it read was delivered), or a copy has left the buffer
+            if "extra" in st:
+                continue  # still draining: the new layout's passes have not begun
+            for p in range(first_pass, int(st["pass"]) + 1):
                 mine = slot_shards(n_urls, seed, p, slot, n_slots)
                 if url_index not in mine:
                     continue
                 c = mine.index(url_index)
                 if p < st["pass"]:
                     return True  # a finished pass delivered every sample of it
-                read = c < st["shard"] or (c == st["shard"] and position < st["pos"])
-                waiting = [c, position] in [list(b) for b in st["buffer"]]
-                if read and not waiting:
+                read_now = c < st["shard"] or (c == st["shard"] and position < st["pos"])
+                if read_now and not waiting:
                     return True
     return False
+
+
+def _reads_since_redeal(layout: dict, slot: int, st: dict, url_index: int, position: int) -> int:
+    """How many copies of sample (url_index, position) a slot took in from what ``redeal`` gave it:
+    the old slots' buffered samples, and the pieces it has read (``st['extra']`` is what is left of
+    them: a suffix, its first piece possibly begun; all of them once the drain is over)."""
+    me = [url_index, position]
+    copies = [list(b) for b in layout["dealt_buffer"][slot]].count(me)
+    pieces = layout["dealt"][slot]
+    left = st.get("extra", [])
+    done = len(pieces) - len(left) if "extra" in st else len(pieces)
+    for i, (u, start) in enumerate(pieces):
+        if u == url_index and position >= start:
+            copies += i < done or (i == done and bool(left) and position < left[0][1])
+    return copies
 
 
 def _denied_from_start(key: str, record: dict) -> bool:

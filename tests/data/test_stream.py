@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from openseer.data.batches import data_state, iterate_batches
+from openseer.data.batches import data_state, iterate_batches, prepare_stream
 from openseer.data.shards import write_shards
 from openseer.data.sources import DataError, ShardSource, open_source
-from openseer.data.stream import SlotStream, expand_spec, iter_shard, slot_shards
-from openseer.data.takedown import DenyList
+from openseer.data.stream import SlotStream, expand_spec, iter_shard, redeal, slot_shards
+from openseer.data.takedown import DenyList, saw_sample
 from tests.conftest import tiny_config
 from tests.data.corpus import corpus_bytes
 
@@ -103,14 +103,108 @@ def test_mid_stream_resume_neither_repeats_nor_skips(shards, resume_workers):
     assert len(first_pass) == 48
 
 
-def test_resume_refuses_another_world_size(shards):
-    cfg = _cfg("data.batch_size=4", "data.num_workers=1")
+def _read(stream: SlotStream, n: int) -> list[tuple[int, int]]:
+    return [(x.url_index, x.position) for x in (next(stream) for _ in range(n))]
+
+
+def _drain(stream: SlotStream) -> list[tuple[int, int]]:
+    """Everything a re-dealt slot delivers before its first sample of the new layout's pass."""
+    out = []
+    while True:
+        x = next(stream)
+        if not stream.draining:
+            return out
+        out.append((x.url_index, x.position))
+
+
+def _states(layout: dict, states: list, before: dict | None = None) -> dict:
+    out = {"layout": layout, "ranks": [[st] for st in states]}
+    return {**out, "before": before} if before else out
+
+
+@pytest.mark.parametrize("reads, n_new", [
+    ([5, 30, 13, 0], 2),   # 4 slots -> 2; slots at different passes, one never read
+    ([40, 7], 3),          # 2 -> 3 (more slots than the old ones had work for)
+    ([25, 25, 26], 1),     # 3 -> 1
+])
+def test_another_world_size_finishes_every_begun_pass_exactly_once(shards, reads, n_new):
+    """Resuming on another world size: the pieces and buffers left by the old slots are re-dealt; when
+    the new slots have drained them, every sample has been delivered once per pass begun, and
+    ``saw_sample`` (takedown check) agrees with what was delivered at every point."""
+    urls, deny = expand_spec(str(shards)), DenyList()
+    n_old = len(reads)
+    delivered: Counter = Counter()
+    old = []
+    for slot, n in enumerate(reads):
+        stream = SlotStream(urls, 3, slot, n_old, 5, deny)
+        delivered.update(_read(stream, n))
+        old.append(stream.state() if n else None)
+    layout = {"n_urls": 8, "seed": 3, "slots_per_rank": 1, "world_size": n_old}
+    new, dealt = redeal(old, 8, 3, n_new)
+    last = dealt["first_pass"] - 1
+    assert last == max(st["pass"] for st in old if st) >= 1
+    before = _states(layout, old)
+    streams = [SlotStream(urls, 3, j, n_new, 5, deny, state=new[j]) for j in range(n_new)]
+    half = _read(streams[0], 3)  # part of a drain, then a checkpoint of every new slot
+    delivered.update(half)
+    mid = _states({**layout, "world_size": n_new, **dealt}, [s.state() for s in streams], before)
+    everything = [(u, p) for u in range(8) for p in range(6)]
+    assert [saw_sample(mid, u, p) for u, p in everything] == [delivered[x] > 0 for x in everything]
+    for s in streams:
+        delivered.update(_drain(s))
+    assert set(delivered.values()) == {last + 1} and len(delivered) == 48  # each sample once per pass
+    end = _states({**layout, "world_size": n_new, **dealt}, [s.state() for s in streams], before)
+    assert all(saw_sample(end, u, p) for u, p in everything)
+    nxt = Counter(x for s in streams for x in _read(s, 11))  # the next pass, on the new layout (>= 12 per slot)
+    assert max(nxt.values()) == 1
+
+
+def test_a_second_world_size_change_during_the_drain(shards):
+    """4 -> 2 slots, checkpoint in the middle of the drain, then 2 -> 3: still once per pass."""
+    urls, deny = expand_spec(str(shards)), DenyList()
+    delivered: Counter = Counter()
+    first = [SlotStream(urls, 5, s, 4, 4, deny) for s in range(4)]
+    for s, n in zip(first, [20, 3, 14, 9]):
+        delivered.update(_read(s, n))
+    mid, dealt = redeal([s.state() for s in first], 8, 5, 2)
+    second = [SlotStream(urls, 5, j, 2, 4, deny, state=mid[j]) for j in range(2)]
+    for s in second:
+        delivered.update(_read(s, 4))
+    assert all(s.draining for s in second)
+    again, dealt2 = redeal([s.state() for s in second], 8, 5, 3)
+    assert dealt2["first_pass"] == dealt["first_pass"] + 1  # the pass the drained slots had not begun is finished too
+    for j in range(3):
+        delivered.update(_drain(SlotStream(urls, 5, j, 3, 4, deny, state=again[j])))
+    assert set(delivered.values()) == {dealt2["first_pass"]} and len(delivered) == 48
+
+
+def test_resume_on_another_world_size_through_the_batch_iterator(shards, capsys):
+    """2 ranks x 2 loader slots -> 1 rank: the checkpointed positions of both ranks are re-dealt, the
+    old state is kept for takedown checks, and the stream goes on."""
+    cfg = _cfg("data.batch_size=6", "data.num_workers=2", "data.shuffle_buffer=4")
     src = open_source(str(shards), data_cfg=cfg.data)
-    it = iterate_batches(src, cfg, 0, 1, 0, 1)
-    list(it)
-    other = iterate_batches(src, cfg, 0, 2, 1, 2)
-    with pytest.raises(DataError, match="same number of processes"):
-        other.load_state_dict(data_state(it))
+    ranks, seen = [], Counter()
+    for rank in range(2):
+        it = iterate_batches(src, cfg, rank, 2, 0, 20)
+        for batch in it:
+            seen.update(batch.keys)
+            if batch.step == 9:
+                break
+        ranks.append(data_state(it)["ranks"][rank])
+    state = {**data_state(it), "ranks": ranks}
+    one = _cfg("data.batch_size=6", "data.num_workers=0", "data.shuffle_buffer=4")
+    alone = iterate_batches(open_source(str(shards), data_cfg=one.data), one, 0, 1, 10, 14)
+    prepare_stream(alone, "unused", {"data": state}, is_main=False)
+    assert "world size changed from 2 to 1" in alone.note and "pass 2 starts" in alone.note
+    rest = list(alone)
+    assert [b.step for b in rest] == [10, 11, 12, 13] and all(len(b.keys) == 6 for b in rest)
+    seen.update(k for b in rest for k in b.keys)
+    assert max(seen.values()) == 2  # 60 + 24 deliveries of 48 samples: none a third time
+    after = data_state(alone)
+    assert after["layout"]["world_size"] == 1 and after["before"]["layout"]["world_size"] == 2
+    half = {**state, "ranks": [ranks[0], None]}  # positions of one rank only: cannot be re-dealt
+    with pytest.raises(DataError, match="lacks the stream positions of rank"):
+        iterate_batches(src, one, 0, 1, 10, 14).load_state_dict(half)
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:

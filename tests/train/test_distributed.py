@@ -7,7 +7,7 @@
 * Training state moves across world sizes and strategies: a sharded (DCP) checkpoint written by 2
   FSDP ranks loads into 1 plain process, a 1-process ``.pt`` loads into 2 FSDP ranks, exactly; and
   real ``openseer pretrain`` runs go 2 -> 1 -> 2 processes under torchrun; the consolidated backbone
-  exports to safetensors with timm key names.
+  exports to safetensors with timm key names; a run reading tar shards resumes from 2 ranks in 1.
 * Bad set-ups stop with one message before any collective.
 """
 
@@ -325,6 +325,41 @@ def test_torchrun_ranks_agree_on_when_a_time_budget_ends(tmp_path):
     state = load_checkpoint(list_checkpoints(run)[-1])
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert 6.0 <= state["counters"]["train_seconds"] < 60 and state["step"] == rows[-1]["step"] < 8000
+
+
+
+@pytest.mark.slow
+def test_torchrun_shard_stream_resumes_on_another_world_size(tmp_path):
+    """2 DDP ranks read tar shards for 4 steps, then the run resumes in one process: the stream
+    positions of both ranks are re-dealt (a note says so), and the last checkpoint's stream state
+    says exactly which images were delivered (all 56 deliveries are still in the first pass)."""
+    from PIL import Image
+
+    from openseer.data.shards import write_shards
+    from openseer.data.takedown import saw_sample
+
+    (tmp_path / "in").mkdir()
+    g = torch.Generator().manual_seed(5)
+    for i in range(64):
+        pixels = torch.randint(0, 256, (30, 40, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "in" / f"p{i:02d}.png")
+    write_shards(tmp_path / "in", tmp_path / "shards", shard_size=8, workers=1)
+    run = tmp_path / "run"
+    args = ["--data", str(tmp_path / "shards"), *QUIET, "data.batch_size=8", "data.num_workers=1",
+            "data.shuffle_buffer=4", "optim.epochs=1", "log.every=1", "threads=1", "model.arch=regnety_002",
+            "model.stem_stride=0", "crops.sizes=[32,16]", "crops.counts=[2,2]", "swav.n_prototypes=20",
+            "model.head_hidden=[32]", "model.head_out=16", "checkpoint.every=2", "dist.strategy=ddp"]
+    r = _openseer(2, "pretrain", "--out", str(run), "--max-steps", "4", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _openseer(1, "pretrain", "--resume", str(run), "--max-steps", "7")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "world size changed from 2 to 1" in r.stderr
+    last = load_checkpoint(list_checkpoints(run)[-1])
+    assert last["step"] == 7 and last["data"]["before"]["layout"]["world_size"] == 2
+    everything = [(u, p) for u in range(8) for p in range(8)]
+    assert sum(saw_sample(last["data"], u, p) for u, p in everything) == 7 * 8
+    before = load_checkpoint(run / "checkpoints" / "step_00000004.pt")  # written by the 2 ranks
+    assert sum(saw_sample(before["data"], u, p) for u, p in everything) == 4 * 8
 
 
 # ---------------------------------------------------------------- refused before any collective
