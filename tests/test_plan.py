@@ -35,7 +35,7 @@ def test_plan_counts_equal_a_real_small_model():
     cfg = build_config("tiny-cpu")
     real = build_swav(cfg)  # real CPU tensors
     counts = parameter_counts(cfg)
-    assert counts["trunk"] == count_parameters(real.backbone) == count_parameters(build_backbone("regnety_002"))
+    assert counts["trunk"] == count_parameters(real.backbone) == count_parameters(build_backbone(cfg.model.arch))
     assert counts["head"] == count_parameters(real.head)
     assert counts["prototypes"] == count_parameters(real.prototypes)
     assert counts["total"] == count_parameters(real)
@@ -99,7 +99,7 @@ def test_cli_plan_reports_and_refuses_what_cannot_fit(capsys):
 
     assert main(["plan", "--recipe", "tiny-cpu", "--gpus", "2", "--gpu-mem-gb", "16", "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["params"]["trunk"] == count_parameters(build_backbone("regnety_002", device="meta"))
+    assert plan["params"]["trunk"] == count_parameters(build_backbone("regnetx_002", device="meta"))
 
     assert main(["plan", "--recipe", "tiny-cpu", "--gpus", "3", "--gpu-mem-gb", "16"]) == 2
     assert "not divisible by 3 GPUs" in capsys.readouterr().err

@@ -23,7 +23,7 @@ How samples are dealt out (see docs/data.md for the guarantees):
   the shards the buffer references and continues: no sample repeated, none skipped.
 * Resuming on another world size re-deals the work left (``redeal``): the shards, part-shards and
   buffered samples every old slot still had to read in the passes begun so far become *pieces*,
-  dealt round-robin to the new slots, which read them first; then every new slot starts the next
+  dealt to the new slots by least work, which read them first; then every new slot starts the next
   pass on the new layout. So each sample is still read exactly once per pass.
 """
 

@@ -15,7 +15,7 @@ from .runner import PROTOCOLS, EvalOptions, evaluate
 EXAMPLES = """examples:
   openseer eval runs/a --data fashion-mnist --out runs/a/eval.json      # every protocol, default splits
   openseer eval runs/a --data /path/labelled --protocols knn,linear,lowshot
-  openseer eval --backbone regnety_002 --random-init --data fashion-mnist  # the floor
+  openseer eval --backbone regnetx_002 --random-init --data fashion-mnist  # the floor
   openseer eval model.safetensors --backbone regnety_002 --data labels.csv --skip-missing
 
 labelled data: 'fashion-mnist'; a folder with one subfolder per class (with train/ and val/

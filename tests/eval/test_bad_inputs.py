@@ -22,7 +22,7 @@ def test_unlabelled_folder(tmp_path, capsys):
     for p in (tmp_path / "x" / "a").iterdir():
         p.rename(tmp_path / "x" / p.name)
     (tmp_path / "x" / "a").rmdir()
-    code, err = _run(["eval", "--backbone", "regnety_002", "--random-init", "--data", str(tmp_path / "x")], capsys)
+    code, err = _run(["eval", "--backbone", "regnetx_002", "--random-init", "--data", str(tmp_path / "x")], capsys)
     assert code == 2
     assert "is not labelled: it has 3 images directly in it but no class subfolders" in err
     assert "Traceback" not in err
@@ -33,7 +33,7 @@ def test_class_too_small_for_a_split(tmp_path, capsys):
     with pytest.raises(EvalError, match="at least 2 images per class; too few in: 'c' \\(1\\)"):
         open_labelled(str(tmp_path / "lab"))
     write_class_folders(tmp_path / "lab2", {"a": 20, "b": 6})
-    code, err = _run(["eval", "--backbone", "regnety_002", "--random-init", "--data", str(tmp_path / "lab2"),
+    code, err = _run(["eval", "--backbone", "regnetx_002", "--random-init", "--data", str(tmp_path / "lab2"),
                       "--out", str(tmp_path / "o" / "eval.json"), "--per-class", "8", "--protocols", "lowshot",
                       "--no-cache", "--quiet"], capsys)
     assert code == 2
@@ -52,13 +52,13 @@ def test_csv_with_missing_files(tmp_path, capsys):
     rows = ["path,label"] + [f"img/{c}/{i:03d}.png,{c}" for c in "ab" for i in range(6)]
     rows += ["img/a/gone1.png,a", "img/b/gone2.png,b"]
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    code, err = _run(["eval", "--backbone", "regnety_002", "--random-init", "--data", str(tmp_path / "labels.csv"),
+    code, err = _run(["eval", "--backbone", "regnetx_002", "--random-init", "--data", str(tmp_path / "labels.csv"),
                       "--out", str(tmp_path / "o" / "eval.json"), "--protocols", "knn", "--no-cache", "--quiet"],
                      capsys)
     assert code == 2
     assert "2 of 14 files listed in" in err and "gone1.png" in err and "gone2.png" in err
     assert "--skip-missing" in err
-    code, err = _run(["eval", "--backbone", "regnety_002", "--random-init", "--data", str(tmp_path / "labels.csv"),
+    code, err = _run(["eval", "--backbone", "regnetx_002", "--random-init", "--data", str(tmp_path / "labels.csv"),
                       "--out", str(tmp_path / "o" / "eval.json"), "--protocols", "knn", "--no-cache", "--quiet",
                       "--skip-missing", "--k", "3"], capsys)
     assert code == 0
@@ -71,7 +71,7 @@ def test_csv_with_missing_files(tmp_path, capsys):
 def test_undecodable_image_in_a_class_folder(tmp_path, capsys):
     write_class_folders(tmp_path / "lab", {"a": 5, "b": 5})
     (tmp_path / "lab" / "a" / "broken.png").write_bytes(b"<html>not a png</html>")
-    argv = ["eval", "--backbone", "regnety_002", "--random-init", "--data", str(tmp_path / "lab"), "--out",
+    argv = ["eval", "--backbone", "regnetx_002", "--random-init", "--data", str(tmp_path / "lab"), "--out",
             str(tmp_path / "o" / "eval.json"), "--protocols", "knn", "--no-cache", "--quiet", "--k", "3",
             "--test-fraction", "0.4"]
     code, err = _run(argv, capsys)
@@ -82,12 +82,12 @@ def test_undecodable_image_in_a_class_folder(tmp_path, capsys):
 
 def test_unknown_protocol_and_missing_weights(capsys):
     with pytest.raises(SystemExit):
-        main(["eval", "--backbone", "regnety_002", "--protocols", "knn,magic"])
+        main(["eval", "--backbone", "regnetx_002", "--protocols", "knn,magic"])
     assert "unknown protocol(s) 'magic'" in capsys.readouterr().err
     code, err = _run(["eval", "--data", "fashion-mnist"], capsys)
     assert code == 2 and "give the weights to evaluate" in err
 
 
 def test_bad_finetune_settings(capsys):
-    code, err = _run(["eval", "--backbone", "regnety_002", "--random-init", "--finetune-min-scale", "0"], capsys)
+    code, err = _run(["eval", "--backbone", "regnetx_002", "--random-init", "--finetune-min-scale", "0"], capsys)
     assert code == 2 and "--finetune-min-scale must be in (0, 1], got 0" in err

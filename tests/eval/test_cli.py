@@ -47,7 +47,7 @@ def test_eval_writes_every_protocol_and_baseline(tiny_run, tmp_path, capsys):
 
     # a second run (other weights: the random floor) reuses nothing but gives identical split files
     out2 = tmp_path / "floor" / "eval.json"
-    assert main(["eval", "--backbone", "regnety_002", "--random-init", "--data", "fashion-mnist", "--out", str(out2),
+    assert main(["eval", "--backbone", "regnetx_002", "--random-init", "--data", "fashion-mnist", "--out", str(out2),
                  "--limit-train", "1000", "--limit-test", "200", "--protocols", "knn,lowshot",
                  "--finetune-epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0
     assert (out2.parent / "lowshot-1pct-seed0.json").read_text() == first

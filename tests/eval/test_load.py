@@ -32,11 +32,11 @@ def test_every_kind_of_weights_gives_the_same_backbone(tiny_run, tmp_path):
 
 
 def test_random_init_is_seeded_and_not_constant():
-    m1, i1 = load_backbone("regnety_002", random_init=True, seed=0)
-    _, i2 = load_backbone(None, arch="regnety_002", random_init=True, seed=0)
-    _, i3 = load_backbone(None, arch="regnety_002", random_init=True, seed=1)
+    m1, i1 = load_backbone("regnetx_002", random_init=True, seed=0)
+    _, i2 = load_backbone(None, arch="regnetx_002", random_init=True, seed=0)
+    _, i3 = load_backbone(None, arch="regnetx_002", random_init=True, seed=1)
     assert i1["weights_hash"] == i2["weights_hash"] != i3["weights_hash"]
-    assert i1["crop_size"] == 24  # the tiny-cpu recipe trains regnety_002
+    assert i1["crop_size"] == 24  # the tiny-cpu recipe trains regnetx_002
     with torch.inference_mode():
         f = m1(torch.randn(8, 3, 24, 24))
     assert float(f.std(0).mean()) > 1e-3
