@@ -1,7 +1,7 @@
 """Fashion-MNIST benchmark: pretrain tiny-cpu for M minutes (labels unused), then every protocol.
 
     .venv/bin/python bench/fashion_mnist.py --minutes 30
-    .venv/bin/python bench/fashion_mnist.py --minutes 15 model.arch=regnetx_002   # a recipe change
+    .venv/bin/python bench/fashion_mnist.py --minutes 15 model.arch=regnety_002   # a recipe change
 
 Pretraining runs under a wall-clock budget (``optim.minutes=M``): the LR cosine follows the share of
 the budget spent and the run stops when it is spent, so it uses the M minutes whatever the machine's
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune epochs (default: eval's auto budget)")
     p.add_argument("--cache-dir", help="feature cache folder for the eval")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="recipe overrides for the pretraining, e.g. model.arch=regnetx_002 (recorded in the JSON)")
+                   help="recipe overrides for the pretraining, e.g. model.arch=regnety_002 (recorded in the JSON)")
     args = p.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -185,7 +185,8 @@ class StreamBatches:
     def record_provenance(self, run_dir) -> None:
         from .takedown import record_provenance
 
-        info = {**self.source.provenance(), "layout": dict(self.layout)}  # type: ignore[attr-defined]
+        layout = {k: v for k, v in self.layout.items() if k not in ("dealt", "dealt_buffer")}  # those: checkpoint only
+        info = {**self.source.provenance(), "layout": layout}  # type: ignore[attr-defined]
         record_provenance(run_dir, info, self.start, self.source.deny)  # type: ignore[attr-defined]
 
     # -- iteration ---------------------------------------------------------------------------
