@@ -60,6 +60,12 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+def _rng_state(rng: random.Random) -> list:
+    """A shuffle RNG's state as plain lists (it travels in checkpoints)."""
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
 def looks_like_shards(spec: str) -> bool:
     """Whether ``--data`` names tar shards rather than a folder of images or Fashion-MNIST."""
     if spec.startswith("pipe:") or "::" in spec:
@@ -249,10 +255,8 @@ class SlotStream:
     def state(self) -> dict:
         if self._resume is not None:  # not read since it was restored: still the state it was given
             return copy.deepcopy(self._resume)
-        version, internal, gauss = self.rng.getstate()
         out = {"pass": self.pass_, "shard": self.shard, "pos": self.pos,
-               "buffer": [[s.url_index, s.position] for s in self.buffer],
-               "rng": [version, list(internal), gauss]}
+               "buffer": [[s.url_index, s.position] for s in self.buffer], "rng": _rng_state(self.rng)}
         if self.draining:
             out["extra"] = [list(piece) for piece in self.extra]
         return out
@@ -439,9 +443,9 @@ def redeal(states: list[dict | None], n_urls: int, seed: int, n_new: int,
         load[j] += max(shard_size - piece[1], 0.0)
     out = []
     for j in range(n_new):
-        version, internal, gauss = random.Random(_seed(seed, last + 1, j, 0xD7A1)).getstate()
         out.append({"pass": last + 1, "shard": 0, "pos": 0, "buffer": [list(b) for b in buffers[j]],
-                    "rng": [version, list(internal), gauss], "extra": [list(piece) for piece in dealt[j]]})
+                    "rng": _rng_state(random.Random(_seed(seed, last + 1, j, 0xD7A1))),
+                    "extra": [list(piece) for piece in dealt[j]]})
     return out, {"dealt": dealt, "dealt_buffer": buffers, "first_pass": last + 1}
 
 
