@@ -68,7 +68,7 @@ class ModelConfig:
     head_bn: bool = True
     channels_last: bool = True
     zero_init_last: bool = True  # timm's zero-init of each block's last norm
-    compile: bool = False  # torch.compile the backbone in place (same weights and keys; slow first steps)
+    compile: bool | str = False  # torch.compile the backbone in place (same keys; slow first steps); auto: see train/hardware.py
     stem_stride: int = 0  # 0 = the architecture's; 1 = no downsampling in the stem (small images, e.g. 28 px)
 
 
@@ -100,7 +100,7 @@ class OptimConfig:
     weight_decay: float = 1e-6
     lars_trust: float = 0.001
     lars_clip: bool = False
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with a grad scaler)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (CUDA only, with a grad scaler) | auto (bf16 where native)
     max_bad_steps: int = 20  # stop after this many consecutive non-finite steps
 
 
@@ -191,8 +191,10 @@ class Config:
             raise ConfigError("swav.n_prototypes must be >= 2")
         if self.swav.epsilon <= 0 or self.swav.temperature <= 0:
             raise ConfigError("swav.epsilon and swav.temperature must be > 0")
-        if self.optim.precision not in ("fp32", "bf16", "fp16"):
-            raise ConfigError(f"optim.precision must be one of fp32, bf16, fp16; got {self.optim.precision!r}")
+        if self.optim.precision not in ("fp32", "bf16", "fp16", "auto"):
+            raise ConfigError(f"optim.precision must be one of fp32, bf16, fp16, auto; got {self.optim.precision!r}")
+        if isinstance(self.model.compile, str) and self.model.compile != "auto":
+            raise ConfigError(f"model.compile must be true, false or auto; got {self.model.compile!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be one of auto, cpu, cuda; got {self.device!r}")
         if self.dist.backend not in ("auto", "gloo", "nccl"):

@@ -72,7 +72,9 @@ def parameter_counts(cfg, model: nn.Module | None = None) -> dict[str, int]:
 
 
 def compute_dtype(cfg) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision, torch.float32)
+    """The dtype activations are planned in (``auto`` plans for bf16, what it picks on current GPUs)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "auto": torch.bfloat16}.get(cfg.optim.precision,
+                                                                                      torch.float32)
 
 
 def activation_bytes(cfg, batch_per_rank: int, model: nn.Module | None = None) -> dict[str, int]:

@@ -37,6 +37,11 @@ fmnist_available = pytest.mark.skipif(
 # Settings every test run uses: no progress bar, no TensorBoard writer.
 QUIET = ["log.progress=false", "log.tensorboard=false"]
 
+# Test runs train in fp32 eager: the tiny-cpu recipe's auto picks bf16 + torch.compile where the
+# machine does them fast, and a first compile costs a minute or two per process on a fresh machine.
+# tests/train/test_hardware.py runs the auto path for real.
+EAGER_FP32 = ["optim.precision=fp32", "model.compile=false"]
+
 # A pretraining set-up small enough for a few seconds on 2 CPU cores: timm's tiny test ResNet,
 # 2x24 + 2x12 crops, 30 prototypes, a short freeze and warmup. The math is the real one; only the
 # sizes are small.
@@ -52,6 +57,7 @@ FAST = [
     "swav.freeze_prototypes_steps=4",
     "optim.warmup_steps=4",
     "data.num_workers=0",
+    *EAGER_FP32,
 ]
 
 

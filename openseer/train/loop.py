@@ -39,12 +39,13 @@ from .distributed import (
     init_distributed,
     on_main,
 )
+from .hardware import resolve_auto
 from .optim import build_optimizer, lr_at, peak_lr
 from .parallel import full_tensor, is_sharded, prepare_model
 from .sharded import restore_state, save_sharded
 
 # overrides that may change when a run is resumed; everything else must match the checkpoint
-RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device", "dist.backend",
+RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device", "dist.backend", "model.compile",
                   "dist.strategy", "dist.fsdp_wrap", "dist.activation_checkpointing")
 
 
@@ -312,6 +313,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     """Run (or continue) SwAV pretraining; returns a summary dict (final step, loss, counters)."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
+    cfg, auto_notes = resolve_auto(cfg, device)  # the saved config says what ran
     if cfg.optim.precision == "fp16" and device.type != "cuda":
         raise RunError("optim.precision=fp16 needs CUDA (a grad scaler on GPU); use bf16 or fp32 on CPU")
     if cfg.threads > 0:
@@ -339,7 +341,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     model = prepare_model(model, cfg, env, device)  # one process: unchanged; else SyncBN, DDP or FSDP2
     net = _unwrap(model)
     if cfg.model.compile:
-        net.backbone.compile()  # in place: state-dict keys and checkpoints are unchanged
+        net.backbone.compile(dynamic=False)  # one static graph per crop resolution; in place: state-dict keys and checkpoints are unchanged
     optimizer = build_optimizer(net, cfg)
     criterion = SwAVLoss(cfg.n_crops, cfg.swav.crops_for_assign, cfg.swav.temperature, cfg.swav.epsilon,
                          cfg.swav.sinkhorn_iters, queue, cfg.swav.queue_start_step)
@@ -377,6 +379,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
             f"{'resuming at step ' + str(step) if resume else 'from scratch'}"
             f"{', stopping at step ' + str(stop) if stop < sched['total_steps'] else ''} -> {run_dir}"
         )
+        for note in auto_notes:
+            log.message(f"openseer: {note}")
         (run_dir / "schedule.json").write_text(json.dumps(sched, indent=1))
 
     K = cfg.swav.n_prototypes

@@ -33,7 +33,7 @@ from openseer.train.loop import _state, _unwrap
 from openseer.train.optim import build_optimizer
 from openseer.train.parallel import checkpoint_blocks, full_tensor, prepare_model
 from openseer.train.sharded import restore_state, save_sharded
-from tests.conftest import QUIET, fmnist_available
+from tests.conftest import EAGER_FP32, QUIET, fmnist_available
 
 WORLD = 2
 B = 8  # global batch of the equivalence step
@@ -41,7 +41,7 @@ STEP_ARGS = [
     *QUIET, "model.arch=regnety_002", "model.stem_stride=0", "model.head_hidden=[32]", "model.head_out=16",
     "model.head_bn=true",
     "crops.sizes=[32,16]", "crops.counts=[2,2]", "swav.n_prototypes=12", "swav.freeze_prototypes_steps=0", "swav.epsilon=0.05",
-    f"data.batch_size={B}", "optim.lars_trust=0.02", "dist.syncbn_group_size=2",
+    f"data.batch_size={B}", "optim.lars_trust=0.02", "dist.syncbn_group_size=2", *EAGER_FP32,
 ]
 STRATEGIES = {"ddp": ["dist.strategy=ddp"],
               "fsdp": ["dist.strategy=fsdp", "dist.fsdp_wrap=block", "dist.activation_checkpointing=true"]}
@@ -258,7 +258,8 @@ RUN = ["--data", "fashion-mnist", *QUIET, "data.limit=256", "data.batch_size=32"
        "log.every=1", "threads=1", "model.arch=regnety_002", "model.stem_stride=0", "crops.sizes=[32,16]",
        "crops.counts=[2,2]",
        "swav.n_prototypes=20", "model.head_hidden=[32]", "model.head_out=16", "checkpoint.every=2",
-       "swav.queue_length=64", "swav.queue_start_step=0", "dist.strategy=fsdp", "dist.syncbn_group_size=2"]
+       "swav.queue_length=64", "swav.queue_start_step=0", "dist.strategy=fsdp", "dist.syncbn_group_size=2",
+       *EAGER_FP32]
 
 
 def _openseer(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -348,7 +349,7 @@ def test_torchrun_shard_stream_resumes_on_another_world_size(tmp_path):
     args = ["--data", str(tmp_path / "shards"), *QUIET, "data.batch_size=8", "data.num_workers=1",
             "data.shuffle_buffer=4", "optim.epochs=1", "log.every=1", "threads=1", "model.arch=regnety_002",
             "model.stem_stride=0", "crops.sizes=[32,16]", "crops.counts=[2,2]", "swav.n_prototypes=20",
-            "model.head_hidden=[32]", "model.head_out=16", "checkpoint.every=2", "dist.strategy=ddp"]
+            "model.head_hidden=[32]", "model.head_out=16", "checkpoint.every=2", "dist.strategy=ddp", *EAGER_FP32]
     r = _openseer(2, "pretrain", "--out", str(run), "--max-steps", "4", *args)
     assert r.returncode == 0, r.stdout + r.stderr
     r = _openseer(1, "pretrain", "--resume", str(run), "--max-steps", "7")

@@ -19,6 +19,7 @@ import torch
 
 from openseer.data.sources import FASHION_MNIST_DIR
 from openseer.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
+from tests.conftest import EAGER_FP32
 
 pytestmark = pytest.mark.skipif(
     not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
@@ -34,6 +35,7 @@ RUN_ARGS = [
     "swav.queue_length=128", "swav.queue_start_step=2", "swav.freeze_prototypes_steps=4",
     "swav.n_prototypes=50", "model.head_hidden=[128]", "model.head_out=64",
     "threads=1",  # the same thread count in every process (bit-exactness), and no oversubscription
+    *EAGER_FP32,
 ]
 TOTAL_STEPS = 24
 
