@@ -68,7 +68,7 @@ class ModelConfig:
     head_bn: bool = True
     channels_last: bool = True
     zero_init_last: bool = True  # timm's zero-init of each block's last norm
-    compile: bool | str = False  # torch.compile the backbone in place (same keys; slow first steps); auto: see train/hardware.py
+    compile: bool | str = False  # torch.compile the backbone (slow first steps); auto: train/hardware.py
     stem_stride: int = 0  # 0 = the architecture's; 1 = no downsampling in the stem (small images, e.g. 28 px)
 
 

@@ -45,8 +45,9 @@ from .parallel import full_tensor, is_sharded, prepare_model
 from .sharded import restore_state, save_sharded
 
 # overrides that may change when a run is resumed; everything else must match the checkpoint
-RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device", "dist.backend", "model.compile",
-                  "dist.strategy", "dist.fsdp_wrap", "dist.activation_checkpointing")
+RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device", "dist.backend",
+                  "dist.strategy", "dist.fsdp_wrap", "dist.activation_checkpointing",
+                  "model.compile")  # compile changes speed, not the math (tests/train/test_levers.py)
 
 
 class RunError(RuntimeError):
@@ -341,7 +342,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     model = prepare_model(model, cfg, env, device)  # one process: unchanged; else SyncBN, DDP or FSDP2
     net = _unwrap(model)
     if cfg.model.compile:
-        net.backbone.compile(dynamic=False)  # one static graph per crop resolution; in place: state-dict keys and checkpoints are unchanged
+        # in place (state-dict keys and checkpoints unchanged); static shapes: one graph per crop resolution
+        net.backbone.compile(dynamic=False)
     optimizer = build_optimizer(net, cfg)
     criterion = SwAVLoss(cfg.n_crops, cfg.swav.crops_for_assign, cfg.swav.temperature, cfg.swav.epsilon,
                          cfg.swav.sinkhorn_iters, queue, cfg.swav.queue_start_step)
