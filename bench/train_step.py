@@ -309,6 +309,7 @@ def bench_model_levers(smoke: bool) -> list[dict]:
 # (lever, the overrides that switch it OFF, or ON for the ones off by default)
 LOOP_LEVERS = [
     ("channels_last (off)", ["model.channels_last=false"]),
+    ("1x1 convolutions with a matmul backward (off)", ["model.pointwise_matmul=false"]),
     ("bf16 autocast (off; the recipe's auto turns it on where the CPU has AVX512-BF16 or AMX)", ["optim.precision=fp32"]),
     ("torch.compile (off; auto turns it on where a C++ compiler is found)", ["model.compile=false"]),
     ("bf16 autocast and torch.compile (both off)", ["optim.precision=fp32", "model.compile=false"]),

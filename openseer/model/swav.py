@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import build_backbone, feature_dim
+from .backbone import build_backbone, feature_dim, pointwise_convs_as_matmul
 
 
 class ProjectionHead(nn.Module):
@@ -97,6 +97,8 @@ def build_swav(cfg, device: str | torch.device = "cpu") -> SwAV:
     with torch.device(device):
         head = ProjectionHead(feature_dim(backbone), list(m.head_hidden), m.head_out, m.head_bn)
         protos = Prototypes(m.head_out, cfg.swav.n_prototypes)
+    if m.channels_last and m.pointwise_matmul:
+        pointwise_convs_as_matmul(backbone)
     model = SwAV(backbone, head, protos, channels_last=m.channels_last)
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)

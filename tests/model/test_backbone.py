@@ -1,12 +1,18 @@
-"""The backbone builder: the stride-1 guard for strided convs on 1x1 inputs (a CPU bf16 kernel bug)."""
+"""The backbone builder: the stride-1 guard for strided convs on 1x1 inputs (a CPU bf16 kernel bug), the matmul backward of 1x1 convs."""
 
 from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
-from openseer.model.backbone import build_backbone, guard_strided_convs_on_1x1_inputs
+from openseer.model.backbone import (
+    PointwiseConv2d,
+    build_backbone,
+    guard_strided_convs_on_1x1_inputs,
+    pointwise_convs_as_matmul,
+)
 
 
 def _conv(groups: int = 8) -> torch.nn.Conv2d:
@@ -61,3 +67,34 @@ def test_stem_stride_changes_only_the_first_convolution():
         maps = small.forward_features(torch.randn(1, 3, 24, 24))
         assert maps.shape[-2:] == (2, 2)
         assert default.forward_features(torch.randn(1, 3, 24, 24)).shape[-2:] == (1, 1)
+
+
+@pytest.mark.parametrize("shape", [(6, 16, 5, 7), (4, 16, 1, 1)])
+def test_pointwise_conv_gradients_equal_the_convolutions(shape):
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(16, 24, 1, bias=False)
+    fast = copy.deepcopy(plain)
+    assert pointwise_convs_as_matmul(fast) == 1 and isinstance(fast, PointwiseConv2d)
+    x = torch.randn(shape).to(memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    g = torch.randn(shape[0], 24, *shape[2:])
+    outs = [conv(xi) for conv, xi in zip((plain, fast), xs)]
+    for out in outs:
+        out.backward(g)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert torch.allclose(xs[0].grad, xs[1].grad, atol=1e-5)
+    assert torch.allclose(plain.weight.grad, fast.weight.grad, atol=1e-4)
+    assert fast.weight.grad.dtype == torch.float32
+
+
+def test_pointwise_matmul_picks_only_1x1_stride_1_ungrouped_convs():
+    model = build_backbone("regnetx_002")
+    before = {n: (m.kernel_size, m.stride, m.groups) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    n = pointwise_convs_as_matmul(model)
+    chosen = {name for name, m in model.named_modules() if isinstance(m, PointwiseConv2d)}
+    assert n == len(chosen) > 0
+    assert chosen == {name for name, (k, s, g) in before.items() if k == (1, 1) and s == (1, 1) and g == 1}
+    # NCHW inputs take the convolution itself; channels_last ones the matmul backward: the same function
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model(x), model(x.to(memory_format=torch.channels_last)), rtol=1e-4, atol=1e-5)
