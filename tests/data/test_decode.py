@@ -132,3 +132,66 @@ def test_folder_fast_and_classic_paths_are_both_deterministic(tmp_path):
         assert one[1].keys == two[0].keys
         assert all(torch.equal(x, y) for x, y in zip(one[1].crops, two[0].crops))
     assert Counter(len(b.keys) for b in one) == {4: 2}
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def test_fast_png_decoder_gives_pils_pixels_and_leaves_the_rest_to_pil():
+    from openseer.data.decode import _png_decode, decode_png_fast, open_bytes
+
+    assert _png_decode is not None, "imagecodecs (a dependency) is not importable"
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (37, 53, 4), np.uint8)
+    fast_cases = {
+        "rgb": _png(Image.fromarray(rgba[..., :3])),
+        "rgba": _png(Image.fromarray(rgba)),
+        "rgba_opaque": _png(Image.fromarray(np.dstack([rgba[..., :3], np.full((37, 53), 255, np.uint8)]))),
+        "grey": _png(Image.fromarray(rgba[..., 0])),
+        "grey_alpha": _png(Image.merge("LA", [Image.fromarray(rgba[..., 0]), Image.fromarray(rgba[..., 1])])),
+        "best_compression": _png(Image.fromarray(rgba[..., :3]), compress_level=9),
+    }
+    for name, data in fast_cases.items():
+        got = decode_png_fast(open_bytes(data), data)
+        assert got is not None, name
+        want = Image.open(io.BytesIO(data))
+        want.load()
+        if name == "rgba_opaque":  # no alpha to composite: RGBX, the same colour channels
+            assert got.mode == "RGBX" and np.array_equal(np.asarray(got)[..., :3], np.asarray(want)[..., :3])
+            assert np.array_equal(np.asarray(decode_bytes(data)), np.asarray(want.convert("RGB")))
+            continue
+        assert got.mode == want.mode and np.array_equal(np.asarray(got), np.asarray(want)), name
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    pal = Image.fromarray(rgba[..., :3]).convert("P")
+    pil_cases = {
+        "palette": _png(pal),
+        "grey16": _png(Image.fromarray(rgba[..., 0].astype(np.uint16) * 257)),
+        "colour_key": _png(Image.fromarray(rgba[..., :3]), transparency=(1, 2, 3)),
+        "exif": _png(Image.fromarray(rgba[..., :3]), exif=exif.tobytes()),
+        "no_end": _png(Image.fromarray(rgba[..., :3]))[:-12],
+        "jpeg": (lambda b: (Image.fromarray(rgba[..., :3]).save(b, format="JPEG"), b.getvalue())[1])(io.BytesIO()),
+    }
+    for name, data in pil_cases.items():
+        assert decode_png_fast(open_bytes(data), data) is None, name
+    # EXIF orientation in a PNG is still applied (through PIL)
+    assert decode_bytes(pil_cases["exif"]).size == (37, 53)
+
+
+def test_transparent_images_are_reduced_before_compositing_with_the_same_result():
+    from openseer.data.decode import to_rgb
+
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (256, 320, 4), np.uint8)
+    data = _png(Image.fromarray(arr))
+    got = decode_bytes(data, min_pixels=(320 // 4) * (256 // 4))  # box-reduced 4x per side
+    want = to_rgb(Image.fromarray(arr)).reduce(4)  # composite on white first, then reduce
+    assert got.size == want.size == (80, 64)
+    assert np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16)).max() <= 2
+    arr[..., 3] = 255  # opaque: libpng's RGBX path, reduced before the alpha is dropped, exactly PIL's result
+    data = _png(Image.fromarray(arr))
+    got = decode_bytes(data, min_pixels=(320 // 4) * (256 // 4))
+    assert np.array_equal(np.asarray(got), np.asarray(Image.fromarray(arr).convert("RGB").reduce(4)))
