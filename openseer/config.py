@@ -70,7 +70,7 @@ class ModelConfig:
     zero_init_last: bool = True  # timm's zero-init of each block's last norm
     compile: bool | str = False  # torch.compile the backbone (slow first steps); auto: train/hardware.py
     stem_stride: int = 0  # 0 = the architecture's; 1 = no downsampling in the stem (small images, e.g. 28 px)
-    pointwise_matmul: bool = True  # with channels_last: 1x1 convs as matmuls (same math, faster backward)
+    pointwise_matmul: bool = True  # CPU + channels_last: 1x1 convs get a matmul backward (same math, faster)
 
 
 @dataclass

@@ -152,12 +152,14 @@ class PointwiseConv2d(nn.Conv2d):
 
 
 def pointwise_convs_as_matmul(model: nn.Module) -> int:
-    """Give every 1x1 / stride-1 / ungrouped / bias-free ``Conv2d`` a matmul backward (``PointwiseConv2d``); returns how many."""
+    """Give every 1x1 / stride-1 / ungrouped / bias-free ``Conv2d`` a matmul backward; returns how many.
+
+    The modules become ``PointwiseConv2d`` in place (same parameters and state_dict keys)."""
     n = 0
     for conv in model.modules():
         if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-                and conv.groups == 1 and conv.bias is None and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1)
-                and conv.padding_mode == "zeros"):
+                and conv.groups == 1 and conv.bias is None and conv.padding in ((0, 0), "valid")
+                and conv.dilation == (1, 1) and conv.padding_mode == "zeros"):
             conv.__class__ = PointwiseConv2d
             n += 1
     return n
