@@ -14,12 +14,14 @@ Configurations:
            augmentation in a plain DataLoader with 2 workers
   rg32     regnety_320 at SEER's crops (2x160 + 4x96), small batch, synthetic images, bf16 +
            channels_last (model step only: data is not the question for a big model)
+  rg128    the same with regnety_1280 (for a GPU: ``--device cuda``, bench/gpu_step.sh)
   levers   each speed lever of the tiny step switched off (or on) alone, one JSON line per lever:
            channels_last, bf16 autocast, torch.compile, batched uint8 augmentation vs per-image crops
            in 0/1/2 loader workers, one trunk pass per resolution vs per crop, foreach LARC vs a
            per-parameter loop, and the Sinkhorn cost at K = 16000
 
     python bench/train_step.py [--configs tiny,tiny-baseline,rg32,levers] [--steps N] [--smoke]
+    python bench/train_step.py --device cuda --configs rg32,rg128 --big-batch 32 [--big-compile]
 """
 
 from __future__ import annotations
@@ -50,16 +52,23 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
 FLOP_FORMULAS = {torch.ops.aten.convolution_backward: conv_backward_flops}
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8, device: str = "cpu") -> float:
     """FLOP/s of large square matmuls (best of a few runs)."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
     best = 0.0
     for _ in range(3):
+        _sync(device)
         t = time.perf_counter()
         for _ in range(reps):
             a @ b
+        _sync(device)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t))
     return best
 
@@ -68,7 +77,7 @@ def count_flops(model, crops: list[torch.Tensor], amp_dtype=None, torch_formula:
     """FLOPs of one forward + backward of the SwAV model on these crops (``torch_formula``: with
     torch's own convolution-backward formula, which over-counts grouped convolutions)."""
     with FlopCounterMode(display=False, custom_mapping=None if torch_formula else FLOP_FORMULAS) as counter:
-        with torch.autocast("cpu", dtype=amp_dtype, enabled=amp_dtype is not None):
+        with torch.autocast(crops[0].device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             z, scores = model(crops)
         scores.float().logsumexp(1).mean().backward()
     model.zero_grad(set_to_none=True)
@@ -199,43 +208,56 @@ def bench_tiny_baseline(steps: int) -> dict:
             "precision": "fp32", "channels_last": False}
 
 
-def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool) -> dict:
-    """Model step of a SEER RegNetY at 2x160 + 4x96 with synthetic images."""
+def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool, device: str = "cpu",
+              compile: bool = False) -> dict:
+    """Model step of a SEER RegNetY at 2x160 + 4x96 with synthetic images (``device``: cpu or cuda;
+    ``compile``: torch.compile the backbone, as model.compile=true does; its build is not timed)."""
     from openseer.config import build_config
     from openseer.model.swav import SwAVLoss, build_swav
     from openseer.train.optim import build_optimizer
 
     cfg = build_config("seer-rg32", [f"model.arch={arch}", f"model.channels_last={str(channels_last).lower()}",
                                      "model.head_hidden=[2048]", "swav.n_prototypes=3000"])
-    model = build_swav(cfg)
+    model = build_swav(cfg).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = build_optimizer(model, cfg)
     for g in opt.param_groups:
         g["lr"] = 0.1
     loss_fn = SwAVLoss(cfg.n_crops, [0, 1], 0.1, 0.05, 3)
-    crops = [torch.randn(batch, 3, s, s) for s, n in zip(cfg.crops.sizes, cfg.crops.counts) for _ in range(n)]
+    crops = [torch.randn(batch, 3, s, s, device=device) for s, n in zip(cfg.crops.sizes, cfg.crops.counts)
+             for _ in range(n)]
+    if channels_last:
+        crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
     amp = torch.bfloat16 if bf16 else None
+    flops = count_flops(model, crops, amp)  # eager, before compiling
+    flops_torch = count_flops(model, crops, amp, torch_formula=True)
+    if compile:
+        model.backbone.compile(dynamic=False)
+    warmup = 2 if compile else 1  # the first step builds the graphs (one per crop resolution)
     times = []
-    for step in range(steps + 1):
+    for step in range(steps + warmup):
+        _sync(device)
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             z, scores = model(crops)
         loss = loss_fn(scores, loss_fn.targets(z, scores, model.prototypes.weight, step))
         opt.zero_grad()
         loss.backward()
+        _sync(device)
         t1 = time.perf_counter()
         opt.step()
-        if step:
+        if step >= warmup:
             times.append(t1 - t0)
     model_s = sum(times) / len(times)
-    flops = count_flops(model, crops, amp)
-    flops_torch = count_flops(model, crops, amp, torch_formula=True)
-    return {"config": "rg32" if arch == "regnety_320" else arch, "arch": arch, "batch": batch,
+    return {"config": BIG_NAMES.get(arch, arch), "arch": arch, "batch": batch, "device": device, "compile": compile,
             "imgs_per_s": round(batch / model_s, 2), "model_s": round(model_s, 3), "flops_per_step": flops,
             "flops_per_step_torch_formula": flops_torch,
             "model_flops_per_s": flops / model_s, "precision": "bf16" if bf16 else "fp32",
             "channels_last": channels_last}
+
+
+BIG_NAMES = {"regnety_320": "rg32", "regnety_1280": "rg128"}
 
 
 def _timed(fn, reps: int) -> float:
@@ -344,13 +366,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--big-steps", type=int, default=3)
     ap.add_argument("--big-batch", type=int, default=4)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the big configs (rg32, rg128) and the matmul peaks run; tiny ones run on CPU")
+    ap.add_argument("--big-compile", action="store_true", help="torch.compile the big configs' backbone")
     ap.add_argument("--smoke", action="store_true", help="a few steps of everything (for the test suite)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for the tiny config")
     args = ap.parse_args()
     if args.smoke:
         args.steps, args.big_steps, args.big_batch = 4, 1, 1
-    peaks = {"fp32": matmul_peak(torch.float32, 512 if args.smoke else 2048),
-             "bf16": matmul_peak(torch.bfloat16, 512 if args.smoke else 2048)}
+    n = 512 if args.smoke else (8192 if args.device == "cuda" else 2048)
+    peaks = {"fp32": matmul_peak(torch.float32, n, device=args.device),
+             "bf16": matmul_peak(torch.bfloat16, n, device=args.device)}
     results = []
     for name in args.configs.split(","):
         if name == "levers":
@@ -362,9 +388,10 @@ def main() -> None:
             r = bench_tiny(args.steps, args.overrides + (SMOKE if args.smoke else []))
         elif name == "tiny-baseline":
             r = bench_tiny_baseline(args.steps)
-        elif name == "rg32":
-            r = bench_big("regnety_320" if not args.smoke else "regnety_002", args.big_steps, args.big_batch,
-                          bf16=True, channels_last=True)
+        elif name in ("rg32", "rg128"):
+            arch = {"rg32": "regnety_320", "rg128": "regnety_1280"}[name]
+            r = bench_big(arch if not args.smoke else "regnety_002", args.big_steps, args.big_batch,
+                          bf16=True, channels_last=True, device=args.device, compile=args.big_compile)
         else:
             raise SystemExit(f"unknown config {name!r}")
         r["bench"] = "train_step"
@@ -377,6 +404,8 @@ def main() -> None:
                                    "bf16": round(torch_rate / peaks["bf16"], 3)}
         r["threads"] = torch.get_num_threads()
         r["machine"] = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+        if args.device == "cuda":
+            r["gpu"] = torch.cuda.get_device_name()
         results.append(r)
         print(json.dumps(r), flush=True)
     by = {r["config"]: r for r in results}
