@@ -17,7 +17,7 @@ from openseer.data.decode import BadImage, decode_bytes, draft_scale, load_image
 from openseer.data.multicrop import FastMultiCrop, _blur_one, adjust_hue
 from openseer.data.sources import FolderSource
 from tests.conftest import tiny_config
-from tests.data.corpus import write_corpus
+from tests.data.corpus import _enc, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -135,9 +135,7 @@ def test_folder_fast_and_classic_paths_are_both_deterministic(tmp_path):
 
 
 def _png(img: Image.Image, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", **kw)
-    return buf.getvalue()
+    return _enc(img, "PNG", **kw)
 
 
 def test_fast_png_decoder_gives_pils_pixels_and_leaves_the_rest_to_pil():
@@ -173,7 +171,7 @@ def test_fast_png_decoder_gives_pils_pixels_and_leaves_the_rest_to_pil():
         "colour_key": _png(Image.fromarray(rgba[..., :3]), transparency=(1, 2, 3)),
         "exif": _png(Image.fromarray(rgba[..., :3]), exif=exif.tobytes()),
         "no_end": _png(Image.fromarray(rgba[..., :3]))[:-12],
-        "jpeg": (lambda b: (Image.fromarray(rgba[..., :3]).save(b, format="JPEG"), b.getvalue())[1])(io.BytesIO()),
+        "jpeg": _enc(Image.fromarray(rgba[..., :3]), "JPEG"),
     }
     for name, data in pil_cases.items():
         assert decode_png_fast(open_bytes(data), data) is None, name
