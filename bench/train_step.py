@@ -208,6 +208,9 @@ def bench_tiny_baseline(steps: int) -> dict:
             "precision": "fp32", "channels_last": False}
 
 
+BIG_CONFIGS = {"rg32": "regnety_320", "rg128": "regnety_1280"}  # config name -> SEER architecture
+
+
 def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool, device: str = "cpu",
               compile: bool = False) -> dict:
     """Model step of a SEER RegNetY at 2x160 + 4x96 with synthetic images (``device``: cpu or cuda;
@@ -250,14 +253,12 @@ def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool
         if step >= warmup:
             times.append(t1 - t0)
     model_s = sum(times) / len(times)
-    return {"config": BIG_NAMES.get(arch, arch), "arch": arch, "batch": batch, "device": device, "compile": compile,
+    name = next((k for k, a in BIG_CONFIGS.items() if a == arch), arch)
+    return {"config": name, "arch": arch, "batch": batch, "device": device, "compile": compile,
             "imgs_per_s": round(batch / model_s, 2), "model_s": round(model_s, 3), "flops_per_step": flops,
             "flops_per_step_torch_formula": flops_torch,
             "model_flops_per_s": flops / model_s, "precision": "bf16" if bf16 else "fp32",
             "channels_last": channels_last}
-
-
-BIG_NAMES = {"regnety_320": "rg32", "regnety_1280": "rg128"}
 
 
 def _timed(fn, reps: int) -> float:
@@ -388,9 +389,8 @@ def main() -> None:
             r = bench_tiny(args.steps, args.overrides + (SMOKE if args.smoke else []))
         elif name == "tiny-baseline":
             r = bench_tiny_baseline(args.steps)
-        elif name in ("rg32", "rg128"):
-            arch = {"rg32": "regnety_320", "rg128": "regnety_1280"}[name]
-            r = bench_big(arch if not args.smoke else "regnety_002", args.big_steps, args.big_batch,
+        elif name in BIG_CONFIGS:
+            r = bench_big(BIG_CONFIGS[name] if not args.smoke else "regnety_002", args.big_steps, args.big_batch,
                           bf16=True, channels_last=True, device=args.device, compile=args.big_compile)
         else:
             raise SystemExit(f"unknown config {name!r}")
