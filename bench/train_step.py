@@ -21,7 +21,7 @@ Configurations:
            per-parameter loop, and the Sinkhorn cost at K = 16000
 
     python bench/train_step.py [--configs tiny,tiny-baseline,rg32,levers] [--steps N] [--smoke]
-    python bench/train_step.py --device cuda --configs rg32,rg128 --big-batch 32 [--big-compile]
+    python bench/train_step.py --device cuda --configs rg32,rg128 --big-batch 32,128 [--big-compile]
 """
 
 from __future__ import annotations
@@ -221,6 +221,9 @@ def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool
 
     cfg = build_config("seer-rg32", [f"model.arch={arch}", f"model.channels_last={str(channels_last).lower()}",
                                      "model.head_hidden=[2048]", "swav.n_prototypes=3000"])
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the training loop does on CUDA (fixed crop sizes)
+        torch.cuda.reset_peak_memory_stats()
     model = build_swav(cfg).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -238,7 +241,7 @@ def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool
     if compile:
         model.backbone.compile(dynamic=False)
     warmup = 2 if compile else 1  # the first step builds the graphs (one per crop resolution)
-    times = []
+    times, opt_times = [], []
     for step in range(steps + warmup):
         _sync(device)
         t0 = time.perf_counter()
@@ -250,15 +253,20 @@ def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool
         _sync(device)
         t1 = time.perf_counter()
         opt.step()
+        _sync(device)
         if step >= warmup:
             times.append(t1 - t0)
+            opt_times.append(time.perf_counter() - t1)
     model_s = sum(times) / len(times)
+    opt_s = sum(opt_times) / len(opt_times)
     name = next((k for k, a in BIG_CONFIGS.items() if a == arch), arch)
     return {"config": name, "arch": arch, "batch": batch, "device": device, "compile": compile,
-            "imgs_per_s": round(batch / model_s, 2), "model_s": round(model_s, 3), "flops_per_step": flops,
+            "imgs_per_s": round(batch / model_s, 2), "model_s": round(model_s, 4), "optimizer_s": round(opt_s, 4),
+            "imgs_per_s_with_optimizer": round(batch / (model_s + opt_s), 2), "flops_per_step": flops,
             "flops_per_step_torch_formula": flops_torch,
             "model_flops_per_s": flops / model_s, "precision": "bf16" if bf16 else "fp32",
-            "channels_last": channels_last}
+            "channels_last": channels_last,
+            **({"gpu_peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)} if device == "cuda" else {})}
 
 
 def _timed(fn, reps: int) -> float:
@@ -366,7 +374,8 @@ def main() -> None:
     ap.add_argument("--configs", default="tiny,tiny-baseline,rg32")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--big-steps", type=int, default=3)
-    ap.add_argument("--big-batch", type=int, default=4)
+    ap.add_argument("--big-batch", default=None,
+                    help="batch size of the big configs (default 4; 1 with --smoke); a comma list runs each")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the big configs (rg32, rg128) and the matmul peaks run; tiny ones run on CPU")
     ap.add_argument("--big-compile", action="store_true", help="torch.compile the big configs' backbone")
@@ -374,12 +383,15 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="key=value overrides for the tiny config")
     args = ap.parse_args()
     if args.smoke:
-        args.steps, args.big_steps, args.big_batch = 4, 1, 1
+        args.steps, args.big_steps = 4, 1
+    args.big_batch = args.big_batch or ("1" if args.smoke else "4")
     n = 512 if args.smoke else (8192 if args.device == "cuda" else 2048)
     peaks = {"fp32": matmul_peak(torch.float32, n, device=args.device),
              "bf16": matmul_peak(torch.bfloat16, n, device=args.device)}
     results = []
-    for name in args.configs.split(","):
+    runs = [(name, int(b)) for name in args.configs.split(",")
+            for b in (args.big_batch.split(",") if name in BIG_CONFIGS else [0])]
+    for name, batch in runs:
         if name == "levers":
             for r in bench_loop_levers(args.steps, args.smoke) + bench_model_levers(args.smoke):
                 r["bench"] = "train_step"
@@ -390,8 +402,16 @@ def main() -> None:
         elif name == "tiny-baseline":
             r = bench_tiny_baseline(args.steps)
         elif name in BIG_CONFIGS:
-            r = bench_big(BIG_CONFIGS[name] if not args.smoke else "regnety_002", args.big_steps, args.big_batch,
-                          bf16=True, channels_last=True, device=args.device, compile=args.big_compile)
+            try:
+                r = bench_big(BIG_CONFIGS[name] if not args.smoke else "regnety_002", args.big_steps, batch,
+                              bf16=True, channels_last=True, device=args.device, compile=args.big_compile)
+            except torch.OutOfMemoryError as e:  # one batch too large for the device: say so, go on
+                print(json.dumps({"bench": "train_step", "config": name, "batch": batch,
+                                  "error": f"out of memory: {str(e).splitlines()[0]}"}), flush=True)
+                continue
+            finally:
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()
         else:
             raise SystemExit(f"unknown config {name!r}")
         r["bench"] = "train_step"

@@ -323,6 +323,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     env = init_distributed(cfg.dist.backend, device.type)
     if device.type == "cuda":
         device = torch.device("cuda", cuda_index(env))
+        torch.backends.cudnn.benchmark = True  # crop sizes are fixed: let cuDNN pick each conv's fastest kernel
     _prepare_run_dir(run_dir, cfg, resume, env.is_main, write=False)  # refuse a bad --out before any work
     source = open_source(cfg.data.source, cfg.data.limit, data_cfg=cfg.data)
     sched = schedule(cfg, len(source), env.world_size)

@@ -45,7 +45,7 @@ def test_grouped_convolution_backward_counts_two_forwards():
 @fmnist_available
 def test_train_step_bench_smoke_prints_one_json_line_per_configuration():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--smoke",
-                          "--configs", "tiny,tiny-baseline,rg32,rg128,levers"],
+                          "--configs", "tiny,tiny-baseline,rg32,rg128,levers", "--big-batch", "1,2"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -55,8 +55,10 @@ def test_train_step_bench_smoke_prints_one_json_line_per_configuration():
         assert r["imgs_per_s"] > 0 and r["flops_per_step"] > 0
         assert 0 < r["util_fp32"] and r["peak_bf16_flops"] > 0
     assert set(by["tiny"]["split_s"]) == {"data", "forward", "sinkhorn", "backward", "optimizer"}
-    big = [r for r in rows if r.get("arch") == "regnety_002"]  # rg32 and rg128 in smoke mode
-    assert len(big) == 2 and all(r["device"] == "cpu" and r["compile"] is False for r in big)
+    big = [r for r in rows if r.get("arch") == "regnety_002"]  # rg32 and rg128 in smoke mode, batch 1 and 2 each
+    assert len(big) == 4 and all(r["device"] == "cpu" and r["compile"] is False for r in big)
+    assert sorted(r["batch"] for r in big) == [1, 1, 2, 2]
+    assert all(0 < r["imgs_per_s_with_optimizer"] < r["imgs_per_s"] for r in big)
     levers = [r for r in rows if r.get("config") == "lever"]
     names = " | ".join(r["lever"] for r in levers)
     for part in ("channels_last", "trunk pass", "LARC", "Sinkhorn K=16000"):
