@@ -5,7 +5,7 @@
 #  1. regnety_320 and regnety_1280 at SEER's crops (2x160 + 4x96), bf16 autocast + channels_last, eager,
 #     at batch $BATCHES (default 128): images/s and utilisation of the bf16 matmul peak measured in the
 #     same process (bench/train_step.py --device cuda);
-#  2. the same under torch.compile, batch $COMPILE_BATCH (default 128), with limits sized for a cold
+#  2. the same under torch.compile, batch $COMPILE_BATCH (default 128), with limits (200 / 250 s) for a cold
 #     inductor cache (2026-11-29: both compiles took over 130 s / 150 s cold);
 #  3. with TINY=1, first: openseer's own training loop on CUDA, `openseer pretrain` with the tiny-cpu
 #     recipe on Fashion-MNIST (the idx files carried in .fm/) for a fixed number of steps.
@@ -37,6 +37,6 @@ if [ "${TINY:-0}" = 1 ] && [ -d .fm ]; then  # the real training loop on CUDA (a
   [ -f /tmp/gpu-tiny/metrics.jsonl ] && cp /tmp/gpu-tiny/metrics.jsonl "$OUTDIR/gpu_tiny_metrics.jsonl"
   [ -f /tmp/gpu-tiny/config.yaml ] && cp /tmp/gpu-tiny/config.yaml "$OUTDIR/gpu_tiny_config.yaml"
 fi
-big 90 rg32,rg128 "$BATCHES"
-big 220 rg32 "$COMPILE_BATCH" --big-compile
-big 270 rg128 "$COMPILE_BATCH" --big-compile
+big 120 rg32,rg128 "$BATCHES"
+big 200 rg32 "$COMPILE_BATCH" --big-compile
+big 250 rg128 "$COMPILE_BATCH" --big-compile
