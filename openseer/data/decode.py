@@ -96,6 +96,11 @@ def _failure_reason(data: bytes, text: str) -> str:
     return "corrupt"
 
 
+def _opaque(img: Image.Image) -> bool:
+    """An RGBA or LA image whose alpha is 255 everywhere (nothing to composite)."""
+    return img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] == 255
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB the way a person would expect to see it."""
     mode = img.mode
@@ -118,7 +123,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if mode == "RGB":
             return img
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        if mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] == 255:
+        if _opaque(img):
             return img.convert("RGB")  # fully opaque: nothing to composite (much faster)
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -237,13 +242,11 @@ def finish(img: Image.Image, name: str, data: bytes, min_pixels: int | None = No
             img = _exif_transpose(img)
         else:
             img = fast  # no EXIF block: nothing to transpose
-        if reduce_after > 1 and img.mode == "RGBX":  # opaque RGBA from libpng: reduce, then drop X
-            img, reduce_after = img.reduce(reduce_after), 1
-        elif reduce_after > 1 and img.mode in ("RGBA", "LA"):
-            if img.getchannel("A").getextrema()[0] == 255:
-                img = img.convert("RGB")  # opaque: what to_rgb does, before the reduction
-            else:  # composite after reducing (alpha premultiplied): 1/s^2 of the pixels to blend
-                img, reduce_after = img.reduce(reduce_after), 1
+        if reduce_after > 1 and img.mode in ("RGBX", "RGBA", "LA"):
+            if _opaque(img):
+                img = img.convert("RGB")  # what to_rgb would do, before the reduction
+            else:  # RGBX (opaque RGBA from libpng): reduce, then drop X; transparent: composite after
+                img, reduce_after = img.reduce(reduce_after), 1  # reducing (alpha premultiplied)
         img = to_rgb(img)
         if reduce_after > 1:
             img = img.reduce(reduce_after)  # box filter on RGB (fast), whole image kept
