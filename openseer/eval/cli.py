@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   openseer eval runs/a --data /path/labelled --protocols knn,linear,lowshot
   openseer eval --backbone regnetx_002 --random-init --data fashion-mnist  # the floor
   openseer eval model.safetensors --backbone regnety_002 --data labels.csv --skip-missing
+  openseer eval runs/a --layer s3+s4 --protocols knn,linear --out runs/a/eval-s3s4.json  # two stages
 
 labelled data: 'fashion-mnist'; a folder with one subfolder per class (with train/ and val/
 subfolders, or a seeded stratified split); or a CSV of path,label[,split].
@@ -78,6 +79,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=_ints, default=DEFAULT_KS, metavar="LIST", dest="ks",
                    help=f"kNN neighbour counts (default {','.join(map(str, DEFAULT_KS))})")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help=f"kNN temperature (default {TEMPERATURE})")
+    p.add_argument("--layer", default="last", metavar="STAGES",
+                   help="features for kNN and the linear probes: 'last' (default: the pooled last stage), a "
+                        "stage as timm names it (RegNet s1..s4, ResNet layer1..layer4), or stages joined by "
+                        "'+', e.g. s3+s4 (each pooled, L2-normalised, concatenated); fine-tunes use the whole net")
     p.add_argument("--lowshot", type=_floats, default=(1.0, 10.0), metavar="PCTS",
                    help="low-shot percentages of the train labels (default 1,10)")
     p.add_argument("--per-class", type=_ints, default=(), metavar="LIST",
@@ -129,7 +134,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         weights=args.weights, backbone=args.backbone, random_init=args.random_init, data=args.data, out=args.out,
         protocols=args.protocols, seed=args.seed, cache_dir=args.cache_dir, no_cache=args.no_cache,
         batch_size=args.batch_size, skip_missing=args.skip_missing, ks=args.ks, temperature=args.temperature,
-        percents=args.lowshot, per_class=args.per_class, finetune_epochs=args.finetune_epochs,
+        layer=args.layer, percents=args.lowshot, per_class=args.per_class, finetune_epochs=args.finetune_epochs,
         finetune_images=args.finetune_images, finetune=settings, limit_train=args.limit_train,
         limit_test=args.limit_test, test_fraction=args.test_fraction, recipe=args.recipe, crop_size=args.crop_size,
         device=args.device, threads=args.threads, progress=not args.quiet,

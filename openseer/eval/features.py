@@ -101,10 +101,11 @@ def extract_features(model: nn.Module, data: LabelledImages, transform: EvalTran
 
 def backbone_features(model: nn.Module, weights: str, data: LabelledImages, transform: EvalTransform,
                       folder: Path | None, batch_size: int = 256, device: str | torch.device = "cpu",
-                      progress: bool = True, desc: str = "features") -> tuple[np.ndarray, list, bool]:
-    """Cached ``extract_features``, keyed by (weights hash, data fingerprint, transform id)."""
+                      progress: bool = True, desc: str = "features",
+                      layer: str = FEATURE_LAYER) -> tuple[np.ndarray, list, bool]:
+    """Cached ``extract_features``, keyed by (weights hash, data fingerprint, transform id, layer)."""
     parts = [f"weights={weights}", f"data={data.fingerprint()}", f"transform={transform.ident()}",
-             f"layer={FEATURE_LAYER}"]
+             f"layer={layer}"]
     return cached(parts, lambda: extract_features(model, data, transform, batch_size, device, progress, desc),
                   folder, {"kind": "backbone"})
 

@@ -19,8 +19,9 @@ import torch
 from ..model.load import load_backbone
 from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
 from .common import EvalError, EvalTransform, LabelledData, open_labelled, warn
-from .features import FEATURE_LAYER, backbone_features, cache_dir
+from .features import backbone_features, cache_dir
 from .knn import DEFAULT_KS, TEMPERATURE, knn_eval
+from .layers import LAST, describe_layer, feature_model, parse_layer
 from .linear import linear_probe
 from .lowshot import FinetuneSettings, auto_epochs, finetune, lowshot_splits, save_split
 from .report import Report
@@ -45,6 +46,7 @@ class EvalOptions:
     skip_missing: bool = False
     ks: tuple[int, ...] = DEFAULT_KS
     temperature: float = TEMPERATURE
+    layer: str = LAST  # frozen-feature protocols: 'last', a stage name, or stages joined by '+'
     percents: tuple[float, ...] = (1, 10)
     per_class: tuple[int, ...] = ()
     finetune_epochs: int = 0  # 0 = auto: about finetune_images images seen per subset
@@ -99,16 +101,19 @@ class _Run:
         self.device = resolve_device(opts.device)
         self.cache = None if opts.no_cache else cache_dir(opts.cache_dir)
         self.say = (lambda text: print(f"openseer: {text}", file=sys.stderr)) if opts.progress else (lambda text: None)
+        self.stages: tuple[str, ...] = ()
 
     def features(self, model, info: dict, data: LabelledData, transform: EvalTransform, label: str):
-        """(train, test) features, from the cache when possible; undecodable images handled once."""
+        """(train, test) features of the chosen layer, from the cache when possible; undecodable
+        images handled once."""
         t0 = time.perf_counter()
         out = []
         for split_name in ("train", "test"):
             split = getattr(data, split_name)
-            feats, bad, hit = backbone_features(model, info["weights_hash"], split, transform, self.cache,
-                                                self.opts.batch_size, self.device, self.opts.progress,
-                                                f"{label} {split_name}")
+            feats, bad, hit = backbone_features(feature_model(model, self.stages), info["weights_hash"], split,
+                                                transform, self.cache, self.opts.batch_size, self.device,
+                                                self.opts.progress, f"{label} {split_name}",
+                                                describe_layer(self.stages))
             if bad:
                 feats = self._drop_bad(data, split_name, feats, bad)
             out.append(feats)
@@ -141,6 +146,7 @@ def evaluate(opts: EvalOptions) -> dict:
     t0 = time.perf_counter()
     model, info = load_backbone(opts.weights, random_init=opts.random_init, arch=opts.backbone,
                                 recipe=opts.recipe, seed=opts.seed)
+    run.stages = parse_layer(opts.layer, model, info["arch"])
     data = open_labelled(opts.data, opts.seed, opts.test_fraction, opts.skip_missing, opts.limit_train,
                          opts.limit_test)
     out = Path(opts.out) if opts.out else default_out(opts)
@@ -151,7 +157,7 @@ def evaluate(opts: EvalOptions) -> dict:
             f"{len(data.train)} train / {len(data.test)} test, {data.n_classes} classes -> {out}")
     header_info = {k: v for k, v in info.items() if k != "config"}
     report = Report({"format": "openseer.eval.v1", "command": opts.command, "weights": header_info,
-                     "data": {}, "transform": transform.describe(), "feature_layer": FEATURE_LAYER,
+                     "data": {}, "transform": transform.describe(), "feature_layer": describe_layer(run.stages),
                      "seed": opts.seed, "protocols": list(opts.protocols), "device": str(run.device),
                      "options": {k: v for k, v in asdict(opts).items() if k not in ("finetune", "command")}})
     report.time("load", time.perf_counter() - t0)
@@ -159,7 +165,8 @@ def evaluate(opts: EvalOptions) -> dict:
     ftr, fte, secs = run.features(model, info, data, transform, "model")
     report.time("features", secs)
     report.header["data"] = data.describe()  # after any undecodable images were dropped
-    common = {"seed": opts.seed, "feature_layer": "pooled", "weights_hash": info["weights_hash"]}
+    common = {"seed": opts.seed, "feature_layer": "pooled " + ("+".join(run.stages) or LAST),
+              "weights_hash": info["weights_hash"]}
     do = set(opts.protocols)
 
     splits: dict[str, dict] = {}
@@ -185,7 +192,7 @@ def evaluate(opts: EvalOptions) -> dict:
             r = finetune(model, info["arch"], data.train.subset(sp["indices"]), data.test, transform,
                          data.n_classes, settings[name], opts.seed, run.device, opts.progress, f"fine-tune {name}")
             report.add("this", "finetune", name, r.pop("top1"), r.pop("top5"), n_train=int(len(sp["indices"])),
-                       n_test=len(data.test), **common, **r)
+                       n_test=len(data.test), **{**common, "feature_layer": "pooled last"}, **r)
             report.time("finetune", time.perf_counter() - t)
             run.say(f"fine-tune {name}: top-1 {report.results[-1]['top1']:.2f}")
 
