@@ -65,12 +65,13 @@ class PooledStages(nn.Module):
         super().__init__()
         self.model = model
         self.names = names
+        modules = dict(model.named_modules())
+        self._stages = tuple(modules[n] for n in names)  # a plain tuple: not registered twice
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = dict(self.model.named_modules())
         caught: dict[str, torch.Tensor] = {}
-        hooks = [modules[n].register_forward_hook(lambda _m, _a, out, n=n: caught.__setitem__(n, out))
-                 for n in self.names]
+        hooks = [m.register_forward_hook(lambda _m, _a, out, n=n: caught.__setitem__(n, out))
+                 for n, m in zip(self.names, self._stages)]
         try:
             self.model.forward_features(x)
         finally:
