@@ -45,6 +45,11 @@ def parse_layer(spec: str, model: nn.Module, arch: str = "the backbone") -> tupl
     return names
 
 
+def layer_label(names: tuple[str, ...]) -> str:
+    """The short form each result row carries: 'pooled last', 'pooled s3+s4'."""
+    return "pooled " + ("+".join(names) or LAST)
+
+
 def describe_layer(names: tuple[str, ...]) -> str:
     """The feature layer in words, for the report and the feature cache key."""
     if not names:

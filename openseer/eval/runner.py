@@ -21,7 +21,7 @@ from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
 from .common import EvalError, EvalTransform, LabelledData, open_labelled, warn
 from .features import backbone_features, cache_dir
 from .knn import DEFAULT_KS, TEMPERATURE, knn_eval
-from .layers import LAST, describe_layer, feature_model, parse_layer
+from .layers import LAST, describe_layer, feature_model, layer_label, parse_layer
 from .linear import linear_probe
 from .lowshot import FinetuneSettings, auto_epochs, finetune, lowshot_splits, save_split
 from .report import Report
@@ -165,8 +165,7 @@ def evaluate(opts: EvalOptions) -> dict:
     ftr, fte, secs = run.features(model, info, data, transform, "model")
     report.time("features", secs)
     report.header["data"] = data.describe()  # after any undecodable images were dropped
-    common = {"seed": opts.seed, "feature_layer": "pooled " + ("+".join(run.stages) or LAST),
-              "weights_hash": info["weights_hash"]}
+    common = {"seed": opts.seed, "feature_layer": layer_label(run.stages), "weights_hash": info["weights_hash"]}
     do = set(opts.protocols)
 
     splits: dict[str, dict] = {}
@@ -192,7 +191,7 @@ def evaluate(opts: EvalOptions) -> dict:
             r = finetune(model, info["arch"], data.train.subset(sp["indices"]), data.test, transform,
                          data.n_classes, settings[name], opts.seed, run.device, opts.progress, f"fine-tune {name}")
             report.add("this", "finetune", name, r.pop("top1"), r.pop("top5"), n_train=int(len(sp["indices"])),
-                       n_test=len(data.test), **{**common, "feature_layer": "pooled last"}, **r)
+                       n_test=len(data.test), **{**common, "feature_layer": layer_label(())}, **r)
             report.time("finetune", time.perf_counter() - t)
             run.say(f"fine-tune {name}: top-1 {report.results[-1]['top1']:.2f}")
 
