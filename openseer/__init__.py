@@ -21,12 +21,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def load(spec: Any, arch: str | None = None, device: str = "cpu", random_init: bool = False,
-         seed: int = 0) -> Model:
+         seed: int = 0, layer: str = "last") -> Model:
     """A ``Model`` (``.embed``, ``.backbone``, ``.export``, ``.evaluate``) from a run directory, a
-    checkpoint, an exported or imported file, or a timm name (random weights, nothing is downloaded)."""
+    checkpoint, an exported or imported file, or a timm name (random weights, nothing is downloaded).
+    ``layer``: the features ``embed`` returns ('last', a stage such as 's3', or 's3+s4')."""
     from .api import load as _load
 
-    return _load(spec, arch=arch, device=device, random_init=random_init, seed=seed)
+    return _load(spec, arch=arch, device=device, random_init=random_init, seed=seed, layer=layer)
 
 
 def __getattr__(name: str) -> Any:

@@ -4,6 +4,7 @@
     model = openseer.load("runs/a")              # run dir, checkpoint, exported file, or timm name
     emb = model.embed(["img1.jpg", "img2.png"])  # numpy (N, D) float32, one row per image
     net = model.backbone                         # the plain timm nn.Module: images -> pooled features
+    mid = openseer.load("runs/a", layer="s3+s4") # earlier stages, each pooled and L2-normalised, joined
 
 Images are prepared exactly as ``openseer eval`` prepares them (``EvalTransform``: images no larger
 than the training crop are resized to it, larger ones have their shorter side scaled to 1.14 x crop
@@ -22,6 +23,7 @@ from torch import nn
 
 from .data.decode import BadImage, load_image, to_rgb
 from .eval.common import RESIZE_RATIO, EvalTransform
+from .eval.layers import LAST, feature_model, layer_dim, parse_layer
 
 
 def draft_size(crop: int) -> int:
@@ -70,19 +72,28 @@ def prepare(items: Sequence[Any], transform: EvalTransform) -> torch.Tensor:
 
 
 class Model:
-    """A backbone with what it needs to be used: its transform, its info, and the actions on it."""
+    """A backbone with what it needs to be used: its transform, its info, and the actions on it.
 
-    def __init__(self, backbone: nn.Module, info: dict, spec: str | None = None, device: str = "cpu"):
+    ``layer`` picks the features ``embed`` returns, as ``openseer eval --layer`` does: 'last' (the
+    pooled last stage), a stage as timm names it ('s3'), or stages joined by '+' ('s3+s4').
+    """
+
+    def __init__(self, backbone: nn.Module, info: dict, spec: str | None = None, device: str = "cpu",
+                 layer: str = LAST):
         self.backbone = backbone.eval()
         self.info = info
         self.spec = spec
+        self.stages = parse_layer(layer, self.backbone, info.get("arch", "the backbone"))
+        self.layer = "+".join(self.stages) or LAST
+        self.features = feature_model(self.backbone, self.stages)
         self.transform = EvalTransform(int(info["crop_size"]), tuple(info["mean"]), tuple(info["std"]))
         self.device = torch.device(device)
         self.backbone.to(self.device)
 
     def __repr__(self) -> str:
+        layer = f", layer {self.layer}" if self.stages else ""
         return (f"openseer.Model({self.arch}, {self.info.get('init', 'loaded')}, crop {self.transform.crop}, "
-                f"{self.feature_dim}-d features, from {self.info.get('source')})")
+                f"{self.feature_dim}-d features{layer}, from {self.info.get('source')})")
 
     @property
     def arch(self) -> str:
@@ -90,7 +101,8 @@ class Model:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.info["feature_dim"])
+        """Width of what ``embed`` returns (the chosen stages' channels added up)."""
+        return layer_dim(self.backbone, self.stages) or int(self.info["feature_dim"])
 
     def to(self, device: str | torch.device) -> Model:
         self.device = torch.device(device)
@@ -129,7 +141,7 @@ class Model:
     def forward(self, x: torch.Tensor) -> np.ndarray:
         """Normalised batch (B, 3, H, W) -> features (B, D) float32 numpy."""
         with torch.inference_mode():
-            f = self.backbone(x.to(self.device, non_blocking=True))
+            f = self.features(x.to(self.device, non_blocking=True))
         return f.float().cpu().numpy()
 
     def embed_collection(self, data: str, out: str | Path, **options) -> dict:
@@ -139,7 +151,8 @@ class Model:
         return embed_collection(self, data, out, **options)
 
     def export(self, out: str | Path, format: str | None = None, check: bool = True) -> dict:
-        """Write the backbone as safetensors / torchscript / onnx / vissl (see ``openseer.export``)."""
+        """Write the backbone as safetensors / torchscript / onnx / vissl (see ``openseer.export``);
+        the whole backbone, whatever ``layer`` this Model embeds with."""
         from .export import export_model
 
         return export_model(self.backbone, self.info, out, format, check=check)
@@ -150,6 +163,7 @@ class Model:
         from .eval.runner import EvalOptions, evaluate
 
         kwargs = dict(options)
+        kwargs.setdefault("layer", self.layer)
         weights = self.spec
         if weights is None:  # built in Python: evaluate a temporary safetensors copy
             import tempfile
@@ -167,16 +181,17 @@ class Model:
 
 
 def load(spec: str | Path, arch: str | None = None, device: str = "cpu", random_init: bool = False,
-         seed: int = 0) -> Model:
+         seed: int = 0, layer: str = LAST) -> Model:
     """A ``Model`` from a run directory, a checkpoint, an exported file (.safetensors, a .pt state
     dict, an imported SEER file) or a timm model name (random weights: nothing is downloaded).
 
-    ``arch`` names the architecture of files that do not record it.
+    ``arch`` names the architecture of files that do not record it; ``layer`` the stages to embed
+    with ('last', 's3', 's3+s4': see ``Model``).
     """
     from .model.load import load_backbone
 
     backbone, info = load_backbone(str(spec), random_init=random_init, arch=arch, seed=seed)
-    return Model(backbone, info, spec=str(spec), device=device)
+    return Model(backbone, info, spec=str(spec), device=device, layer=layer)
 
 
 __all__ = ["BadImage", "Model", "image_tensor", "load", "prepare"]

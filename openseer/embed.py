@@ -37,6 +37,7 @@ import torch
 
 from .data.decode import BadImage, decode_bytes, load_image
 from .data.sources import DataError
+from .eval.layers import describe_layer
 
 PARTIAL = "embeddings.partial.npy"
 PROGRESS = "progress.json"
@@ -293,7 +294,7 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
     params = {"format": "openseer.embeddings.v1", "data": str(data), "data_fingerprint": coll.fingerprint(),
               "n": coll.n, "chunks": len(coll.chunks), "chunk_size": chunk_size if coll.kind != "shards" else None,
               "dtype": dtype, "dim": dim, "normalize": normalize, "weights_hash": model.info["weights_hash"],
-              "transform": model.transform.ident()}
+              "transform": model.transform.ident(), "layer": model.layer}
     progress_path, partial, parts = out / PROGRESS, out / PARTIAL, out / "parts"
     if out.exists() and any(out.iterdir()):
         old = _read_progress(progress_path)
@@ -347,6 +348,7 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
     complete = all((parts / f"{c.index:06d}.csv").is_file() for c in coll.chunks)
     meta = {"format": "openseer.embeddings.v1", "complete": complete, "data": coll.description,
             "n_inputs": coll.n, "dim": dim, "dtype": dtype, "normalized": normalize,
+            "feature_layer": describe_layer(model.stages),
             "model": {k: v for k, v in model.info.items() if k != "config"},
             "transform": model.transform.describe(), "chunks": len(coll.chunks), "chunks_skipped": len(done),
             "images_this_run": n_new, "seconds_this_run": round(seconds, 2),

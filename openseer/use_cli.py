@@ -20,6 +20,7 @@ EMBED_EXAMPLES = """examples:
   openseer embed runs/a --data /images --out emb/                 # folder (recursive)
   openseer embed runs/a --data paths.txt --out emb/ --dtype float32
   openseer embed runs/a --data 'shards/{000000..000099}.tar' --out emb/ --workers 2
+  openseer embed runs/a --data /images --out emb-s3s4/ --layer s3+s4   # two stages, each pooled, joined
   (interrupted? run the same command again: finished chunks are skipped)
 
 output: emb/embeddings.npy (np.load(..., mmap_mode='r')), emb/index.csv (row,key,path),
@@ -65,6 +66,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", metavar="NAME", help="architecture of a file that does not record it")
     p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="default float16")
     p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding (for cosine search)")
+    p.add_argument("--layer", default="last", metavar="STAGES",
+                   help="which features: 'last' (default: the pooled last stage), a stage as timm names it "
+                        "(RegNet s1..s4), or stages joined by '+' (each pooled and L2-normalised, concatenated), "
+                        "as in `openseer eval --layer`")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     p.add_argument("--chunk-size", type=int, default=4096,
                    help="images per resumable chunk (default 4096; tar shards: one chunk per shard)")
@@ -158,7 +163,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from .api import load
 
     _threads(args.threads)
-    model = load(args.weights, arch=args.backbone, device=_device(args.device))
+    model = load(args.weights, arch=args.backbone, device=_device(args.device), layer=args.layer)
     meta = model.embed_collection(args.data, args.out, dtype=args.dtype, batch_size=args.batch_size,
                                   chunk_size=args.chunk_size, workers=args.workers, limit=args.limit,
                                   normalize=args.normalize, overwrite=args.overwrite, progress=not args.quiet)

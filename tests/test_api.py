@@ -79,6 +79,9 @@ def test_evaluate_delegates_to_the_eval_runner(run, tmp_path, monkeypatch):
     assert model.evaluate("fashion-mnist", protocols=("knn",), limit_train=100) == {"results": []}
     opts = seen["opts"]
     assert opts.weights == str(run) and opts.protocols == ("knn",) and opts.limit_train == 100
+    assert opts.layer == "last"
+    openseer.load(run, layer="s3+s4").evaluate("fashion-mnist")  # the Model's layer is the default
+    assert seen["opts"].layer == "s3+s4"
     # a model built in Python is evaluated through a temporary export of its weights
     loose = openseer.api.Model(model.backbone, {k: v for k, v in model.info.items()})
     loose.evaluate("fashion-mnist")

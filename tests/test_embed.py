@@ -108,3 +108,28 @@ def test_not_an_embedding_folder_is_left_alone(model, folder, tmp_path):
     with pytest.raises(EmbedError, match="refusing to delete"):
         embed_collection(model, str(folder), out, progress=False, overwrite=True)
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_layer_embeds_the_named_stages_and_is_part_of_the_job(run, model, folder, tmp_path, capsys):
+    out = tmp_path / "emb"
+    assert main(["embed", str(run), "--data", str(folder), "--out", str(out), "--quiet", "--dtype", "float32",
+                 "--layer", "s3+s4"]) == 0
+    arr, index = load_embeddings(out)
+    widths = {f["module"]: f["num_chs"] for f in model.backbone.feature_info}
+    assert arr.shape == (15, widths["s3"] + widths["s4"])
+    # each stage's pooled vector is L2-normalised before they are joined
+    np.testing.assert_allclose(np.linalg.norm(arr[:, :widths["s3"]], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(arr, axis=1), 2 ** 0.5, rtol=1e-5)
+    ref = openseer.load(run, layer="s3+s4").embed([r["path"] for r in index])
+    np.testing.assert_allclose(arr, ref, rtol=1e-4, atol=1e-5)
+    # the s4 half is the normalised last-stage embedding
+    last = model.embed([r["path"] for r in index], normalize=True)
+    np.testing.assert_allclose(arr[:, widths["s3"]:], last, rtol=1e-4, atol=1e-5)
+    assert "s3+s4" in json.loads((out / "meta.json").read_text())["feature_layer"]
+    # the same folder cannot silently mix layers
+    with pytest.raises(EmbedError, match="layer"):
+        embed_collection(model, str(folder), out, dtype="float32", progress=False)
+    capsys.readouterr()
+    assert main(["embed", str(run), "--data", str(folder), "--out", str(tmp_path / "x"), "--layer", "res5"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown stage 'res5'" in err and "s1, s2, s3, s4" in err

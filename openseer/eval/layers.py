@@ -45,6 +45,15 @@ def parse_layer(spec: str, model: nn.Module, arch: str = "the backbone") -> tupl
     return names
 
 
+def layer_dim(model: nn.Module, names: tuple[str, ...]) -> int | None:
+    """Width of the features ``names`` give (the stages' channels added up); None for the last stage."""
+    if not names:
+        return None
+    chs = {f["module"]: int(f["num_chs"]) for f in getattr(model, "feature_info", None) or []
+           if isinstance(f, dict) and f.get("module")}
+    return sum(chs[n] for n in names)
+
+
 def layer_label(names: tuple[str, ...]) -> str:
     """The short form each result row carries: 'pooled last', 'pooled s3+s4'."""
     return "pooled " + ("+".join(names) or LAST)
