@@ -23,7 +23,7 @@ from torch import nn
 
 from .data.decode import BadImage, load_image, to_rgb
 from .eval.common import RESIZE_RATIO, EvalTransform
-from .eval.layers import LAST, feature_model, layer_dim, parse_layer
+from .eval.layers import LAST, feature_model, layer_dim, layer_spec, parse_layer
 
 
 def draft_size(crop: int) -> int:
@@ -84,7 +84,7 @@ class Model:
         self.info = info
         self.spec = spec
         self.stages = parse_layer(layer, self.backbone, info.get("arch", "the backbone"))
-        self.layer = "+".join(self.stages) or LAST
+        self.layer = layer_spec(self.stages)
         self.features = feature_model(self.backbone, self.stages)
         self.transform = EvalTransform(int(info["crop_size"]), tuple(info["mean"]), tuple(info["std"]))
         self.device = torch.device(device)

@@ -22,10 +22,15 @@ from .features import FEATURE_LAYER
 LAST = "last"
 
 
-def stage_names(model: nn.Module) -> list[str]:
-    """The module names of the backbone's stages, from timm's ``feature_info`` (empty if it has none)."""
+def stage_channels(model: nn.Module) -> dict[str, int]:
+    """{stage module name: channels} in order, from timm's ``feature_info`` (empty if it has none)."""
     info = getattr(model, "feature_info", None) or []
-    return [f["module"] for f in info if isinstance(f, dict) and f.get("module")]
+    return {f["module"]: int(f["num_chs"]) for f in info if isinstance(f, dict) and f.get("module")}
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    """The module names of the backbone's stages (empty if it has no timm ``feature_info``)."""
+    return list(stage_channels(model))
 
 
 def parse_layer(spec: str, model: nn.Module, arch: str = "the backbone") -> tuple[str, ...]:
@@ -49,14 +54,18 @@ def layer_dim(model: nn.Module, names: tuple[str, ...]) -> int | None:
     """Width of the features ``names`` give (the stages' channels added up); None for the last stage."""
     if not names:
         return None
-    chs = {f["module"]: int(f["num_chs"]) for f in getattr(model, "feature_info", None) or []
-           if isinstance(f, dict) and f.get("module")}
+    chs = stage_channels(model)
     return sum(chs[n] for n in names)
+
+
+def layer_spec(names: tuple[str, ...]) -> str:
+    """``names`` back in ``--layer`` form: 'last', 's3', 's3+s4'."""
+    return "+".join(names) or LAST
 
 
 def layer_label(names: tuple[str, ...]) -> str:
     """The short form each result row carries: 'pooled last', 'pooled s3+s4'."""
-    return "pooled " + ("+".join(names) or LAST)
+    return f"pooled {layer_spec(names)}"
 
 
 def describe_layer(names: tuple[str, ...]) -> str:
