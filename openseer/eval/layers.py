@@ -74,7 +74,7 @@ def describe_layer(names: tuple[str, ...]) -> str:
         return FEATURE_LAYER
     if len(names) == 1:
         return f"pooled {names[0]} (global average pool of that stage's output)"
-    return f"pooled {'+'.join(names)} (global average pool of each stage, each L2-normalised, concatenated)"
+    return f"pooled {layer_spec(names)} (global average pool of each stage, each L2-normalised, concatenated)"
 
 
 class PooledStages(nn.Module):
