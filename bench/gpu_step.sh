@@ -7,7 +7,11 @@
 #     same process (bench/train_step.py --device cuda);
 #  2. the same under torch.compile, batch $COMPILE_BATCH (default 128), with limits (200 / 250 s) for a cold
 #     inductor cache (2026-11-29: both compiles took over 130 s / 150 s cold);
-#  3. with TINY=1, first: openseer's own training loop on CUDA, `openseer pretrain` with the tiny-cpu
+#     COMPILE_MODE=max-autotune-no-cudagraphs (or reduce-overhead: CUDA graphs) compiles with that mode
+#     instead (untried on the H200 so far: a second call, as each cold compile needs its own minutes);
+#  3. with CEILING=1, the eager runs also time each convolution / linear layer alone (--ceiling): the
+#     utilisation the step cannot pass with these kernels;
+#  4. with TINY=1, first: openseer's own training loop on CUDA, `openseer pretrain` with the tiny-cpu
 #     recipe on Fashion-MNIST (the idx files carried in .fm/) for a fixed number of steps.
 # Measured 2026-11-29 at batch 32 and 64: docs/benchmarks.md (training-step section, GPU).
 # One JSON line per run, on stdout and appended to $OUT/gpu_step.jsonl (or ./gpu_step.jsonl). Each
@@ -37,6 +41,7 @@ if [ "${TINY:-0}" = 1 ] && [ -d .fm ]; then  # the real training loop on CUDA (a
   [ -f /tmp/gpu-tiny/metrics.jsonl ] && cp /tmp/gpu-tiny/metrics.jsonl "$OUTDIR/gpu_tiny_metrics.jsonl"
   [ -f /tmp/gpu-tiny/config.yaml ] && cp /tmp/gpu-tiny/config.yaml "$OUTDIR/gpu_tiny_config.yaml"
 fi
-big 120 rg32,rg128 "$BATCHES"
-big 200 rg32 "$COMPILE_BATCH" --big-compile
-big 250 rg128 "$COMPILE_BATCH" --big-compile
+COMPILE=(--big-compile ${COMPILE_MODE:+--big-compile-mode "$COMPILE_MODE"})
+big 120 rg32,rg128 "$BATCHES" $([ "${CEILING:-0}" = 1 ] && echo --ceiling)
+big 200 rg32 "$COMPILE_BATCH" "${COMPILE[@]}"
+big 250 rg128 "$COMPILE_BATCH" "${COMPILE[@]}"

@@ -22,6 +22,7 @@ Configurations:
 
     python bench/train_step.py [--configs tiny,tiny-baseline,rg32,levers] [--steps N] [--smoke]
     python bench/train_step.py --device cuda --configs rg32,rg128 --big-batch 32,128 [--big-compile]
+    python bench/train_step.py --configs tiny,rg32 --big-batch 4,8 --ceiling   # + each layer timed alone
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ def _split(rows: list[dict]) -> dict:
     return {k: round(sum(r[f"{k}_s"] for r in rows) / len(rows), 4) for k in keys}
 
 
-def bench_tiny(steps: int, overrides: list[str]) -> dict:
-    """openseer's own loop (tiny-cpu recipe), timings from its metrics."""
+def bench_tiny(steps: int, overrides: list[str], ceiling: bool = False) -> dict:
+    """openseer's own loop (tiny-cpu recipe), timings from its metrics (``ceiling``: also time each
+    convolution / linear layer alone, see ``kernel_ceiling``)."""
     from openseer.config import build_config
     from openseer.model.swav import build_swav
     from openseer.train.hardware import resolve_auto
@@ -114,11 +116,13 @@ def bench_tiny(steps: int, overrides: list[str]) -> dict:
     amp = torch.bfloat16 if cfg.optim.precision == "bf16" else None
     flops = count_flops(model, crops, amp)
     flops_torch = count_flops(model, crops, amp, torch_formula=True)
+    layers = kernel_ceiling(model, crops, amp) if ceiling else None
     model_s = split["forward"] + split["backward"]
     return {"config": "tiny", "arch": cfg.model.arch, "batch": cfg.data.batch_size, "overrides": overrides,
             "imgs_per_s": round(cfg.data.batch_size / step_s, 1), "step_s": round(step_s, 4), "split_s": split,
             "flops_per_step": flops, "flops_per_step_torch_formula": flops_torch, "model_flops_per_s": flops / model_s,
-            "precision": cfg.optim.precision, "compile": cfg.model.compile, "channels_last": cfg.model.channels_last}
+            "precision": cfg.optim.precision, "compile": cfg.model.compile, "channels_last": cfg.model.channels_last,
+            **({"layers": {**layers, "share_of_step": round(layers["layers_s"] / model_s, 3)}} if layers else {})}
 
 
 class _PILCrops(torch.utils.data.Dataset):
@@ -212,9 +216,11 @@ BIG_CONFIGS = {"rg32": "regnety_320", "rg128": "regnety_1280"}  # config name ->
 
 
 def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool, device: str = "cpu",
-              compile: bool = False) -> dict:
+              compile: bool | str = False, ceiling: bool = False) -> dict:
     """Model step of a SEER RegNetY at 2x160 + 4x96 with synthetic images (``device``: cpu or cuda;
-    ``compile``: torch.compile the backbone, as model.compile=true does; its build is not timed)."""
+    ``compile``: torch.compile the backbone, as model.compile=true does (a string: with that
+    ``mode``, e.g. max-autotune-no-cudagraphs); its build is not timed;
+    ``ceiling``: also time each convolution / linear layer alone, see ``kernel_ceiling``)."""
     from openseer.config import build_config
     from openseer.model.swav import SwAVLoss, build_swav
     from openseer.train.optim import build_optimizer
@@ -238,8 +244,9 @@ def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool
     amp = torch.bfloat16 if bf16 else None
     flops = count_flops(model, crops, amp)  # eager, before compiling
     flops_torch = count_flops(model, crops, amp, torch_formula=True)
+    layers = kernel_ceiling(model, crops, amp) if ceiling else None
     if compile:
-        model.backbone.compile(dynamic=False)
+        model.backbone.compile(dynamic=False, **({"mode": compile} if isinstance(compile, str) else {}))
     warmup = 2 if compile else 1  # the first step builds the graphs (one per crop resolution)
     times, opt_times = [], []
     for step in range(steps + warmup):
@@ -266,7 +273,101 @@ def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool
             "flops_per_step_torch_formula": flops_torch,
             "model_flops_per_s": flops / model_s, "precision": "bf16" if bf16 else "fp32",
             "channels_last": channels_last,
+            **({"layers": {**layers, "share_of_step": round(layers["layers_s"] / model_s, 3)}} if layers else {}),
             **({"gpu_peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)} if device == "cuda" else {})}
+
+
+def kernel_ceiling(model: torch.nn.Module, crops: list[torch.Tensor], amp_dtype, reps: int = 3) -> dict:
+    """The step's best case with these kernels: every convolution and linear layer of one forward +
+    backward, timed alone (its own module, bf16 weights and inputs of the shapes the step gives it, hot
+    caches), summed; everything else (norms, activations, casts, the loss) counted as free.
+
+    Layers that compute in fp32 under autocast (``NarrowGroupConv2d``) are timed in fp32.
+    ``util_ceiling`` = the layers' FLOPs over that summed time, over nothing else: a utilisation the
+    whole step cannot exceed unless the kernels themselves get faster. Rows are grouped by kind
+    (grouped 3x3, 1x1, other convolutions, linear) with each kind's time and FLOP rate.
+    """
+    import copy
+
+    from openseer.model.backbone import NarrowGroupConv2d
+
+    device = crops[0].device.type
+    seen: dict[tuple, dict] = {}
+
+    def hook(mod, args, out):
+        x = args[0]
+        cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        key = (id(mod), tuple(x.shape), x.requires_grad, cl)
+        if key not in seen:
+            seen[key] = {"mod": mod, "shape": tuple(x.shape), "grad_in": x.requires_grad, "cl": cl, "n": 0}
+        seen[key]["n"] += 1
+
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+            out = model(crops)
+        scores = out[1] if isinstance(out, tuple) else out  # the SwAV model gives (z, scores)
+        scores.float().logsumexp(1).mean().backward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    dtype = amp_dtype or torch.float32
+    by_shape: dict[tuple, dict] = {}  # identical layers on identical inputs are timed once
+    for e in seen.values():
+        m = e["mod"]
+        conv = isinstance(m, torch.nn.Conv2d)
+        sig = ((type(m).__name__, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.groups,
+                m.bias is not None) if conv else ("Linear", m.in_features, m.out_features, m.bias is not None))
+        k = (sig, e["shape"], e["grad_in"], e["cl"])
+        if k in by_shape:
+            by_shape[k]["n"] += e["n"]
+        else:
+            by_shape[k] = dict(e)
+    rows = {}
+    for e in by_shape.values():
+        # each layer in the precision it computes in: narrow-group convs in fp32 under autocast
+        compute = torch.float32 if isinstance(e["mod"], NarrowGroupConv2d) else dtype
+        m = copy.deepcopy(e["mod"]).to(compute)
+        x = torch.randn(e["shape"], device=crops[0].device, dtype=compute)
+        if e["cl"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(e["grad_in"])
+        y = m(x)
+        g = torch.randn_like(y)
+
+        def fwd_bwd(m=m, x=x, g=g):
+            m(x).backward(g)
+        with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as counter:
+            fwd_bwd()
+        flops = counter.get_total_flops()
+        fwd_bwd()
+        _sync(device)
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            fwd_bwd()
+            _sync(device)
+            best = min(best, time.perf_counter() - t)
+        if isinstance(m, torch.nn.Linear):
+            kind = "linear"
+        elif m.kernel_size == (1, 1):
+            kind = "conv 1x1"
+        elif m.groups > 1:
+            kind = "conv grouped"
+        else:
+            kind = "conv other"
+        r = rows.setdefault(kind, {"calls": 0, "s": 0.0, "flops": 0})
+        r["calls"] += e["n"]
+        r["s"] += best * e["n"]
+        r["flops"] += flops * e["n"]
+    total_s = sum(r["s"] for r in rows.values())
+    total_flops = sum(r["flops"] for r in rows.values())
+    return {"layers_s": round(total_s, 4), "layers_flops": total_flops,
+            "layers_flops_per_s": total_flops / total_s,
+            "by_kind": {k: {"calls": r["calls"], "s": round(r["s"], 4), "flops_per_s": r["flops"] / r["s"]}
+                        for k, r in sorted(rows.items())}}
 
 
 def _timed(fn, reps: int) -> float:
@@ -341,6 +442,7 @@ def bench_model_levers(smoke: bool) -> list[dict]:
 LOOP_LEVERS = [
     ("channels_last (off)", ["model.channels_last=false"]),
     ("1x1 convolutions with a matmul backward (off)", ["model.pointwise_matmul=false"]),
+    ("grouped convolutions of < 16 channels per group in fp32 under bf16 (off)", ["model.narrow_group_fp32=false"]),
     ("bf16 autocast (off; the recipe's auto turns it on where the CPU has AVX512-BF16 or AMX)", ["optim.precision=fp32"]),
     ("torch.compile (off; auto turns it on where a C++ compiler is found)", ["model.compile=false"]),
     ("bf16 autocast and torch.compile (both off)", ["optim.precision=fp32", "model.compile=false"]),
@@ -379,13 +481,22 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                     help="where the big configs (rg32, rg128) and the matmul peaks run; tiny ones run on CPU")
     ap.add_argument("--big-compile", action="store_true", help="torch.compile the big configs' backbone")
+    ap.add_argument("--big-compile-mode", default=None,
+                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                    help="compile the big configs with this torch.compile mode (implies --big-compile)")
+    ap.add_argument("--ceiling", action="store_true",
+                    help="also time every convolution / linear layer of the tiny and big configs alone: the "
+                         "utilisation the step cannot exceed with these kernels (layers.util_*_ceiling)")
     ap.add_argument("--smoke", action="store_true", help="a few steps of everything (for the test suite)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for the tiny config")
     args = ap.parse_args()
+    args.big_compile = args.big_compile or args.big_compile_mode is not None  # a mode implies compiling
     if args.smoke:
         args.steps, args.big_steps = 4, 1
     args.big_batch = args.big_batch or ("1" if args.smoke else "4")
     n = 512 if args.smoke else (8192 if args.device == "cuda" else 2048)
+    from openseer.train.hardware import native_bf16
+
     peaks = {"fp32": matmul_peak(torch.float32, n, device=args.device),
              "bf16": matmul_peak(torch.bfloat16, n, device=args.device)}
     results = []
@@ -398,13 +509,14 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
             continue
         if name == "tiny":
-            r = bench_tiny(args.steps, args.overrides + (SMOKE if args.smoke else []))
+            r = bench_tiny(args.steps, args.overrides + (SMOKE if args.smoke else []), ceiling=args.ceiling)
         elif name == "tiny-baseline":
             r = bench_tiny_baseline(args.steps)
         elif name in BIG_CONFIGS:
             try:
                 r = bench_big(BIG_CONFIGS[name] if not args.smoke else "regnety_002", args.big_steps, batch,
-                              bf16=True, channels_last=True, device=args.device, compile=args.big_compile)
+                              bf16=True, channels_last=True, device=args.device, compile=(args.big_compile_mode or True) if args.big_compile else False,
+                              ceiling=args.ceiling)
             except torch.OutOfMemoryError as e:  # one batch too large for the device: say so, go on
                 print(json.dumps({"bench": "train_step", "config": name, "batch": batch,
                                   "error": f"out of memory: {str(e).splitlines()[0]}"}), flush=True)
@@ -422,8 +534,14 @@ def main() -> None:
         torch_rate = r["model_flops_per_s"] * r["flops_per_step_torch_formula"] / r["flops_per_step"]
         r["util_torch_formula"] = {"fp32": round(torch_rate / peaks["fp32"], 3),
                                    "bf16": round(torch_rate / peaks["bf16"], 3)}
+        if "layers" in r:
+            r["layers"]["util_bf16_ceiling"] = round(r["layers"]["layers_flops_per_s"] / peaks["bf16"], 3)
+            r["layers"]["util_fp32_ceiling"] = round(r["layers"]["layers_flops_per_s"] / peaks["fp32"], 3)
+            for k in r["layers"]["by_kind"].values():
+                k["util_bf16"] = round(k["flops_per_s"] / peaks["bf16"], 3)
         r["threads"] = torch.get_num_threads()
         r["machine"] = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+        r["cpu_bf16"] = native_bf16(torch.device("cpu"))[1]  # AMX multiplies the bf16 peak several-fold
         if args.device == "cuda":
             r["gpu"] = torch.cuda.get_device_name()
         results.append(r)

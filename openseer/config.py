@@ -71,6 +71,7 @@ class ModelConfig:
     compile: bool | str = False  # torch.compile the backbone (slow first steps); auto: train/hardware.py
     stem_stride: int = 0  # 0 = the architecture's; 1 = no downsampling in the stem (small images, e.g. 28 px)
     pointwise_matmul: bool = True  # CPU + channels_last: 1x1 convs get a matmul backward (same math, faster)
+    narrow_group_fp32: bool = True  # CPU + bf16: grouped convs of < 16 channels per group in fp32 (faster with AMX)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import build_backbone, feature_dim, pointwise_convs_as_matmul
+from .backbone import build_backbone, feature_dim, narrow_group_convs_in_fp32, pointwise_convs_as_matmul
 
 
 class ProjectionHead(nn.Module):
@@ -99,6 +99,8 @@ def build_swav(cfg, device: str | torch.device = "cpu") -> SwAV:
         protos = Prototypes(m.head_out, cfg.swav.n_prototypes)
     if m.channels_last and m.pointwise_matmul:
         pointwise_convs_as_matmul(backbone)
+    if m.narrow_group_fp32:
+        narrow_group_convs_in_fp32(backbone)
     model = SwAV(backbone, head, protos, channels_last=m.channels_last)
     if m.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -47,7 +47,8 @@ from .sharded import restore_state, save_sharded
 # overrides that may change when a run is resumed; everything else must match the checkpoint
 RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device", "dist.backend",
                   "dist.strategy", "dist.fsdp_wrap", "dist.activation_checkpointing",
-                  "model.compile", "model.pointwise_matmul")  # speed, not the math (tests/train/test_levers.py)
+                  "model.compile", "model.pointwise_matmul",
+                  "model.narrow_group_fp32")  # speed, not the math (tests/train/test_levers.py)
 
 
 class RunError(RuntimeError):

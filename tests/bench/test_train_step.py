@@ -42,10 +42,39 @@ def test_grouped_convolution_backward_counts_two_forwards():
         assert counts["aten.convolution_backward"] == forward
 
 
+class _ConvLinear(torch.nn.Module):
+    """conv 3x3 -> pool -> linear, applied to each crop: two resolutions, so two shapes per layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.fc = torch.nn.Linear(16, 10, bias=False)
+
+    def forward(self, crops):
+        return torch.cat([self.fc(self.conv(c).mean((2, 3))) for c in crops])
+
+
+def test_kernel_ceiling_times_each_layer_alone_with_hand_counted_flops():
+    bench = _bench()
+    model = _ConvLinear()
+    crops = [torch.randn(2, 3, 12, 12), torch.randn(2, 3, 12, 12), torch.randn(2, 3, 6, 6)]
+    out = bench.kernel_ceiling(model, crops, None, reps=1)
+    kinds = out["by_kind"]
+    assert set(kinds) == {"conv other", "linear"}
+    assert kinds["conv other"]["calls"] == 3 and kinds["linear"]["calls"] == 3
+    # by hand: the conv's input needs no gradient (images), so forward + grad-weight = 2 forwards;
+    # the linear's input does (it comes from the conv): forward + grad-input + grad-weight = 3.
+    conv = sum(2 * 2 * 16 * 3 * 9 * s * s for s in (12, 12, 6))
+    linear = 3 * 2 * 2 * 16 * 10
+    assert out["layers_flops"] == 2 * conv + 3 * linear
+    assert out["layers_s"] > 0 and out["layers_flops_per_s"] > 0
+    assert all(p.grad is None for p in model.parameters())  # the model is left as it was
+
+
 @fmnist_available
 def test_train_step_bench_smoke_prints_one_json_line_per_configuration():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--smoke",
-                          "--configs", "tiny,tiny-baseline,rg32,rg128,levers", "--big-batch", "1,2"],
+                          "--configs", "tiny,tiny-baseline,rg32,rg128,levers", "--big-batch", "1,2", "--ceiling"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
@@ -59,6 +88,12 @@ def test_train_step_bench_smoke_prints_one_json_line_per_configuration():
     assert len(big) == 4 and all(r["device"] == "cpu" and r["compile"] is False for r in big)
     assert sorted(r["batch"] for r in big) == [1, 1, 2, 2]
     assert all(0 < r["imgs_per_s_with_optimizer"] < r["imgs_per_s"] for r in big)
+    for r in [*big, by["tiny"]]:  # --ceiling: the layers alone, at most what the step does plus timing noise
+        layers = r["layers"]
+        assert {"conv 1x1", "conv grouped", "linear"} <= layers["by_kind"].keys()
+        assert 0 < layers["share_of_step"] and layers["util_bf16_ceiling"] > 0
+        assert layers["layers_flops"] <= r["flops_per_step"]
+    assert "cpu_bf16" in by["tiny"]
     levers = [r for r in rows if r.get("config") == "lever"]
     names = " | ".join(r["lever"] for r in levers)
     for part in ("channels_last", "trunk pass", "LARC", "Sinkhorn K=16000"):

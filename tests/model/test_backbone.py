@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from openseer.model.backbone import (
+    NarrowGroupConv2d,
     PointwiseConv2d,
     build_backbone,
     guard_strided_convs_on_1x1_inputs,
+    narrow_group_convs_in_fp32,
     pointwise_convs_as_matmul,
 )
 
@@ -98,3 +100,28 @@ def test_pointwise_matmul_picks_only_1x1_stride_1_ungrouped_convs():
     model.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(model(x), model(x.to(memory_format=torch.channels_last)), rtol=1e-4, atol=1e-5)
+
+
+def test_narrow_group_convs_run_in_fp32_under_cpu_autocast_only():
+    model = build_backbone("regnetx_002")  # 8 channels per group everywhere
+    grouped = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1}
+    keys = model.state_dict().keys()
+    assert narrow_group_convs_in_fp32(model) == len(grouped) == 13
+    assert {n for n, m in model.named_modules() if isinstance(m, NarrowGroupConv2d)} == grouped
+    assert model.state_dict().keys() == keys
+    wide = build_backbone("regnetx_004")  # 16 per group: bf16 is faster there, left alone
+    assert narrow_group_convs_in_fp32(wide) == 0
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=2, bias=False)
+    fast = copy.deepcopy(conv)
+    assert narrow_group_convs_in_fp32(fast) == 1
+    x = torch.randn(2, 16, 6, 6).to(memory_format=torch.channels_last)
+    assert torch.equal(fast(x), conv(x))  # no autocast: the convolution itself
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xb = x.bfloat16().requires_grad_()
+        out_fast, out_bf16 = fast(xb), conv(xb)
+    assert out_bf16.dtype == torch.bfloat16 and out_fast.dtype == torch.float32
+    # the fp32 result of the bf16 input: exactly what an fp32 convolution of that input gives
+    assert torch.allclose(out_fast, conv(xb.detach().float()), atol=1e-6)
+    out_fast.sum().backward()
+    assert xb.grad.dtype == torch.bfloat16 and fast.weight.grad.dtype == torch.float32
