@@ -113,6 +113,15 @@ def guard_strided_convs_on_1x1_inputs(model: nn.Module) -> int:
     return n
 
 
+def _retype_convs(model: nn.Module, cls: type[nn.Conv2d], chosen) -> int:
+    """Give every plain ``nn.Conv2d`` for which ``chosen(conv)`` holds the class ``cls`` (a subclass with
+    another forward/backward: same parameters and state_dict keys); returns how many."""
+    convs = [m for m in model.modules() if type(m) is nn.Conv2d and chosen(m)]
+    for conv in convs:
+        conv.__class__ = cls
+    return len(convs)
+
+
 class _PointwiseConv(torch.autograd.Function):
     """conv2d(x, w) for a 1x1 kernel, forward as the convolution, backward as two matmuls on NHWC views."""
 
@@ -155,14 +164,9 @@ def pointwise_convs_as_matmul(model: nn.Module) -> int:
     """Give every 1x1 / stride-1 / ungrouped / bias-free ``Conv2d`` a matmul backward; returns how many.
 
     The modules become ``PointwiseConv2d`` in place (same parameters and state_dict keys)."""
-    n = 0
-    for conv in model.modules():
-        if (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-                and conv.groups == 1 and conv.bias is None and conv.padding in ((0, 0), "valid")
-                and conv.dilation == (1, 1) and conv.padding_mode == "zeros"):
-            conv.__class__ = PointwiseConv2d
-            n += 1
-    return n
+    return _retype_convs(model, PointwiseConv2d, lambda c: (
+        c.kernel_size == (1, 1) and c.stride == (1, 1) and c.groups == 1 and c.bias is None
+        and c.padding in ((0, 0), "valid") and c.dilation == (1, 1) and c.padding_mode == "zeros"))
 
 
 NARROW_GROUP = 16  # channels per group below which bf16 grouped convs lose to fp32 on AMX
@@ -175,7 +179,7 @@ class NarrowGroupConv2d(nn.Conv2d):
     AMX multiplies bf16 on 16-row x 32-column tiles; a group of 8 channels fills a fraction of one,
     and oneDNN's bf16 kernels for such convs ran at half the speed of its fp32 ones here (all of
     regnetx_002's grouped convs at 12-24 px, fwd+bwd: 111 ms bf16, 56 ms fp32; the tiny-cpu step
-    1.2x faster). From 16 channels per group up bf16 wins (2-5x at 14 px), and on a CPU without AMX
+    1.3x faster). From 16 channels per group up bf16 wins (2-5x at 14 px), and on a CPU without AMX
     the tiny step was unchanged. Same weights and keys; outside CPU autocast a plain convolution.
     """
 
@@ -189,12 +193,7 @@ class NarrowGroupConv2d(nn.Conv2d):
 def narrow_group_convs_in_fp32(model: nn.Module) -> int:
     """Make every grouped ``Conv2d`` with fewer than ``NARROW_GROUP`` channels per group a
     ``NarrowGroupConv2d`` in place (same parameters and state_dict keys); returns how many."""
-    n = 0
-    for conv in model.modules():
-        if type(conv) is nn.Conv2d and conv.groups > 1 and conv.in_channels // conv.groups < NARROW_GROUP:
-            conv.__class__ = NarrowGroupConv2d
-            n += 1
-    return n
+    return _retype_convs(model, NarrowGroupConv2d, lambda c: c.groups > 1 and c.in_channels // c.groups < NARROW_GROUP)
 
 
 def feature_dim(backbone: nn.Module) -> int:
