@@ -122,7 +122,7 @@ def bench_tiny(steps: int, overrides: list[str], ceiling: bool = False) -> dict:
             "imgs_per_s": round(cfg.data.batch_size / step_s, 1), "step_s": round(step_s, 4), "split_s": split,
             "flops_per_step": flops, "flops_per_step_torch_formula": flops_torch, "model_flops_per_s": flops / model_s,
             "precision": cfg.optim.precision, "compile": cfg.model.compile, "channels_last": cfg.model.channels_last,
-            **({"layers": {**layers, "share_of_step": round(layers["layers_s"] / model_s, 3)}} if layers else {})}
+            **({"layers": layers} if layers else {})}
 
 
 class _PILCrops(torch.utils.data.Dataset):
@@ -273,7 +273,7 @@ def bench_big(arch: str, steps: int, batch: int, bf16: bool, channels_last: bool
             "flops_per_step_torch_formula": flops_torch,
             "model_flops_per_s": flops / model_s, "precision": "bf16" if bf16 else "fp32",
             "channels_last": channels_last,
-            **({"layers": {**layers, "share_of_step": round(layers["layers_s"] / model_s, 3)}} if layers else {}),
+            **({"layers": layers} if layers else {}),
             **({"gpu_peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)} if device == "cuda" else {})}
 
 
@@ -292,15 +292,17 @@ def kernel_ceiling(model: torch.nn.Module, crops: list[torch.Tensor], amp_dtype,
     from openseer.model.backbone import NarrowGroupConv2d
 
     device = crops[0].device.type
-    seen: dict[tuple, dict] = {}
+    seen: dict[tuple, dict] = {}  # identical layers on identical inputs are timed once
 
     def hook(mod, args, out):
         x = args[0]
         cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-        key = (id(mod), tuple(x.shape), x.requires_grad, cl)
-        if key not in seen:
-            seen[key] = {"mod": mod, "shape": tuple(x.shape), "grad_in": x.requires_grad, "cl": cl, "n": 0}
-        seen[key]["n"] += 1
+        sig = ((type(mod).__name__, mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding,
+                mod.groups, mod.bias is not None) if isinstance(mod, torch.nn.Conv2d)
+               else ("Linear", mod.in_features, mod.out_features, mod.bias is not None))
+        e = seen.setdefault((sig, tuple(x.shape), x.requires_grad, cl),
+                            {"mod": mod, "shape": tuple(x.shape), "grad_in": x.requires_grad, "cl": cl, "n": 0})
+        e["n"] += 1
 
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     handles = [m.register_forward_hook(hook) for m in layers]
@@ -314,19 +316,8 @@ def kernel_ceiling(model: torch.nn.Module, crops: list[torch.Tensor], amp_dtype,
             h.remove()
         model.zero_grad(set_to_none=True)
     dtype = amp_dtype or torch.float32
-    by_shape: dict[tuple, dict] = {}  # identical layers on identical inputs are timed once
-    for e in seen.values():
-        m = e["mod"]
-        conv = isinstance(m, torch.nn.Conv2d)
-        sig = ((type(m).__name__, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.groups,
-                m.bias is not None) if conv else ("Linear", m.in_features, m.out_features, m.bias is not None))
-        k = (sig, e["shape"], e["grad_in"], e["cl"])
-        if k in by_shape:
-            by_shape[k]["n"] += e["n"]
-        else:
-            by_shape[k] = dict(e)
     rows = {}
-    for e in by_shape.values():
+    for e in seen.values():
         # each layer in the precision it computes in: narrow-group convs in fp32 under autocast
         compute = torch.float32 if isinstance(e["mod"], NarrowGroupConv2d) else dtype
         m = copy.deepcopy(e["mod"]).to(compute)
@@ -472,6 +463,8 @@ def bench_loop_levers(steps: int, smoke: bool) -> list[dict]:
 
 
 def main() -> None:
+    from openseer.train.hardware import native_bf16
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", default="tiny,tiny-baseline,rg32")
     ap.add_argument("--steps", type=int, default=40)
@@ -490,13 +483,11 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="a few steps of everything (for the test suite)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides for the tiny config")
     args = ap.parse_args()
-    args.big_compile = args.big_compile or args.big_compile_mode is not None  # a mode implies compiling
+    big_compile = args.big_compile_mode or args.big_compile  # a mode (str) implies compiling
     if args.smoke:
         args.steps, args.big_steps = 4, 1
     args.big_batch = args.big_batch or ("1" if args.smoke else "4")
     n = 512 if args.smoke else (8192 if args.device == "cuda" else 2048)
-    from openseer.train.hardware import native_bf16
-
     peaks = {"fp32": matmul_peak(torch.float32, n, device=args.device),
              "bf16": matmul_peak(torch.bfloat16, n, device=args.device)}
     results = []
@@ -515,8 +506,7 @@ def main() -> None:
         elif name in BIG_CONFIGS:
             try:
                 r = bench_big(BIG_CONFIGS[name] if not args.smoke else "regnety_002", args.big_steps, batch,
-                              bf16=True, channels_last=True, device=args.device, compile=(args.big_compile_mode or True) if args.big_compile else False,
-                              ceiling=args.ceiling)
+                              bf16=True, channels_last=True, device=args.device, compile=big_compile, ceiling=args.ceiling)
             except torch.OutOfMemoryError as e:  # one batch too large for the device: say so, go on
                 print(json.dumps({"bench": "train_step", "config": name, "batch": batch,
                                   "error": f"out of memory: {str(e).splitlines()[0]}"}), flush=True)
@@ -535,6 +525,7 @@ def main() -> None:
         r["util_torch_formula"] = {"fp32": round(torch_rate / peaks["fp32"], 3),
                                    "bf16": round(torch_rate / peaks["bf16"], 3)}
         if "layers" in r:
+            r["layers"]["share_of_step"] = round(r["layers"]["layers_s"] * r["model_flops_per_s"] / r["flops_per_step"], 3)
             r["layers"]["util_bf16_ceiling"] = round(r["layers"]["layers_flops_per_s"] / peaks["bf16"], 3)
             r["layers"]["util_fp32_ceiling"] = round(r["layers"]["layers_flops_per_s"] / peaks["fp32"], 3)
             for k in r["layers"]["by_kind"].values():
