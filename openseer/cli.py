@@ -70,8 +70,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = build_config(args.recipe or "tiny-cpu", args.overrides, base=base)
         summary = pretrain(cfg, Path(args.out), resume="auto" if args.auto_resume else False,
                            max_steps=args.max_steps)
-    from .train.distributed import env_from_os
+    from .train.distributed import close_distributed, env_from_os
 
+    close_distributed()  # the process ends here: gloo's threads must be joined before the interpreter exits
     why = f" ({summary['preempted']}: checkpoint written, resume with --resume)" if summary.get("preempted") else ""
     if env_from_os().is_main:  # once per run, not once per process
         print(f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}; run in {summary['run_dir']}")

@@ -111,6 +111,15 @@ def init_distributed(backend: str = "auto", device: str = "cpu") -> DistEnv:
     return env
 
 
+def close_distributed() -> None:
+    """Destroy every process group, after all ranks are done with them. Gloo's worker threads must be
+    joined before the interpreter shuts down, or a rank can die of SIGABRT ("terminate called without
+    an active exception") after a run that ended well."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def on_main(env: DistEnv, fn, *args):
     """Run ``fn(*args)`` on rank 0 only and give every rank its result, or raise its error on every
     rank (as ``DistError`` on the others), so file-system decisions cannot race between ranks."""

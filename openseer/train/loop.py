@@ -272,7 +272,9 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a crash
-    path.write_text("".join(x + "\n" for x in keep))
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    os.replace(tmp, path)  # a kill while rewriting must not lose the lines we keep
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> Config:
@@ -312,7 +314,10 @@ class _StopRequest:
 
 
 def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_steps: int | None = None) -> dict:
-    """Run (or continue) SwAV pretraining; returns a summary dict (final step, loss, counters)."""
+    """Run (or continue) SwAV pretraining; returns a summary dict (final step, loss, counters).
+    Under torchrun it starts the process group, or uses the one already started, and leaves it open
+    (a later call in the same process reuses it); the process's owner closes it with
+    ``close_distributed()`` when done, as ``openseer pretrain`` does."""
     run_dir = Path(run_dir)
     device = resolve_device(cfg.device)
     cfg, auto_notes = resolve_auto(cfg, device)  # the saved config says what ran

@@ -314,6 +314,33 @@ def test_torchrun_run_resumes_on_other_world_sizes_and_exports(tmp_path):
                 assert torch.equal(tensors[k[len("backbone."):]], v), k
 
 
+def _group_worker(rank: int, port: int, out: str) -> None:
+    """As torchrun starts a rank (env vars, no group yet): ``pretrain`` from Python twice, then the CLI."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    from openseer.cli import main
+    from openseer.train.loop import pretrain
+
+    cfg = build_config("tiny-cpu", [*RUN[2:], "data.source=fashion-mnist"])
+    open_after = []
+    for name in ("first", "second"):  # the second call reuses the group the first one started
+        pretrain(cfg, Path(out) / name, max_steps=1)
+        open_after.append(dist.is_initialized())
+    code = main(["pretrain", "--out", str(Path(out) / "cli"), "--max-steps", "1", *RUN])
+    open_after.append(dist.is_initialized())  # the CLI owns the process: a gloo group left open can SIGABRT it
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps([code, open_after]))
+
+
+@pytest.mark.slow
+@fmnist_available
+def test_pretrain_leaves_the_process_group_open_and_the_cli_closes_it(tmp_path):
+    mp.spawn(_group_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [0, [True, True, False]]
+    for name in ("first", "second", "cli"):
+        assert list_checkpoints(tmp_path / name), name
+
+
 @pytest.mark.slow
 @fmnist_available
 def test_torchrun_ranks_agree_on_when_a_time_budget_ends(tmp_path):

@@ -224,3 +224,21 @@ def test_a_time_budget_ends_the_run_and_the_schedule_on_the_clock(tmp_path):
     assert main(["pretrain", "--resume", str(run)]) == 0  # budget already spent: nothing more to do
     _, again = latest_checkpoint(run)
     assert again["step"] == state["step"] and len(_metrics(run)) == len(rows)
+
+
+def test_resume_trims_metrics_past_the_checkpoint_in_one_atomic_replace(tmp_path, monkeypatch):
+    """Lines after the resumed step and lines torn by a crash go; the rest survive even a kill mid-rewrite,
+    because the kept lines are written aside and swapped in with one rename."""
+    import os
+
+    from openseer.train import loop
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    renamed = []
+    real_replace = os.replace
+    monkeypatch.setattr(loop.os, "replace", lambda a, b: (renamed.append((Path(a).name, Path(b).name)),
+                                                          real_replace(a, b)))
+    loop._truncate_metrics(tmp_path, 4)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert renamed == [("metrics.jsonl.tmp", "metrics.jsonl")] and sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]

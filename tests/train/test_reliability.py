@@ -47,11 +47,12 @@ def _start(run: Path, env_extra: dict | None = None) -> subprocess.Popen:
 
 
 def _logged_step(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
+    try:  # a restart with no checkpoint yet removes the file: it may vanish between two looks
+        text = (run / "metrics.jsonl").read_text()
+    except FileNotFoundError:
         return 0
     steps = [0]
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             steps.append(json.loads(line)["step"])
         except (json.JSONDecodeError, KeyError):
