@@ -38,6 +38,7 @@ import torch
 from .data.decode import BadImage, decode_bytes, load_image
 from .data.sources import DataError
 from .eval.layers import describe_layer
+from .fileio import atomic_write_text
 
 PARTIAL = "embeddings.partial.npy"
 PROGRESS = "progress.json"
@@ -243,15 +244,6 @@ def open_collection(spec: str, chunk_size: int = 4096, limit: int = 0) -> Collec
 # ---------------------------------------------------------------- the job
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _csv(rows: list[list], header: list[str]) -> str:
     import io
 
@@ -319,7 +311,7 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
     out.mkdir(parents=True, exist_ok=True)
     parts.mkdir(exist_ok=True)
     if not progress_path.is_file():
-        _atomic_text(progress_path, json.dumps({"params": params, "complete": False}, indent=1))
+        atomic_write_text(progress_path, json.dumps({"params": params, "complete": False}, indent=1))
     np_dtype = DTYPES[dtype]
     if partial.is_file():
         arr = np.lib.format.open_memmap(partial, mode="r+")
@@ -339,8 +331,8 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
             break
         good, bad = _embed_chunk(model, coll, chunk, arr, batch_size, workers, normalize, bar)
         arr.flush()
-        _atomic_text(parts / f"{chunk.index:06d}.bad.csv", _csv(bad, ["row", "key", "path", "reason"]))
-        _atomic_text(parts / f"{chunk.index:06d}.csv", _csv(good, ["row", "key", "path"]))  # marks it done
+        atomic_write_text(parts / f"{chunk.index:06d}.bad.csv", _csv(bad, ["row", "key", "path", "reason"]))
+        atomic_write_text(parts / f"{chunk.index:06d}.csv", _csv(good, ["row", "key", "path"]))  # marks it done
         n_new += chunk.stop - chunk.start
     bar.close()
     del arr
@@ -357,8 +349,8 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
         meta["resume"] = "run the same command again to continue"
         return meta
     meta.update(_finish(out, coll, dim, np_dtype))
-    _atomic_text(out / "meta.json", json.dumps(meta, indent=1))
-    _atomic_text(progress_path, json.dumps({"params": params, "complete": True}, indent=1))
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
+    atomic_write_text(progress_path, json.dumps({"params": params, "complete": True}, indent=1))
     return meta
 
 
@@ -419,8 +411,8 @@ def _finish(out: Path, coll: Collection, dim: int, np_dtype) -> dict:
         del dst, src
         os.replace(tmp, out / FINAL)
         partial.unlink()
-    _atomic_text(out / "index.csv", _csv([[i, k, p] for i, (_, k, p) in enumerate(good)], ["row", "key", "path"]))
-    _atomic_text(out / "bad.csv", _csv([[k, p, r] for _, k, p, r in bad], ["key", "path", "reason"]))
+    atomic_write_text(out / "index.csv", _csv([[i, k, p] for i, (_, k, p) in enumerate(good)], ["row", "key", "path"]))
+    atomic_write_text(out / "bad.csv", _csv([[k, p, r] for _, k, p, r in bad], ["key", "path", "reason"]))
     shutil.rmtree(parts, ignore_errors=True)
     if bad:
         reasons: dict[str, int] = {}

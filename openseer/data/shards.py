@@ -47,6 +47,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..fileio import atomic_write_text
 from .decode import BadImage, exif_orientation, finish, open_bytes, read_file
 from .sources import DataError, list_images
 from .takedown import KEY_HEX
@@ -173,12 +174,7 @@ def _fsync_write(path: Path, text: str, append: bool = True) -> int:
 
 
 def _atomic_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(value, indent=1))
 
 
 def _csv_text(rows: list[dict], columns: list[str]) -> str:

@@ -31,13 +31,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..fileio import atomic_write_text
 
 KEY_HEX = 32  # content keys: the first 128 bits of SHA-256
 PROVENANCE = "data_provenance.json"
@@ -156,23 +157,14 @@ def add_to_denylist(list_path: str | Path, keys: list[str], note: str = "") -> t
     clean_note = re.sub(r"[\t\r\n]+", " ", note)
     lines = "".join(f"{k}\t{stamp}\t{clean_note}\n" for k in new)
     list_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = list_path.with_name(list_path.name + f".tmp-{os.getpid()}")
     try:
-        tmp.write_text(old_text + lines, encoding="utf-8")
-        os.replace(tmp, list_path)
+        atomic_write_text(list_path, old_text + lines)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise TakedownError(f"cannot write deny-list {list_path}: {e.strerror or e}") from None
     return len(new), DenyList.load(list_path)
 
 
 # ---------------------------------------------------------------- provenance
-
-
-def _atomic_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 def record_provenance(run_dir: str | Path, info: dict, start_step: int, denylist: DenyList) -> dict:
@@ -191,7 +183,7 @@ def record_provenance(run_dir: str | Path, info: dict, start_step: int, denylist
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "denylist": denylist.describe(),
     })
-    _atomic_json(path, record)
+    atomic_write_text(path, json.dumps(record, indent=1))
     return record
 
 

@@ -8,9 +8,10 @@ be concatenated and compared row by row.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
+
+from ..fileio import atomic_write_text
 
 MODELS = {
     "this": "this model",
@@ -62,9 +63,7 @@ class Report:
         md_path = path.with_suffix(".md")
         doc = self.to_dict()
         for target, text in ((path, json.dumps(doc, indent=1)), (md_path, render_markdown(doc))):
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-            tmp.write_text(text + "\n")
-            os.replace(tmp, target)
+            atomic_write_text(target, text + "\n")
         return {**doc, "written": {"json": str(path), "markdown": str(md_path)}}
 
 

@@ -26,6 +26,7 @@ from ..config import Config, ConfigError, config_from_dict, load_config, save_co
 from ..data.batches import Batch, count_reasons, data_state, iterate_batches, prepare_stream, steps_per_epoch
 from ..data.sources import FolderSource, open_source
 from ..data.takedown import record_provenance
+from ..fileio import atomic_write_text
 from ..model.swav import SwAV, SwAVLoss, SwAVQueue, assignment_stats, build_swav, ln_k
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
 from .distributed import (
@@ -272,9 +273,7 @@ def _truncate_metrics(run_dir: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line torn by a crash
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(x + "\n" for x in keep))
-    os.replace(tmp, path)  # a kill while rewriting must not lose the lines we keep
+    atomic_write_text(path, "".join(x + "\n" for x in keep))  # a kill while rewriting loses nothing
 
 
 def resume_config(run_dir: Path, overrides: list[str]) -> Config:

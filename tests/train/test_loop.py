@@ -237,8 +237,9 @@ def test_resume_trims_metrics_past_the_checkpoint_in_one_atomic_replace(tmp_path
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
     renamed = []
     real_replace = os.replace
-    monkeypatch.setattr(loop.os, "replace", lambda a, b: (renamed.append((Path(a).name, Path(b).name)),
-                                                          real_replace(a, b)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((Path(a).name, Path(b).name)),
+                                                     real_replace(a, b)))
     loop._truncate_metrics(tmp_path, 4)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
-    assert renamed == [("metrics.jsonl.tmp", "metrics.jsonl")] and sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+    assert [b for _, b in renamed] == ["metrics.jsonl"] and renamed[0][0].startswith(".metrics.jsonl.")
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
