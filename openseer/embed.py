@@ -38,7 +38,7 @@ import torch
 from .data.decode import BadImage, decode_bytes, load_image
 from .data.sources import DataError
 from .eval.layers import describe_layer
-from .fileio import atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text
 
 PARTIAL = "embeddings.partial.npy"
 PROGRESS = "progress.json"
@@ -311,7 +311,7 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
     out.mkdir(parents=True, exist_ok=True)
     parts.mkdir(exist_ok=True)
     if not progress_path.is_file():
-        atomic_write_text(progress_path, json.dumps({"params": params, "complete": False}, indent=1))
+        atomic_write_json(progress_path, {"params": params, "complete": False})
     np_dtype = DTYPES[dtype]
     if partial.is_file():
         arr = np.lib.format.open_memmap(partial, mode="r+")
@@ -349,8 +349,8 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
         meta["resume"] = "run the same command again to continue"
         return meta
     meta.update(_finish(out, coll, dim, np_dtype))
-    atomic_write_text(out / "meta.json", json.dumps(meta, indent=1))
-    atomic_write_text(progress_path, json.dumps({"params": params, "complete": True}, indent=1))
+    atomic_write_json(out / "meta.json", meta)
+    atomic_write_json(progress_path, {"params": params, "complete": True})
     return meta
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,3 +22,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: str | Path, value) -> None:
+    """``value`` as indented JSON, written with ``atomic_write_text``."""
+    atomic_write_text(path, json.dumps(value, indent=1))

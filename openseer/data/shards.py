@@ -47,7 +47,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_json
 from .decode import BadImage, exif_orientation, finish, open_bytes, read_file
 from .sources import DataError, list_images
 from .takedown import KEY_HEX
@@ -173,10 +173,6 @@ def _fsync_write(path: Path, text: str, append: bool = True) -> int:
         return f.tell()
 
 
-def _atomic_json(path: Path, value: dict) -> None:
-    atomic_write_text(path, json.dumps(value, indent=1))
-
-
 def _csv_text(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -247,7 +243,7 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
         _fsync_write(manifest, _csv_text([dict(zip(columns, columns))], columns), append=False)
         _fsync_write(skipped, _csv_text([dict(zip(SKIPPED_COLUMNS, SKIPPED_COLUMNS))], SKIPPED_COLUMNS), append=False)
         progress["manifest_bytes"], progress["skipped_bytes"] = manifest.stat().st_size, skipped.stat().st_size
-        _atomic_json(out / PROGRESS, progress)
+        atomic_write_json(out / PROGRESS, progress)
     else:  # resume: drop rows of the unfinished shard, and tars not yet committed
         for path, size in ((manifest, progress["manifest_bytes"]), (skipped, progress["skipped_bytes"])):
             with open(path, "r+b") as f:
@@ -271,7 +267,7 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
         if not pending:  # only skipped inputs since the last shard: record them, write no empty tar
             progress["skipped_bytes"] = _fsync_write(skipped, _csv_text(skipped_rows, SKIPPED_COLUMNS))
             progress.update(next_input=next_input, counts=dict(counts))
-            _atomic_json(out / PROGRESS, progress)
+            atomic_write_json(out / PROGRESS, progress)
             skipped_rows.clear()
             return
         number = len(shards)
@@ -301,7 +297,7 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
         progress["skipped_bytes"] = _fsync_write(skipped, _csv_text(skipped_rows, SKIPPED_COLUMNS))
         shards.append({"name": name, "samples": len(pending), "bytes": final.stat().st_size, "sha256": h.hexdigest()})
         progress.update(next_input=next_input, shards=shards, counts=dict(counts))
-        _atomic_json(out / PROGRESS, progress)
+        atomic_write_json(out / PROGRESS, progress)
         rate = (next_input - start) / max(time.perf_counter() - t0, 1e-9)
         log(f"{name}: {len(pending)} images; {next_input}/{len(names)} inputs done ({rate:.0f}/s)")
         pending.clear()
@@ -327,10 +323,10 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
     if pending or skipped_rows:
         commit(len(names))
     progress.update(next_input=len(names), counts=dict(counts), done=True)
-    _atomic_json(out / PROGRESS, progress)
+    atomic_write_json(out / PROGRESS, progress)
     summary = {"format": "openseer.shards.v1", "shards": shards, "total": sum(s["samples"] for s in shards),
                "counts": dict(counts), "params": params, "manifest": MANIFEST, "skipped": SKIPPED}
-    _atomic_json(out / INDEX, summary)
+    atomic_write_json(out / INDEX, summary)
     return summary
 
 

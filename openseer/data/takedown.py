@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_json, atomic_write_text
 
 KEY_HEX = 32  # content keys: the first 128 bits of SHA-256
 PROVENANCE = "data_provenance.json"
@@ -183,7 +183,7 @@ def record_provenance(run_dir: str | Path, info: dict, start_step: int, denylist
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "denylist": denylist.describe(),
     })
-    atomic_write_text(path, json.dumps(record, indent=1))
+    atomic_write_json(path, record)
     return record
 
 
