@@ -1,4 +1,4 @@
-"""Subcommands that use the features: ``export``, ``embed``, ``import-seer``, ``report``."""
+"""Subcommands that use the features: ``export``, ``embed``, ``import-seer``, ``report``, ``curate``."""
 
 from __future__ import annotations
 
@@ -34,8 +34,22 @@ IMPORT_EXAMPLES = """examples:
 """
 
 
+CURATE_EXAMPLES = """examples:
+  openseer curate /pile --out curated/ --model runs/a                  # keep half the pile
+  openseer curate 'shards/{000000..000099}.tar' --out curated/ --keep 0.5 --model regnetx_002
+  openseer curate /pile --out curated/ --keep-count 20000 --model runs/a --reference /some/in-domain --drop-off-domain
+  openseer pretrain --data curated/list.txt ...                          # the kept files
+  openseer pretrain --data curated/shards --recipe tiny-cpu --out runs/b # (with --shards)
+  openseer pretrain --data 'shards/{000000..000099}.tar' data.denylist=curated/exclude.txt ...   # shards in place
+  (interrupted? run the same command again: the embedding resumes where it stopped)
+
+output: curated/list.txt, exclude.txt, decisions.csv (every image: group, cluster, kept or why not),
+        report.html, curate.json, embed/ (the embeddings)
+"""
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``export``, ``embed``, ``import-seer`` and ``report`` to the ``openseer`` command."""
+    """Add ``export``, ``embed``, ``import-seer``, ``report`` and ``curate`` to the ``openseer`` command."""
     FORMATS = ("safetensors", "torchscript", "onnx", "vissl")  # as openseer.export.FORMATS (no torch import here)
 
     p = sub.add_parser("export", help="write a backbone as safetensors (timm names), TorchScript, ONNX or VISSL",
@@ -111,6 +125,37 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("curate", help="deduplicate and rebalance an uncurated pile: kept list, decisions, report",
+                       description="Embed a pile with a backbone, group near-duplicates (faiss range search) and keep "
+                                   "one per group, rebalance by k-means clusters, keep --keep of the pile.",
+                       epilog=CURATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pile", metavar="PILE", help="a folder of images, a .txt list of paths, or tar shards")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", required=True, metavar="WEIGHTS",
+                   help="the backbone to embed with: a run directory, checkpoint, exported file or timm name")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--keep", type=float, default=0.5, help="share of the pile to keep, in (0, 1] (default 0.5)")
+    g.add_argument("--keep-count", type=int, default=0, metavar="N", help="number of images to keep")
+    p.add_argument("--dup-threshold", type=float, default=0.95,
+                   help="cosine similarity of embeddings that makes two images near-duplicates (default 0.95)")
+    p.add_argument("--clusters", type=int, default=0, help="k-means clusters (default sqrt of the pile size)")
+    p.add_argument("--levels", type=int, default=1, choices=[1, 2, 3],
+                   help="hierarchical k-means levels for the balanced sampling (default 1)")
+    p.add_argument("--reference", metavar="DATA",
+                   help="a small sample of the wanted domain (folder, list or shards): estimates the off-domain share")
+    p.add_argument("--drop-off-domain", action="store_true", help="with --reference: also drop off-domain images")
+    p.add_argument("--shards", action="store_true", help="also write the kept images as tar shards (OUT/shards)")
+    p.add_argument("--layer", default="last", metavar="STAGES", help="features to embed with (as `openseer embed`)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in-process)")
+    p.add_argument("--max-memory-gb", type=float, default=0,
+                   help="memory the index steps may use (default: what the machine has available)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_curate)
 
 
 def _threads(n: int) -> None:
@@ -200,6 +245,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     for note in r["notes"]:
         print(f"openseer: note: {note}", file=sys.stderr)
     print(f"openseer: report written in {r['seconds']:.1f} s: {r['path']}")
+    return 0
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    from .curate import curate
+
+    _threads(args.threads)
+    r = curate(args.pile, args.out, args.model, keep=None if args.keep_count else args.keep,
+               keep_count=args.keep_count, dup_threshold=args.dup_threshold, clusters=args.clusters,
+               levels=args.levels, reference=args.reference or "", drop_off_domain=args.drop_off_domain,
+               seed=args.seed, shards=args.shards, batch_size=args.batch_size, workers=args.workers,
+               device=_device(args.device), layer=args.layer, max_memory=int(args.max_memory_gb * 2**30),
+               progress=not args.quiet, log=(lambda t: None) if args.quiet else print)
+    od = r["off_domain"]
+    share = f"; off-domain {100 * od['share']:.1f}%" if od.get("given") else ""
+    print(f"openseer: kept {r['kept']} of {r['inputs']} images ({r['decisions']}; {r['bad']} bad"
+          f"{share}) -> {r['files']['list.txt']}; report {r['files']['report.html']}")
+    if r.get("note"):
+        print(f"openseer: note: {r['note']}", file=sys.stderr)
     return 0
 
 

@@ -60,6 +60,8 @@ def cmd_takedown_add(args: argparse.Namespace) -> int:
     from .decode import read_file
     from .takedown import TakedownError, add_to_denylist, content_key, read_entries
 
+    if args.near:
+        return _takedown_add_near(args)
     keys: list[str] = []
     for f in args.files:
         keys += read_entries(f)
@@ -76,9 +78,76 @@ def cmd_takedown_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _near_pile(args: argparse.Namespace) -> str:
+    """The pile a --near takedown searches: --pile, else the folder holding the deny-list."""
+    from pathlib import Path
+
+    from .takedown import TakedownError
+
+    if args.pile:
+        return args.pile
+    if getattr(args, "list", None):
+        return str(Path(args.list).expanduser().parent)
+    raise TakedownError("--near needs the pile to search: --pile FOLDER|LIST|SHARDS")
+
+
+def _near_copies(photos: list[str], pile: str, quiet: bool) -> list[tuple[str, str, str, float, float]]:
+    """(photo, key, path, similarity, verified) of every copy of each photo found in ``pile``."""
+    from pathlib import Path
+
+    from .decode import BadImage, load_image
+    from .nearcopy import PileIndex
+    from .takedown import TakedownError
+
+    imgs = []
+    for ph in photos:
+        try:
+            imgs.append((ph, load_image(Path(ph))))
+        except BadImage as e:
+            raise TakedownError(f"cannot read photo {ph}: {e}") from None
+    index = PileIndex(pile, progress=not quiet)
+    if index.skipped and not quiet:
+        print(f"openseer: {sum(index.skipped.values())} pile images not searchable "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(index.skipped.items()))})", file=sys.stderr)
+    return [(ph, key, path, s, f) for ph, img in imgs for key, path, s, f in index.copies_of(img)]
+
+
+def _takedown_add_near(args: argparse.Namespace) -> int:
+    """Deny-list photos and every near copy of them found in the pile (by key, with the reason)."""
+    from pathlib import Path
+
+    from .decode import read_file
+    from .takedown import TakedownError, add_to_denylist, content_key
+
+    photos = list(args.files) + list(args.image or [])
+    if not photos:
+        raise TakedownError("nothing to add: give the photo(s) to take down with --near")
+    found = _near_copies(photos, _near_pile(args), args.quiet)
+    added = 0
+    for ph in photos:
+        note = f"{args.note + '; ' if args.note else ''}photo {Path(ph).name}"
+        added += add_to_denylist(args.list, [content_key(read_file(Path(ph)))], note=note)[0]
+    for ph, key, path, s, f in found:
+        note = (f"{args.note + '; ' if args.note else ''}near copy of {Path(ph).name} "
+                f"(descriptor {s:.3f}, verified {f:.3f})")
+        added += add_to_denylist(args.list, [key], note=note)[0]
+        print(f"  {key}\t{path}\tnear copy of {ph} ({s:.3f}/{f:.3f})")
+    deny = add_to_denylist(args.list, [], "")[1]
+    print(f"openseer: {len(found)} near copies of {len(photos)} photo(s) found; added {added} key(s) to "
+          f"{args.list}: {len(deny)} keys, version {deny.version}")
+    return 0
+
+
 def cmd_takedown_check(args: argparse.Namespace) -> int:
     """Which runs and checkpoints saw an image (exit 1 when any did)."""
     from .takedown import check_image
+
+    if args.near:
+        return _takedown_check_near(args)
+    if not args.runs:
+        from .takedown import TakedownError
+
+        raise TakedownError("give --runs RUNS (a run directory or a folder of runs), or --near --pile PILE")
 
     key, sightings = check_image(args.image, args.runs)
     if args.json:
@@ -97,6 +166,40 @@ def cmd_takedown_check(args: argparse.Namespace) -> int:
                   f"checkpoints that saw it: {', '.join(saw) or 'none'}; not yet: {', '.join(clean) or 'none'}"
                   + (f" [{s.note}]" if s.note else ""))
     return 1 if any(any(s.checkpoints.values()) for s in sightings) else 0
+
+
+def _takedown_check_near(args: argparse.Namespace) -> int:
+    """Near copies of an image in a pile, whether each is deny-listed, and (with --runs) who saw them."""
+    from pathlib import Path
+
+    from .stream import DEFAULT_DENYLIST
+    from .takedown import DenyList, check_image
+
+    pile = _near_pile(args)
+    found = _near_copies([args.image], pile, args.quiet)
+    list_path = args.list or (str(Path(pile) / DEFAULT_DENYLIST) if Path(pile).is_dir() else "")
+    deny = DenyList.load(list_path) if list_path else DenyList()
+    seen_any = False
+    rows = []
+    for _ph, key, path, s, f in found:
+        row = {"key": key, "path": path, "similarity": round(s, 4), "verified": round(f, 4),
+               "denied": deny.denies(key)}
+        if args.runs:
+            target = path if Path(path).is_file() else key
+            _k, sightings = check_image(target, args.runs)
+            row["runs"] = {x.run: x.checkpoints for x in sightings if x.read}
+            seen_any = seen_any or any(any(x.checkpoints.values()) for x in sightings)
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"image": args.image, "pile": pile, "copies": rows}))
+    else:
+        print(f"{len(rows)} near copies of {args.image} in {pile}")
+        for r in rows:
+            saw = [f"{run}: {', '.join(c for c, v in cps.items() if v) or 'no checkpoint'}"
+                   for run, cps in r.get("runs", {}).items()]
+            print(f"  {r['key']}  {r['path']}  ({r['similarity']}/{r['verified']})  "
+                  f"{'deny-listed' if r['denied'] else 'NOT deny-listed'}" + (f"; read by {'; '.join(saw)}" if saw else ""))
+    return 1 if seen_any else 0
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -134,11 +237,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--list", required=True, help="the deny-list file, e.g. shards/takedowns.txt")
     q.add_argument("--image", action="append", metavar="FILE", help="also deny-list this image file's content hash")
     q.add_argument("--note", help="a note stored with each new entry (e.g. a ticket number)")
+    q.add_argument("--near", action="store_true",
+                   help="FILES are photos: deny-list each and every re-encoded, resized, cropped or flipped copy "
+                        "of it found in the pile (docs/data.md, 'Near-copy takedowns')")
+    q.add_argument("--pile", help="with --near: the folder, file list or shards to search (default: the folder "
+                                  "holding --list)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress")
     q.set_defaults(func=cmd_takedown_add)
     q = td.add_parser("check", help="which runs and checkpoints saw an image (exit 1 if any)")
     q.add_argument("image", help="an image file (hashed), or its content key / SHA-256")
-    q.add_argument("--runs", required=True, help="a run directory or a folder of runs (searched 3 levels deep)")
+    q.add_argument("--runs", help="a run directory or a folder of runs (searched 3 levels deep)")
     q.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    q.add_argument("--near", action="store_true", help="list the image's near copies in --pile (deny-listed or "
+                                                       "not) and, with --runs, which runs saw each")
+    q.add_argument("--pile", help="with --near: the folder, file list or shards to search")
+    q.add_argument("--list", help="with --near: the deny-list to check them against (default PILE/takedowns.txt)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress")
     q.set_defaults(func=cmd_takedown_check)
 
 

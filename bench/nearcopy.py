@@ -1,0 +1,165 @@
+"""Near-copy takedowns: recall on copies of real photographs, false matches on 10,000+ distinct images.
+
+    .venv/bin/python bench/nearcopy.py                 # about 3 minutes on 2 cores
+    .venv/bin/python bench/nearcopy.py --queries 20 --copies 10 --distractors 2000   # quick
+
+Queries: half of the distinct wallpapers (openseer.data.pile.load_photographs). Each gets
+``--copies`` copies of every kind: JPEG quality 30-95, scale 0.25-1, a crop keeping 70-100% of the
+area (random aspect and position), a horizontal flip, and all four at once. Distractors: distinct
+images that are no copy of any query: non-overlapping tiles (1/2 .. 1/5 of the side) of the other
+wallpapers and Fashion-MNIST test images. Everything goes into one pile index; each query runs
+``openseer.data.nearcopy.find_copies`` (the code ``takedown add --near`` runs). Recall = copies
+found by their own query; false matches = distractors (and other queries' copies) matched by any
+query. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+from openseer.data import nearcopy as nc
+from openseer.data.pile import load_photographs
+from openseer.data.sources import DataError, load_fashion_mnist
+
+KINDS = ("jpeg", "scale", "crop", "flip", "all")
+
+
+def make_copy(img: Image.Image, kind: str, rng: random.Random) -> tuple[Image.Image, str]:
+    did = []
+    if kind in ("crop", "all"):
+        a = rng.uniform(0.7, 1.0)
+        w = rng.uniform(a, 1.0)
+        h = a / w
+        if rng.random() < 0.5:
+            w, h = h, w
+        W, H = img.size
+        x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+        img = img.crop((round(x * W), round(y * H), round((x + w) * W), round((y + h) * H)))
+        did.append(f"crop{a:.2f}")
+    if kind in ("flip", "all"):
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        did.append("flip")
+    if kind in ("scale", "all"):
+        s = rng.uniform(0.25, 1.0)
+        img = img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), Image.Resampling.BILINEAR)
+        did.append(f"scale{s:.2f}")
+    if kind in ("jpeg", "all"):
+        q = rng.randint(30, 95)
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="JPEG", quality=q)
+        img = Image.open(io.BytesIO(buf.getvalue()))
+        img.load()
+        did.append(f"jpeg{q}")
+    return img, "+".join(did)
+
+
+def tiles(img: Image.Image, fractions=(2, 3, 4, 5)) -> list[Image.Image]:
+    """Non-overlapping tiles at 1/2 .. 1/5 of the side: distinct pictures (none holds 70% of another)."""
+    out = []
+    W, H = img.size
+    for f in fractions:
+        tw, th = W // f, H // f
+        out += [img.crop((i * tw, j * th, (i + 1) * tw, (j + 1) * th)) for i in range(f) for j in range(f)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queries", type=int, default=0, help="photos taken down (default: half the distinct wallpapers)")
+    p.add_argument("--copies", type=int, default=10, help="copies per query and kind (default 10)")
+    p.add_argument("--distractors", type=int, default=12000, help="distinct non-copies (default 12000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threshold", type=float, default=nc.THRESHOLD)
+    p.add_argument("--verify", type=float, default=nc.VERIFY)
+    p.add_argument("--sweep", action="store_true", help="also print recall / false matches at other thresholds")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    photos = load_photographs(max_side=1024)
+    if len(photos) < 4:
+        print("bench: fewer than 4 wallpapers found: apt-get install gnome-backgrounds mate-backgrounds "
+              "ukui-wallpapers plasma-workspace-wallpapers", file=sys.stderr)
+        return 2
+    rng = random.Random(args.seed)
+    order = list(range(len(photos)))
+    rng.shuffle(order)
+    nq = args.queries or len(photos) // 2
+    q_idx, d_idx = order[:nq], order[nq:]
+    pile: list[Image.Image] = []
+    owner: list[int] = []  # query of a copy, -1 for a distractor
+    kind_of: list[str] = []
+    for qi in range(nq):
+        for kind in KINDS:
+            for _ in range(args.copies):
+                img, _how = make_copy(photos[q_idx[qi]][1], kind, rng)
+                pile.append(img)
+                owner.append(qi)
+                kind_of.append(kind)
+    n_copies = len(pile)
+    distract: list[Image.Image] = []
+    for di in d_idx:
+        distract += tiles(photos[di][1])
+    n_tiles = len(distract)
+    try:
+        test, _ = load_fashion_mnist("test")
+    except DataError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    need = max(0, args.distractors - n_tiles)
+    distract += [Image.fromarray(test[i, 0].numpy(), mode="L") for i in range(min(need, len(test)))]
+    distract = distract[: max(args.distractors, 0)] if args.distractors else distract
+    pile += distract
+    owner += [-1] * len(distract)
+    kind_of += ["distractor"] * len(distract)
+    t1 = time.perf_counter()
+    vecs, described = [], []
+    for i, img in enumerate(pile):
+        v = nc.describe(img)
+        if v is not None:
+            vecs.append(v)
+            described.append(i)
+    index = nc.CopyIndex(np.stack(vecs))
+    rows = np.array(described)
+    describe_s = time.perf_counter() - t1
+    t2 = time.perf_counter()
+    hits: list[tuple[int, int, float, float]] = []  # (query, pile row, coarse, fine)
+    low = min(args.threshold, 0.85) if args.sweep else args.threshold
+    for qi in range(nq):
+        query = nc.describe_query(photos[q_idx[qi]][1])
+        for r, sim, score in nc.find_copies(query, index, lambda r: pile[rows[r]], threshold=low,
+                                            verify=-1.0 if args.sweep else args.verify):
+            hits.append((qi, int(rows[r]), sim, score))
+    query_s = time.perf_counter() - t2
+
+    def score(th: float, vt: float) -> dict:
+        found = {(q, r) for q, r, s, f in hits if s >= th and f >= vt}
+        own = [(owner[r], r) in found for r in range(n_copies)]
+        wrong = {r for q, r in found if owner[r] != q}
+        per_kind = {k: round(100 * float(np.mean([o for o, kk in zip(own, kind_of) if kk == k])), 2) for k in KINDS}
+        return {"recall": round(100 * float(np.mean(own)), 2), "recall_by_kind": per_kind,
+                "false_matches": len(wrong), "false_match_pct": round(100 * len(wrong) / len(distract), 3),
+                "distractors_matched": sum(1 for r in wrong if owner[r] == -1)}
+
+    line = {"bench": "nearcopy", "queries": nq, "copies": n_copies, "copies_per_kind": args.copies * nq,
+            "distractors": len(distract), "distractor_tiles": n_tiles, "distractor_fmnist": len(distract) - n_tiles,
+            "photographs": len(photos), "threshold": args.threshold, "verify": args.verify,
+            "grid_windows": len(nc.GRID) * 2, "descriptor": f"{nc.SIDE}x{nc.SIDE} grey, verify {nc.FINE}x{nc.FINE} high-pass",
+            **score(args.threshold, args.verify), "describe_s": round(describe_s, 1),
+            "query_s_each": round(query_s / nq, 2), "total_s": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(line))
+    if args.sweep:
+        for th in (0.8, 0.85, 0.88, 0.9, 0.92):
+            for vt in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+                print(json.dumps({"threshold": th, "verify": vt, **score(th, vt)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,535 @@
+"""``openseer curate``: turn an uncurated pile into a deduplicated, rebalanced training list.
+
+Steps (each decision is written to ``decisions.csv``):
+
+1. **Embed** every image of the pile with a backbone (a run, an exported file or a timm name) through
+   ``openseer embed``'s machinery (``embed/`` inside ``--out``: resumable chunk by chunk; bad
+   images are skipped, counted by reason and listed).
+2. **Near-duplicates.** The L2-normalised embeddings go into a faiss inner-product index; a range
+   search links every pair with cosine similarity >= ``--dup-threshold``; the connected components
+   are the duplicate groups. Each group keeps one image, the one nearest the group's mean embedding
+   (the most typical copy), and the others are dropped as ``duplicate``.
+3. **Off-domain** (with ``--reference DATA``, a small sample of the wanted domain): a pile image is
+   off-domain when its best cosine similarity to the reference is below what 99% of reference images
+   reach to their nearest other reference image (leave-one-out, so the threshold comes from the
+   reference itself). The share is reported; ``--drop-off-domain`` also drops them.
+4. **Rebalance.** faiss k-means on the remaining embeddings (``--clusters`` centroids; ``--levels 2``
+   clusters the centroids again: hierarchical), then balanced sampling: the budget is split evenly
+   across the top-level clusters (a small cluster gives what it has and the rest is shared among
+   the others), recursively down the levels, and a leaf cluster gives random members (seeded).
+   The budget is ``--keep`` of the pile's images or ``--keep-count`` images.
+
+Outputs in ``--out``: ``list.txt`` (the kept files, absolute paths, one a line: a file list for
+``pretrain --data``, ``embed``, ``shard``), ``exclude.txt`` (every dropped image as a deny-list:
+``data.denylist=`` it to train on the kept images of a folder or shards in place; it also carries
+the pile's own takedowns), ``decisions.csv``, ``curate.json`` (counts, settings, timings),
+``report.html`` and, with ``--shards``, ``shards/`` written by the shard writer from ``list.txt``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .data.sources import DataError
+from .fileio import atomic_write_json, atomic_write_text
+
+FORMAT = "openseer.curate.v1"
+DUP_THRESHOLD = 0.95
+REFERENCE_QUANTILE = 0.01
+BYTES_PER_FLOAT = 4
+
+
+class CurateError(DataError):
+    """A curation that cannot run as asked: what, and how to fix it."""
+
+
+# ---------------------------------------------------------------- pure steps (tested with known answers)
+
+
+def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD) -> np.ndarray:
+    """Group id per row: rows linked by cosine >= ``threshold`` (faiss range search on the normalised
+    rows) and their connected components. Singletons get their own id; ids are 0..G-1 in row order."""
+    import faiss
+
+    n = len(x)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    parent = np.arange(n)
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    step = 4096
+    for s in range(0, n, step):
+        lims, _, ids = index.range_search(x[s:s + step], threshold)
+        for q in range(len(lims) - 1):
+            a = find(s + q)
+            for j in ids[lims[q]:lims[q + 1]]:
+                b = find(int(j))
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+                    a = min(a, b)
+    roots = np.array([find(i) for i in range(n)])
+    _, ids = np.unique(roots, return_inverse=True)
+    # renumber in order of first appearance
+    first: dict[int, int] = {}
+    return np.array([first.setdefault(int(g), len(first)) for g in ids], dtype=np.int64)
+
+
+def group_representatives(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Per row, whether it is its group's kept image: the member nearest the group's mean direction."""
+    keep = np.zeros(len(groups), dtype=bool)
+    order = np.argsort(groups, kind="stable")
+    bounds = np.flatnonzero(np.diff(groups[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) == 1:
+            keep[members[0]] = True
+            continue
+        mean = x[members].mean(axis=0)
+        keep[members[int(np.argmax(x[members] @ mean))]] = True
+    return keep
+
+
+def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids, assignment) by faiss spherical k-means; ``k`` is capped by the row count."""
+    import faiss
+
+    k = max(1, min(k, len(x)))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False,
+                      max_points_per_centroid=max(256, math.ceil(len(x) / k)), min_points_per_centroid=1)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    return km.centroids, assign[:, 0].astype(np.int64)
+
+
+def water_fill(sizes: list[int], budget: int) -> list[int]:
+    """Take ``budget`` items from clusters of ``sizes`` as evenly as possible: each gives min(size, t),
+    leftovers going to the largest clusters first (ties: lowest index). Sums to min(budget, sum)."""
+    budget = min(int(budget), int(sum(sizes)))
+    take = [0] * len(sizes)
+    left = budget
+    open_ = [i for i, s in enumerate(sizes) if s > 0]
+    while left > 0 and open_:
+        share = left // len(open_)
+        if share == 0:  # fewer items left than clusters: one more from the largest remainders
+            for i in sorted(open_, key=lambda i: (-(sizes[i] - take[i]), i))[:left]:
+                take[i] += 1
+            break
+        for i in open_:
+            t = min(share, sizes[i] - take[i])
+            take[i] += t
+            left -= t
+        open_ = [i for i in open_ if take[i] < sizes[i]]
+    return take
+
+
+def balanced_sample(assign: list[np.ndarray], budget: int, seed: int = 0) -> np.ndarray:
+    """Rows kept by balanced sampling over a cluster hierarchy.
+
+    ``assign[0]`` is the leaf cluster of each row; ``assign[l]`` (l >= 1) the level-l cluster of each
+    row (each coarser level groups whole clusters of the level below). The budget is water-filled over
+    the top level's clusters, then within each over its sub-clusters, down to the leaves, which give
+    random members (seeded). Returns a boolean mask.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(assign[0])
+    keep = np.zeros(n, dtype=bool)
+
+    def take(rows: np.ndarray, level: int, k: int) -> None:
+        if k <= 0 or len(rows) == 0:
+            return
+        if level < 0:
+            keep[rng.choice(rows, size=min(k, len(rows)), replace=False)] = True
+            return
+        labels = assign[level][rows]
+        ids, inv = np.unique(labels, return_inverse=True)
+        members = [rows[inv == i] for i in range(len(ids))]
+        for m, t in zip(members, water_fill([len(m) for m in members], k)):
+            take(m, level - 1, t)
+
+    take(np.arange(n), len(assign) - 1, budget)
+    return keep
+
+
+def reference_threshold(ref: np.ndarray, quantile: float = REFERENCE_QUANTILE) -> float:
+    """The cosine a pile image must reach to its nearest reference image to count as in-domain: the
+    ``quantile`` of the reference's own leave-one-out nearest-neighbour similarities."""
+    import faiss
+
+    ref = np.ascontiguousarray(ref, dtype=np.float32)
+    if len(ref) < 2:
+        raise CurateError("--reference needs at least 2 good images")
+    index = faiss.IndexFlatIP(ref.shape[1])
+    index.add(ref)
+    sims, _ = index.search(ref, 2)
+    return float(np.quantile(sims[:, 1], quantile))
+
+
+def nearest_similarity(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Each row's best cosine to the reference rows (faiss flat inner-product search)."""
+    import faiss
+
+    index = faiss.IndexFlatIP(ref.shape[1])
+    index.add(np.ascontiguousarray(ref, dtype=np.float32))
+    sims, _ = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return sims[:, 0]
+
+
+# ---------------------------------------------------------------- memory
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (MemAvailable), or the physical size where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def memory_needed(n: int, dim: int, clusters: int) -> int:
+    """Peak bytes the index steps need: the embeddings in RAM twice (float32 rows + the faiss copy), a
+    4096-row block of range-search scores, k-means' assignment tables, and the per-row bookkeeping."""
+    rows = n * dim * BYTES_PER_FLOAT
+    return 2 * rows + 4096 * n * BYTES_PER_FLOAT + clusters * dim * BYTES_PER_FLOAT + 64 * n
+
+
+def _gb(b: float) -> str:
+    return f"{b / 2**30:.2f} GB" if b >= 2**27 else f"{b / 2**20:.1f} MB"
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise CurateError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "curate.json").is_file() and not (out / "embed").is_dir():
+        raise CurateError(f"--out {out} is not empty and holds no openseer curation; choose another folder")
+
+
+def _csv_text(rows: list[list], header: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5, keep_count: int = 0,
+           dup_threshold: float = DUP_THRESHOLD, clusters: int = 0, levels: int = 1, reference: str = "",
+           drop_off_domain: bool = False, seed: int = 0, shards: bool = False, batch_size: int = 64,
+           workers: int = 0, device: str = "cpu", layer: str = "last", max_memory: int = 0,
+           progress: bool = True, log=print) -> dict:
+    """Curate ``pile`` into ``out`` (see the module docstring); returns what ``curate.json`` holds.
+
+    Every check that can fail (settings, the pile, the model, the memory estimate) runs before
+    anything is written.
+    """
+    from .embed import load_embeddings, open_collection
+
+    t0 = time.perf_counter()
+    out = Path(out).expanduser()
+    if keep_count:
+        if keep_count < 1:
+            raise CurateError(f"--keep-count must be >= 1; got {keep_count}")
+        keep = None
+    elif keep is None or not (0 < keep <= 1):
+        raise CurateError(f"--keep must be in (0, 1] (a share of the pile); got {keep}")
+    if not (0 < dup_threshold <= 1):
+        raise CurateError(f"--dup-threshold must be in (0, 1] (a cosine similarity); got {dup_threshold}")
+    if levels not in (1, 2, 3):
+        raise CurateError(f"--levels must be 1, 2 or 3; got {levels}")
+    _check_out(out)
+    coll = open_collection(pile)  # an empty or missing pile fails here, with its message
+    if coll.n == 0:
+        raise CurateError(f"the pile {pile} holds no images")
+    if keep_count and keep_count > coll.n:
+        raise CurateError(f"--keep-count {keep_count} is more than the pile holds ({coll.n} images)")
+    budget = keep_count or max(1, round(keep * coll.n))  # type: ignore[operator]
+    from .api import load
+
+    model = load(model_spec, device=device, layer=layer)
+    k = clusters or max(2, min(4096, round(math.sqrt(coll.n))))
+    need = memory_needed(coll.n, model.feature_dim, k)
+    have = max_memory or available_memory()
+    if need > have:
+        raise CurateError(f"the index steps for {coll.n} images x {model.feature_dim}-d embeddings need about "
+                          f"{_gb(need)} of memory and {_gb(have)} is available: curate the pile in parts "
+                          f"(e.g. a file list per part), or use a model with smaller features (--layer)")
+
+    log(f"openseer: curating {coll.description} with {model.arch} ({model.feature_dim}-d): keep {budget} images")
+    t_embed = time.perf_counter()
+    meta = model.embed_collection(pile, out / "embed", dtype="float32", batch_size=batch_size, workers=workers,
+                                  normalize=True, progress=progress)
+    if not meta.get("complete", True):
+        raise CurateError(f"embedding {pile} stopped early; run the same command again to continue")
+    emb, index_rows = load_embeddings(out / "embed")
+    x = np.asarray(emb, dtype=np.float32)
+    embed_s = time.perf_counter() - t_embed
+    with open(out / "embed" / "bad.csv", newline="") as f:
+        bad = list(csv.DictReader(f))
+    n = len(x)
+    if n == 0:
+        raise CurateError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")
+
+    t1 = time.perf_counter()
+    groups = duplicate_groups(x, dup_threshold)
+    rep = group_representatives(x, groups)
+    dup_s = time.perf_counter() - t1
+
+    offdomain = np.zeros(n, dtype=bool)
+    ref_info: dict = {"given": False}
+    ref_sim = np.full(n, np.nan, dtype=np.float32)
+    if reference:
+        ref_meta = model.embed_collection(reference, out / "reference", dtype="float32", batch_size=batch_size,
+                                          workers=workers, normalize=True, progress=progress)
+        if not ref_meta.get("complete", True):
+            raise CurateError("embedding --reference stopped early; run the same command again")
+        ref = np.asarray(load_embeddings(out / "reference")[0], dtype=np.float32)
+        th = reference_threshold(ref)
+        ref_sim = nearest_similarity(x, ref)
+        offdomain = ref_sim < th
+        ref_info = {"given": True, "data": reference, "images": len(ref), "threshold": round(th, 4),
+                    "quantile": REFERENCE_QUANTILE}
+
+    candidates = rep & ~(offdomain if drop_off_domain else np.zeros(n, dtype=bool))
+    cand_rows = np.flatnonzero(candidates)
+    t2 = time.perf_counter()
+    assign_all = np.full(n, -1, dtype=np.int64)
+    k = min(k, max(1, len(cand_rows)))
+    hier: list[np.ndarray] = []
+    if len(cand_rows):
+        cents, a0 = kmeans(x[cand_rows], k, seed=seed)
+        hier = [a0]
+        for _ in range(levels - 1):  # hierarchical: cluster the centroids of the level below
+            ck = max(1, round(math.sqrt(len(cents))))
+            cents, ca = kmeans(cents, ck, seed=seed)
+            hier.append(ca[hier[-1]])
+        assign_all[cand_rows] = a0
+        # every image (also dropped ones) gets its nearest leaf cluster, for the report
+        import faiss
+
+        leaf = faiss.IndexFlatIP(x.shape[1])
+        leaf.add(_leaf_centroids(x[cand_rows], a0))
+        _, nearest = leaf.search(x, 1)
+        assign_all = nearest[:, 0].astype(np.int64)
+        assign_all[cand_rows] = a0
+    picked = balanced_sample(hier, budget, seed=seed) if len(cand_rows) else np.zeros(0, bool)
+    kept = np.zeros(n, dtype=bool)
+    kept[cand_rows[picked]] = True
+    cluster_s = time.perf_counter() - t2
+
+    # ---- decisions
+    keys = [r["key"] for r in index_rows]
+    paths = [r["path"] for r in index_rows]
+    group_rep = {int(g): i for i, g in enumerate(groups) if rep[i]}
+    sizes = np.bincount(groups)
+    decisions: list[list] = []
+    reasons: dict[str, int] = {}
+    for i in range(n):
+        if kept[i]:
+            why = "kept"
+        elif not rep[i]:
+            why = "duplicate"
+        elif drop_off_domain and offdomain[i]:
+            why = "off_domain"
+        else:
+            why = "balanced_out"
+        reasons[why] = reasons.get(why, 0) + 1
+        g = int(groups[i])
+        decisions.append([keys[i], paths[i], g if sizes[g] > 1 else "", keys[group_rep[g]] if why == "duplicate" else "",
+                          int(assign_all[i]), "yes" if kept[i] else "no", why,
+                          "" if np.isnan(ref_sim[i]) else f"{ref_sim[i]:.4f}", "yes" if offdomain[i] else ""])
+    bad_reasons: dict[str, int] = {}
+    for b in bad:
+        r = b["reason"].split(":")[0]
+        bad_reasons[r] = bad_reasons.get(r, 0) + 1
+        decisions.append([b["key"], b["path"], "", "", "", "no", f"bad:{r}", "", ""])
+    n_kept = int(kept.sum())
+
+    before = np.bincount(assign_all[assign_all >= 0], minlength=k) if n else np.zeros(k, int)
+    after = np.bincount(assign_all[kept], minlength=k) if n_kept else np.zeros(k, int)
+    summary = {
+        "format": FORMAT, "pile": coll.description, "pile_spec": pile, "model": model_spec, "arch": model.arch,
+        "feature_dim": model.feature_dim, "layer": model.layer, "inputs": coll.n, "decoded": n, "bad": len(bad),
+        "bad_by_reason": bad_reasons, "budget": budget, "keep": keep, "keep_count": keep_count or None,
+        "kept": n_kept, "decisions": reasons, "dup_threshold": dup_threshold,
+        "duplicate_groups": int((sizes > 1).sum()), "images_in_duplicate_groups": int(sizes[sizes > 1].sum()),
+        "largest_group": int(sizes.max()) if len(sizes) else 0, "clusters": int(len(np.unique(hier[0]))) if hier else 0,
+        "levels": levels, "cluster_sizes_before": sorted(before.tolist(), reverse=True),
+        "cluster_sizes_after": sorted(after.tolist(), reverse=True),
+        "off_domain": {**ref_info, "found": int(offdomain.sum()) if reference else None,
+                       "share": round(float(offdomain.mean()), 4) if reference else None,
+                       "dropped": bool(drop_off_domain and reference)},
+        "memory_estimate_bytes": need, "seed": seed,
+        "seconds": {"embed": round(embed_s, 1), "duplicates": round(dup_s, 1), "clusters": round(cluster_s, 1)},
+    }
+    if n_kept < budget:
+        summary["note"] = (f"{n_kept} images kept, fewer than the {budget} asked: that is all that remained after "
+                           f"dropping duplicates" + (" and off-domain images" if drop_off_domain else ""))
+
+    # ---- files (each written atomically)
+    kept_paths = [paths[i] for i in np.flatnonzero(kept)]
+    from .data.sources import open_denylist
+
+    pile_root = Path(pile) if Path(pile).is_dir() else None
+    pile_deny = getattr(coll, "deny", None) or open_denylist("", pile_root)
+    excluded = [keys[i] for i in range(n) if not kept[i]] + [b["key"] for b in bad]
+    header = ("# openseer curate: the images this curation dropped (and the pile's own takedowns), as a deny-list;\n"
+              "# train on the kept images in place with data.denylist=THIS_FILE\n")
+    atomic_write_text(out / "exclude.txt", header + "".join(f"{k}\n" for k in list(pile_deny.keys) + excluded))
+    atomic_write_text(out / "list.txt", "".join(f"{_absolute(p)}\n" for p in kept_paths))
+    atomic_write_text(out / "decisions.csv", _csv_text(decisions, ["key", "path", "group", "duplicate_of", "cluster",
+                                                                     "kept", "decision", "reference_similarity",
+                                                                     "off_domain"]))
+    if shards:
+        if coll.kind != "files":
+            summary["shards"] = "not written: --shards needs a folder or file-list pile (use exclude.txt for shards)"
+        else:
+            from .data.shards import write_shards
+
+            info = write_shards(out / "list.txt", out / "shards", shard_size=10000)
+            summary["shards"] = {"folder": str(out / "shards"), "images": info["total"], "shards": len(info["shards"])}
+    summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)
+    summary["files"] = {name: str(out / name) for name in ("list.txt", "exclude.txt", "decisions.csv", "report.html")}
+    write_html(out / "report.html", summary, groups, sizes, paths, coll, index_rows, kept)
+    atomic_write_json(out / "curate.json", summary)
+    return summary
+
+
+def _leaf_centroids(x: np.ndarray, assign: np.ndarray) -> np.ndarray:
+    k = int(assign.max()) + 1
+    c = np.zeros((k, x.shape[1]), dtype=np.float64)
+    np.add.at(c, assign, x)
+    c /= np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
+    return c.astype(np.float32)
+
+
+def _absolute(p: str) -> str:
+    return p if "#" in p and not Path(p).exists() else str(Path(p).resolve())
+
+
+# ---------------------------------------------------------------- report
+
+
+def _thumb(coll, row: dict, side: int = 64) -> str:
+    """A data: URI PNG of one pile image (decoded again), or '' when it cannot be read."""
+    from PIL import Image
+
+    try:
+        if coll.kind == "files":
+            from .data.decode import load_image
+
+            img = load_image(row["path"], draft_size=side)
+        elif coll.kind == "fashion-mnist":
+            img = Image.fromarray(coll.images[int(row["key"].rsplit(":", 1)[-1]), 0].numpy())
+        else:
+            return ""
+    except Exception:
+        return ""
+    img = img.convert("RGB")
+    img.thumbnail((side, side), Image.Resampling.NEAREST if max(img.size) < side else Image.Resampling.BILINEAR)
+    if max(img.size) < side:
+        f = side / max(img.size)
+        img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _bars(before: list[int], after: list[int], width: int = 720, height: int = 160) -> str:
+    """Inline SVG: cluster sizes before (grey) and after (blue), clusters sorted by size before."""
+    order = np.argsort(-np.asarray(before))
+    b = np.asarray(before)[order]
+    a = np.asarray(after)[order]
+    top = max(1, int(b.max()) if len(b) else 1)
+    w = width / max(1, len(b))
+    parts = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">']
+    for i, (vb, va) in enumerate(zip(b, a)):
+        hb, ha = height * vb / top, height * va / top
+        parts.append(f'<rect x="{i * w:.2f}" y="{height - hb:.2f}" width="{max(w, 0.5):.2f}" height="{hb:.2f}" '
+                     f'fill="#bbb"/>')
+        parts.append(f'<rect x="{i * w:.2f}" y="{height - ha:.2f}" width="{max(w, 0.5):.2f}" height="{ha:.2f}" '
+                     f'fill="#36c"/>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def write_html(path: Path, summary: dict, groups: np.ndarray, sizes: np.ndarray, paths: list[str], coll,
+               index_rows: list[dict], kept: np.ndarray, n_groups: int = 8, per_group: int = 10) -> None:
+    """One self-contained page: counts, duplicate groups as thumbnails, cluster sizes, off-domain share."""
+    e = html.escape
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups.tolist()):
+        if sizes[g] > 1:
+            members.setdefault(g, []).append(i)
+    largest = sorted(members, key=lambda g: -sizes[g])[:n_groups]
+    rows_html = []
+    for g in largest:
+        cells = []
+        for i in members[g][:per_group]:
+            uri = _thumb(coll, index_rows[i])
+            border = "3px solid #2a2" if kept[i] else "3px solid #fff"
+            tip = e(f"{index_rows[i]['key']} ({'kept' if kept[i] else 'dropped'})")
+            cells.append(f'<img src="{uri}" title="{tip}" style="border:{border};margin:1px" width="64">' if uri
+                         else f'<span title="{tip}">[{tip}]</span>')
+        rows_html.append(f"<tr><td>{int(sizes[g])}</td><td>{''.join(cells)}</td></tr>")
+    od = summary["off_domain"]
+    if od.get("given"):
+        od_html = (f"<p><b>{100 * od['share']:.1f}%</b> of the decoded pile ({od['found']} images) is off-domain. "
+                   f"Estimated against the reference <code>{e(str(od['data']))}</code> ({od['images']} images): an "
+                   f"image is off-domain when its best cosine similarity to any reference image is below "
+                   f"{od['threshold']}, the {100 * od['quantile']:g}% quantile of the reference images' similarity "
+                   f"to their own nearest other reference image (leave-one-out). "
+                   f"{'They were dropped.' if od['dropped'] else 'They were kept (pass --drop-off-domain to drop them).'}</p>")
+    else:
+        od_html = ("<p>Not estimated: off-domain needs a sample of the wanted domain (<code>--reference DATA</code>); "
+                   "an image is then off-domain when it is farther from every reference image than 99% of the "
+                   "reference images are from their nearest neighbour.</p>")
+    counts = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in sorted(summary["decisions"].items()))
+    bads = "".join(f"<tr><td>bad: {e(k)}</td><td>{v}</td></tr>" for k, v in sorted(summary["bad_by_reason"].items()))
+    before, after = summary["cluster_sizes_before"], summary["cluster_sizes_after"]
+    nz = [a for a in after if a]
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>openseer curate</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td{{padding:2px 8px;vertical-align:top}}
+table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style></head><body>
+<h1>Curation of {e(summary['pile'])}</h1>
+<p>Model {e(summary['model'])} ({e(summary['arch'])}, {summary['feature_dim']}-d {e(summary['layer'])} features).
+{summary['inputs']} inputs, {summary['decoded']} decoded, {summary['bad']} bad; kept <b>{summary['kept']}</b>
+(budget {summary['budget']}). {e(summary.get('note', ''))}</p>
+<table>{counts}{bads}</table>
+<h2>Near-duplicates</h2>
+<p>{summary['duplicate_groups']} groups holding {summary['images_in_duplicate_groups']} images (cosine &ge;
+{summary['dup_threshold']} between normalised embeddings, linked transitively); the largest has
+{summary['largest_group']}. Each keeps the member nearest its mean embedding. The largest groups (green
+border: kept by the final sampling):</p>
+<table><tr><th>size</th><th>members</th></tr>{''.join(rows_html)}</table>
+<h2>Clusters</h2>
+<p>{summary['clusters']} k-means clusters ({summary['levels']} level(s)); sizes before (grey: every decoded
+image, by nearest centroid) and after (blue: kept), largest first. Before: largest {before[0] if before else 0},
+median {int(np.median(before)) if before else 0}; after: largest {max(after) if after else 0},
+median of non-empty {int(np.median(nz)) if nz else 0}.</p>
+{_bars(before, after)}
+<h2>Off-domain share</h2>
+{od_html}
+<p>Files: list.txt (kept), exclude.txt (dropped, as a deny-list), decisions.csv (every image), curate.json.</p>
+</body></html>
+"""
+    atomic_write_text(path, page)

@@ -1,0 +1,275 @@
+"""Near-copy detection for takedowns: find re-encoded, resized, cropped and flipped copies of a photo.
+
+An exact takedown matches the content hash, so a copy saved again at another JPEG quality, size or
+crop still reaches the model. This module matches such copies with a hand-made descriptor (no
+pretrained weights are needed, and none can be downloaded here), copy-detection style:
+
+* **Descriptor.** An image is turned grey, area-resampled to ``SIDE x SIDE`` pixels, its mean
+  removed and its norm set to 1. Re-encoding (even JPEG quality 30) and resizing (a quarter of the
+  side) barely move a 16 x 16 area average, so two copies have a cosine similarity near 1; flat
+  images (near-blank, below ``MIN_STD`` grey levels of spread) get no descriptor and never match.
+* **The query side is multi-crop.** A copy that keeps >= 70% of the area is some window of the
+  original with both sides >= 70%; the photo being taken down is described at a grid of such
+  windows (widths and heights ``0.7 .. 1`` with their positions, ``CROP_STEP`` apart) and at their
+  mirror images, so one of its descriptors lines up with any such crop (flipped or not). A pile
+  image is described once, whole.
+* **Matching** is a faiss inner-product range search of the query's descriptors over the pile's
+  (normalised vectors, so inner product = cosine) with threshold ``THRESHOLD``. The threshold and
+  the grid were chosen by ``bench/nearcopy.py``: recall and false matches on copies of real
+  photographs against 10,000+ distinct images (numbers in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+SIDE = 16  # descriptor resolution: 256 numbers
+MIN_STD = 4.0  # grey levels: flatter images (near-blank) are not described, so never matched
+THRESHOLD = 0.90  # cosine similarity of a match (see bench/nearcopy.py)
+MIN_SIDE = 0.70  # the grid covers windows whose sides keep >= 70% (every crop keeping >= 70% of the area)
+CROP_STEP = 0.05  # grid step of window sides and positions, as a fraction of the image side
+
+
+def _grey(img: Image.Image) -> Image.Image:
+    if img.mode != "L":
+        img = img.convert("RGB").convert("L") if img.mode not in ("RGB", "L") else img.convert("L")
+    return img
+
+
+def _vector(img: Image.Image) -> np.ndarray | None:
+    """Resampled grey pixels -> a zero-mean unit vector, or None for a flat image."""
+    x = np.asarray(img.resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float32).ravel()
+    x = x - x.mean()
+    std = float(x.std())
+    if std < MIN_STD:
+        return None
+    return x / float(np.linalg.norm(x))
+
+
+def prepare_image(img: Image.Image, max_side: int = 256) -> Image.Image:
+    """Grey, and box-reduced to at most ``max_side`` (descriptors need few pixels; big photos are slow)."""
+    img = _grey(img)
+    f = max(img.size) / max_side
+    if f >= 2:
+        img = img.reduce(int(f))
+    return img
+
+
+def describe(img: Image.Image) -> np.ndarray | None:
+    """The descriptor of a whole image (a pile image), float32 (SIDE*SIDE,), or None when flat."""
+    return _vector(prepare_image(img))
+
+
+def _grid() -> list[tuple[float, float, float, float]]:
+    """Windows (left, top, width, height) in fractions of the side: sides >= MIN_SIDE, on a CROP_STEP grid."""
+    n = round((1 - MIN_SIDE) / CROP_STEP)
+    sides = [1 - i * CROP_STEP for i in range(n + 1)]
+    out = []
+    for w in sides:
+        for h in sides:
+            if w * h < MIN_SIDE - 1e-9:
+                continue
+            xs = [i * CROP_STEP for i in range(round((1 - w) / CROP_STEP) + 1)]
+            ys = [i * CROP_STEP for i in range(round((1 - h) / CROP_STEP) + 1)]
+            out += [(x, y, w, h) for x in xs for y in ys]
+    return out
+
+
+GRID = _grid()
+
+
+FINE = 32  # verification resolution
+FINE_MIN = 1.5  # grey levels of high-pass spread: below it a window has no detail to verify
+_K = np.array([1, 4, 6, 4, 1], np.float32) / 16
+
+
+def _highpass(x: np.ndarray) -> np.ndarray:
+    """x minus a separable binomial blur of it (reflect-padded): the detail a copy keeps."""
+    p = np.pad(x, 2, mode="reflect")
+    b = sum(_K[i] * p[:, i:i + x.shape[1]] for i in range(5))
+    b = sum(_K[i] * b[i:i + x.shape[0], :] for i in range(5))
+    return x - b
+
+
+def fine(img: Image.Image, box: tuple[float, float, float, float] | None = None) -> np.ndarray | None:
+    """The verification descriptor of an image (or of ``box`` in it): 32 x 32 grey high-pass, unit norm."""
+    x = np.asarray(img.resize((FINE, FINE), Image.Resampling.BOX, box=box), dtype=np.float32)
+    x = _highpass(x).ravel()
+    x -= x.mean()
+    if float(x.std()) < FINE_MIN:
+        return None
+    return x / float(np.linalg.norm(x))
+
+
+@dataclass
+class Query:
+    """A photo to take down: its grey views (as is, mirrored) and one descriptor per grid window."""
+
+    views: tuple[Image.Image, Image.Image]
+    vectors: np.ndarray  # (M, SIDE*SIDE)
+    windows: list[tuple[int, tuple[float, float, float, float]]]  # per row: (view, window)
+
+    def verify(self, row: int, candidate: Image.Image) -> float:
+        """The best high-pass correlation of a candidate with query window ``row``, refined by a
+        local search over the window's position and size (the grid is CROP_STEP apart; a real crop
+        falls between): coordinate steps of CROP_STEP / 2, halved twice."""
+        target = fine(prepare_image(candidate))
+        if target is None:
+            return -1.0
+        view_i, (x, y, w, h) = self.windows[row]
+        view = self.views[view_i]
+        W, H = view.size
+
+        def corr(b: tuple[float, float, float, float]) -> float:
+            x0, y0, x1, y1 = max(0.0, b[0]), max(0.0, b[1]), min(1.0, b[0] + b[2]), min(1.0, b[1] + b[3])
+            if x1 - x0 < 0.05 or y1 - y0 < 0.05:
+                return -1.0
+            v = fine(view, (x0 * W, y0 * H, x1 * W, y1 * H))
+            return -1.0 if v is None else float(v @ target)
+
+        box, best = (x, y, w, h), corr((x, y, w, h))
+        step = CROP_STEP / 2
+        for _ in range(3):
+            moved = True
+            while moved:
+                moved = False
+                for k in range(4):
+                    for sign in (-1, 1):
+                        b = list(box)
+                        b[k] += sign * step
+                        c = corr(tuple(b))  # type: ignore[arg-type]
+                        if c > best:
+                            best, box, moved = c, tuple(b), True  # type: ignore[assignment]
+            step /= 2
+        return best
+
+
+def describe_query(img: Image.Image) -> Query:
+    """A photo to take down, described at every window of the grid and at its mirror image."""
+    img = prepare_image(img, max_side=512)
+    views = (img, img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    rows, windows = [], []
+    for i, view in enumerate(views):
+        W, H = view.size
+        for x, y, w, h in GRID:
+            box = (x * W, y * H, (x + w) * W, (y + h) * H)
+            v = _vector(view.resize((SIDE, SIDE), Image.Resampling.BOX, box=box))
+            if v is not None:
+                rows.append(v)
+                windows.append((i, (x, y, w, h)))
+    vectors = np.stack(rows) if rows else np.zeros((0, SIDE * SIDE), np.float32)
+    return Query(views, vectors, windows)
+
+
+class CopyIndex:
+    """The descriptors of a pile in a faiss inner-product index; ``matches(query)`` -> pile rows."""
+
+    def __init__(self, vectors: np.ndarray):
+        import faiss
+
+        self.index = faiss.IndexFlatIP(SIDE * SIDE)
+        if len(vectors):
+            self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def candidates(self, query: Query, threshold: float = THRESHOLD) -> dict[int, tuple[float, int]]:
+        """Pile rows whose descriptor is within ``threshold`` of a query window: row -> (similarity,
+        the query row that came closest)."""
+        if not len(self) or not len(query.vectors):
+            return {}
+        lims, sims, ids = self.index.range_search(np.ascontiguousarray(query.vectors, np.float32), threshold)
+        qrow = np.repeat(np.arange(len(query.vectors)), np.diff(lims.astype(np.int64)))
+        out: dict[int, tuple[float, int]] = {}
+        for s, i, q in zip(sims.tolist(), ids.tolist(), qrow.tolist()):
+            if i not in out or s > out[i][0]:
+                out[i] = (s, q)
+        return out
+
+
+VERIFY = 0.60  # high-pass correlation that confirms a candidate (see bench/nearcopy.py)
+
+
+def find_copies(query: Query, index: CopyIndex, load, threshold: float = THRESHOLD,
+                verify: float = VERIFY) -> list[tuple[int, float, float]]:
+    """Pile rows that are copies of ``query``: (row, descriptor similarity, verified correlation),
+    best first. ``load(row)`` returns the pile image of a candidate (a PIL image, or None when it
+    cannot be read any more: then it is not a match)."""
+    found = []
+    for row, (sim, qrow) in index.candidates(query, threshold).items():
+        img = load(row)
+        score = query.verify(qrow, img) if img is not None else -1.0
+        if score >= verify:
+            found.append((row, sim, score))
+    return sorted(found, key=lambda t: -t[2])
+
+
+# ---------------------------------------------------------------- piles (what `takedown add|check --near` runs)
+
+
+def _pil(item) -> Image.Image:
+    """A collection item (uint8 CHW tensor) as a PIL image."""
+    arr = np.asarray(item.permute(1, 2, 0).numpy() if hasattr(item, "permute") else item)
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+
+READ_SIDE = 256  # pile images are decoded (JPEG DCT-scaled) to at least this side
+
+
+class PileIndex:
+    """Descriptors of every image of a pile (a folder, a file list or shards: ``openseer embed``'s
+    collections), searchable for copies. Flat (near-blank) and undecodable images are counted."""
+
+    def __init__(self, spec: str, progress: bool = True):
+        from ..embed import open_collection
+        from ..progress import progress as bar
+
+        self.spec = spec
+        self.coll = open_collection(spec)
+        self.keys: list[str] = []
+        self.paths: list[str] = []
+        self.rows: list[int] = []  # collection row of each descriptor
+        self.skipped: dict[str, int] = {}
+        vecs = []
+        with bar("near-copy scan", total=self.coll.n, unit="img", enabled=progress) as p:
+            for chunk in self.coll.chunks:
+                for row, key, path, item in self.coll.read(chunk, READ_SIDE):
+                    p.update(1)
+                    if isinstance(item, str):
+                        r = item.split(":")[0]
+                        self.skipped[r] = self.skipped.get(r, 0) + 1
+                        continue
+                    v = describe(_pil(item))
+                    if v is None:
+                        self.skipped["flat"] = self.skipped.get("flat", 0) + 1
+                        continue
+                    vecs.append(v)
+                    self.keys.append(key)
+                    self.paths.append(path)
+                    self.rows.append(row)
+        self.index = CopyIndex(np.stack(vecs) if vecs else np.zeros((0, SIDE * SIDE), np.float32))
+
+    def images(self, wanted: set[int]) -> dict[int, Image.Image]:
+        """Decode again the pile images of descriptor rows ``wanted`` (only the chunks holding them)."""
+        by_row = {self.rows[i]: i for i in wanted}
+        out: dict[int, Image.Image] = {}
+        for chunk in self.coll.chunks:
+            if not any(chunk.start <= r < chunk.stop for r in by_row):
+                continue
+            for row, _key, _path, item in self.coll.read(chunk, READ_SIDE):
+                if row in by_row and not isinstance(item, str):
+                    out[by_row[row]] = _pil(item)
+        return out
+
+    def copies_of(self, photo: Image.Image, threshold: float = THRESHOLD,
+                  verify: float = VERIFY) -> list[tuple[str, str, float, float]]:
+        """(key, path, descriptor similarity, verified correlation) of every copy of ``photo``."""
+        query = describe_query(photo)
+        cands = self.index.candidates(query, threshold)
+        imgs = self.images(set(cands))
+        found = find_copies(query, self.index, imgs.get, threshold, verify)
+        return [(self.keys[r], self.paths[r], s, f) for r, s, f in found]

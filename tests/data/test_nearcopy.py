@@ -1,0 +1,141 @@
+"""Near-copy takedowns: copies (re-encoded, resized, cropped, flipped) of a photo are found and never
+reach a batch; unrelated images stay in."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from openseer.cli import main
+from openseer.data import nearcopy as nc
+from openseer.data.batches import iterate_batches
+from openseer.data.pile import load_photographs, photograph_paths
+from openseer.data.sources import open_source
+from openseer.data.takedown import DenyList
+from tests.conftest import tiny_config
+
+
+def photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    """A synthetic 'photograph': a smooth random field with random shapes on it."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)).resize(
+        size, Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
+    d = ImageDraw.Draw(base)
+    for _ in range(25):
+        x, y = rng.integers(0, size[0]), rng.integers(0, size[1])
+        r = int(rng.integers(5, 40))
+        col = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)((x - r, y - r, x + r, y + r), fill=col)
+    return base
+
+
+def jpeg(img: Image.Image, q: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=q)
+    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+
+
+def copies(img: Image.Image) -> dict[str, Image.Image]:
+    W, H = img.size
+    return {
+        "jpeg30": jpeg(img, 30),
+        "jpeg95": jpeg(img, 95),
+        "scale25": img.resize((W // 4, H // 4), Image.Resampling.BILINEAR),
+        "crop70": img.crop((int(0.3 * W), 0, W, H)),  # 70% of the area, off-centre
+        "crop84": img.crop((int(0.05 * W), int(0.11 * H), int(0.89 * W), int(0.95 * H))),
+        "flip": img.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+        "all": jpeg(img.crop((10, 20, W - 30, H - 5)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize(
+            (W // 3, H // 3), Image.Resampling.BILINEAR), 40),
+    }
+
+
+def test_the_window_grid_covers_every_crop_keeping_70_percent():
+    g = nc.GRID
+    assert (0.0, 0.0, 1.0, 1.0) in g and all(w * h >= nc.MIN_SIDE - 1e-9 for _, _, w, h in g)
+    assert all(x + w <= 1 + 1e-9 and y + h <= 1 + 1e-9 for x, y, w, h in g)
+    rng = np.random.default_rng(0)
+    n = 0
+    while n < 200:  # any crop keeping >= 70% of the area is within half a step of a window (the
+        w, h = rng.uniform(0.7, 1), rng.uniform(0.7, 1)  # verification's local search does the rest)
+        if w * h < 0.7:
+            continue
+        n += 1
+        x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+        d = min(max(abs(x - a), abs(y - b), abs(w - c), abs(h - e)) for a, b, c, e in g)
+        assert d <= nc.CROP_STEP / 2 + 0.01
+    assert nc.describe(Image.new("L", (50, 40), 128)) is None  # flat: never matched
+
+
+def test_copies_are_found_and_unrelated_images_are_not():
+    target, other = photo(1), photo(2)
+    pile = list(copies(target).values()) + [other, *copies(other).values()] + [photo(s) for s in range(3, 9)]
+    vecs = [nc.describe(im) for im in pile]
+    index = nc.CopyIndex(np.stack(vecs))
+    found = {r for r, _, _ in nc.find_copies(nc.describe_query(target), index, lambda r: pile[r])}
+    assert found == set(range(len(copies(target))))
+
+
+def test_near_takedown_keeps_every_copy_out_of_every_batch(tmp_path, capsys):
+    pile = tmp_path / "pile"
+    pile.mkdir()
+    target = photo(11)
+    names = []
+    for k, im in copies(target).items():
+        (pile / f"copy_{k}.png").write_bytes(_png(im))
+        names.append(f"copy_{k}.png")
+    unrelated = ["other.png"] + [f"x{i}.png" for i in range(9)]
+    (pile / "other.png").write_bytes(_png(photo(12)))
+    for i in range(9):
+        (pile / f"x{i}.png").write_bytes(_png(photo(20 + i).resize((64, 48))))
+    (pile / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")  # counted, not a crash
+    (tmp_path / "photo.jpg").write_bytes(_jpeg_bytes(target))
+    lst = pile / "takedowns.txt"
+    assert main(["takedown", "add", str(tmp_path / "photo.jpg"), "--near", "--list", str(lst), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(names)} near copies" in out
+    deny = DenyList.load(lst)
+    assert all(deny.denies(n) for n in names) and not any(deny.denies(n) for n in unrelated)
+    assert "near copy of photo.jpg" in lst.read_text()
+    # the reader honours it: no copy in any batch of three epochs, every unrelated image in
+    cfg = tiny_config("data.batch_size=4", "data.num_workers=0")
+    src = open_source(str(pile), data_cfg=cfg.data)
+    seen: set[str] = set()
+    for batch in iterate_batches(src, cfg, 0, 1, 0, 12):
+        seen |= set(batch.keys)
+    assert not seen & set(names)
+    assert set(unrelated) <= seen
+    # check --near lists them, all deny-listed
+    assert main(["takedown", "check", str(tmp_path / "photo.jpg"), "--near", "--pile", str(pile), "--json",
+                 "-q"]) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(Path(c["path"]).name for c in doc["copies"]) == sorted(names)
+    assert all(c["denied"] for c in doc["copies"])
+
+
+def test_near_takedown_needs_a_photo(tmp_path, capsys):
+    assert main(["takedown", "add", "--near", "--list", str(tmp_path / "t.txt")]) != 0
+    assert "nothing to add" in capsys.readouterr().err
+    assert not (tmp_path / "t.txt").exists()
+
+
+@pytest.mark.skipif(not photograph_paths(), reason="no wallpapers installed (apt-get install gnome-backgrounds)")
+def test_wallpapers_load_as_distinct_photographs():
+    photos = load_photographs(max_side=128, limit=2)
+    assert len(photos) == 2 and all(max(im.size) <= 128 for _, im in photos)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
