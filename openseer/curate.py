@@ -381,6 +381,10 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         "memory_estimate_bytes": need, "seed": seed,
         "seconds": {"embed": round(embed_s, 1), "duplicates": round(dup_s, 1), "clusters": round(cluster_s, 1)},
     }
+    if summary["largest_group"] > n / 2:
+        summary["warning"] = (f"one duplicate group holds {summary['largest_group']} of {n} images: the model maps "
+                              f"most of the pile close together (random weights?); use a trained model or raise "
+                              f"--dup-threshold")
     if n_kept < budget:
         summary["note"] = (f"{n_kept} images kept, fewer than the {budget} asked: that is all that remained after "
                            f"dropping duplicates" + (" and off-domain images" if drop_off_domain else ""))
@@ -392,9 +396,11 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     pile_root = Path(pile) if Path(pile).is_dir() else None
     pile_deny = getattr(coll, "deny", None) or open_denylist("", pile_root)
     excluded = [keys[i] for i in range(n) if not kept[i]] + [b["key"] for b in bad]
+    listable = [k for k in excluded if "\n" not in k and "\r" not in k and "\t" not in k]
+    summary["unlistable"] = len(excluded) - len(listable)  # a deny-list line cannot hold these names
     header = ("# openseer curate: the images this curation dropped (and the pile's own takedowns), as a deny-list;\n"
               "# train on the kept images in place with data.denylist=THIS_FILE\n")
-    atomic_write_text(out / "exclude.txt", header + "".join(f"{k}\n" for k in list(pile_deny.keys) + excluded))
+    atomic_write_text(out / "exclude.txt", header + "".join(f"{k}\n" for k in list(pile_deny.keys) + listable))
     atomic_write_text(out / "list.txt", "".join(f"{_absolute(p)}\n" for p in kept_paths))
     atomic_write_text(out / "decisions.csv", _csv_text(decisions, ["key", "path", "group", "duplicate_of", "cluster",
                                                                      "kept", "decision", "reference_similarity",

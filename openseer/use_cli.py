@@ -262,6 +262,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
     share = f"; off-domain {100 * od['share']:.1f}%" if od.get("given") else ""
     print(f"openseer: kept {r['kept']} of {r['inputs']} images ({r['decisions']}; {r['bad']} bad"
           f"{share}) -> {r['files']['list.txt']}; report {r['files']['report.html']}")
+    if r.get("warning"):
+        print(f"openseer: warning: {r['warning']}", file=sys.stderr)
     if r.get("note"):
         print(f"openseer: note: {r['note']}", file=sys.stderr)
     return 0
