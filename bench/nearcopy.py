@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     need = max(0, args.distractors - n_tiles)
     distract += [Image.fromarray(test[i, 0].numpy(), mode="L") for i in range(min(need, len(test)))]
     distract = distract[: max(args.distractors, 0)] if args.distractors else distract
+    n_tiles = min(n_tiles, len(distract))
     pile += distract
     owner += [-1] * len(distract)
     kind_of += ["distractor"] * len(distract)
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     describe_s = time.perf_counter() - t1
     t2 = time.perf_counter()
     hits: list[tuple[int, int, float, float]] = []  # (query, pile row, coarse, fine)
-    low = min(args.threshold, 0.85) if args.sweep else args.threshold
+    low = min(args.threshold, 0.8) if args.sweep else args.threshold
     for qi in range(nq):
         query = nc.describe_query(photos[q_idx[qi]][1])
         for r, sim, score in nc.find_copies(query, index, lambda r: pile[rows[r]], threshold=low,
@@ -155,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             "query_s_each": round(query_s / nq, 2), "total_s": round(time.perf_counter() - t0, 1)}
     print(json.dumps(line))
     if args.sweep:
-        for th in (0.8, 0.85, 0.88, 0.9, 0.92):
-            for vt in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8):
+        for th in (0.8, 0.85, 0.9):
+            for vt in (0.4, 0.5, 0.6):
                 print(json.dumps({"threshold": th, "verify": vt, **score(th, vt)}))
     return 0
 

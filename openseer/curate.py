@@ -5,9 +5,9 @@ Steps (each decision is written to ``decisions.csv``):
 1. **Embed** every image of the pile with a backbone (a run, an exported file or a timm name) through
    ``openseer embed``'s machinery (``embed/`` inside ``--out``: resumable chunk by chunk; bad
    images are skipped, counted by reason and listed).
-2. **Near-duplicates.** The L2-normalised embeddings go into a faiss inner-product index; a range
-   search links every pair with cosine similarity >= ``--dup-threshold``; the connected components
-   are the duplicate groups. Each group keeps one image, the one nearest the group's mean embedding
+2. **Near-duplicates.** The L2-normalised embeddings go into a faiss inner-product index; each image
+   is linked to those of its 64 nearest neighbours with cosine similarity >= ``--dup-threshold``;
+   the connected components are the duplicate groups. Each group keeps one image, the one nearest the group's mean embedding
    (the most typical copy), and the others are dropped as ``duplicate``.
 3. **Off-domain** (with ``--reference DATA``, a small sample of the wanted domain): a pile image is
    off-domain when its best cosine similarity to the reference is below what 99% of reference images
@@ -44,6 +44,8 @@ from .fileio import atomic_write_json, atomic_write_text
 
 FORMAT = "openseer.curate.v1"
 DUP_THRESHOLD = 0.95
+NEIGHBOURS = 64  # neighbours searched per image for duplicate links
+BLOCK = 1024  # query rows per faiss search
 REFERENCE_QUANTILE = 0.01
 BYTES_PER_FLOAT = 4
 
@@ -55,38 +57,38 @@ class CurateError(DataError):
 # ---------------------------------------------------------------- pure steps (tested with known answers)
 
 
-def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD) -> np.ndarray:
-    """Group id per row: rows linked by cosine >= ``threshold`` (faiss range search on the normalised
-    rows) and their connected components. Singletons get their own id; ids are 0..G-1 in row order."""
+def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = NEIGHBOURS) -> np.ndarray:
+    """Group id per row: each row is linked to those of its ``k`` nearest neighbours (faiss
+    inner-product search on the normalised rows) with cosine >= ``threshold``, and the groups are the
+    connected components (so a group larger than ``k`` is still one group, through chains). Ids are
+    0..G-1 in order of first row; singletons get their own."""
     import faiss
 
     n = len(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
-    step = 4096
-    for s in range(0, n, step):
-        lims, _, ids = index.range_search(x[s:s + step], threshold)
-        for q in range(len(lims) - 1):
-            a = find(s + q)
-            for j in ids[lims[q]:lims[q + 1]]:
-                b = find(int(j))
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-                    a = min(a, b)
-    roots = np.array([find(i) for i in range(n)])
-    _, ids = np.unique(roots, return_inverse=True)
-    # renumber in order of first appearance
+    k = max(1, min(k, n))
+    src, dst = [], []
+    for s in range(0, n, BLOCK):
+        sims, ids = index.search(x[s:s + BLOCK], k)
+        rows = np.repeat(np.arange(s, s + len(ids)), k)
+        ok = (sims.ravel() >= threshold) & (ids.ravel() >= 0)
+        src.append(rows[ok])
+        dst.append(ids.ravel()[ok])
+    a = np.concatenate(src) if src else np.zeros(0, np.int64)
+    b = np.concatenate(dst) if dst else np.zeros(0, np.int64)
+    label = np.arange(n)
+    while True:  # connected components: propagate the smallest label along the edges, then jump pointers
+        old = label.copy()
+        m = np.minimum(label[a], label[b])
+        np.minimum.at(label, a, m)
+        np.minimum.at(label, b, m)
+        label = label[label]
+        if np.array_equal(label, old):
+            break
     first: dict[int, int] = {}
-    return np.array([first.setdefault(int(g), len(first)) for g in ids], dtype=np.int64)
+    return np.array([first.setdefault(int(g), len(first)) for g in label], dtype=np.int64)
 
 
 def group_representatives(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -204,10 +206,12 @@ def available_memory() -> int:
 
 
 def memory_needed(n: int, dim: int, clusters: int) -> int:
-    """Peak bytes the index steps need: the embeddings in RAM twice (float32 rows + the faiss copy), a
-    4096-row block of range-search scores, k-means' assignment tables, and the per-row bookkeeping."""
+    """Peak bytes the index steps need: the embeddings in RAM twice (float32 rows + the faiss copy),
+    the duplicate links (up to NEIGHBOURS per image: two int64 ids), a BLOCK x N score block of the
+    exhaustive search, k-means' centroids and the per-row bookkeeping."""
     rows = n * dim * BYTES_PER_FLOAT
-    return 2 * rows + 4096 * n * BYTES_PER_FLOAT + clusters * dim * BYTES_PER_FLOAT + 64 * n
+    return (2 * rows + n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
+            + clusters * dim * BYTES_PER_FLOAT + 64 * n)
 
 
 def _gb(b: float) -> str:

@@ -28,7 +28,7 @@ from PIL import Image
 
 SIDE = 16  # descriptor resolution: 256 numbers
 MIN_STD = 4.0  # grey levels: flatter images (near-blank) are not described, so never matched
-THRESHOLD = 0.90  # cosine similarity of a match (see bench/nearcopy.py)
+THRESHOLD = 0.85  # descriptor cosine similarity of a candidate (see bench/nearcopy.py)
 MIN_SIDE = 0.70  # the grid covers windows whose sides keep >= 70% (every crop keeping >= 70% of the area)
 CROP_STEP = 0.05  # grid step of window sides and positions, as a fraction of the image side
 
@@ -191,7 +191,7 @@ class CopyIndex:
         return out
 
 
-VERIFY = 0.60  # high-pass correlation that confirms a candidate (see bench/nearcopy.py)
+VERIFY = 0.50  # high-pass correlation that confirms a candidate (see bench/nearcopy.py)
 
 
 def find_copies(query: Query, index: CopyIndex, load, threshold: float = THRESHOLD,
