@@ -170,3 +170,21 @@ def test_the_pile_builder_is_deterministic(tmp_path):
     assert c["digest"] != a["digest"]
     with pytest.raises(ValueError, match="no photographs"):
         build_pile(tmp_path / "d", spec, photos=[])
+
+
+def test_curate_reports_the_off_domain_share_against_a_reference(tmp_path):
+    pile = _pile_folder(tmp_path / "pile", n=20)
+    ref = tmp_path / "ref"
+    write_pngs(ref, 6, prefix="r", size=(24, 24))
+    out = tmp_path / "cur"
+    assert main(["curate", str(pile), "--out", str(out), "--model", "test_resnet", "--keep", "1", "--levels", "2",
+                 "--clusters", "6", "--dup-threshold", "0.99999", "--reference", str(ref), "--drop-off-domain",
+                 "--quiet", "--threads", "1"]) == 0
+    s = json.loads((out / "curate.json").read_text())
+    od = s["off_domain"]
+    assert od["given"] and od["images"] == 6 and 0 <= od["share"] <= 1 and od["dropped"]
+    rows = list(csv.DictReader(open(out / "decisions.csv", newline="")))
+    assert sum(r["decision"] == "off_domain" for r in rows) == od["found"] - sum(
+        r["off_domain"] == "yes" and r["decision"] == "duplicate" for r in rows)
+    assert all(r["reference_similarity"] for r in rows)
+    assert "off-domain" in (out / "report.html").read_text()

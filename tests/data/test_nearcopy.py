@@ -139,3 +139,31 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=92)
     return buf.getvalue()
+
+
+def test_near_takedown_on_shards_keeps_copies_out_of_the_stream(tmp_path, capsys):
+    from openseer.data.shards import write_shards
+
+    src = tmp_path / "in"
+    src.mkdir()
+    target = photo(31)
+    for k, im in copies(target).items():
+        (src / f"copy_{k}.png").write_bytes(_png(im))
+    for i in range(9):
+        (src / f"x{i}.png").write_bytes(_png(photo(40 + i).resize((80, 60))))
+    write_shards(src, tmp_path / "shards", shard_size=4, workers=1)
+    (tmp_path / "photo.png").write_bytes(_png(target))
+    lst = tmp_path / "shards" / "takedowns.txt"
+    assert main(["takedown", "add", str(tmp_path / "photo.png"), "--near", "--list", str(lst), "-q"]) == 0
+    assert f"{len(copies(target))} near copies" in capsys.readouterr().out
+    cfg = tiny_config("data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4")
+    seen: set[str] = set()
+    for batch in iterate_batches(open_source(str(tmp_path / "shards"), data_cfg=cfg.data), cfg, 0, 1, 0, 8):
+        seen |= set(batch.keys)
+    import csv
+
+    with open(tmp_path / "shards" / "manifest.csv", newline="") as f:
+        source = {r["key"]: r["source"] for r in csv.DictReader(f)}
+    seen_names = {source[k.split(":")[-1]] if k.split(":")[-1] in source else k for k in seen}
+    assert not any(n.startswith("copy_") for n in seen_names), seen_names
+    assert {f"x{i}.png" for i in range(9)} <= seen_names
