@@ -180,6 +180,7 @@ def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sampl
     from .data.reader import SkipCounts
     from .data.sources import FASHION_MNIST_CLASSES, open_source
     from .eval.common import EvalTransform
+    from .fileio import name_to_text
 
     geometry = EvalTransform(crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     src = open_source(spec, data_cfg=data_cfg)
@@ -223,11 +224,11 @@ def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sampl
             try:  # listed and read by data/reader.py: bounded reads, the deny-list applied
                 x = image_tensor(src.collection.load(int(i), draft_size=draft_size(crop)), crop)  # type: ignore[attr-defined]
             except BadImage as e:
-                skips.skip(e.reason, src.key(int(i)))
+                skips.skip(e.reason, name_to_text(src.key(int(i))))
                 continue
             skips.good()
             tiles.append(geometry.geometry(x.unsqueeze(0)))
-            keys.append(src.key(int(i)))
+            keys.append(name_to_text(src.key(int(i))))
         how = f"{len(tiles)} images drawn (seed {seed}) from {src.description}"
     if skips.skipped:
         how += f"; {skips.summary()}"

@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
+from ..fileio import name_to_text
 from .batching import Batch, decode_pixels, seed_of  # noqa: F401  (re-exported: callers import them from here)
 from .decode import BadImage, DataError
 from .multicrop import BatchMultiCrop, FastMultiCrop, MultiCrop
@@ -81,7 +82,7 @@ class _DecodedCrops(Dataset):
                 sample = self.source.load(j, min_pixels=self.min_pixels) if self.min_pixels else self.source.load(j)
                 break
             except BadImage as e:
-                bad.append((self.source.key(j), e.reason))
+                bad.append((name_to_text(self.source.key(j)), e.reason))  # one line of text in bad_images.txt
         else:
             raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row near {self.source.key(idx)}; "
                             f"is this really a folder of images?")

@@ -77,7 +77,7 @@ def cmd_takedown_add(args: argparse.Namespace) -> int:
                 raise TakedownError(str(e)) from None
             coll.deny = type(coll.deny).load("")  # listing what to deny: the current list must not hide files
             skips = SkipCounts()
-            for item in coll.items(decode=False, skips=skips):
+            for item in coll.items(skips=skips):  # decoded: only images are listed, as every reader sees them
                 if item.ok:
                     keys.append(content_key(item.data or b""))
             report_skips(skips, f"openseer: {img}")

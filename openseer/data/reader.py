@@ -230,7 +230,7 @@ class Collection:
         """The bytes of entry ``i`` (bounded time, deny-list applied); ``BadImage`` with a reason."""
         e = self.entries[i]
         data = read_bytes(e.path, self.read_timeout)
-        if self.deny.keys and self.deny.denies(e.key, data):
+        if self.deny.keys and (self.deny.denies(e.key, data) or self.deny.denies(e.name)):
             raise BadImage("denied", e.key)
         return data
 

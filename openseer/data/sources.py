@@ -154,7 +154,8 @@ class FolderSource(ImageSource):
         return len(self.paths)
 
     def key(self, i: int) -> str:
-        return self.collection.entries[i].key
+        """The path relative to the folder, as the OS gives it (``fileio.name_to_text`` makes it text)."""
+        return self.collection.entries[i].name
 
     def load(self, i: int, min_pixels: int | None = None) -> Sample:
         """Decode file ``i``; a deny-listed file (by its relative path or content key) is ``BadImage('denied')``."""

@@ -108,6 +108,10 @@ def write_hostile(root: Path) -> Hostile:
         with open(raw, "wb") as f:
             f.write(_enc(_noise(), "PNG"))
         out.good.add(name_to_text(os.path.relpath(os.fsdecode(raw), root)))
+    # a bad file whose name has a newline and a byte that is not UTF-8 (its skip is recorded as text)
+    with open(os.fsencode(str(b)) + b"/cut\nshort_\xfe.jpg", "wb") as f:
+        f.write(_enc(_noise(), "JPEG", quality=90)[:300])
+    out.skips["truncated"] += 1
     # special files
     os.mkfifo(a / "fifo.jpg")
     out.skips["not_a_file"] += 1
@@ -132,5 +136,5 @@ def write_hostile(root: Path) -> Hostile:
     (a / "taken_down.png").write_bytes(_enc(_noise(), "PNG"))
     (root / "takedowns.txt").write_text("a/taken_down.png\t2026-01-01T00:00:00Z\ttest\n")
     out.skips["denied"] += 1
-    out.kinds = len(regular) + 2 + 7  # regular kinds, the non-UTF-8 name, fifo/dangling/loop/up-loop/sparse/locked/denied
+    out.kinds = len(regular) + 3 + 7  # regular kinds, the non-UTF-8 names, fifo/dangling/loop/up-loop/sparse/locked/denied
     return out
