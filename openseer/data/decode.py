@@ -70,7 +70,7 @@ REASONS = ("empty", "truncated", "corrupt", "not_an_image", "too_many_pixels", "
            "unreadable", "not_a_file", "timeout")
 
 # unambiguous leading bytes of image formats; used to tell 'corrupt' from 'not_an_image'
-_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*", b"GIF87a", b"GIF89a")
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*")
 
 
 class DataError(ValueError):
