@@ -31,6 +31,7 @@ stopped; its shard ends as ``shard_error``).
 from __future__ import annotations
 
 import os
+import queue
 import sys
 import threading
 from collections import Counter
@@ -81,29 +82,60 @@ def default_read_timeout() -> float:
     return value
 
 
+class _Readers:
+    """Daemon threads that run reads for ``call_with_timeout``, started as needed and reused.
+
+    A caller reserves an idle thread (or starts one), hands it the job and waits for the answer up
+    to the timeout. A thread stuck in a read is never idle again, so no later read waits behind it.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0
+
+    def reset(self) -> None:  # in a forked child: the parent's threads do not exist there
+        self.__init__()
+
+    def call(self, fn: Callable[[], T], timeout: float) -> tuple[bool, object]:
+        reply: queue.SimpleQueue = queue.SimpleQueue()
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+            else:
+                threading.Thread(target=self._serve, name="openseer-read", daemon=True).start()
+        self.jobs.put((fn, reply))
+        return reply.get(timeout=timeout)
+
+    def _serve(self) -> None:
+        while True:
+            fn, reply = self.jobs.get()
+            try:
+                reply.put((True, fn()))
+            except BaseException as e:  # handed to the caller's thread
+                reply.put((False, e))
+            with self.lock:
+                self.idle += 1
+
+
+_READERS = _Readers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_READERS.reset)
+
+
 def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
     """``fn()``, or ``BadImage('timeout')`` when it has not returned after ``timeout`` seconds.
 
     ``fn`` runs in a daemon thread: a read stuck in the kernel cannot be interrupted, so it is left
     behind (it ends if the file system ever answers, and never keeps the process from exiting).
     """
-    box: list = []
-
-    def run() -> None:
-        try:
-            box.append((True, fn()))
-        except BaseException as e:  # handed to the caller's thread
-            box.append((False, e))
-
-    t = threading.Thread(target=run, name="openseer-read", daemon=True)
-    t.start()
-    t.join(timeout)
-    if not box:
-        raise BadImage("timeout", f"{what}: no answer after {timeout:g} s (data.read_timeout)")
-    ok, value = box[0]
+    try:
+        ok, value = _READERS.call(fn, timeout)
+    except queue.Empty:
+        raise BadImage("timeout", f"{what}: no answer after {timeout:g} s (data.read_timeout)") from None
     if not ok:
-        raise value
-    return value
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
 
 
 def read_bytes(path: str | os.PathLike, timeout: float | None = None) -> bytes:
