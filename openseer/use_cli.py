@@ -38,7 +38,7 @@ CURATE_EXAMPLES = """examples:
   openseer curate /pile --out curated/ --model runs/a                  # keep half the pile
   openseer curate 'shards/{000000..000099}.tar' --out curated/ --keep 0.5 --model regnetx_002
   openseer curate /pile --out curated/ --keep-count 20000 --model runs/a --reference /some/in-domain --drop-off-domain
-  openseer pretrain --data curated/list.txt ...                          # the kept files
+  openseer shard curated/list.txt --out curated-shards/                  # the kept files (list.txt: embed, shard)
   openseer pretrain --data curated/shards --recipe tiny-cpu --out runs/b # (with --shards)
   openseer pretrain --data 'shards/{000000..000099}.tar' data.denylist=curated/exclude.txt ...   # shards in place
   (interrupted? run the same command again: the embedding resumes where it stopped)
@@ -127,7 +127,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("curate", help="deduplicate and rebalance an uncurated pile: kept list, decisions, report",
-                       description="Embed a pile with a backbone, group near-duplicates (faiss range search) and keep "
+                       description="Embed a pile with a backbone, group near-duplicates (faiss kNN + threshold) and keep "
                                    "one per group, rebalance by k-means clusters, keep --keep of the pile.",
                        epilog=CURATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pile", metavar="PILE", help="a folder of images, a .txt list of paths, or tar shards")

@@ -227,9 +227,14 @@ class PileIndex:
     def __init__(self, spec: str, progress: bool = True):
         from ..embed import open_collection
         from ..progress import progress as bar
+        from .takedown import DenyList
 
         self.spec = spec
         self.coll = open_collection(spec)
+        # every image is searched, also those already deny-listed (check --near reports which are)
+        for holder in (self.coll, getattr(self.coll, "listing", None)):
+            if holder is not None and hasattr(holder, "deny"):
+                holder.deny = DenyList()
         self.keys: list[str] = []
         self.paths: list[str] = []
         self.rows: list[int] = []  # collection row of each descriptor
