@@ -117,9 +117,11 @@ class Query:
         local search over the window's position and size (the grid is CROP_STEP apart; a real crop
         falls between): coordinate steps of CROP_STEP / 2, halved twice."""
         target = fine(prepare_image(candidate))
-        if target is None:
-            return -1.0
         view_i, (x, y, w, h) = self.windows[row]
+        if target is None:  # no detail to compare: only a detail-free window can be its original
+            W, H = self.views[view_i].size
+            flat = fine(self.views[view_i], (x * W, y * H, (x + w) * W, (y + h) * H)) is None
+            return FLAT if flat else -1.0
         view = self.views[view_i]
         W, H = view.size
 
@@ -192,6 +194,8 @@ class CopyIndex:
 
 
 VERIFY = 0.50  # high-pass correlation that confirms a candidate (see bench/nearcopy.py)
+FLAT = 2.0  # verify()'s answer when candidate and window both lack detail (smooth gradients)
+FLAT_THRESHOLD = 0.98  # then the descriptor alone decides, at this stricter cosine
 
 
 def find_copies(query: Query, index: CopyIndex, load, threshold: float = THRESHOLD,
@@ -203,7 +207,10 @@ def find_copies(query: Query, index: CopyIndex, load, threshold: float = THRESHO
     for row, (sim, qrow) in index.candidates(query, threshold).items():
         img = load(row)
         score = query.verify(qrow, img) if img is not None else -1.0
-        if score >= verify:
+        if score == FLAT:  # detail-free on both sides: the 16 x 16 descriptor must agree closely
+            if sim >= FLAT_THRESHOLD:
+                found.append((row, sim, sim))
+        elif score >= verify:
             found.append((row, sim, score))
     return sorted(found, key=lambda t: -t[2])
 

@@ -167,3 +167,15 @@ def test_near_takedown_on_shards_keeps_copies_out_of_the_stream(tmp_path, capsys
     seen_names = {source[k.split(":")[-1]] if k.split(":")[-1] in source else k for k in seen}
     assert not any(n.startswith("copy_") for n in seen_names), seen_names
     assert {f"x{i}.png" for i in range(9)} <= seen_names
+
+
+def test_detail_free_photos_are_matched_by_their_descriptor_alone():
+    yy, xx = np.mgrid[0:200, 0:300].astype(np.float32)
+    smooth = Image.fromarray((60 + 0.4 * xx + 0.2 * yy + 40 * np.exp(-((xx - 200) ** 2 + (yy - 80) ** 2) / 3000))
+                             .clip(0, 255).astype(np.uint8)).convert("RGB")
+    other = Image.fromarray((200 - 0.5 * yy + 0.1 * xx).clip(0, 255).astype(np.uint8)).convert("RGB")
+    assert nc.fine(nc.prepare_image(smooth)) is None  # no detail for the high-pass check
+    pile = [jpeg(smooth.resize((150, 100)), 40), smooth.transpose(Image.Transpose.FLIP_LEFT_RIGHT), other]
+    index = nc.CopyIndex(np.stack([nc.describe(im) for im in pile]))
+    found = {r for r, _, _ in nc.find_copies(nc.describe_query(smooth), index, lambda r: pile[r])}
+    assert found == {0, 1}
