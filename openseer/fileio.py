@@ -27,3 +27,13 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, value) -> None:
     """``value`` as indented JSON, written with ``atomic_write_text``."""
     atomic_write_text(path, json.dumps(value, indent=1))
+
+
+def usual_mode(path: str | Path) -> None:
+    """Give a written file the umask's usual mode: safetensors writes files readable by their owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:
+        pass
