@@ -167,11 +167,10 @@ def distill_loss(cfg: Config, teacher: Teacher, student_out: torch.Tensor, teach
     return -(target * logp).sum(1).mean()
 
 
-def feature_agreement(run_dir: str | Path, images: list, checkpoint: str | Path | None = None) -> float:
-    """Mean cosine similarity, over ``images`` (paths, arrays, tensors: anything ``Model.embed`` takes),
-    between the projected student of a distill run (its latest checkpoint, or ``checkpoint``) and its
-    teacher, both fed through the eval transform: how closely the student reproduces the teacher."""
-    from .api import prepare
+def feature_agreement(run_dir: str | Path, images: torch.Tensor, checkpoint: str | Path | None = None) -> float:
+    """Mean cosine similarity, over ``images`` (uint8 (B, C, H, W)), between the projected student of
+    a distill run (its latest checkpoint, or ``checkpoint``) and its teacher, both fed through the
+    eval transform: how closely the student reproduces the teacher."""
     from .eval.common import EvalTransform
 
     run_dir = Path(run_dir)
@@ -185,7 +184,7 @@ def feature_agreement(run_dir: str | Path, images: list, checkpoint: str | Path 
     student = Student(build_backbone(m.arch, stem_stride=m.stem_stride), teacher.dim)
     student.load_state_dict(state["model"])
     student.eval()
-    x = prepare(images, EvalTransform(cfg.crops.sizes[0], tuple(cfg.crops.mean), tuple(cfg.crops.std)))
+    x = EvalTransform(cfg.crops.sizes[0], tuple(cfg.crops.mean), tuple(cfg.crops.std))(images)
     with torch.inference_mode():
         return float(F.cosine_similarity(student([x]), teacher.features([x]), dim=1).mean())
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from openseer.api import image_tensor
 from openseer.cli import main
 from openseer.distill import feature_agreement
 from openseer.model.load import load_backbone
@@ -44,7 +45,7 @@ def _metrics(run: Path) -> list[dict]:
 def test_distillation_lowers_the_loss_and_brings_held_out_features_closer(teacher, pile, tmp_path):
     run = tmp_path / "student"
     assert _distill(teacher, pile, run, "--max-steps", "0") == 0  # the untrained student, checkpointed
-    held_out = [str(p) for p in write_pngs(tmp_path / "held_out", 80)[64:]]  # seeds the pile does not have
+    held_out = torch.stack([image_tensor(p, 24) for p in write_pngs(tmp_path / "held_out", 80)[64:]])  # unseen seeds
     before = feature_agreement(run, held_out)
     assert main(["distill", "--resume", str(run)]) == 0
     after = feature_agreement(run, held_out)
