@@ -136,7 +136,7 @@ def measure(name: str, spec: str, folder: Path, args, data_cache: dict) -> list[
     for export, runtime, path, fn in runs:
         b1 = _median_time(fn, x1, args.repeats)
         b32 = _median_time(fn, x32, max(5, args.repeats // 10))
-        row = {"bench": "deploy", "model": name, "arch": info["arch"], "params_m": round(params / 1e6, 3),
+        row = {"bench": "deploy", "model": name, "run": spec, "arch": info["arch"], "params_m": round(params / 1e6, 3),
                "export": export, "runtime": runtime, "threads": args.threads,
                "size_mb": round(path.stat().st_size / 1e6, 3), "latency_b1_ms": round(b1 * 1e3, 3),
                "imgs_per_s_b32": round(32 / b32, 1), **_accuracy(fn, data),
@@ -152,7 +152,8 @@ def measure(name: str, spec: str, folder: Path, args, data_cache: dict) -> list[
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", help="a teacher run (default: pretrain one with tiny-cpu for --minutes)")
-    p.add_argument("--student", help="a distilled run (default: distil the teacher into --student-arch for --minutes)")
+    p.add_argument("--student", help="a distilled run (default: distil the teacher into --student-arch for --minutes); "
+                                      "several, comma-separated, are each measured (the summary uses the first)")
     p.add_argument("--student-arch", default="mobilenetv3_small_050", help="default mobilenetv3_small_050 "
                                                                             "(0.57M parameters: under a quarter of regnetx_002's 2.32M)")
     p.add_argument("--minutes", type=float, default=5.0, help="pretraining and distillation budgets (default 5)")
@@ -191,7 +192,9 @@ def main() -> int:
     folder = out / "exports"
     folder.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
-    rows = measure("teacher", teacher, folder, args, cache) + measure("student", student, folder, args, cache)
+    rows = measure("teacher", teacher, folder, args, cache)
+    for i, spec in enumerate(student.split(",")):
+        rows += measure("student" if i == 0 else f"student{i + 1}", spec, folder, args, cache)
     t = {r["export"]: r for r in rows if r["model"] == "teacher"}
     s = {r["export"]: r for r in rows if r["model"] == "student"}
     summary = {"bench": "deploy-summary", "threads": args.threads,
@@ -202,6 +205,7 @@ def main() -> int:
                "int8_faster_b32_x": round(t["onnx int8"]["imgs_per_s_b32"] / t["onnx fp32"]["imgs_per_s_b32"], 2),
                "student_params_share": round(s["onnx fp32"]["params_m"] / t["onnx fp32"]["params_m"], 3),
                "student_vs_teacher_knn20": round(s["onnx fp32"]["knn20"] - t["onnx fp32"]["knn20"], 2),
+               "student_vs_teacher_linear": round(s["onnx fp32"]["linear"] - t["onnx fp32"]["linear"], 2),
                "teacher": teacher, "student": student}
     print(json.dumps(summary), flush=True)
     return 0

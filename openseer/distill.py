@@ -121,8 +121,9 @@ class Teacher:
 def _teacher_head(spec: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
     """The frozen SwAV projection head and prototypes of a teacher run or training checkpoint."""
     path = Path(spec).expanduser()
-    none = (f"distill.loss=swav needs a teacher trained by openseer pretrain (a run or its checkpoint, which "
-            f"holds the SwAV head and prototypes); {spec} has none. Use distill.loss=cosine")
+    none = (f"the teacher's SwAV head and prototypes are needed (by distill.loss=swav, and by openseer report of "
+            f"a distilled student): that needs a teacher trained by openseer pretrain (a run or its checkpoint); "
+            f"{spec} has none. Distil with distill.loss=cosine")
     if not path.exists() or path.suffix == ".safetensors":
         raise CheckpointError(none)
     try:
@@ -131,7 +132,7 @@ def _teacher_head(spec: str, device: torch.device) -> tuple[nn.Module, nn.Module
         else:
             state = load_checkpoint(path)
     except CheckpointError as e:
-        raise CheckpointError(f"distill.loss=swav needs the teacher's prototypes: {e}") from None
+        raise CheckpointError(f"the teacher's SwAV head and prototypes are needed: {e}") from None
     model = state.get("model") if isinstance(state.get("model"), dict) else None
     if model is None or not isinstance(state.get("config"), dict) or "prototypes.layer.weight" not in {
             k.replace("module.", "").replace("_orig_mod.", "") for k in model}:
@@ -187,6 +188,31 @@ def feature_agreement(run_dir: str | Path, images: torch.Tensor, checkpoint: str
     x = EvalTransform(cfg.crops.sizes[0], tuple(cfg.crops.mean), tuple(cfg.crops.std))(images)
     with torch.inference_mode():
         return float(F.cosine_similarity(student([x]), teacher.features([x]), dim=1).mean())
+
+
+class _ReportModel(nn.Module):
+    """A distilled student as ``openseer report`` runs a SwAV model: backbone, head, prototypes, where the
+    head is the student's projection followed by the teacher's SwAV head, the prototypes the teacher's."""
+
+    def __init__(self, backbone: nn.Module, proj: nn.Module, head: nn.Module, prototypes: nn.Module):
+        super().__init__()
+        self.backbone, self.prototypes = backbone, prototypes
+        self.head = nn.Sequential(proj, head)
+
+
+def report_model(state: dict, cfg: Config) -> nn.Module:
+    """The student of a distill checkpoint read through its teacher's prototypes (the teacher must be an
+    openseer run or checkpoint, which holds them); CheckpointError otherwise."""
+    head, protos = _teacher_head(cfg.distill.teacher, torch.device("cpu"))
+    m = cfg.model
+    backbone = build_backbone(m.arch, stem_stride=m.stem_stride)
+    student = Student(backbone, _head_in(head))
+    student.load_state_dict({k.replace("_orig_mod.", ""): v for k, v in state["model"].items()})
+    return _ReportModel(student.backbone, student.proj, head, protos).eval()
+
+
+def _head_in(head: nn.Module) -> int:
+    return next(mod.in_features for mod in head.modules() if isinstance(mod, nn.Linear))
 
 
 def distill_config(teacher: str, student: str, data: str | None, recipe: str | None = None,

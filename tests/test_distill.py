@@ -99,3 +99,13 @@ def test_swav_loss_needs_a_teacher_with_prototypes(pile, tmp_path, capsys):
     code = main(["distill", "test_resnet", "--student", "test_resnet", "--data", str(pile), "--out",
                  str(tmp_path / "x"), *SMALL, "distill.loss=swav"])
     assert code != 0 and "needs a teacher trained by openseer pretrain" in capsys.readouterr().err
+
+
+def test_export_embed_and_report_take_a_distill_run(teacher, pile, tmp_path):
+    run = tmp_path / "student"
+    assert _distill(teacher, pile, run, "--max-steps", "2") == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "s.onnx")]) == 0
+    assert main(["embed", str(run), "--data", str(pile), "--out", str(tmp_path / "emb"), "--quiet"]) == 0
+    assert main(["report", str(run), "--sample", "32", "--queries", "2", "--neighbours", "3"]) == 0
+    html = (run / "report.html").read_text()
+    assert "prototypes receive at least one image" in html  # the student through the teacher's prototypes
