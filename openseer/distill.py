@@ -168,6 +168,27 @@ def distill_loss(cfg: Config, teacher: Teacher, student_out: torch.Tensor, teach
     return -(target * logp).sum(1).mean()
 
 
+class DistillMethod:
+    """One step's forward and backward for distillation: teacher features, projected student, loss.
+
+    ``forward_backward(crops, step) -> (loss, cosine to the teacher)`` leaves the gradients on the
+    student; the loop around it (LR, finite checks, optimiser step, logging, checkpoints) is the
+    training loop's, so the method plugs into any loop that calls it once per step."""
+
+    def __init__(self, cfg: Config, student: Student, teacher: Teacher, autocast=nullcontext):
+        self.cfg, self.student, self.teacher, self.autocast = cfg, student, teacher, autocast
+
+    def forward_backward(self, crops: list[torch.Tensor], step: int) -> tuple[float, float]:
+        with self.autocast():
+            target = self.teacher.features(crops)
+            out = self.student(crops)
+        loss = distill_loss(self.cfg, self.teacher, out, target)
+        loss.backward()
+        with torch.no_grad():
+            cos = float(F.cosine_similarity(out.detach().float(), target, dim=1).mean())
+        return float(loss.detach()), cos
+
+
 def feature_agreement(run_dir: str | Path, images: torch.Tensor, checkpoint: str | Path | None = None) -> float:
     """Mean cosine similarity, over ``images`` (uint8 (B, C, H, W)), between the projected student of
     a distill run (its latest checkpoint, or ``checkpoint``) and its teacher, both fed through the
@@ -292,6 +313,7 @@ def distill(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_st
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    method = DistillMethod(cfg, model, teacher, autocast)
     log = MetricsLog(run_dir, cfg, sched, step, stop, True)
     log.message(f"openseer: distill {teacher.info['arch']} ({cfg.distill.teacher}, {teacher.dim}-d) -> {m.arch} "
                 f"({sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f}M parameters), loss "
@@ -332,13 +354,8 @@ def distill(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_st
                        time_fraction=spent / budget_s if budget_s else 0.0)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            with autocast():
-                target = teacher.features(crops)
-                out = model(crops)
-            loss = distill_loss(cfg, teacher, out, target)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            loss_value = float(loss.detach())
+            loss_value, cos = method.forward_backward(crops, step)
             if not math.isfinite(loss_value) or not optimizer.grads_finite():
                 counters["skipped_steps"] += 1
                 bad_in_a_row += 1
@@ -352,8 +369,6 @@ def distill(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_st
                 optimizer.step()
             step += 1
             counters["images_seen"] += len(batch.keys)
-            with torch.no_grad():
-                cos = float(F.cosine_similarity(out.detach().float(), target, dim=1).mean())
             window["loss"] += loss_value if math.isfinite(loss_value) else 0.0
             window["cos"] += cos
             window["steps"] += 1
@@ -395,4 +410,4 @@ def distill(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_st
             "preempted": preempted, "time_budget_reached": time_up}
 
 
-__all__ = ["Student", "Teacher", "distill", "distill_config", "distill_loss", "feature_agreement"]
+__all__ = ["DistillMethod", "Student", "Teacher", "distill", "distill_config", "distill_loss", "feature_agreement"]
