@@ -124,6 +124,8 @@ def measure(name: str, spec: str, folder: Path, args, data_cache: dict) -> list[
     fp32_onnx, int8_onnx, ts = folder / f"{name}-fp32.onnx", folder / f"{name}-int8.onnx", folder / f"{name}.pt"
     export_model(model, info, fp32_onnx, "onnx")
     q = export_int8(model, info, int8_onnx, "fashion-mnist", n=args.calibrate_n)
+    full = export_int8(model, info, folder / f"{name}-int8-full-range.onnx", "fashion-mnist", n=args.calibrate_n,
+                       reduce_range=False)  # what the 7-bit weight range buys on this CPU
     export_model(model, info, ts, "torchscript")
     calib = data[0][0][:args.calibrate_n]
     fx = _fx_int8(model, calib)
@@ -143,7 +145,9 @@ def measure(name: str, spec: str, folder: Path, args, data_cache: dict) -> list[
                "limit_train": args.limit_train, "limit_test": args.limit_test}
         if export == "onnx int8":
             row.update(cosine_to_fp32_min=round(q["cosine_min"], 4), cosine_to_fp32_mean=round(q["cosine_mean"], 4),
-                       calibration_images=q["calibration"]["images"])
+                       calibration_images=q["calibration"]["images"],
+                       full_range_cosine_min=round(full["cosine_min"], 4),
+                       full_range_cosine_mean=round(full["cosine_mean"], 4))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

@@ -101,11 +101,12 @@ def _count_ops(path: Path, op: str) -> int:
 
 
 def export_int8(model: torch.nn.Module, info: dict, out_path: str | Path, calibrate: str, n: int = 256,
-                opset: int | None = None, per_channel: bool = True) -> dict:
+                opset: int | None = None, per_channel: bool = True, reduce_range: bool = True) -> dict:
     """Write a static int8 (QDQ) ONNX model of ``model`` calibrated on ``n`` images of ``calibrate``.
 
     Returns sizes (fp32 and int8 bytes), the calibration counts, and ``compare``'s numbers for the
     int8 model (onnxruntime, CPU) against the fp32 PyTorch backbone on the calibration sample.
+    ``reduce_range=False`` gives the weights the full int8 range (see the module docstring).
     """
     try:
         import onnx
@@ -135,12 +136,12 @@ def export_int8(model: torch.nn.Module, info: dict, out_path: str | Path, calibr
         bn_left = _count_ops(pre, "BatchNormalization")
         staged = Path(tmp) / "int8.onnx"
         quantize_static(str(pre), str(staged), Reader(_session(pre).get_inputs()[0].name),
-                        quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=True,
+                        quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         proto = onnx.load(str(staged))
         meta = file_metadata(info)
-        meta.update(quantization="int8 static (onnxruntime quantize_static, QDQ, per-channel int8 weights in a "
-                                 "7-bit range, uint8 activations, MinMax calibration)",
+        meta.update(quantization=f"int8 static (onnxruntime quantize_static, QDQ, per-channel int8 weights in a "
+                                 f"{'7' if reduce_range else '8'}-bit range, uint8 activations, MinMax calibration)",
                     calibration=f"{counts['images']} images of {calibrate}")
         onnx.helper.set_model_props(proto, meta)
         out_path.parent.mkdir(parents=True, exist_ok=True)
