@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import statistics
 import sys
@@ -131,11 +132,15 @@ def measure(name: str, spec: str, folder: Path, args, data_cache: dict) -> list[
     fx = _fx_int8(model, calib)
     fx_path = folder / f"{name}-fx-int8.pt"
     torch.jit.save(torch.jit.trace(fx, x32, check_trace=False), str(fx_path))
-    runs = [("onnx fp32", "onnxruntime", fp32_onnx, _ort(fp32_onnx, args.threads)),
-            ("onnx int8", "onnxruntime", int8_onnx, _ort(int8_onnx, args.threads)),
-            ("torchscript fp32", "torch", ts, _torch_fn(torch.jit.load(str(ts)))),
-            ("torch fx int8", "torch", fx_path, _torch_fn(torch.jit.load(str(fx_path))))]
-    for export, runtime, path, fn in runs:
+    # each runtime is made just before it is timed and dropped after: an idle onnxruntime session's
+    # threads spin and would steal the cores from the torch measurements
+    runs = [("onnx fp32", "onnxruntime", fp32_onnx, lambda: _ort(fp32_onnx, args.threads)),
+            ("onnx int8", "onnxruntime", int8_onnx, lambda: _ort(int8_onnx, args.threads)),
+            ("torchscript fp32", "torch", ts, lambda: _torch_fn(torch.jit.load(str(ts)))),
+            ("torch fx int8", "torch", fx_path, lambda: _torch_fn(torch.jit.load(str(fx_path))))]
+    for export, runtime, path, make in runs:
+        gc.collect()
+        fn = make()
         b1 = _median_time(fn, x1, args.repeats)
         b32 = _median_time(fn, x32, max(5, args.repeats // 10))
         row = {"bench": "deploy", "model": name, "run": spec, "arch": info["arch"], "params_m": round(params / 1e6, 3),
@@ -150,6 +155,7 @@ def measure(name: str, spec: str, folder: Path, args, data_cache: dict) -> list[
                        full_range_cosine_mean=round(full["cosine_mean"], 4))
         rows.append(row)
         print(json.dumps(row), flush=True)
+        del fn
     return rows
 
 
