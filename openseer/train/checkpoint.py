@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .distributed import reduce_device
+
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})\.(pt|dcp)$")
 META = "meta.pt"  # the non-tensor part of a sharded (.dcp) checkpoint
@@ -128,7 +130,7 @@ def save_sharded_checkpoint(meta: dict, tensors: dict, run_dir: str | Path, step
             _fsync_dir(final.parent)
         except OSError as e:
             error = e.strerror or str(e)
-    failed = torch.tensor([1.0 if error else 0.0])
+    failed = torch.tensor([1.0 if error else 0.0], device=reduce_device())  # gloo: CPU; NCCL-only: GPU
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item():
         if main:
