@@ -118,7 +118,7 @@ def _world() -> int:
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if _world() > 1:
+    if dist.is_available() and dist.is_initialized():  # any open group, one rank included
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
@@ -126,7 +126,7 @@ def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 def _global_logsumexp(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
     """log(sum(exp(x))) over ``dim`` (kept) and over all ranks, without overflow: one MAX and one SUM
     all-reduce for every problem in the batch together."""
-    m = _all_reduce(x.amax(dim=dim, keepdim=True), dist.ReduceOp.MAX if _world() > 1 else None)
+    m = _all_reduce(x.amax(dim=dim, keepdim=True), dist.ReduceOp.MAX)
     return m + torch.log(_all_reduce(torch.exp(x - m).sum(dim=dim, keepdim=True)))
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+ONE_RANK_GROUP_ENV = "OPENSEER_PROCESS_GROUP"
+
 
 class DistError(RuntimeError):
     """A distributed set-up that cannot work here, said before any collective can hang."""
@@ -125,7 +127,10 @@ def init_distributed(backend: str = "auto", device: str = "cpu") -> DistEnv:
     """Initialise the default process group when the world has more than one process
     (``process_group_backend`` says with which backends)."""
     env = env_from_os()
-    if env.world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+    # OPENSEER_PROCESS_GROUP=1 under a launcher opens a group for one rank too: the collectives of
+    # many ranks, checked on one GPU (bench/gpu_step.sh)
+    one_rank_group = os.environ.get(ONE_RANK_GROUP_ENV) == "1" and "WORLD_SIZE" in os.environ
+    if (env.world_size <= 1 and not one_rank_group) or (dist.is_available() and dist.is_initialized()):
         if dist.is_available() and dist.is_initialized():
             return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank)
         return env
@@ -172,7 +177,8 @@ def on_main(env: DistEnv, fn, *args):
 
 
 def _multi() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """A process group is open (of any size: a 1-rank group runs the same collectives as many)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_scalar(value: float, op: str = "mean") -> float:

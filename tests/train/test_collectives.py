@@ -80,3 +80,18 @@ def test_scalar_collectives_follow_the_group(monkeypatch):
     assert distributed.all_reduce_scalar(3.0, "max") == 3.0
     assert distributed.any_across_ranks(True, False) == [True, False]
     assert all(t.device.type == "cpu" for t in reduced) and len(reduced) == 2
+
+
+def test_a_one_rank_group_runs_the_same_collectives_and_results(tmp_path):
+    """OPENSEER_PROCESS_GROUP=1 opens a group for one rank (the GPU check's path of many ranks):
+    the step verdict and Sinkhorn go through it and give what no group gives."""
+    from openseer.model.swav import sinkhorn
+
+    scores = torch.randn(2, 6, 5)
+    alone = sinkhorn(scores, 0.05, 3)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert torch.equal(sinkhorn(scores, 0.05, 3), alone)
+        assert step_verdict(torch.tensor(False), True, 3.0, "cpu") == (False, True, 3.0)
+    finally:
+        dist.destroy_process_group()
