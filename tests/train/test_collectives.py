@@ -95,3 +95,39 @@ def test_a_one_rank_group_runs_the_same_collectives_and_results(tmp_path):
         assert step_verdict(torch.tensor(False), True, 3.0, "cpu") == (False, True, 3.0)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_run_through_a_one_rank_group_equals_a_run_without_one(tmp_path, monkeypatch):
+    """The loop's collectives (verdict, Sinkhorn, logged loss) through a real 1-rank gloo group give
+    the bits of a run without any group; the verdict is one all-reduce per step."""
+    import socket
+
+    from openseer.train.checkpoint import latest_checkpoint
+    from openseer.train.distributed import close_distributed
+    from openseer.train.loop import pretrain
+    from tests.conftest import EAGER_FP32, QUIET, tiny_config, write_pngs
+
+    write_pngs(tmp_path / "imgs", 24, size=(28, 28))
+    cfg = tiny_config(*QUIET, *EAGER_FP32, "data.batch_size=8", "optim.epochs=1", "swav.freeze_prototypes_steps=1",
+                      "swav.queue_length=16", "swav.queue_start_step=0")
+    cfg.data.source = str(tmp_path / "imgs")
+    pretrain(cfg, tmp_path / "alone")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port), "OPENSEER_PROCESS_GROUP": "1"}.items():
+        monkeypatch.setenv(k, v)
+    calls: list[int] = []
+    real = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: calls.append(t.numel()) or real(t, *a, **k))
+    try:
+        pretrain(cfg, tmp_path / "group")
+        assert dist.is_initialized() and dist.get_world_size() == 1
+    finally:
+        close_distributed()
+    (_, a), (_, b) = latest_checkpoint(tmp_path / "alone"), latest_checkpoint(tmp_path / "group")
+    assert a["step"] == b["step"] == 3
+    assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
+    assert torch.equal(a["queue"]["embeddings"], b["queue"]["embeddings"])
+    assert calls.count(3) == 3  # [bad, stop, seconds]: once per step
