@@ -223,7 +223,8 @@ def bench_pretrain(steps: int, device: str, overrides: list[str], n_images: int 
             close_distributed()  # gloo's threads joined before exit (as ``openseer pretrain`` does)
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()] \
             if env.is_main else []
-    per_step = [b - a for i, (a, b) in enumerate(zip(entries, entries[1:])) if (i + 1) % every]
+    # iteration i runs step i; leave out the first (compile, cuDNN autotuning) and the log steps
+    per_step = [b - a for i, (a, b) in enumerate(zip(entries, entries[1:])) if i > 0 and (i + 1) % every]
     later = rows[1:] or rows
     return {"config": "pretrain", "device": device, "world_size": env.world_size, "steps": summary["step"],
             "batch": cfg.data.batch_size, "overrides": overrides,
