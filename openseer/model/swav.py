@@ -145,16 +145,16 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
     they are solved together, so each all-reduce carries all T of them (half the collectives for 2).
     """
     single = scores.dim() == 2
-    log_q = (scores.float() / epsilon).transpose(-2, -1)  # (T x) K x B_local
+    log_q = scores.float() / epsilon  # (T x) B_local x K: Q transposed, kept in the scores' own layout
     if single:
         log_q = log_q.unsqueeze(0)
-    k = log_q.shape[-2]
-    b = log_q.shape[-1] * _world()
+    k = log_q.shape[-1]
+    b = log_q.shape[-2] * _world()
     log_q = log_q - _global_logsumexp(log_q, dim=(-2, -1))
     for _ in range(iters):
-        log_q -= _global_logsumexp(log_q, dim=-1) + math.log(k)
-        log_q -= torch.logsumexp(log_q, dim=-2, keepdim=True) + math.log(b)
-    q = torch.exp(log_q + math.log(b)).transpose(-2, -1)
+        log_q -= _global_logsumexp(log_q, dim=-2) + math.log(k)  # Q's rows: one per prototype, global
+        log_q -= torch.logsumexp(log_q, dim=-1, keepdim=True) + math.log(b)  # Q's columns: one per sample
+    q = torch.exp(log_q + math.log(b))
     return q[0] if single else q
 
 
