@@ -17,6 +17,7 @@ Configurations:
   rg128    the same with regnety_1280 (for a GPU: ``--device cuda``, bench/gpu_step.sh)
   pretrain openseer's real pretrain() on generated tar shards (``--device cuda``; under torchrun with
            its process group): images/s and host syncs per step that is not a log step
+  swav     SwAV's own part of the step alone (Sinkhorn, targets with a queue, loss), CPU time
   levers   each speed lever of the tiny step switched off (or on) alone, one JSON line per lever:
            channels_last, bf16 autocast, torch.compile, batched uint8 augmentation vs per-image crops
            in 0/1/2 loader workers, one trunk pass per resolution vs per crop, foreach LARC vs a
@@ -232,6 +233,53 @@ def bench_pretrain(steps: int, device: str, overrides: list[str], n_images: int 
             "host_syncs_per_step_max": max(per_step) if per_step else None,
             "host_syncs_per_step_mean": round(sum(per_step) / len(per_step), 2) if per_step else None,
             "skipped_steps": summary["counters"].get("skipped_steps")}
+
+
+def bench_swav_part(smoke: bool = False) -> dict:
+    """SwAV's own part of the step, alone, in CPU time (``process_time``: steadier than the wall clock
+    on a shared machine), one thread: both target crops' Sinkhorn, ``SwAVLoss.targets`` with a full
+    queue (queue scores + Sinkhorn + push), the swapped loss forward and forward + backward. Also runs
+    against an older openseer on PYTHONPATH (only the classes every version has)."""
+    import torch.nn.functional as F
+
+    from openseer.model.swav import SwAVLoss, SwAVQueue, sinkhorn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    v, b, k, d, length = (6, 16, 300, 32, 64) if smoke else (6, 64, 3000, 128, 1024)
+    queue = SwAVQueue(2, length, d)
+    loss_fn = SwAVLoss(v, [0, 1], 0.1, 0.05, 3, queue=queue, queue_start_step=0)
+    protos = F.normalize(torch.randn(k, d), dim=1)
+    z = F.normalize(torch.randn(v * b, d), dim=1)
+    s = z @ protos.t()
+    for i in range(length // b + 1):  # fill the queue
+        loss_fn.targets(z, s, protos, i)
+    t = loss_fn.targets(z, s, protos, 99)
+    big = torch.randn(2, length + b, k)
+
+    def both_crops():
+        try:
+            sinkhorn(big, 0.05, 3)  # one batched call where supported
+        except RuntimeError:
+            sinkhorn(big[0], 0.05, 3), sinkhorn(big[1], 0.05, 3)
+
+    def cpu_ms(fn, n: int = 3 if smoke else 10) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.process_time()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.process_time() - t0) / n)
+        return round(best * 1000, 2)
+
+    out = {"config": "swav", "crops": v, "batch": b, "prototypes": k, "queue": length,
+           "sinkhorn_both_crops_cpu_ms": cpu_ms(both_crops),
+           "targets_with_queue_cpu_ms": cpu_ms(lambda: loss_fn.targets(z, s, protos, 99)),
+           "loss_cpu_ms": cpu_ms(lambda: loss_fn(s, t)),
+           "loss_backward_cpu_ms": cpu_ms(lambda: loss_fn(s.detach().requires_grad_(), t).backward())}
+    torch.set_num_threads(threads)
+    return out
 
 
 class _PILCrops(torch.utils.data.Dataset):
@@ -599,8 +647,10 @@ def main() -> None:
         args.steps, args.big_steps = 4, 1
     args.big_batch = args.big_batch or ("1" if args.smoke else "4")
     n = 512 if args.smoke else (8192 if args.device == "cuda" else 2048)
+    timed_alone = {"swav", "pretrain", "levers"}  # report their own numbers: no matmul peaks needed
+    need_peaks = any(name not in timed_alone for name in args.configs.split(","))
     peaks = {"fp32": matmul_peak(torch.float32, n, device=args.device),
-             "bf16": matmul_peak(torch.bfloat16, n, device=args.device)}
+             "bf16": matmul_peak(torch.bfloat16, n, device=args.device)} if need_peaks else {}
     results = []
     runs = [(name, int(b)) for name in args.configs.split(",")
             for b in (args.big_batch.split(",") if name in BIG_CONFIGS else [0])]
@@ -609,6 +659,11 @@ def main() -> None:
             for r in bench_loop_levers(args.steps, args.smoke) + bench_model_levers(args.smoke):
                 r["bench"] = "train_step"
                 print(json.dumps(r), flush=True)
+            continue
+        if name == "swav":
+            r = bench_swav_part(args.smoke)
+            r["bench"] = "train_step"
+            print(json.dumps(r), flush=True)
             continue
         if name == "pretrain":
             r = bench_pretrain(args.steps, args.device, args.overrides + (PRETRAIN_SMOKE if args.smoke else []),
