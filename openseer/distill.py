@@ -314,7 +314,7 @@ def distill(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_st
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     method = DistillMethod(cfg, model, teacher, autocast)
-    log = MetricsLog(run_dir, cfg, sched, step, stop, True)
+    log = MetricsLog(run_dir, cfg, step, stop, True)
     log.message(f"openseer: distill {teacher.info['arch']} ({cfg.distill.teacher}, {teacher.dim}-d) -> {m.arch} "
                 f"({sum(p.numel() for p in model.backbone.parameters()) / 1e6:.2f}M parameters), loss "
                 f"{cfg.distill.loss}; {source.description}; batch {sched['global_batch']}, peak LR "

@@ -37,14 +37,14 @@ class QuantizeError(DataError):
 def calibration_batch(spec: str, n: int, info: dict) -> tuple[torch.Tensor, dict]:
     """(normalised float batch (N, 3, crop, crop), counts) of ``n`` images spread evenly over ``spec``
     (a folder, a .txt list of paths, tar shards or fashion-mnist), undecodable ones skipped."""
-    from .embed import Chunk, EmbedError, open_collection
+    from .embed import Chunk, open_collection
 
     if n < 1:
         raise QuantizeError(f"--calibrate-n must be >= 1; got {n}")
     try:
         coll = open_collection(spec)
-    except EmbedError as e:
-        raise QuantizeError(f"calibration images: {e}") from None
+    except DataError as e:  # no such path, no images in it
+        raise QuantizeError(f"calibration images (--calibrate): {e}") from None
     crop = int(info["crop_size"])
     transform = EvalTransform(crop, tuple(info["mean"]), tuple(info["std"]))
     images: list[torch.Tensor] = []

@@ -34,6 +34,7 @@ from ..model.checkpoint_file import (  # noqa: F401
     load_checkpoint,
     sharded_keys,
 )
+from .distributed import reduce_device
 
 
 def _remove(path: Path) -> None:
@@ -116,7 +117,7 @@ def save_sharded_checkpoint(meta: dict, tensors: dict, run_dir: str | Path, step
             _fsync_dir(final.parent)
         except OSError as e:
             error = e.strerror or str(e)
-    failed = torch.tensor([1.0 if error else 0.0])
+    failed = torch.tensor([1.0 if error else 0.0], device=reduce_device())  # gloo: CPU; NCCL-only: GPU
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item():
         if main:
