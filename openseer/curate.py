@@ -5,9 +5,13 @@ Steps (each decision is written to ``decisions.csv``):
 1. **Embed** every image of the pile with a backbone (a run, an exported file or a timm name) through
    ``openseer embed``'s machinery (``embed/`` inside ``--out``: resumable chunk by chunk; bad
    images are skipped, counted by reason and listed).
-2. **Near-duplicates.** The L2-normalised embeddings go into a faiss inner-product index; each image
-   is linked to those of its 64 nearest neighbours with cosine similarity >= ``--dup-threshold``;
-   the connected components are the duplicate groups. Each group keeps one image, the one nearest the group's mean embedding
+2. **Near-duplicates.** By default (``--dup-by descriptor``) the near-copy descriptor of
+   data/nearcopy.py (16 x 16 grey, mean removed; each image and its mirror image), else
+   (``--dup-by embedding``) the L2-normalised embeddings, go into a faiss inner-product index; each
+   image is linked to those of its 64 nearest neighbours with cosine >= ``--dup-threshold``; the
+   connected components are the duplicate groups. (A short SwAV pretraining gives class-level
+   features: by embedding, 86% of the distinct images of the benchmark pile were grouped as
+   duplicates; by descriptor 18%, finding 81% of the true duplicates: docs/benchmarks.md.) Each group keeps one image, the one nearest the group's mean embedding
    (the most typical copy), and the others are dropped as ``duplicate``.
 3. **Off-domain** (with ``--reference DATA``, a small sample of the wanted domain): a pile image is
    off-domain when its best cosine similarity to the reference is below what 99% of reference images
@@ -57,11 +61,13 @@ class CurateError(DataError):
 # ---------------------------------------------------------------- pure steps (tested with known answers)
 
 
-def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = NEIGHBOURS) -> np.ndarray:
+def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = NEIGHBOURS,
+                     extra: tuple[np.ndarray, ...] = ()) -> np.ndarray:
     """Group id per row: each row is linked to those of its ``k`` nearest neighbours (faiss
     inner-product search on the normalised rows) with cosine >= ``threshold``, and the groups are the
-    connected components (so a group larger than ``k`` is still one group, through chains). Ids are
-    0..G-1 in order of first row; singletons get their own."""
+    connected components (so a group larger than ``k`` is still one group, through chains). Rows of
+    each ``extra`` matrix (e.g. the mirror images' descriptors) query the same index for row i too.
+    Ids are 0..G-1 in order of first row; singletons get their own."""
     import faiss
 
     n = len(x)
@@ -70,12 +76,14 @@ def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = N
     index.add(x)
     k = max(1, min(k, n))
     src, dst = [], []
-    for s in range(0, n, BLOCK):
-        sims, ids = index.search(x[s:s + BLOCK], k)
-        rows = np.repeat(np.arange(s, s + len(ids)), k)
-        ok = (sims.ravel() >= threshold) & (ids.ravel() >= 0)
-        src.append(rows[ok])
-        dst.append(ids.ravel()[ok])
+    for q in (x, *extra):
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        for s in range(0, n, BLOCK):
+            sims, ids = index.search(q[s:s + BLOCK], k)
+            rows = np.repeat(np.arange(s, s + len(ids)), k)
+            ok = (sims.ravel() >= threshold) & (ids.ravel() >= 0)
+            src.append(rows[ok])
+            dst.append(ids.ravel()[ok])
     a = np.concatenate(src) if src else np.zeros(0, np.int64)
     b = np.concatenate(dst) if dst else np.zeros(0, np.int64)
     label = np.arange(n)
@@ -238,7 +246,7 @@ def _csv_text(rows: list[list], header: list[str]) -> str:
 
 def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5, keep_count: int = 0,
            dup_threshold: float = DUP_THRESHOLD, clusters: int = 0, levels: int = 1, reference: str = "",
-           drop_off_domain: bool = False, seed: int = 0, shards: bool = False, batch_size: int = 64,
+           drop_off_domain: bool = False, dup_by: str = "descriptor", seed: int = 0, shards: bool = False, batch_size: int = 64,
            workers: int = 0, device: str = "cpu", layer: str = "last", max_memory: int = 0,
            progress: bool = True, log=print) -> dict:
     """Curate ``pile`` into ``out`` (see the module docstring); returns what ``curate.json`` holds.
@@ -258,6 +266,8 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         raise CurateError(f"--keep must be in (0, 1] (a share of the pile); got {keep}")
     if not (0 < dup_threshold <= 1):
         raise CurateError(f"--dup-threshold must be in (0, 1] (a cosine similarity); got {dup_threshold}")
+    if dup_by not in ("embedding", "descriptor"):
+        raise CurateError(f"--dup-by must be 'embedding' or 'descriptor'; got {dup_by!r}")
     if levels not in (1, 2, 3):
         raise CurateError(f"--levels must be 1, 2 or 3; got {levels}")
     _check_out(out)
@@ -294,7 +304,20 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         raise CurateError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")
 
     t1 = time.perf_counter()
-    groups = duplicate_groups(x, dup_threshold)
+    if dup_by == "descriptor":  # the near-copy descriptor (data/nearcopy.py), flips included
+        from .data.nearcopy import SIDE, PileIndex
+
+        pix = PileIndex(pile, progress=progress, flips=True)
+        where = {k: i for i, k in enumerate(pix.keys)}
+        d = np.zeros((n, SIDE * SIDE), np.float32)
+        f = np.zeros((n, SIDE * SIDE), np.float32)
+        for i, r in enumerate(index_rows):
+            j = where.get(r["key"])
+            if j is not None:  # flat images have no descriptor: never a duplicate by it
+                d[i], f[i] = pix.vectors[j], pix.flipped[j]
+        groups = duplicate_groups(d, dup_threshold, extra=(f,))
+    else:
+        groups = duplicate_groups(x, dup_threshold)
     rep = group_representatives(x, groups)
     dup_s = time.perf_counter() - t1
 
@@ -374,7 +397,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         "format": FORMAT, "pile": coll.description, "pile_spec": pile, "model": model_spec, "arch": model.arch,
         "feature_dim": model.feature_dim, "layer": model.layer, "inputs": coll.n, "decoded": n, "bad": len(bad),
         "bad_by_reason": bad_reasons, "budget": budget, "keep": keep, "keep_count": keep_count or None,
-        "kept": n_kept, "decisions": reasons, "dup_threshold": dup_threshold,
+        "kept": n_kept, "decisions": reasons, "dup_threshold": dup_threshold, "dup_by": dup_by,
         "duplicate_groups": int((sizes > 1).sum()), "images_in_duplicate_groups": int(sizes[sizes > 1].sum()),
         "largest_group": int(sizes.max()) if len(sizes) else 0, "clusters": int(len(np.unique(hier[0]))) if hier else 0,
         "levels": levels, "cluster_sizes_before": sorted(before.tolist(), reverse=True),

@@ -149,7 +149,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--keep", type=float, default=0.5, help="share of the pile to keep, in (0, 1] (default 0.5)")
     g.add_argument("--keep-count", type=int, default=0, metavar="N", help="number of images to keep")
     p.add_argument("--dup-threshold", type=float, default=0.95,
-                   help="cosine similarity of embeddings that makes two images near-duplicates (default 0.95)")
+                   help="cosine similarity (of --dup-by) that makes two images near-duplicates (default 0.95)")
+    p.add_argument("--dup-by", default="descriptor", choices=["descriptor", "embedding"],
+                   help="what near-duplicates are found by: the near-copy descriptor of takedown --near (default: "
+                        "16 x 16 grey, flips included) or the model's embeddings (instance-level models only)")
     p.add_argument("--clusters", type=int, default=0, help="k-means clusters (default sqrt of the pile size)")
     p.add_argument("--levels", type=int, default=1, choices=[1, 2, 3],
                    help="hierarchical k-means levels for the balanced sampling (default 1)")
@@ -295,6 +298,7 @@ def cmd_curate(args: argparse.Namespace) -> int:
     r = curate(args.pile, args.out, args.model, keep=None if args.keep_count else args.keep,
                keep_count=args.keep_count, dup_threshold=args.dup_threshold, clusters=args.clusters,
                levels=args.levels, reference=args.reference or "", drop_off_domain=args.drop_off_domain,
+               dup_by=args.dup_by,
                seed=args.seed, shards=args.shards, batch_size=args.batch_size, workers=args.workers,
                device=_device(args.device), layer=args.layer, max_memory=int(args.max_memory_gb * 2**30),
                progress=not args.quiet, log=(lambda t: None) if args.quiet else print)

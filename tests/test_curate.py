@@ -188,3 +188,16 @@ def test_curate_reports_the_off_domain_share_against_a_reference(tmp_path):
         r["off_domain"] == "yes" and r["decision"] == "duplicate" for r in rows)
     assert all(r["reference_similarity"] for r in rows)
     assert "off-domain" in (out / "report.html").read_text()
+
+
+def test_curate_by_descriptor_groups_the_re_encoded_and_flipped_copies(tmp_path):
+    pile = _pile_folder(tmp_path / "pile", n=20)  # img000 + 6 JPEG copies (3 flipped) + 19 distinct
+    out = tmp_path / "cur"
+    assert main(["curate", str(pile), "--out", str(out), "--model", "test_resnet", "--keep", "1", "--dup-by",
+                 "descriptor", "--dup-threshold", "0.9", "--clusters", "4", "--quiet", "--threads", "1"]) == 0
+    rows = list(csv.DictReader(open(out / "decisions.csv", newline="")))
+    groups = {r["key"]: r["group"] for r in rows}
+    copies = ["img000.png"] + [f"dup{k}.jpg" for k in range(6)]
+    assert len({groups[k] for k in copies}) == 1 and groups["img000.png"] != ""
+    assert all(groups[f"img{i:03d}.png"] == "" for i in range(1, 20))  # distinct images stay alone
+    assert json.loads((out / "curate.json").read_text())["kept"] == 20

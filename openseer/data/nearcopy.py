@@ -231,7 +231,7 @@ class PileIndex:
     """Descriptors of every image of a pile (a folder, a file list or shards: ``openseer embed``'s
     collections), searchable for copies. Flat (near-blank) and undecodable images are counted."""
 
-    def __init__(self, spec: str, progress: bool = True):
+    def __init__(self, spec: str, progress: bool = True, flips: bool = False):
         from ..embed import open_collection
         from ..progress import progress as bar
         from .takedown import DenyList
@@ -246,7 +246,7 @@ class PileIndex:
         self.paths: list[str] = []
         self.rows: list[int] = []  # collection row of each descriptor
         self.skipped: dict[str, int] = {}
-        vecs = []
+        vecs, flipped = [], []
         with bar("near-copy scan", total=self.coll.n, unit="img", enabled=progress) as p:
             for chunk in self.coll.chunks:
                 for row, key, path, item in self.coll.read(chunk, READ_SIDE):
@@ -255,15 +255,21 @@ class PileIndex:
                         r = item.split(":")[0]
                         self.skipped[r] = self.skipped.get(r, 0) + 1
                         continue
-                    v = describe(_pil(item))
+                    img = _pil(item)
+                    v = describe(img)
                     if v is None:
                         self.skipped["flat"] = self.skipped.get("flat", 0) + 1
                         continue
                     vecs.append(v)
+                    if flips:
+                        flipped.append(describe(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
                     self.keys.append(key)
                     self.paths.append(path)
                     self.rows.append(row)
-        self.index = CopyIndex(np.stack(vecs) if vecs else np.zeros((0, SIDE * SIDE), np.float32))
+        empty = np.zeros((0, SIDE * SIDE), np.float32)
+        self.vectors = np.stack(vecs) if vecs else empty
+        self.flipped = np.stack(flipped) if flipped else empty  # mirror images' descriptors (``flips``)
+        self.index = CopyIndex(self.vectors)
 
     def images(self, wanted: set[int]) -> dict[int, Image.Image]:
         """Decode again the pile images of descriptor rows ``wanted`` (only the chunks holding them)."""
