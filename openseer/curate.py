@@ -218,7 +218,8 @@ def memory_needed(n: int, dim: int, clusters: int) -> int:
     the duplicate links (up to NEIGHBOURS per image: two int64 ids), a BLOCK x N score block of the
     exhaustive search, k-means' centroids and the per-row bookkeeping."""
     rows = n * dim * BYTES_PER_FLOAT
-    return (2 * rows + n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
+    descriptors = 3 * n * 256 * BYTES_PER_FLOAT  # --dup-by descriptor: the pile's, its mirrors', the index's
+    return (2 * rows + descriptors + 2 * n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
             + clusters * dim * BYTES_PER_FLOAT + 64 * n)
 
 
