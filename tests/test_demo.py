@@ -29,7 +29,7 @@ def test_demo_prints_a_summary_and_no_carriage_returns(tmp_path):
     env.update(OPENSEER_PROGRESS_EVERY="1", PYTHONPATH=str(ROOT))
     cmd = ["make", "-s", "-o", str(venv / ".openseer-installed"), "demo", f"VENV={venv}", f"DEMO={run}",
            "DEMO_MINUTES=0.5",
-           "DEMO_PRETRAIN=--max-steps 3 data.batch_size=32 model.compile=false optim.precision=fp32 "
+           "DEMO_PRETRAIN=--max-steps 3 data.batch_size=32 data.limit=512 optim.precision=fp32 "
            "log.tensorboard=false",
            f"DEMO_EVAL_ARGS=--limit-train 500 --limit-test 200 --cache-dir {tmp_path / 'cache'}",
            "DEMO_REPORT_ARGS=--sample 64"]
