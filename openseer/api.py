@@ -22,13 +22,8 @@ import torch
 from torch import nn
 
 from .data.decode import BadImage, load_image, to_rgb
-from .eval.common import RESIZE_RATIO, EvalTransform
+from .eval.common import RESIZE_RATIO, EvalTransform, draft_size  # noqa: F401  (draft_size: re-exported)
 from .eval.layers import LAST, feature_model, layer_dim, layer_spec, parse_layer
-
-
-def draft_size(crop: int) -> int:
-    """The smallest decoded side the eval transform needs (JPEGs are DCT-scaled down to it)."""
-    return int(crop * RESIZE_RATIO) + 1
 
 
 def image_tensor(item: Any, crop: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # tar shards: per-loader-slot shuffle buffer (samples)
     denylist: str = ""  # deny-list file ('' = takedowns.txt beside the shards or in the folder, if any)
     pipe_timeout: float = 300.0  # tar shards: a pipe: command silent this long (s) is stopped, its shard counted bad
+    read_timeout: float = 60.0  # files: one taking longer than this (s) to open and read is skipped as 'timeout'
 
 
 @dataclass
@@ -187,6 +188,8 @@ class Config:
             raise ConfigError("data.batch_size must be >= 1")
         if self.data.epoch_samples < 0 or self.data.shuffle_buffer < 0 or self.data.num_workers < 0:
             raise ConfigError("data.epoch_samples, data.shuffle_buffer and data.num_workers must be >= 0")
+        if self.data.read_timeout <= 0:
+            raise ConfigError(f"data.read_timeout must be > 0 seconds; got {self.data.read_timeout:g}")
         if self.data.pipe_timeout <= 0:
             raise ConfigError(f"data.pipe_timeout must be > 0 seconds; got {self.data.pipe_timeout:g}")
         if self.swav.n_prototypes < 2:

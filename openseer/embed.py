@@ -35,10 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.decode import BadImage, decode_bytes, load_image
-from .data.sources import DataError
+from .data.decode import BadImage, DataError, decode_bytes
+from .data.reader import Collection as FileListing
+from .data.reader import open_collection as list_collection
+from .eval.common import draft_size
 from .eval.layers import describe_layer
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, csv_text, name_to_text, read_csv_rows
 
 PARTIAL = "embeddings.partial.npy"
 PROGRESS = "progress.json"
@@ -92,10 +94,8 @@ def _tensor(img) -> torch.Tensor:
 
 
 class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], rows: range, crop: int):
-        from .api import draft_size
-
-        self.paths, self.rows, self.draft = paths, rows, draft_size(crop)
+    def __init__(self, listing: FileListing, rows: range, crop: int):
+        self.listing, self.rows, self.draft = listing, rows, draft_size(crop)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -103,28 +103,25 @@ class _FileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         row = self.rows[i]
         try:
-            return row, _tensor(load_image(self.paths[row], draft_size=self.draft))
+            return row, _tensor(self.listing.load(row, draft_size=self.draft))
         except BadImage as e:
-            return row, _reason(e, str(self.paths[row]))
+            return row, _reason(e, os.fsdecode(self.listing.entries[row].path))
 
 
 class FileCollection(Collection):
-    """A folder (recursive) or a text file list of image paths."""
+    """A folder (recursive) or a text file list of image paths, listed and read by data/reader.py
+    (bounded reads, the deny-list in the folder applied); keys and paths are name text."""
 
     kind = "files"
 
     def __init__(self, spec: str, chunk_size: int, limit: int = 0):
         super().__init__()
-        from .data.shards import list_inputs
-
-        base, names = list_inputs(spec)
+        self.listing = list_collection(spec, shards=False)
         if limit:
-            names = names[:limit]
-        if not names:
-            raise EmbedError(f"no images found in {spec}")
-        self.keys = names
-        self.paths = [Path(n) if os.path.isabs(n) else base / n for n in names]
-        self.n = len(names)
+            self.listing.entries = self.listing.entries[:limit]
+        self.keys = [e.key for e in self.listing.entries]
+        self.paths = [e.path for e in self.listing.entries]
+        self.n = len(self.keys)
         self.chunks = _split(self.n, chunk_size)
         self.description = f"{'folder' if Path(spec).is_dir() else 'file list'} {spec} ({self.n} images)"
 
@@ -135,12 +132,12 @@ class FileCollection(Collection):
         return h.hexdigest()[:16]
 
     def read(self, chunk: Chunk, crop: int, workers: int = 0):
-        ds = _FileDataset(self.paths, range(chunk.start, chunk.stop), crop)
+        ds = _FileDataset(self.listing, range(chunk.start, chunk.stop), crop)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, shuffle=False,
                                              prefetch_factor=16 if workers else None)
         for row, item in loader:
             row = int(row)
-            yield row, self.keys[row], str(self.paths[row]), item
+            yield row, self.keys[row], name_to_text(self.paths[row]), item
 
 
 class TensorCollection(Collection):
@@ -198,7 +195,6 @@ class ShardCollection(Collection):
         return f"{urls_digest(self.urls)}:{self.n}:{self.deny.version if self.deny.path else ''}"
 
     def read(self, chunk: Chunk, crop: int, workers: int = 0):
-        from .api import draft_size
         from .data.stream import iter_shard
 
         errors: list[str] = []
@@ -245,18 +241,11 @@ def open_collection(spec: str, chunk_size: int = 4096, limit: int = 0) -> Collec
 
 
 def _csv(rows: list[list], header: list[str]) -> str:
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
+    return csv_text(rows, header)
 
 
 def _read_csv(path: Path) -> list[list[str]]:
-    with open(path, newline="") as f:
-        return list(csv.reader(f))[1:]
+    return read_csv_rows(path)[1:]
 
 
 def _read_progress(path: Path) -> dict | None:
@@ -414,6 +403,12 @@ def _finish(out: Path, coll: Collection, dim: int, np_dtype) -> dict:
     atomic_write_text(out / "index.csv", _csv([[i, k, p] for i, (_, k, p) in enumerate(good)], ["row", "key", "path"]))
     atomic_write_text(out / "bad.csv", _csv([[k, p, r] for _, k, p, r in bad], ["key", "path", "reason"]))
     shutil.rmtree(parts, ignore_errors=True)
+    if not good:
+        reasons_n: dict[str, int] = {}
+        for *_, r in bad:
+            reasons_n[r.split(":")[0]] = reasons_n.get(r.split(":")[0], 0) + 1
+        raise EmbedError(f"no usable image in {coll.description}: all {len(bad)} were skipped "
+                         f"({', '.join(f'{k} {v}' for k, v in sorted(reasons_n.items()))}); see {out / 'bad.csv'}")
     if bad:
         reasons: dict[str, int] = {}
         for *_, r in bad:
@@ -428,6 +423,6 @@ def load_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
     """(memory-mapped embeddings, index rows as dicts) of a finished ``openseer embed`` folder."""
     folder = Path(folder)
     arr = np.load(folder / FINAL, mmap_mode="r")
-    with open(folder / "index.csv", newline="") as f:
+    with open(folder / "index.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     return arr, rows

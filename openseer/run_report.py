@@ -25,7 +25,7 @@ import html
 import io
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -170,14 +170,17 @@ class Sample:
     classes: list[str] | None
     keys: list[str]
     description: str
+    skipped: dict[str, int] = field(default_factory=dict)  # files passed over, by reason (data/reader.py)
 
 
 def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sample:
     """A seeded sample of ``n`` images of the source, through the eval geometry (crop x crop)."""
     from .api import draft_size, image_tensor
     from .data.decode import BadImage, decode_bytes
+    from .data.reader import SkipCounts
     from .data.sources import FASHION_MNIST_CLASSES, open_source
     from .eval.common import EvalTransform
+    from .fileio import name_to_text
 
     geometry = EvalTransform(crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     src = open_source(spec, data_cfg=data_cfg)
@@ -191,17 +194,21 @@ def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sampl
         return Sample(geometry.geometry(images), lab, classes, [src.key(int(i)) for i in idx],
                       f"{len(idx)} images drawn (seed {seed}) from {src.description}")
     tiles, keys = [], []
+    skips = SkipCounts()
     if src.streaming:  # tar shards: the first n usable samples, in shard order
         from .data.stream import iter_shard
 
         for i, url in enumerate(src.urls):  # type: ignore[attr-defined]
-            for s in iter_shard(url, i):
+            for s in iter_shard(url, i, pipe_timeout=getattr(data_cfg, "pipe_timeout", 300.0)):
                 if s.reason or src.deny.denies(s.key, s.data):  # type: ignore[attr-defined]
+                    skips.skip(s.reason or "denied", s.key)
                     continue
                 try:
                     img = decode_bytes(s.data or b"", s.key, draft_size=draft_size(crop))
-                except BadImage:
+                except BadImage as e:
+                    skips.skip(e.reason, s.key)
                     continue
+                skips.good()
                 tiles.append(geometry.geometry(image_tensor(img, crop).unsqueeze(0)))
                 keys.append(s.key)
                 if len(tiles) >= n:
@@ -214,16 +221,20 @@ def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sampl
         for i in order:
             if len(tiles) >= n:
                 break
-            try:
-                x = image_tensor(src.paths[int(i)], crop)  # type: ignore[attr-defined]
-            except BadImage:
+            try:  # listed and read by data/reader.py: bounded reads, the deny-list applied
+                x = image_tensor(src.collection.load(int(i), draft_size=draft_size(crop)), crop)  # type: ignore[attr-defined]
+            except BadImage as e:
+                skips.skip(e.reason, name_to_text(src.key(int(i))))
                 continue
+            skips.good()
             tiles.append(geometry.geometry(x.unsqueeze(0)))
-            keys.append(src.key(int(i)))
+            keys.append(name_to_text(src.key(int(i))))
         how = f"{len(tiles)} images drawn (seed {seed}) from {src.description}"
+    if skips.skipped:
+        how += f"; {skips.summary()}"
     if not tiles:
-        raise ReportError(f"no decodable image in {spec}")
-    return Sample(torch.cat(tiles), None, None, keys, how)
+        raise ReportError(f"no decodable image in {spec} ({skips.summary()})")
+    return Sample(torch.cat(tiles), None, None, keys, how, skips.by_reason())
 
 
 def run_model(model, sample: Sample, mean, std, temperature: float, batch_size: int = 256,

@@ -19,12 +19,14 @@ from openseer.model.backbone import build_backbone
 
 def test_sharding_reports_plain_lines_when_piped(png_folder, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OPENSEER_PROGRESS", raising=False)
-    summary = write_shards(png_folder, tmp_path / "shards", shard_size=2, progress=True,
+    summary = write_shards(png_folder, tmp_path / "shards", shard_size=2, show_progress=True,
                            log=lambda text: print(text))
     err = capsys.readouterr().err
     n = summary["counts"]["stored"]
     assert n >= 2 and f"shard: {n}/{n} input (100%)" in err and "done in" in err
     assert "\r" not in err
+    write_shards(png_folder, tmp_path / "quiet", shard_size=2)  # no progress unless asked
+    assert "shard:" not in capsys.readouterr().err
 
 
 def test_feature_extraction_and_embed_report_plain_lines(monkeypatch):

@@ -15,24 +15,20 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
-from .decode import BadImage, reduced_decode_pixels
+from ..fileio import name_to_text
+from .batching import Batch, decode_pixels, seed_of  # noqa: F401  (re-exported: callers import them from here)
+from .decode import BadImage, DataError
 from .multicrop import BatchMultiCrop, FastMultiCrop, MultiCrop
-from .sources import DataError, ImageSource
+from .sources import ImageSource
+from .stream_batches import StreamBatches
 
 MAX_BAD_IN_A_ROW = 64
-
-
-def seed_of(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def steps_per_epoch(n_images: int, global_batch: int) -> int:
@@ -62,14 +58,6 @@ def step_indices(step: int, n: int, global_batch: int, rank: int, world: int, se
     return perm[start:start + local].tolist()
 
 
-@dataclass
-class Batch:
-    step: int
-    crops: list[torch.Tensor]
-    keys: list[str]
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of files skipped
-
-
 class _DecodedCrops(Dataset):
     """Decodes one file and makes its crops; a bad file is replaced by the next good one, and counted.
 
@@ -94,7 +82,7 @@ class _DecodedCrops(Dataset):
                 sample = self.source.load(j, min_pixels=self.min_pixels) if self.min_pixels else self.source.load(j)
                 break
             except BadImage as e:
-                bad.append((self.source.key(j), e.reason))
+                bad.append((name_to_text(self.source.key(j)), e.reason))  # one line of text in bad_images.txt
         else:
             raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row near {self.source.key(idx)}; "
                             f"is this really a folder of images?")
@@ -140,8 +128,6 @@ def iterate_batches(source: ImageSource, cfg: Config, rank: int, world: int, sta
     n = len(source)
     steps_per_epoch(n, gb)
     if getattr(source, "streaming", False):
-        from .stream_batches import StreamBatches
-
         return StreamBatches(source, cfg, rank, world, start_step, total_steps)
     return _indexed_batches(source, cfg, rank, world, start_step, total_steps)
 
@@ -177,11 +163,6 @@ def _indexed_batches(source: ImageSource, cfg: Config, rank: int, world: int, st
 
 def count_reasons(bad: list[tuple[str, str]]) -> dict[str, int]:
     return dict(Counter(reason for _, reason in bad))
-
-
-def decode_pixels(cfg: Config) -> int:
-    """Fewest pixels a reduced-size decode must keep for ``cfg.crops`` (see decode.py)."""
-    return reduced_decode_pixels(cfg.crops.sizes, cfg.crops.min_scale)
 
 
 # ---------------------------------------------------------------- hooks for the training loop

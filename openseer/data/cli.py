@@ -12,13 +12,18 @@ import sys
 
 def cmd_shard(args: argparse.Namespace) -> int:
     """Write tar shards, a manifest and an index from a folder or a file list (resumable)."""
+    from .decode import DataError
     from .shards import write_shards
 
     summary = write_shards(args.src, args.out, shard_size=args.shard_size, max_side=args.max_side,
-                           sidecar=args.sidecar, workers=args.workers, progress=not args.quiet,
+                           sidecar=args.sidecar, workers=args.workers, read_timeout=args.read_timeout,
+                           show_progress=not args.quiet,
                            log=(lambda text: None) if args.quiet else (lambda text: print(text, flush=True)))
     counts = summary["counts"]
     skipped = {k[len("skipped_"):]: v for k, v in sorted(counts.items()) if k.startswith("skipped_")}
+    if not summary["total"]:
+        raise DataError(f"no usable image in {args.src}: all {sum(skipped.values())} inputs were skipped "
+                        f"({', '.join(f'{k} {v}' for k, v in skipped.items())}; see {args.out}/skipped.csv)")
     print(f"openseer: {summary['total']} images in {len(summary['shards'])} shard(s) under {args.out} "
           f"(manifest.csv, index.json); skipped: {skipped or 'none'}")
     return 0
@@ -57,16 +62,30 @@ def cmd_takedown_add(args: argparse.Namespace) -> int:
     """Add content hashes/keys (from files, or of image files) to a deny-list."""
     from pathlib import Path
 
-    from .decode import read_file
+    from .decode import BadImage, DataError
+    from .reader import SkipCounts, open_collection, read_bytes, report_skips
     from .takedown import TakedownError, add_to_denylist, content_key, read_entries
 
     keys: list[str] = []
     for f in args.files:
         keys += read_entries(f)
     for img in args.image or []:
+        if Path(img).is_dir() or args.images_from_list:
+            # a collection: every readable file of it, by content (read as every command reads it)
+            try:
+                coll = open_collection(img, read_timeout=args.read_timeout, shards=False)
+            except DataError as e:
+                raise TakedownError(str(e)) from None
+            coll.deny = type(coll.deny).load("")  # listing what to deny: the current list must not hide files
+            skips = SkipCounts()
+            for item in coll.items(skips=skips):  # decoded: only images are listed, as every reader sees them
+                if item.ok:
+                    keys.append(content_key(item.data or b""))
+            report_skips(skips, f"openseer: {img}")
+            continue
         try:
-            keys.append(content_key(read_file(Path(img))))
-        except Exception as e:
+            keys.append(content_key(read_bytes(Path(img), args.read_timeout)))
+        except BadImage as e:
             raise TakedownError(f"cannot read image {img}: {e}") from None
     if not keys:
         raise TakedownError("nothing to add: give a file of hashes/keys or --image FILE")
@@ -80,7 +99,7 @@ def cmd_takedown_check(args: argparse.Namespace) -> int:
     """Which runs and checkpoints saw an image (exit 1 when any did)."""
     from .takedown import check_image
 
-    key, sightings = check_image(args.image, args.runs)
+    key, sightings = check_image(args.image, args.runs, read_timeout=args.read_timeout)
     if args.json:
         print(json.dumps({"key": key, "runs": [
             {"run": s.run, "read": s.read, "shard": s.shard, "position": s.position,
@@ -99,6 +118,12 @@ def cmd_takedown_check(args: argparse.Namespace) -> int:
     return 1 if any(any(s.checkpoints.values()) for s in sightings) else 0
 
 
+def _read_timeout_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--read-timeout", type=float, default=None, metavar="S",
+                   help="give up a file that takes longer than S seconds to read, counted as 'timeout' "
+                        "(default $OPENSEER_READ_TIMEOUT or 60)")
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``shard``, ``data`` and ``takedown`` to the ``openseer`` command."""
     p = sub.add_parser("shard", help="pack a folder or file list of images into tar shards + manifest",
@@ -114,6 +139,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sidecar", help="CSV with a 'path' column and e.g. source_url, licence: copied into the manifest")
     p.add_argument("--workers", type=int, default=0, help="decode processes (default: up to 4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-shard progress lines")
+    _read_timeout_option(p)
     p.set_defaults(func=cmd_shard)
 
     p = sub.add_parser("data", help="inspect shard folders (data report)")
@@ -132,13 +158,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                   "when it is SHARDS/takedowns.txt.")
     q.add_argument("files", nargs="*", help="text files of hashes or keys, one per line")
     q.add_argument("--list", required=True, help="the deny-list file, e.g. shards/takedowns.txt")
-    q.add_argument("--image", action="append", metavar="FILE", help="also deny-list this image file's content hash")
+    q.add_argument("--image", action="append", metavar="FILE",
+                   help="also deny-list this image file's content hash (a folder: every file in it)")
+    q.add_argument("--images-from-list", action="store_true",
+                   help="each --image is a text file listing image paths: deny-list all of them")
+    _read_timeout_option(q)
     q.add_argument("--note", help="a note stored with each new entry (e.g. a ticket number)")
     q.set_defaults(func=cmd_takedown_add)
     q = td.add_parser("check", help="which runs and checkpoints saw an image (exit 1 if any)")
     q.add_argument("image", help="an image file (hashed), or its content key / SHA-256")
     q.add_argument("--runs", required=True, help="a run directory or a folder of runs (searched 3 levels deep)")
     q.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    _read_timeout_option(q)
     q.set_defaults(func=cmd_takedown_check)
 
 

@@ -59,12 +59,22 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is bad, not half-grey
 MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are skipped as 'too_large' without reading them
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+# file names that are read as images (compared in lower case: .JPG and .Jpeg are images too)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jpe", ".jfif",
+                    ".dib", ".ppm", ".pgm", ".pbm", ".pnm")
+# the decoders PIL may use: the content decides which (a PNG named .jpg is a PNG), but only among these
+# (no EPS, which runs Ghostscript, and no format guessed from a header with no signature, like TGA)
+Image.init()  # every plugin registered, so the list below is checked against what this PIL has
+PIL_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM") if f in Image.OPEN)
 REASONS = ("empty", "truncated", "corrupt", "not_an_image", "too_many_pixels", "too_large",
-           "unreadable", "not_a_file")
+           "unreadable", "not_a_file", "timeout")
 
 # unambiguous leading bytes of image formats; used to tell 'corrupt' from 'not_an_image'
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*")
+
+
+class DataError(ValueError):
+    """A data path or data set problem, with a message saying what and where."""
 
 
 class BadImage(Exception):
@@ -178,7 +188,7 @@ def open_bytes(data: bytes, name: str = "<bytes>") -> Image.Image:
     if len(data) == 0:
         raise BadImage("empty", name)
     with _classified(name, data):
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         if img.width < 1 or img.height < 1:
             raise BadImage("corrupt", f"{name}: zero-sized image")
         return img
@@ -274,7 +284,10 @@ def decode_bytes(data: bytes, name: str = "<bytes>", draft_size: int | None = No
 def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file, or ``BadImage`` ('unreadable', 'not_a_file', 'too_large', 'empty').
 
-    FIFOs, sockets and devices are refused before opening (opening a FIFO blocks forever).
+    FIFOs, sockets and devices are refused before reading: the file is opened without blocking
+    (``O_NONBLOCK``: opening a FIFO with no writer would wait forever) and checked on the open
+    descriptor, so a FIFO put in place of a checked file cannot block either. A file system that
+    hangs (a dead network mount) is bounded by ``data/reader.py``'s timeout, not here.
     """
     try:
         st = os.stat(path)
@@ -282,15 +295,24 @@ def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise BadImage("unreadable", f"{path}: {e.strerror or e}") from None
     if not stat.S_ISREG(st.st_mode):
         raise BadImage("not_a_file", f"{path}: not a regular file")
-    if st.st_size > max_bytes:
-        raise BadImage("too_large", f"{path}: {st.st_size} bytes > {max_bytes}")
-    if st.st_size == 0:
-        raise BadImage("empty", str(path))
     try:
-        with open(path, "rb") as f:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise BadImage("unreadable", f"{path}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BadImage("not_a_file", f"{path}: not a regular file")
+        if st.st_size > max_bytes:
+            raise BadImage("too_large", f"{path}: {st.st_size} bytes > {max_bytes}")
+        if st.st_size == 0:
+            raise BadImage("empty", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(max_bytes + 1)
     except OSError as e:
         raise BadImage("unreadable", f"{path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
 def load_image(path: str | Path, draft_size: int | None = None, min_pixels: int | None = None) -> Image.Image:

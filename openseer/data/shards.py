@@ -47,11 +47,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..fileio import atomic_write_json
+from ..fileio import atomic_write_json, name_to_text
 from ..progress import progress as progress_bar
-from .decode import BadImage, exif_orientation, finish, open_bytes, read_file
-from .sources import DataError, list_images
-from .takedown import KEY_HEX
+from .decode import BadImage, DataError, exif_orientation, finish, open_bytes
+from .denylist import KEY_HEX, DenyList
+from .reader import open_collection, read_bytes
 
 MANIFEST_COLUMNS = ["key", "sha256", "shard", "position", "source", "bytes", "width", "height", "format",
                     "stored_format", "stored_bytes", "stored_width", "stored_height"]
@@ -64,30 +64,16 @@ SKIPPED = "skipped.csv"
 
 
 def printable(name: str) -> str:
-    """A path as text that survives CSV/JSON: undecodable bytes become backslash escapes."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
+    """A path as one line of text that survives CSV/JSON and turns back into the name
+    (``fileio.name_to_text``: backslash escapes for undecodable bytes, newlines and backslashes)."""
+    return name_to_text(name)
 
 
-def list_inputs(src: str | Path) -> tuple[Path, list[str]]:
-    """(base folder, input paths as listed): a folder (recursive, sorted) or a file list.
-
-    A file list has one path per line (blank lines and lines starting with '#' ignored); relative
-    paths are relative to the list's folder.
-    """
-    src = Path(src).expanduser()
-    if src.is_dir():
-        return src, [str(p.relative_to(src)) for p in list_images(src)]
-    if src.is_file():
-        try:
-            raw = src.read_bytes()
-        except OSError as e:
-            raise DataError(f"cannot read file list {src}: {e.strerror or e}") from None
-        lines = os.fsdecode(raw).splitlines() if b"\0" not in raw else None
-        if lines is None:
-            raise DataError(f"{src} is not a text file list of image paths")
-        paths = [line.rstrip("\r") for line in lines if line.strip() and not line.lstrip().startswith("#")]
-        return src.parent, paths
-    raise DataError(f"{src} does not exist (give a folder of images or a text file listing image paths)")
+def list_inputs(src: str | Path, read_timeout: float | None = None) -> tuple[Path, list[str]]:
+    """(base folder, input paths as listed): a folder (recursive, sorted) or a file list, listed by
+    data/reader.py (a file list written by ``fileio.write_list`` or one path per line)."""
+    coll = open_collection(str(src), read_timeout=read_timeout, shards=False)
+    return Path(coll.base or "."), [e.name for e in coll.entries]
 
 
 @dataclass
@@ -104,12 +90,12 @@ class Prepared:
     row: dict | None = None
 
 
-def prepare(index: int, base: str, name: str, max_side: int) -> Prepared:
-    """Read, hash and check one input (runs in a worker process); never raises for bad files."""
+def prepare(index: int, base: str, name: str, max_side: int, read_timeout: float | None = None) -> Prepared:
+    """Read (in bounded time), hash and check one input (runs in a worker process); never raises for bad files."""
     out = Prepared(index, printable(name))
     path = Path(name) if os.path.isabs(name) else Path(base) / name
     try:
-        data = read_file(path)
+        data = read_bytes(path, read_timeout)
         digest = hashlib.sha256(data).hexdigest()
         out.sha256 = digest
         img = open_bytes(data, out.source)
@@ -218,19 +204,19 @@ def _check_out(out: Path) -> None:
 
 def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_side: int = 0,
                  sidecar: str | Path | None = None, workers: int = 0,
-                 log: Callable[[str], None] | None = None, progress: bool = False) -> dict:
+                 log: Callable[[str], None] | None = None, read_timeout: float | None = None,
+                 denylist: str = "", show_progress: bool = False) -> dict:
     """Write (or finish writing) shards of ``src`` into ``out``; returns the summary (index.json).
 
-    ``progress`` reports the inputs read through ``openseer.progress`` (a bar, or plain lines in a file)."""
+    ``show_progress`` reports the inputs read through ``openseer.progress`` (a bar, or plain lines in a file)."""
     if shard_size < 1:
         raise DataError("--shard-size must be >= 1")
     if max_side < 0:
         raise DataError("--max-side must be >= 0 (0 keeps the original size)")
     log = log or (lambda text: None)
     out = Path(out).expanduser()
-    base, names = list_inputs(src)
-    if not names:
-        raise DataError(f"no images found in {src}")
+    coll = open_collection(str(src), denylist=denylist, read_timeout=read_timeout, shards=False)
+    base, names, deny = Path(coll.base or "."), [e.name for e in coll.entries], coll.deny
     extra_cols, side = _read_sidecar(sidecar)
     columns = MANIFEST_COLUMNS + extra_cols
     params = {"source": str(Path(src).expanduser().resolve()), "shard_size": shard_size, "max_side": max_side,
@@ -306,13 +292,15 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
         pending.clear()
         skipped_rows.clear()
 
-    jobs = ((i, str(base), names[i], max_side) for i in range(start, len(names)))
+    jobs = ((i, str(base), names[i], max_side, coll.read_timeout) for i in range(start, len(names)))
     n_workers = workers or min(4, os.cpu_count() or 1)
-    bar = progress_bar("shard", total=len(names), unit="input", initial=start, enabled=progress)
+    bar = progress_bar("shard", total=len(names), unit="input", initial=start, enabled=show_progress)
     if bar.style == "bar":  # per-shard lines above the live bar, not through it
         log = bar.write
     for item in _map(jobs, n_workers):
         bar.update(1)
+        if not item.reason and deny.keys and (deny.denies(item.source) or deny.denies(item.sha256[:KEY_HEX])):
+            item.reason, item.detail = "denied", "on the deny-list"
         if item.reason:
             counts[f"skipped_{item.reason}"] += 1
             skipped_rows.append({"source": item.source, "reason": item.reason, "detail": printable(item.detail)[:300]})
@@ -405,8 +393,6 @@ def report(folder: str | Path) -> dict:
 
     deny = None
     if (folder / "takedowns.txt").is_file():
-        from .takedown import DenyList
-
         d = DenyList.load(folder / "takedowns.txt")
         deny = {"entries": len(d), "version": d.version}
     return {

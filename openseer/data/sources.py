@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
-from .decode import IMAGE_EXTENSIONS, BadImage, decode_bytes, load_image, read_file
+from .decode import DataError, load_image  # noqa: F401  (DataError: re-exported, callers import it from here)
+from .reader import Collection, list_folder, open_collection, open_denylist  # noqa: F401
+from .stream import INDEX, MANIFEST, count_samples, expand_spec, looks_like_shards, urls_digest
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_HELP = (
@@ -31,10 +33,6 @@ FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-
-
-class DataError(ValueError):
-    """A data path or data set problem, with a message saying what and where."""
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -128,35 +126,24 @@ class TensorSource(ImageSource):
         return Sample(self.images[i], self.key(i))
 
 
-def open_denylist(denylist: str, root: Path | None):
-    """The deny-list a source applies: ``denylist`` or, when empty, ``takedowns.txt`` in ``root``."""
-    from .stream import DEFAULT_DENYLIST
-    from .takedown import DenyList, TakedownError
-
-    path = denylist or (str(root / DEFAULT_DENYLIST) if root and (root / DEFAULT_DENYLIST).is_file() else "")
-    try:
-        return DenyList.load(path)
-    except TakedownError as e:
-        raise DataError(str(e)) from None
-
-
 def describe_denylist(deny) -> str:
     """', deny-list PATH (N keys, version V)' for a source description ('' without a list)."""
     return f", deny-list {deny.path} ({len(deny)} keys, version {deny.version})" if deny.path else ""
 
 
 class FolderSource(ImageSource):
-    """All images under a folder, recursively, in sorted order; subfolders are NOT labels."""
+    """All images under a folder, recursively, in sorted order; subfolders are NOT labels.
 
-    def __init__(self, root: str | Path, draft_size: int | None = None, denylist: str = ""):
+    Listed and read by data/reader.py (bounded reads, the deny-list by relative path or content key)."""
+
+    def __init__(self, root: str | Path, draft_size: int | None = None, denylist: str = "",
+                 read_timeout: float | None = None):
         self.root = Path(root)
         self.draft_size = draft_size
-        self.paths = list_images(self.root)
-        if not self.paths:
-            raise DataError(
-                f"no images found under {self.root} (looked recursively for {', '.join(IMAGE_EXTENSIONS)})"
-            )
-        self.deny = open_denylist(denylist, self.root)
+        self.collection: Collection = open_collection(str(root), denylist=denylist, read_timeout=read_timeout,
+                                                      shards=False)
+        self.paths = [e.path for e in self.collection.entries]
+        self.deny = self.collection.deny
         self.description = f"folder {self.root} ({len(self.paths)} files{describe_denylist(self.deny)})"
 
     def provenance(self) -> dict:
@@ -167,28 +154,18 @@ class FolderSource(ImageSource):
         return len(self.paths)
 
     def key(self, i: int) -> str:
-        return str(self.paths[i].relative_to(self.root))
+        """The path relative to the folder, as the OS gives it (``fileio.name_to_text`` makes it text)."""
+        return self.collection.entries[i].name
 
     def load(self, i: int, min_pixels: int | None = None) -> Sample:
         """Decode file ``i``; a deny-listed file (by its relative path or content key) is ``BadImage('denied')``."""
         draft = None if min_pixels else self.draft_size
-        if not self.deny.keys:
-            return Sample(load_image(self.paths[i], draft_size=draft, min_pixels=min_pixels), self.key(i))
-        data = read_file(self.paths[i])
-        if self.deny.denies(self.key(i), data):
-            raise BadImage("denied", self.key(i))
-        return Sample(decode_bytes(data, str(self.paths[i]), draft_size=draft, min_pixels=min_pixels), self.key(i))
+        return Sample(self.collection.load(i, draft_size=draft, min_pixels=min_pixels), self.key(i))
 
 
 def list_images(root: Path) -> list[Path]:
     """Image files under ``root`` (recursive, case-insensitive extensions), sorted for a stable order."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in filenames:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                out.append(Path(dirpath) / name)
-    return sorted(out)
+    return [Path(root) / n for n in list_folder(root)]
 
 
 class SubsetSource(ImageSource):
@@ -225,8 +202,6 @@ class ShardSource(ImageSource):
     streaming = True
 
     def __init__(self, spec: str, epoch_samples: int = 0, denylist: str = "", limit: int = 0):
-        from .stream import INDEX, MANIFEST, count_samples, expand_spec, urls_digest
-
         self.spec = spec
         self.urls = expand_spec(spec)
         local = [Path(u) for u in self.urls if not u.startswith("pipe:")]
@@ -295,8 +270,6 @@ def open_source(spec: str, limit: int = 0, draft_size: int | None = None,
     ``openseer shard``); ``data_cfg`` (a DataConfig) supplies the shard reader's settings."""
     if not spec:
         raise DataError("no data given: pass --data PATH (a folder of images) or --data fashion-mnist")
-    from .stream import looks_like_shards
-
     if looks_like_shards(spec):
         return ShardSource(spec, epoch_samples=getattr(data_cfg, "epoch_samples", 0),
                            denylist=getattr(data_cfg, "denylist", ""), limit=limit)
@@ -311,7 +284,8 @@ def open_source(spec: str, limit: int = 0, draft_size: int | None = None,
             images, labels = load_fashion_mnist("train", path)
             source = TensorSource(images, "fashion-mnist", labels)
         elif path.is_dir():
-            source = FolderSource(path, draft_size=draft_size, denylist=getattr(data_cfg, "denylist", ""))
+            source = FolderSource(path, draft_size=draft_size, denylist=getattr(data_cfg, "denylist", ""),
+                                  read_timeout=getattr(data_cfg, "read_timeout", None))
         else:
             raise DataError(f"data path {spec!r} is not a folder (give a folder of images, or 'fashion-mnist')")
     if limit and limit < len(source):

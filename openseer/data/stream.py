@@ -45,11 +45,10 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from .decode import IMAGE_EXTENSIONS
-from .sources import DataError
-from .takedown import DenyList
+from .decode import IMAGE_EXTENSIONS, DataError
+from .denylist import DenyList
 
-SAMPLE_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS) + ("gif",)
+SAMPLE_IMAGE_EXTS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
 INDEX = "index.json"
 MANIFEST = "manifest.csv"
 DEFAULT_DENYLIST = "takedowns.txt"

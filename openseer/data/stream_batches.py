@@ -23,10 +23,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config
-from .batches import Batch, decode_pixels, seed_of
-from .decode import BadImage, decode_bytes
+from .batching import Batch, decode_pixels, seed_of
+from .decode import BadImage, DataError, decode_bytes
+from .denylist import record_provenance
 from .multicrop import FastMultiCrop, MultiCrop
-from .sources import DataError, ImageSource
+from .sources import ImageSource
 from .stream import SlotStream, redeal, urls_digest
 
 MAX_BAD_IN_A_ROW = 1000  # consecutive undecodable samples before the stream is declared not images
@@ -183,8 +184,6 @@ class StreamBatches:
                 "ranks": [new[r * L:(r + 1) * L] for r in range(self.world)], "before": state}
 
     def record_provenance(self, run_dir) -> None:
-        from .takedown import record_provenance
-
         layout = {k: v for k, v in self.layout.items() if k not in ("dealt", "dealt_buffer")}  # those: checkpoint only
         info = {**self.source.provenance(), "layout": layout}  # type: ignore[attr-defined]
         record_provenance(run_dir, info, self.start, self.source.deny)  # type: ignore[attr-defined]

@@ -29,163 +29,29 @@ at some point during the run, the answer is conservative: it counts as seen if i
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
-import re
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_write_json, atomic_write_text
-
-KEY_HEX = 32  # content keys: the first 128 bits of SHA-256
-PROVENANCE = "data_provenance.json"
-_HEX = re.compile(r"^[0-9a-f]+$")
-
-
-class TakedownError(ValueError):
-    """A deny-list or audit problem, with what and where."""
-
-
-def content_key(data: bytes) -> str:
-    """The content key of encoded image bytes: the first 32 hex digits of their SHA-256."""
-    return hashlib.sha256(data).hexdigest()[:KEY_HEX]
-
-
-def normalise_key(token: str) -> str | None:
-    """A deny-list entry from one token: full SHA-256 -> content key; other keys kept; '' -> None."""
-    token = token.strip()
-    if not token or token.startswith("#"):
-        return None
-    low = token.lower()
-    if _HEX.match(low) and len(low) in (KEY_HEX, 64):
-        return low[:KEY_HEX]
-    return token
-
-
-def list_version(keys: list[str]) -> str:
-    """Version of a deny-list: a hash of its keys in order ('empty' for none)."""
-    if not keys:
-        return "empty"
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-
-
-@dataclass
-class DenyList:
-    """The keys of a deny-list file, in file order, with a set for lookups."""
-
-    path: str = ""
-    keys: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._set = set(self.keys)
-
-    @classmethod
-    def load(cls, path: str | Path | None) -> DenyList:
-        """Read a deny-list; a path that does not exist (yet) is an empty list."""
-        if not path:
-            return cls()
-        p = Path(path)
-        if not p.exists():
-            return cls(str(p))
-        try:
-            text = p.read_text(encoding="utf-8", errors="replace")
-        except OSError as e:
-            raise TakedownError(f"cannot read deny-list {p}: {e.strerror or e}") from None
-        keys, seen = [], set()
-        for line in text.splitlines():
-            key = normalise_key(line.split("\t")[0].split(" ")[0]) if line.strip() else None
-            if key and key not in seen:
-                seen.add(key)
-                keys.append(key)
-        return cls(str(p), keys)
-
-    @property
-    def version(self) -> str:
-        return list_version(self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._set
-
-    def denies(self, key: str, data: bytes | None = None) -> bool:
-        """Whether a sample (its key and, when given, its stored bytes) is taken down."""
-        if not self._set:
-            return False
-        if key in self._set or key.rsplit("/", 1)[-1] in self._set:
-            return True
-        return data is not None and content_key(data) in self._set
-
-    def describe(self) -> dict:
-        return {"path": self.path, "version": self.version, "entries": len(self.keys)}
-
-
-def read_entries(path: str | Path) -> list[str]:
-    """Keys from a user's file of hashes or keys (one per line; '#' comments, extra columns ignored)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8", errors="replace")
-    except OSError as e:
-        raise TakedownError(f"cannot read {p}: {e.strerror or e}") from None
-    out = []
-    for line in text.splitlines():
-        fields = re.split(r"[\s,]+", line.strip())
-        key = normalise_key(fields[0]) if fields else None
-        if key:
-            out.append(key)
-    return out
-
-
-def add_to_denylist(list_path: str | Path, keys: list[str], note: str = "") -> tuple[int, DenyList]:
-    """Append new keys (already-listed ones are skipped) atomically; returns (added, new list)."""
-    list_path = Path(list_path)
-    current = DenyList.load(list_path)
-    normalised = [n for n in (normalise_key(k) for k in keys) if n]
-    new = [k for k in dict.fromkeys(normalised) if k not in current]
-    if not new:
-        return 0, current
-    old_text = list_path.read_text(encoding="utf-8", errors="replace") if list_path.exists() else (
-        "# openseer deny-list: one content key (first 32 hex of the image's SHA-256) or manifest key per line.\n"
-        "# Append only: the list's version is a hash of its keys in order.\n")
-    if old_text and not old_text.endswith("\n"):
-        old_text += "\n"
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    clean_note = re.sub(r"[\t\r\n]+", " ", note)
-    lines = "".join(f"{k}\t{stamp}\t{clean_note}\n" for k in new)
-    list_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        atomic_write_text(list_path, old_text + lines)
-    except OSError as e:
-        raise TakedownError(f"cannot write deny-list {list_path}: {e.strerror or e}") from None
-    return len(new), DenyList.load(list_path)
-
-
-# ---------------------------------------------------------------- provenance
-
-
-def record_provenance(run_dir: str | Path, info: dict, start_step: int, denylist: DenyList) -> dict:
-    """Create or extend ``RUN_DIR/data_provenance.json`` with this (re)start; returns the record."""
-    path = Path(run_dir) / PROVENANCE
-    record: dict = {}
-    if path.is_file():
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            record = {}
-    sessions = [s for s in record.get("sessions", []) if int(s.get("start_step", -1)) < start_step]
-    record = {"format": "openseer.provenance.v1", **info, "sessions": sessions}
-    record["sessions"].append({
-        "start_step": int(start_step),
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "denylist": denylist.describe(),
-    })
-    atomic_write_json(path, record)
-    return record
-
+from ..config import ConfigError, load_config
+from .batches import MAX_BAD_IN_A_ROW, epoch_permutation, steps_per_epoch
+from .decode import BadImage, DataError
+from .denylist import (  # noqa: F401  (the deny-list's names, re-exported for callers of this module)
+    KEY_HEX,
+    PROVENANCE,
+    DenyList,
+    TakedownError,
+    add_to_denylist,
+    content_key,
+    list_version,
+    normalise_key,
+    read_entries,
+    record_provenance,
+)
+from .reader import open_collection, read_bytes
+from .stream import scan_shard_keys, slot_shards
 
 # ---------------------------------------------------------------- audit: which runs saw an image
 
@@ -217,8 +83,6 @@ def find_runs(root: str | Path) -> list[Path]:
 
 def _locate(key: str, record: dict) -> tuple[str, int, str]:
     """(shard url, position in shard, note) of ``key`` among the run's shards; '' when absent."""
-    from .stream import scan_shard_keys
-
     urls: list[str] = record.get("shards", [])
     manifest = (record.get("manifest") or {}).get("path")
     if manifest and Path(manifest).is_file():
@@ -270,8 +134,6 @@ def saw_sample(data_state: dict, url_index: int, position: int) -> bool:
     (``before``), the first pass of the new layout, and what each new slot was dealt: pieces of
     shards and the old slots' buffered samples.
     """
-    from .stream import slot_shards
-
     if data_state.get("before") and saw_sample(data_state["before"], url_index, position):
         return True
     layout = data_state["layout"]
@@ -339,7 +201,7 @@ def _checkpoint_step(path: Path) -> int:
     return int(path.name.split("_")[1].split(".")[0])
 
 
-def _folder_sighting(run: Path, record: dict, key: str) -> Sighting:
+def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | None = None) -> Sighting:
     """A folder run: find the file by content key, then replay the run's deterministic order.
 
     The batch of step t holds the files at positions [t*B, (t+1)*B) of epoch e's seeded
@@ -347,23 +209,32 @@ def _folder_sighting(run: Path, record: dict, key: str) -> Sighting:
     stand in for them (``bad_images.txt`` of the run says which were). A checkpoint at step S saw
     the file when one of those slots fell in a step < S.
     """
-    from ..config import ConfigError, load_config
     from ..train.checkpoint import list_checkpoints
-    from .batches import MAX_BAD_IN_A_ROW, epoch_permutation, steps_per_epoch
-    from .sources import list_images
-
     folder = Path(record["folder"]["path"])
     try:
         cfg = load_config(run / "config.yaml")
     except (ConfigError, OSError) as e:
         return Sighting(str(run), note=f"cannot read {run / 'config.yaml'}: {e}")
-    files = list_images(folder) if folder.is_dir() else []
+    try:  # listed and read as the run read it (bounded reads; unreadable files are not it)
+        coll = open_collection(str(folder), read_timeout=read_timeout, shards=False)
+    except DataError:
+        coll = None
+    entries = coll.entries if coll is not None else []
     if cfg.data.limit:
-        files = files[:cfg.data.limit]
-    hit = next((i for i, f in enumerate(files) if f.is_file() and content_key(f.read_bytes()) == key), None)
+        entries = entries[:cfg.data.limit]
+    hit = None
+    for i in range(len(entries)):
+        try:
+            data = read_bytes(entries[i].path, coll.read_timeout)  # type: ignore[union-attr]
+        except BadImage:
+            continue
+        if content_key(data) == key:
+            hit = i
+            break
+    files = entries
     if hit is None:
         return Sighting(str(run), note=f"not among the {len(files)} files now under {folder}")
-    rel = lambda i: str(files[i].relative_to(folder))  # noqa: E731
+    rel = lambda i: entries[i].key  # noqa: E731
     s = Sighting(str(run), shard=str(folder), position=hit)
     bad = set()
     if (run / "bad_images.txt").is_file():
@@ -398,14 +269,17 @@ def _folder_sighting(run: Path, record: dict, key: str) -> Sighting:
     return s
 
 
-def check_image(target: str, runs_root: str | Path) -> tuple[str, list[Sighting]]:
+def check_image(target: str, runs_root: str | Path, read_timeout: float | None = None) -> tuple[str, list[Sighting]]:
     """The content key of ``target`` (an image file, or a key/hash) and what every run under
     ``runs_root`` did with it."""
     from ..train.checkpoint import list_checkpoints
 
     p = Path(target)
     if p.is_file():
-        key = content_key(p.read_bytes())
+        try:
+            key = content_key(read_bytes(p, read_timeout))
+        except BadImage as e:
+            raise TakedownError(f"cannot read image {target}: {e}") from None
     else:
         key = normalise_key(target) or ""
         if not key:
@@ -421,7 +295,7 @@ def check_image(target: str, runs_root: str | Path) -> tuple[str, list[Sighting]
             out.append(Sighting(str(run), note=f"unreadable {PROVENANCE}: {e}"))
             continue
         if isinstance(record.get("folder"), dict):
-            out.append(_folder_sighting(run, record, key))
+            out.append(_folder_sighting(run, record, key, read_timeout))
             continue
         url, position, note = _locate(key, record)
         s = Sighting(str(run), shard=url, position=position, note=note)

@@ -22,10 +22,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.decode import IMAGE_EXTENSIONS, BadImage, load_image
+from ..data.decode import IMAGE_EXTENSIONS, BadImage, decode_bytes
+from ..data.denylist import DenyList
+from ..data.reader import open_denylist, read_bytes
 from ..data.sources import FASHION_MNIST_CLASSES, DataError, is_fashion_mnist, list_images, load_fashion_mnist
+from ..fileio import name_to_text, text_to_name
 
 RESIZE_RATIO = 1.14  # larger images: shorter side to 1.14 x crop, then a centre crop
+
+
+def draft_size(crop: int) -> int:
+    """The smallest decoded side the eval transform needs (JPEGs are DCT-scaled down to it)."""
+    return int(crop * RESIZE_RATIO) + 1
 
 
 class EvalError(ValueError):
@@ -47,6 +55,7 @@ class LabelledImages:
     keys: list[str]
     images: torch.Tensor | None = None  # uint8 (N, C, H, W)
     paths: list[Path] | None = None
+    deny: DenyList | None = None  # files: the deny-list beside the data (data/reader.py), by key or content
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -60,7 +69,11 @@ class LabelledImages:
         if self.images is not None:
             return self.images[i]
         assert self.paths is not None
-        img = load_image(self.paths[i], draft_size=draft_size)
+        path = self.paths[i]
+        data = read_bytes(path)  # bounded time (data/reader.py)
+        if self.deny is not None and self.deny.keys and self.deny.denies(self.keys[i], data):
+            raise BadImage("denied", self.keys[i])
+        img = decode_bytes(data, os.fsdecode(path), draft_size=draft_size)
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
     def subset(self, idx: np.ndarray | list[int]) -> LabelledImages:
@@ -70,6 +83,7 @@ class LabelledImages:
             keys=[self.keys[i] for i in idx],
             images=self.images[torch.from_numpy(idx)] if self.images is not None else None,
             paths=[self.paths[i] for i in idx] if self.paths is not None else None,
+            deny=self.deny,
         )
 
     def fingerprint(self) -> str:
@@ -81,6 +95,8 @@ class LabelledImages:
             h.update(self.images.contiguous().numpy().tobytes())
         else:
             assert self.paths is not None
+            if self.deny is not None and self.deny.keys:
+                h.update(f"denylist={self.deny.version}\n".encode())
             for key, p in zip(self.keys, self.paths):
                 try:
                     st = p.stat()
@@ -210,8 +226,8 @@ def _files_split(root: Path, files: dict[str, list[Path]], classes: list[str]) -
     for name, fs in files.items():
         paths += fs
         labels += [classes.index(name)] * len(fs)
-    keys = [str(p.relative_to(root)) for p in paths]
-    return LabelledImages(np.array(labels, dtype=np.int64), keys, paths=paths)
+    keys = [name_to_text(p.relative_to(root)) for p in paths]
+    return LabelledImages(np.array(labels, dtype=np.int64), keys, paths=paths, deny=open_denylist("", root))
 
 
 def _class_folders(root: Path, seed: int, test_fraction: float) -> LabelledData:
@@ -258,7 +274,7 @@ def _stratified_split(full: LabelledImages, classes: list[str], seed: int,
 def _csv(path: Path, seed: int, test_fraction: float, skip_missing: bool) -> LabelledData:
     dialect = "excel-tab" if path.suffix.lower() == ".tsv" else "excel"
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
             rows = [r for r in csv.reader(f, dialect=dialect) if r and any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise EvalError(f"cannot read CSV {path}: {e}") from None
@@ -273,6 +289,8 @@ def _csv(path: Path, seed: int, test_fraction: float, skip_missing: bool) -> Lab
     entries = []
     for r in rows:
         p = Path(r[0].strip()).expanduser()
+        if "\\" in r[0] and not (p if p.is_absolute() else base / p).exists():
+            p = Path(text_to_name(r[0].strip()))  # a path written as name text (fileio.name_to_text)
         split = r[2].strip().lower() if len(r) > 2 and r[2].strip() else ""
         if split not in ("", "train", "val", "test"):
             raise EvalError(f"CSV {path}: split column must be train, val or test; got {split!r}")
@@ -292,7 +310,8 @@ def _csv(path: Path, seed: int, test_fraction: float, skip_missing: bool) -> Lab
         entries = [e for e in entries if id(e) not in gone]
     classes = sorted({e[2] for e in entries})
     labels = np.array([classes.index(e[2]) for e in entries], dtype=np.int64)
-    full = LabelledImages(labels, [e[0] for e in entries], paths=[e[1] for e in entries])
+    full = LabelledImages(labels, [name_to_text(e[0]) for e in entries], paths=[e[1] for e in entries],
+                          deny=open_denylist("", path.parent))
     splits = {e[3] for e in entries}
     if splits - {""}:
         if "" in splits or "train" not in splits or not (splits & {"val", "test"}):

@@ -22,7 +22,8 @@ from openseer.data.sources import (
 from tests.conftest import fmnist_available, png_bytes, write_pngs
 
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
-           ".tif": "TIFF", ".tiff": "TIFF"}
+           ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF", ".jpe": "JPEG", ".jfif": "JPEG", ".dib": "DIB",
+           ".ppm": "PPM", ".pgm": "PPM", ".pbm": "PPM", ".pnm": "PPM"}
 
 
 def _encoded(fmt: str, seed: int) -> bytes:
