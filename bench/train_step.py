@@ -15,6 +15,9 @@ Configurations:
   rg32     regnety_320 at SEER's crops (2x160 + 4x96), small batch, synthetic images, bf16 +
            channels_last (model step only: data is not the question for a big model)
   rg128    the same with regnety_1280 (for a GPU: ``--device cuda``, bench/gpu_step.sh)
+  pretrain openseer's real pretrain() on generated tar shards (``--device cuda``; under torchrun with
+           its process group): images/s and host syncs per step that is not a log step
+  swav     SwAV's own part of the step alone (Sinkhorn, targets with a queue, loss), CPU time
   levers   each speed lever of the tiny step switched off (or on) alone, one JSON line per lever:
            channels_last, bf16 autocast, torch.compile, batched uint8 augmentation vs per-image crops
            in 0/1/2 loader workers, one trunk pass per resolution vs per crop, foreach LARC vs a
@@ -23,6 +26,8 @@ Configurations:
     python bench/train_step.py [--configs tiny,tiny-baseline,rg32,levers] [--steps N] [--smoke]
     python bench/train_step.py --device cuda --configs rg32,rg128 --big-batch 32,128 [--big-compile]
     python bench/train_step.py --configs tiny,rg32 --big-batch 4,8 --ceiling   # + each layer timed alone
+    OPENSEER_PROCESS_GROUP=1 torchrun --nproc_per_node 1 bench/train_step.py --configs pretrain --device cuda \
+        --steps 60 optim.precision=bf16 model.compile=true
 """
 
 from __future__ import annotations
@@ -123,6 +128,158 @@ def bench_tiny(steps: int, overrides: list[str], ceiling: bool = False) -> dict:
             "flops_per_step": flops, "flops_per_step_torch_formula": flops_torch, "model_flops_per_s": flops / model_s,
             "precision": cfg.optim.precision, "compile": cfg.model.compile, "channels_last": cfg.model.channels_last,
             **({"layers": layers} if layers else {})}
+
+
+def count_host_syncs(device: str):
+    """A counter of the calls that make the host wait for the device, and a switch to pause it.
+
+    On CUDA: ``torch.cuda.set_sync_debug_mode("warn")`` warns at every synchronising CUDA call
+    (``.item()``, a device-to-host copy, ``nonzero``...); the warnings are counted. On the CPU
+    nothing synchronises, so the calls that would (``item``, ``tolist``, ``bool``, ``float``...) are
+    counted by patching ``torch.Tensor``. Returns ``(counter, restore)``; ``counter["on"]`` pauses it.
+    """
+    import warnings
+
+    counter = {"n": 0, "on": True}
+    if device == "cuda":
+        show = warnings.showwarning
+
+        def showwarning(message, category, *a, **k):
+            if "synchronizing" in str(message):
+                counter["n"] += int(counter["on"])
+                return None
+            return show(message, category, *a, **k)
+
+        warnings.simplefilter("always")
+        warnings.showwarning = showwarning
+        torch.cuda.set_sync_debug_mode("warn")
+
+        def restore():
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = show
+
+        return counter, restore
+    saved = {}
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy"):
+        real = saved[name] = getattr(torch.Tensor, name)
+
+        def wrapped(t, *a, _real=real, **k):
+            counter["n"] += int(counter["on"])
+            return _real(t, *a, **k)
+
+        setattr(torch.Tensor, name, wrapped)
+
+    def restore():
+        for name, real in saved.items():
+            setattr(torch.Tensor, name, real)
+
+    return counter, restore
+
+
+def _generated_shards(folder: Path, n: int) -> Path:
+    """``n`` random 96x96 JPEGs written as tar shards (openseer's own shard writer)."""
+    from PIL import Image
+
+    from openseer.data.shards import write_shards
+
+    src = folder / "images"
+    src.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        pixels = torch.randint(0, 256, (96, 96, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(src / f"{i:05d}.jpg", quality=90)
+    write_shards(src, folder / "shards", shard_size=max(n // 16, 8), workers=1)  # enough shards for the loaders
+    return folder / "shards"
+
+
+def bench_pretrain(steps: int, device: str, overrides: list[str], n_images: int = 1024) -> dict:
+    """openseer's real ``pretrain()`` on generated tar shards, as ``openseer pretrain`` runs it (under
+    torchrun: its process group; ``OPENSEER_PROCESS_GROUP=1`` opens one for a single rank too):
+    images/s of the steps after the first (compile) and the host syncs of each step that is not a log step."""
+    from openseer.config import build_config
+    from openseer.train import loop
+    from openseer.train.distributed import close_distributed, env_from_os
+
+    env = env_from_os()
+    every = max(steps // 2, 1)
+    base = ["log.progress=false", "log.tensorboard=false", f"log.every={every}", "checkpoint.every=1000000000",
+            f"device={device}", "optim.epochs=100"]
+    entries: list[int] = []
+    real_step = loop.train_step
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = _generated_shards(Path(tmp) / "data", n_images)  # every rank its own identical copy
+        cfg = build_config("tiny-cpu", [*base, *overrides], base={"data": {"source": str(shards)}})
+        counter, restore = count_host_syncs(device)
+
+        def counted(run, batch):
+            entries.append(counter["n"])
+            return real_step(run, batch)
+
+        loop.train_step = counted
+        try:
+            summary = loop.pretrain(cfg, Path(tmp) / "run", max_steps=steps)
+        finally:
+            loop.train_step = real_step
+            restore()
+            close_distributed()  # gloo's threads joined before exit (as ``openseer pretrain`` does)
+        rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()] \
+            if env.is_main else []
+    # iteration i runs step i; leave out the first (compile, cuDNN autotuning) and the log steps
+    per_step = [b - a for i, (a, b) in enumerate(zip(entries, entries[1:])) if i > 0 and (i + 1) % every]
+    later = rows[1:] or rows
+    return {"config": "pretrain", "device": device, "world_size": env.world_size, "steps": summary["step"],
+            "batch": cfg.data.batch_size, "overrides": overrides,
+            "imgs_per_s": round(sum(r["imgs_per_s"] for r in later) / max(len(later), 1), 1) if later else None,
+            "host_syncs_per_step_max": max(per_step) if per_step else None,
+            "host_syncs_per_step_mean": round(sum(per_step) / len(per_step), 2) if per_step else None,
+            "skipped_steps": summary["counters"].get("skipped_steps")}
+
+
+def bench_swav_part(smoke: bool = False) -> dict:
+    """SwAV's own part of the step, alone, in CPU time (``process_time``: steadier than the wall clock
+    on a shared machine), one thread: both target crops' Sinkhorn, ``SwAVLoss.targets`` with a full
+    queue (queue scores + Sinkhorn + push), the swapped loss forward and forward + backward. Also runs
+    against an older openseer on PYTHONPATH (only the classes every version has)."""
+    import torch.nn.functional as F
+
+    from openseer.model.swav import SwAVLoss, SwAVQueue, sinkhorn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    v, b, k, d, length = (6, 16, 300, 32, 64) if smoke else (6, 64, 3000, 128, 1024)
+    queue = SwAVQueue(2, length, d)
+    loss_fn = SwAVLoss(v, [0, 1], 0.1, 0.05, 3, queue=queue, queue_start_step=0)
+    protos = F.normalize(torch.randn(k, d), dim=1)
+    z = F.normalize(torch.randn(v * b, d), dim=1)
+    s = z @ protos.t()
+    for i in range(length // b + 1):  # fill the queue
+        loss_fn.targets(z, s, protos, i)
+    t = loss_fn.targets(z, s, protos, 99)
+    big = torch.randn(2, length + b, k)
+
+    def both_crops():
+        try:
+            sinkhorn(big, 0.05, 3)  # one batched call where supported
+        except RuntimeError:
+            sinkhorn(big[0], 0.05, 3), sinkhorn(big[1], 0.05, 3)
+
+    def cpu_ms(fn, n: int = 3 if smoke else 10) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.process_time()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.process_time() - t0) / n)
+        return round(best * 1000, 2)
+
+    out = {"config": "swav", "crops": v, "batch": b, "prototypes": k, "queue": length,
+           "sinkhorn_both_crops_cpu_ms": cpu_ms(both_crops),
+           "targets_with_queue_cpu_ms": cpu_ms(lambda: loss_fn.targets(z, s, protos, 99)),
+           "loss_cpu_ms": cpu_ms(lambda: loss_fn(s, t)),
+           "loss_backward_cpu_ms": cpu_ms(lambda: loss_fn(s.detach().requires_grad_(), t).backward())}
+    torch.set_num_threads(threads)
+    return out
 
 
 class _PILCrops(torch.utils.data.Dataset):
@@ -446,6 +603,8 @@ LOOP_LEVERS = [
 # smoke mode (the test suite): small and without torch.compile, whose first build of the tiny model
 # takes one to two minutes on a fresh 2-core machine (cached on disk afterwards)
 SMOKE = ["data.limit=2048", "data.batch_size=64", "model.compile=false"]
+PRETRAIN_SMOKE = ["data.batch_size=16", "model.compile=false", "model.arch=test_resnet", "crops.sizes=[32,16]",
+                  "data.num_workers=1", "model.head_hidden=[64]", "swav.n_prototypes=30"]
 
 
 def bench_loop_levers(steps: int, smoke: bool) -> list[dict]:
@@ -488,8 +647,10 @@ def main() -> None:
         args.steps, args.big_steps = 4, 1
     args.big_batch = args.big_batch or ("1" if args.smoke else "4")
     n = 512 if args.smoke else (8192 if args.device == "cuda" else 2048)
+    timed_alone = {"swav", "pretrain", "levers"}  # report their own numbers: no matmul peaks needed
+    need_peaks = any(name not in timed_alone for name in args.configs.split(","))
     peaks = {"fp32": matmul_peak(torch.float32, n, device=args.device),
-             "bf16": matmul_peak(torch.bfloat16, n, device=args.device)}
+             "bf16": matmul_peak(torch.bfloat16, n, device=args.device)} if need_peaks else {}
     results = []
     runs = [(name, int(b)) for name in args.configs.split(",")
             for b in (args.big_batch.split(",") if name in BIG_CONFIGS else [0])]
@@ -498,6 +659,17 @@ def main() -> None:
             for r in bench_loop_levers(args.steps, args.smoke) + bench_model_levers(args.smoke):
                 r["bench"] = "train_step"
                 print(json.dumps(r), flush=True)
+            continue
+        if name == "swav":
+            r = bench_swav_part(args.smoke)
+            r["bench"] = "train_step"
+            print(json.dumps(r), flush=True)
+            continue
+        if name == "pretrain":
+            r = bench_pretrain(args.steps, args.device, args.overrides + (PRETRAIN_SMOKE if args.smoke else []),
+                               n_images=64 if args.smoke else 1024)
+            r["bench"] = "train_step"
+            print(json.dumps(r), flush=True)
             continue
         if name == "tiny":
             r = bench_tiny(args.steps, args.overrides + (SMOKE if args.smoke else []), ceiling=args.ceiling)

@@ -102,6 +102,30 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Train a small student backbone to reproduce a teacher's features on unlabelled images."""
+    from .distill import distill, distill_config
+    from .train.loop import resume_config
+
+    if args.resume:
+        if args.teacher or args.student or args.data or args.recipe or args.out:
+            raise ConfigError("--resume RUN_DIR continues a distill run with its saved config: drop the teacher, "
+                              "--student, --data, --recipe and --out")
+        run_dir = Path(args.resume)
+        summary = distill(resume_config(run_dir, args.overrides), run_dir, resume=True, max_steps=args.max_steps)
+    else:
+        missing = [name for name, v in (("TEACHER", args.teacher), ("--student ARCH", args.student),
+                                        ("--out RUN_DIR", args.out)) if not v]
+        if missing:
+            raise ConfigError(f"openseer distill needs {', '.join(missing)} (see openseer distill --help)")
+        overrides = [*args.overrides, *([f"distill.teacher_arch={args.teacher_arch}"] if args.teacher_arch else [])]
+        cfg = distill_config(args.teacher, args.student, args.data, args.recipe, overrides)
+        summary = distill(cfg, Path(args.out), resume="auto" if args.auto_resume else False, max_steps=args.max_steps)
+    why = f" ({summary['preempted']}: checkpoint written, resume with --resume)" if summary.get("preempted") else ""
+    print(f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}; run in {summary['run_dir']}")
+    return 0
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Parameters and per-GPU memory of a recipe on N GPUs (meta device: no memory, no GPU needed)."""
     from .plan import PlanError, format_plan, make_plan, plan_json
@@ -150,6 +174,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is unchanged)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("distill", help="train a small student backbone to match a teacher's features",
+                       description="Distil a teacher (a run, checkpoint, exported/imported file or timm name) into "
+                                   "a student (any timm backbone) on unlabelled images. The result is a run "
+                                   "directory that eval, export, embed and report take. Settings default to the "
+                                   "teacher run's config (else the tiny-cpu recipe); trailing key=value pairs "
+                                   "override, e.g. distill.loss=swav optim.minutes=10.",
+                       epilog="examples:\n  openseer distill runs/big --student mobilenetv3_small_050 --data /pile "
+                              "--out runs/small\n  openseer distill runs/big --student lcnet_035 --data fashion-mnist "
+                              "--out runs/s2 optim.minutes=10 model.stem_stride=1\n  openseer distill --resume runs/small",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("teacher", nargs="?", metavar="TEACHER", help="what openseer.load accepts: run dir, checkpoint, "
+                                                                  "exported/imported file, timm name")
+    p.add_argument("--student", metavar="ARCH", help="the student: any timm backbone name")
+    p.add_argument("--data", help="unlabelled images, as for pretrain (default: the teacher run's data)")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--recipe", help="start from this recipe instead of the teacher run's config")
+    p.add_argument("--teacher-arch", metavar="NAME", help="architecture of a teacher file that does not record it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the distill run in RUN_DIR")
+    p.add_argument("--auto-resume", action="store_true", help="if --out already holds this run, continue it")
+    p.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is unchanged)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("doctor", help="check a run directory (config, checkpoints, metrics) and how to recover")
     p.add_argument("run_dir", metavar="RUN_DIR")

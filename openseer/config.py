@@ -145,6 +145,17 @@ class DistConfig:
 
 
 @dataclass
+class DistillConfig:
+    """``openseer distill``: a student backbone trained to match a teacher's features (openseer/distill.py)."""
+
+    teacher: str = ""  # what openseer.load accepts: a run dir, checkpoint, exported/imported file, timm name
+    teacher_arch: str = ""  # architecture of a teacher file that does not record it
+    loss: str = "cosine"  # cosine (projected student vs teacher features) | swav (teacher prototypes' soft assignments)
+    temperature: float = 0.1  # swav loss: the student's softmax temperature over the teacher's prototypes
+    teacher_temperature: float = 0.05  # swav loss: the teacher's (sharper) target temperature
+
+
+@dataclass
 class Config:
     """The whole run."""
 
@@ -161,6 +172,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self) -> None:
         """Check values that types alone do not catch; raises ConfigError naming the key."""
@@ -204,6 +216,10 @@ class Config:
             raise ConfigError(f"device must be one of auto, cpu, cuda; got {self.device!r}")
         if self.dist.backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"dist.backend must be one of auto, gloo, nccl; got {self.dist.backend!r}")
+        if self.distill.loss not in ("cosine", "swav"):
+            raise ConfigError(f"distill.loss must be cosine or swav; got {self.distill.loss!r}")
+        if self.distill.temperature <= 0 or self.distill.teacher_temperature <= 0:
+            raise ConfigError("distill.temperature and distill.teacher_temperature must be > 0")
         if self.dist.strategy not in ("ddp", "fsdp"):
             raise ConfigError(f"dist.strategy must be one of ddp, fsdp; got {self.dist.strategy!r}")
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:

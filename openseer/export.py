@@ -24,25 +24,14 @@ from pathlib import Path
 import torch
 
 from .config import config_from_dict
-from .train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, sharded_keys
-
-PREFIX = "backbone."
-
-
-def backbone_tensors(path: Path, state: dict) -> dict[str, torch.Tensor]:
-    """The backbone's tensors (prefix stripped) from a loaded checkpoint, plain or sharded."""
-    if "dcp" in state:  # sharded: read only the backbone's tensors
-        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-        keys = {k for k in sharded_keys(path) if k.startswith("model." + PREFIX)}
-        flat = _load_state_dict_from_keys(keys, checkpoint_id=str(path))
-        model = {k[len("model."):]: v for k, v in flat.items()}
-    else:
-        model = state["model"]
-    out = {k[len(PREFIX):]: v.detach().cpu().contiguous() for k, v in model.items() if k.startswith(PREFIX)}
-    if not out:
-        raise CheckpointError(f"{path} holds no backbone tensors (keys starting with {PREFIX!r})")
-    return out
+from .fileio import usual_mode
+from .model.checkpoint_file import (  # noqa: F401
+    PREFIX,
+    CheckpointError,
+    backbone_tensors,
+    latest_checkpoint,
+    load_checkpoint,
+)
 
 
 def export_backbone(source: str | Path, out_path: str | Path) -> Path:
@@ -116,21 +105,9 @@ def _atomic(out_path: Path, write) -> Path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp" + out_path.suffix)
     write(tmp)
-    _usual_mode(tmp)
+    usual_mode(tmp)
     tmp.replace(out_path)
     return out_path
-
-
-def _usual_mode(path: Path) -> None:
-    """safetensors writes files readable by their owner only: give them the umask's usual mode."""
-    import os
-
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(path, 0o666 & ~umask)
-    except OSError:
-        pass
 
 
 def save_safetensors(model: torch.nn.Module, info: dict, out_path: str | Path) -> Path:

@@ -29,6 +29,16 @@ def atomic_write_json(path: str | Path, value) -> None:
     atomic_write_text(path, json.dumps(value, indent=1))
 
 
+def usual_mode(path: str | Path) -> None:
+    """Give a written file the umask's usual mode: safetensors writes files readable by their owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(path, 0o666 & ~umask)
+    except OSError:
+        pass
+
+
 # ---------------------------------------------------------------- file names in record files
 #
 # A file name is whatever bytes the OS allows (Python holds undecodable bytes as surrogate escapes,

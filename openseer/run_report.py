@@ -503,8 +503,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
         timings["sample"] = time.perf_counter() - t
         if smp is not None:
             t = time.perf_counter()
-            model = build_swav(cfg)
-            model.load_state_dict({_strip(k): v for k, v in state["model"].items()})
+            if cfg.distill.teacher:  # openseer distill: the student read through its teacher's prototypes
+                from .distill import report_model
+
+                model = report_model(state, cfg)
+            else:
+                model = build_swav(cfg)
+                model.load_state_dict({_strip(k): v for k, v in state["model"].items()})
             feats, probs = run_model(model, smp, cfg.crops.mean, cfg.crops.std, cfg.swav.temperature,
                                      batch_size, device)
             timings["model"] = time.perf_counter() - t

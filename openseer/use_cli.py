@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 EXPORT_EXAMPLES = """examples:
   openseer export runs/a --format safetensors --out backbone.safetensors   # timm key names + metadata
   openseer export runs/a --format torchscript --out backbone.pt            # checked against PyTorch
   openseer export runs/a --format onnx --out backbone.onnx                 # checked with onnxruntime (CPU)
   openseer export rg32.safetensors --format vissl --out rg32.torch         # back to VISSL's layout
+  openseer export runs/a --format onnx --int8 --calibrate /pile --out a-int8.onnx   # static int8, calibrated
   openseer export runs/a backbone.safetensors                              # (older form: OUT positional)
 
 load a safetensors export in timm, no remapping:
@@ -53,6 +55,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=1e-3,
                    help="fail when max |export - PyTorch| exceeds this times max(1, max |features|) (default 1e-3)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: torch's)")
+    p.add_argument("--int8", action="store_true",
+                   help="ONNX only: static int8 (onnxruntime, QDQ, per-channel weights) calibrated on --calibrate")
+    p.add_argument("--calibrate", metavar="PILE", help="images to calibrate int8 on: a folder, a .txt list of "
+                                                       "paths, tar shards or fashion-mnist")
+    p.add_argument("--calibrate-n", type=int, default=256, metavar="N",
+                   help="calibration images, spread evenly over PILE (default 256)")
+    p.add_argument("--min-cosine", type=float, default=0.98,
+                   help="int8: fail when the worst cosine similarity to the fp32 features on the calibration "
+                        "sample is below this (default 0.98)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.set_defaults(func=cmd_export)
 
@@ -144,6 +155,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.out and args.out_pos:
         raise CheckpointError(f"two outputs given: {args.out_pos} and --out {args.out}")
     _threads(args.threads)
+    if args.int8:
+        return _export_int8(args, out)
+    if args.calibrate:
+        raise CheckpointError("--calibrate is for --int8 exports; add --int8 or drop --calibrate")
     r = export(args.source, out, args.format, arch=args.backbone, check=not args.no_check, opset=args.opset)
     print(f"openseer: backbone of {args.source} -> {r['path']} ({r['format']})")
     diff = r.get("max_abs_diff")
@@ -158,6 +173,31 @@ def cmd_export(args: argparse.Namespace) -> int:
             return 1
     elif r["format"] == "onnx" and not args.no_check:
         print("openseer: onnxruntime is not installed: the ONNX file was not checked (pip install onnxruntime)")
+    return 0
+
+
+def _export_int8(args: argparse.Namespace, out: str) -> int:
+    from .quantize import export_quantized
+
+    r = export_quantized(args.source, out, args.calibrate, n=args.calibrate_n, fmt=args.format,
+                         arch=args.backbone, opset=args.opset)
+    c = r["calibration"]
+    skipped = f", {sum(c['skipped'].values())} unreadable skipped" if c["skipped"] else ""
+    print(f"openseer: backbone of {args.source} -> {r['path']} (onnx, int8 static, calibrated on "
+          f"{c['images']} images{skipped})")
+    print(f"openseer: size {r['bytes'] / 1e6:.2f} MB (fp32 {r['fp32_bytes'] / 1e6:.2f} MB, "
+          f"{r['fp32_bytes'] / r['bytes']:.1f}x smaller)")
+    ok = r["cosine_min"] >= args.min_cosine
+    print(f"openseer: int8 vs fp32 on the calibration sample: max |difference| {r['max_abs_diff']:.3g} "
+          f"(features up to {r['max_abs_ref']:.3g}), cosine similarity mean {r['cosine_mean']:.4f}, "
+          f"worst {r['cosine_min']:.4f}{'' if ok else ': TOO FAR'}")
+    if not ok:
+        Path(r["path"]).unlink(missing_ok=True)
+        print(f"openseer: error: the int8 export's worst cosine similarity to fp32 ({r['cosine_min']:.4f}) is "
+              f"below --min-cosine {args.min_cosine:g}; {r['path']} was removed. "
+              f"Calibrate on more or more typical images (--calibrate-n), or keep the fp32 export",
+              file=sys.stderr)
+        return 1
     return 0
 
 

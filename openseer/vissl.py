@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from .fileio import usual_mode
 from .model.backbone import BackboneError, build_backbone
 
 # SEER weights are RGB with ImageNet mean/std (SEER.md §2) at 224 px.
@@ -306,8 +307,6 @@ def import_weights(path: str | Path, out: str | Path, arch: str | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=info)
-    from .export import _usual_mode
-
-    _usual_mode(tmp)
+    usual_mode(tmp)
     tmp.replace(out)
     return {"out": str(out), "arch": arch, "layout": layout, "tensors": len(tensors), "dropped": dropped}

@@ -113,3 +113,70 @@ def test_a_small_image_stem_travels_with_the_weights(tmp_path, capsys):
     assert next(m for m in floor.modules() if isinstance(m, torch.nn.Conv2d)).stride == (1, 1)
     with torch.no_grad():
         assert floor(torch.randn(2, 3, 24, 24)).shape == (2, ref.num_features)  # guard keeps 1x1 maps right
+
+
+# ---------------------------------------------------------------- int8 ONNX
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("int8") / "run", arch="test_resnet")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    from tests.conftest import write_pngs
+
+    folder = tmp_path_factory.mktemp("calib")
+    write_pngs(folder, 24, size=(30, 26))
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_int8_onnx_runs_in_onnxruntime_within_tolerance_of_fp32(small_run, calib, tmp_path, capsys):
+    import onnx
+    import onnxruntime as ort
+
+    from openseer.api import load, prepare
+    from tests.conftest import write_pngs
+
+    out = tmp_path / "int8.onnx"
+    assert main(["export", str(small_run), "--format", "onnx", "--int8", "--calibrate", str(calib),
+                 "--calibrate-n", "16", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "calibrated on 16 images" in text and "cosine similarity mean" in text and "smaller" in text
+    proto = onnx.load(str(out))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops and "BatchNormalization" not in ops  # QDQ, BN folded
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["arch"] == "test_resnet" and "int8 static" in meta["quantization"] and meta["crop_size"] == "24"
+    # images the calibration did not see, through the eval transform: int8 stays close to fp32 PyTorch
+    model = load(str(small_run))
+    x = prepare([str(p) for p in write_pngs(tmp_path / "other", 40, size=(30, 26))[24:]], model.transform)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        ref = model.backbone(x)
+    assert torch.nn.functional.cosine_similarity(got, ref, dim=1).min() > 0.98
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_int8_export_refused_past_the_tolerance(small_run, calib, tmp_path, capsys):
+    out = tmp_path / "int8.onnx"
+    code = main(["export", str(small_run), "--format", "onnx", "--int8", "--calibrate", str(calib),
+                 "--calibrate-n", "8", "--min-cosine", "1.01", "--out", str(out)])
+    assert code == 1 and not out.exists()
+    assert "below --min-cosine 1.01" in capsys.readouterr().err
+
+
+def test_int8_empty_calibration_set_or_wrong_format_one_message(small_run, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code = main(["export", str(small_run), "--int8", "--calibrate", str(empty), "--out", str(tmp_path / "a.onnx")])
+    err = capsys.readouterr().err
+    assert code != 0 and err.count("openseer: error:") == 1 and "calibration images" in err and "Traceback" not in err
+    code = main(["export", str(small_run), "--int8", "--out", str(tmp_path / "b.onnx")])
+    assert code != 0 and "--calibrate PILE" in capsys.readouterr().err
+    code = main(["export", str(small_run), "--int8", "--calibrate", str(empty), "--out", str(tmp_path / "c.pt")])
+    assert code != 0 and "ONNX only" in capsys.readouterr().err
+    assert not any(tmp_path.glob("*.onnx")) and not any(tmp_path.glob("*.pt"))

@@ -197,8 +197,9 @@ def narrow_group_convs_in_fp32(model: nn.Module) -> int:
 
 
 def feature_dim(backbone: nn.Module) -> int:
-    """Width of the pooled features."""
-    return int(backbone.num_features)
+    """Width of the pooled features: timm's ``head_hidden_size`` where a head layer follows the pooling
+    even with ``num_classes=0`` (MobileNetV3's conv_head: 288 -> 1024), else ``num_features``."""
+    return int(getattr(backbone, "head_hidden_size", None) or backbone.num_features)
 
 
 def count_parameters(module: nn.Module) -> int:

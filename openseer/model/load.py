@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, build_config, config_from_dict, recipe_names, recipe_values
-from ..train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
 from .backbone import BackboneError, build_backbone, feature_dim
+from .checkpoint_file import CheckpointError, backbone_tensors, latest_checkpoint, load_checkpoint
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -77,8 +77,6 @@ def _backbone_state(state: dict) -> dict[str, torch.Tensor]:
 def _checkpoint(path: Path, state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Backbone tensors (timm names) and what the training config says, from a training checkpoint
     (a ``.pt`` or a sharded ``.dcp``, of which only the backbone's tensors are read)."""
-    from ..export import backbone_tensors
-
     about = _from_config(state["config"]) if isinstance(state.get("config"), dict) else {}
     if "step" in state:
         about["step"] = int(state["step"])

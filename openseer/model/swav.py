@@ -9,6 +9,9 @@ embeddings) and averages the cross-entropy of every other crop's prediction agai
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from itertools import groupby
 
 import torch
@@ -115,17 +118,15 @@ def _world() -> int:
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if _world() > 1:
+    if dist.is_available() and dist.is_initialized():  # any open group, one rank included
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
 
 
-def _global_logsumexp(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """log(sum(exp(x))) over ``dim`` (all elements when None) and over all ranks, without overflow."""
-    if dim is None:
-        m = _all_reduce(x.max().clone(), dist.ReduceOp.MAX if _world() > 1 else None)
-        return m + torch.log(_all_reduce(torch.exp(x - m).sum()))
-    m = _all_reduce(x.amax(dim=dim, keepdim=True).clone(), dist.ReduceOp.MAX if _world() > 1 else None)
+def _global_logsumexp(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """log(sum(exp(x))) over ``dim`` (kept) and over all ranks, without overflow: one MAX and one SUM
+    all-reduce for every problem in the batch together."""
+    m = _all_reduce(x.amax(dim=dim, keepdim=True), dist.ReduceOp.MAX)
     return m + torch.log(_all_reduce(torch.exp(x - m).sum(dim=dim, keepdim=True)))
 
 
@@ -139,31 +140,43 @@ def sinkhorn(scores: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
     so large scores or a small epsilon cannot underflow a whole row or column to 0/0. Only scalars
     and K-vectors (row maxima and row sums) cross ranks, so the result equals a single process on
     the concatenated batch.
+
+    ``scores`` may also be a stack (T x B_local x K) of independent problems, e.g. both target crops:
+    they are solved together, so each all-reduce carries all T of them (half the collectives for 2).
     """
-    log_q = (scores.float() / epsilon).t()  # K x B_local
-    k = log_q.shape[0]
-    b = log_q.shape[1] * _world()
-    log_q = log_q - _global_logsumexp(log_q)
+    single = scores.dim() == 2
+    log_q = scores.float() / epsilon  # (T x) B_local x K: Q transposed, kept in the scores' own layout
+    if single:
+        log_q = log_q.unsqueeze(0)
+    k = log_q.shape[-1]
+    b = log_q.shape[-2] * _world()
+    log_q = log_q - _global_logsumexp(log_q, dim=(-2, -1))
     for _ in range(iters):
-        log_q -= _global_logsumexp(log_q, dim=1) + math.log(k)
-        log_q -= torch.logsumexp(log_q, dim=0, keepdim=True) + math.log(b)
-    return torch.exp(log_q + math.log(b)).t()
+        log_q -= _global_logsumexp(log_q, dim=-2) + math.log(k)  # Q's rows: one per prototype, global
+        log_q -= torch.logsumexp(log_q, dim=-1, keepdim=True) + math.log(b)  # Q's columns: one per sample
+    q = torch.exp(log_q + math.log(b))
+    return q[0] if single else q
 
 
 # ---------------------------------------------------------------- loss and queue
 
 
 class SwAVQueue(nn.Module):
-    """FIFO of past embeddings per target crop; this rank's share of the global length.
+    """Ring buffer of past embeddings per target crop; this rank's share of the global length.
 
-    Filled from ``start_step`` on; joined to the batch for Sinkhorn only once full; part of the
-    training state (buffers, so it is saved in checkpoints).
+    Filled from ``start_step`` on; joined to the batch for Sinkhorn only once full (the order of its
+    rows does not matter to Sinkhorn, so a push writes over the oldest rows in place, at ``pos``,
+    instead of shifting the whole queue). ``filled`` and ``pos`` are buffers (saved in checkpoints)
+    mirrored as Python ints, so deciding whether the queue is full never waits for the device.
     """
 
     def __init__(self, n_targets: int, length: int, dim: int):
         super().__init__()
         self.register_buffer("embeddings", torch.zeros(n_targets, length, dim))
         self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("pos", torch.zeros((), dtype=torch.long))
+        self._filled = 0
+        self._pos = 0
 
     @property
     def length(self) -> int:
@@ -171,19 +184,41 @@ class SwAVQueue(nn.Module):
 
     @property
     def full(self) -> bool:
-        return int(self.filled) >= self.length
+        return self._filled >= self.length
+
+    @property
+    def n_filled(self) -> int:
+        return self._filled
+
+    @property
+    def write_pos(self) -> int:
+        return self._pos
 
     @torch.no_grad()
-    def push(self, j: int, z: torch.Tensor) -> None:
-        """Shift queue ``j`` by ``len(z)`` and put ``z`` at the front (newest first)."""
-        n = min(len(z), self.length)
-        e = self.embeddings[j]
-        e[n:] = e[:-n].clone() if n < self.length else e[n:]
-        e[:n] = z[:n].detach().to(e.dtype)
+    def push_all(self, z: torch.Tensor) -> None:
+        """Write ``z`` (T x n x D, one row block per target crop) over the oldest ``n`` rows of every queue."""
+        n = min(z.shape[1], self.length)
+        z = z[:, :n].detach().to(self.embeddings.dtype)
+        first = min(n, self.length - self._pos)
+        self.embeddings[:, self._pos:self._pos + first] = z[:, :first]
+        if first < n:  # wrap around
+            self.embeddings[:, :n - first] = z[:, first:]
+        self._pos = (self._pos + n) % self.length
+        self._filled = min(self._filled + n, self.length)
+        self.pos.fill_(self._pos)
+        self.filled.fill_(self._filled)
 
-    @torch.no_grad()
-    def advance(self, n: int) -> None:
-        self.filled.fill_(min(int(self.filled) + n, self.length))
+    def load(self, embeddings: torch.Tensor, filled: int, pos: int) -> None:
+        """Set the queue's contents (from a checkpoint) and its host-side counters."""
+        with torch.no_grad():
+            self.embeddings.copy_(embeddings)
+        self._filled, self._pos = min(int(filled), self.length), int(pos) % self.length
+        self.filled.fill_(self._filled)
+        self.pos.fill_(self._pos)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # nn.Module.load_state_dict: keep the mirrors right
+        super()._load_from_state_dict(*args, **kwargs)
+        self._filled, self._pos = int(self.filled), int(self.pos)
 
 
 class SwAVLoss:
@@ -198,48 +233,136 @@ class SwAVLoss:
         self.sinkhorn_iters = sinkhorn_iters
         self.queue = queue
         self.queue_start_step = queue_start_step
-        self.last_targets: dict[int, torch.Tensor] = {}
 
-    def targets(self, z: torch.Tensor, scores: torch.Tensor, prototypes: torch.Tensor,
+    def uses_queue(self) -> bool:
+        """Whether the next ``targets`` call joins the queue (so the prototypes must be whole)."""
+        return self.queue is not None and self.queue.full
+
+    def targets(self, z: torch.Tensor, scores: torch.Tensor, prototypes: torch.Tensor | None,
                 step: int) -> dict[int, torch.Tensor]:
-        """Soft codes q (B x K) for each target crop, without gradient."""
+        """Soft codes q (B x K) for each target crop, without gradient: one batched Sinkhorn for all
+        target crops. ``prototypes`` (whole, K x D) are needed only when the queue is used."""
         bs = scores.shape[0] // self.n_crops
-        out = {}
+        idx = self.crops_for_assign
         with torch.no_grad():
-            use_queue = self.queue is not None and self.queue.full
-            for j, i in enumerate(self.crops_for_assign):
-                s = scores[i * bs:(i + 1) * bs].detach().float()
-                if use_queue:
-                    s = torch.cat([self.queue.embeddings[j] @ prototypes.detach().float().t(), s])
-                out[i] = sinkhorn(s, self.epsilon, self.sinkhorn_iters)[-bs:]
+            s = scores.detach().float().view(self.n_crops, bs, -1)[idx]  # T x B x K
+            if self.uses_queue():
+                queued = self.queue.embeddings @ prototypes.detach().float().t()  # T x L x K
+                s = torch.cat([queued, s], dim=1)
+            q = sinkhorn(s, self.epsilon, self.sinkhorn_iters)[:, -bs:]
             if self.queue is not None and step >= self.queue_start_step:
-                for j, i in enumerate(self.crops_for_assign):
-                    self.queue.push(j, z[i * bs:(i + 1) * bs])
-                self.queue.advance(bs)
-        self.last_targets = out
-        return out
+                self.queue.push_all(z.detach().view(self.n_crops, bs, -1)[idx])
+        return dict(zip(idx, q.unbind(0)))
 
     def __call__(self, scores: torch.Tensor, targets: dict[int, torch.Tensor]) -> torch.Tensor:
+        """Mean over target crops i of the mean over crops v != i of CE(q_i, softmax(scores_v / tau)),
+        all pairs at once: one (T x B*K) @ (B*K x V) product instead of T * (V - 1) separate chains."""
         bs = scores.shape[0] // self.n_crops
-        logp = F.log_softmax(scores.float() / self.temperature, dim=1)
-        total = scores.new_zeros(())
-        for i, q in targets.items():
-            sub = scores.new_zeros(())
-            for v in range(self.n_crops):
-                if v != i:
-                    sub = sub - (q * logp[v * bs:(v + 1) * bs]).sum(dim=1).mean()
-            total = total + sub / (self.n_crops - 1)
-        return total / len(targets)
+        logp = F.log_softmax(scores.float() / self.temperature, dim=1).view(self.n_crops, -1)  # V x B*K
+        crops = list(targets)
+        q = torch.stack([targets[i] for i in crops]).reshape(len(crops), -1)  # T x B*K
+        cross = -(q @ logp.t()) / bs  # T x V: cross[t, v] = mean over the batch of CE(q_t, p_v)
+        d = cross.device
+        others = (torch.arange(self.n_crops, device=d)[None, :] != torch.tensor(crops, device=d)[:, None]).float()
+        return ((cross * others).sum(dim=1) / (self.n_crops - 1)).mean()
+
+
+def assignment_counts(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prototypes in use (distinct arg-max over the batch's crops) and entropy (nats) of their
+    histogram, as 0-d device tensors: nothing waits for the device (no boolean indexing, no bincount)."""
+    with torch.no_grad():
+        idx = scores.argmax(dim=1)
+        counts = torch.zeros(scores.shape[1], device=scores.device).scatter_add_(
+            0, idx, torch.ones(idx.shape, device=scores.device))
+        p = counts / counts.sum()
+        return (counts > 0).sum(), -torch.special.xlogy(p, p).sum()
 
 
 def assignment_stats(scores: torch.Tensor) -> tuple[int, float]:
-    """Prototypes in use (distinct arg-max over the batch's crops) and entropy (nats) of their histogram."""
-    with torch.no_grad():
-        idx = scores.argmax(dim=1)
-        counts = torch.bincount(idx, minlength=scores.shape[1]).float()
-        p = counts[counts > 0] / counts.sum()
-        return int((counts > 0).sum()), float(-(p * p.log()).sum())
+    """``assignment_counts`` as Python numbers (waits for the device)."""
+    used, entropy = assignment_counts(scores)
+    return int(used), float(entropy)
 
 
 def ln_k(n_prototypes: int) -> float:
     return math.log(n_prototypes)
+
+
+# ---------------------------------------------------------------- the method object
+
+
+@dataclass
+class MethodOutput:
+    """What a method's ``forward_backward`` hands the loop: the loss (0-d, detached, fp32, as it was
+    backpropagated before any grad scaling), device-side statistics to average over a log window
+    (0-d tensors, never read between log steps), and what a bad-step diagnostic needs."""
+
+    loss: torch.Tensor
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    diagnostic: dict = field(default_factory=dict)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP (DTensor) shard, gathered from all ranks; other tensors as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class SwAVMethod:
+    """SwAV's part of a training step, owned in one place: head, prototypes, queue and loss.
+
+    ``model`` is the trained module as the loop runs it (possibly wrapped in DDP/FSDP): its forward
+    maps crops to ``(z, scores)``. ``forward_backward`` runs forward, Sinkhorn targets (with the
+    queue, whose scores need the WHOLE prototypes: gathered under FSDP only then), the swapped loss and
+    backward, and drops the prototype gradient while they are frozen; ``after_step`` re-normalises
+    the prototypes after an optimiser step that updated them. The loop never touches prototypes.
+    """
+
+    phases = ("forward", "sinkhorn", "backward")
+
+    def __init__(self, model: nn.Module, cfg, queue: SwAVQueue | None = None, autocast=nullcontext):
+        self.model = model
+        self.net: SwAV = getattr(model, "module", model)  # DDP keeps the module inside
+        self.queue = queue
+        self.freeze_steps = cfg.swav.freeze_prototypes_steps
+        self.autocast = autocast
+        self.loss = SwAVLoss(cfg.n_crops, cfg.swav.crops_for_assign, cfg.swav.temperature, cfg.swav.epsilon,
+                             cfg.swav.sinkhorn_iters, queue, cfg.swav.queue_start_step)
+
+    def forward_backward(self, crops: list[torch.Tensor], step: int,
+                         scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                         mark: Callable[[str], None] | None = None) -> MethodOutput:
+        """One forward and backward on this rank's crops. ``scale`` maps the loss to what is
+        backpropagated (a grad scaler, fault injection); ``mark(phase)`` is called as each of
+        ``phases`` ends (phase timing)."""
+        mark = mark or (lambda _: None)
+        with self.autocast():
+            z, scores = self.model(crops)
+        mark("forward")
+        protos = _whole(self.net.prototypes.weight) if self.loss.uses_queue() else None
+        targets = self.loss.targets(z, scores, protos, step)
+        mark("sinkhorn")
+        loss = self.loss(scores, targets)
+        (scale(loss) if scale else loss).backward()
+        if step < self.freeze_steps:
+            self.net.prototypes.layer.weight.grad = None  # frozen: no grad, no momentum, no decay
+        mark("backward")
+        used, entropy = assignment_counts(scores.detach())
+        return MethodOutput(loss.detach(), {"prototypes_used": used, "assign_entropy": entropy},
+                            {"scores": scores.detach(), "targets": targets})
+
+    def after_step(self, step: int) -> None:
+        """After a successful optimiser step: unit prototype rows for the next forward (frozen ones
+        are left bit-identical)."""
+        if step >= self.freeze_steps:
+            self.net.prototypes.normalize_()
+
+    def diagnose(self, out: MethodOutput) -> dict:
+        """JSON-ready facts about a non-finite step (scores and assignments of this rank)."""
+        s = out.diagnostic["scores"].float()
+        finite = torch.isfinite(s)
+        return {
+            "scores_finite_fraction": float(finite.float().mean()),
+            "scores_absmax": float(s[finite].abs().max()) if finite.any() else float("nan"),
+            "scores_sample": s[:8].tolist(),
+            "assignments_sample": {str(i): q[:8].argmax(1).tolist() for i, q in out.diagnostic["targets"].items()},
+        }

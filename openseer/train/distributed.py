@@ -2,7 +2,11 @@
 
 World size and rank come from the environment (torchrun's RANK/WORLD_SIZE/LOCAL_RANK, or SLURM's
 SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID with MASTER_ADDR/MASTER_PORT). One process without any of
-these is world size 1, no process group needed. gloo on CPU, NCCL on GPU.
+these is world size 1, no process group needed. gloo on CPU; on GPU one process group with two
+backends, ``cpu:gloo,cuda:nccl``: NCCL reduces the CUDA tensors (gradients, Sinkhorn sums, queue,
+the per-step verdict) and gloo the few CPU ones (barriers, object broadcasts of run decisions and
+the data-stream position, a checkpoint's success flag), so no collective can meet a tensor on a
+device its group cannot reduce (docs/distributed.md, "Collectives and devices").
 
 ``check_dist`` validates a config against the world size BEFORE any process group exists, so a bad
 set-up is one clear message on every rank instead of a hang in a collective.
@@ -15,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+ONE_RANK_GROUP_ENV = "OPENSEER_PROCESS_GROUP"
 
 
 class DistError(RuntimeError):
@@ -92,22 +98,50 @@ def cuda_index(env: DistEnv) -> int:
     return env.local_rank if n > 1 else 0
 
 
+def process_group_backend(backend: str, device: str) -> str:
+    """The backend string the default process group opens with: ``gloo`` on CPU; on CUDA
+    ``cpu:gloo,cuda:nccl`` for ``auto`` and ``nccl`` (NCCL alone cannot reduce a CPU tensor)."""
+    if backend == "auto":
+        return "cpu:gloo,cuda:nccl" if device == "cuda" else "gloo"
+    if backend == "nccl":
+        return "cpu:gloo,cuda:nccl"
+    return backend
+
+
+def reduce_device(device: torch.device | str | None = None) -> torch.device:
+    """Where a small tensor must live for the default group to reduce it: ``device`` if given and the
+    group has a backend for its type; else the CPU when the group has gloo (or MPI), else this
+    process's current GPU (a group opened by someone else with NCCL only)."""
+    backend = str(dist.get_backend()) if dist.is_available() and dist.is_initialized() else "gloo"
+    has_cpu = any(b in backend for b in ("gloo", "mpi"))
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cpu" and has_cpu or device.type == "cuda" and ("nccl" in backend or "cuda" in backend):
+            return device
+    if has_cpu:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def init_distributed(backend: str = "auto", device: str = "cpu") -> DistEnv:
-    """Initialise the default process group when the world has more than one process."""
+    """Initialise the default process group when the world has more than one process
+    (``process_group_backend`` says with which backends)."""
     env = env_from_os()
-    if env.world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+    # OPENSEER_PROCESS_GROUP=1 under a launcher opens a group for one rank too: the collectives of
+    # many ranks, checked on one GPU (bench/gpu_step.sh)
+    one_rank_group = os.environ.get(ONE_RANK_GROUP_ENV) == "1" and "WORLD_SIZE" in os.environ
+    if (env.world_size <= 1 and not one_rank_group) or (dist.is_available() and dist.is_initialized()):
         if dist.is_available() and dist.is_initialized():
             return DistEnv(dist.get_rank(), dist.get_world_size(), env.local_rank)
         return env
-    if backend == "auto":
-        backend = "nccl" if device == "cuda" else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         raise DistError("dist.backend=nccl needs CUDA GPUs and none is visible here; use dist.backend=gloo on CPU")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if device == "cuda":
         torch.cuda.set_device(cuda_index(env))
-    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size)
+    dist.init_process_group(backend=process_group_backend(backend, device), rank=env.rank,
+                            world_size=env.world_size)
     return env
 
 
@@ -142,11 +176,16 @@ def on_main(env: DistEnv, fn, *args):
     return box[0]
 
 
+def _multi() -> bool:
+    """A process group is open (of any size: a 1-rank group runs the same collectives as many)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_scalar(value: float, op: str = "mean") -> float:
-    """Reduce a Python number over ranks (identity for one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    """Reduce a Python number over ranks (identity for one process), on a device the group reduces."""
+    if not _multi():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=reduce_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     if op == "mean":
         t /= dist.get_world_size()
@@ -155,11 +194,26 @@ def all_reduce_scalar(value: float, op: str = "mean") -> float:
 
 def any_across_ranks(*flags: bool) -> list[bool]:
     """For each flag: is it set on any rank? One all-reduce for all of them."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _multi():
         return [bool(f) for f in flags]
-    t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64)
+    t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64, device=reduce_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v > 0) for v in t.tolist()]
+
+
+def step_verdict(bad: torch.Tensor | bool, stop: bool, spent_s: float,
+                 device: torch.device | str = "cpu") -> tuple[bool, bool, float]:
+    """The per-step agreement of all ranks in ONE all-reduce (MAX) and one wait for the device:
+    a bad (non-finite) step on any rank, a stop signal on any rank, and the slowest rank's clock
+    (the time budget). ``bad`` may be a 0-d device tensor (it is never read on its own); the vector
+    is built on ``device`` when the group can reduce it there."""
+    dev = reduce_device(device) if _multi() else torch.device(device)
+    head = torch.as_tensor(bad, device=dev).reshape(1).to(torch.float64)
+    t = torch.cat([head, torch.tensor([float(stop), float(spent_s)], dtype=torch.float64).to(dev, non_blocking=True)])
+    if _multi():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    b, s, spent = t.tolist()
+    return b > 0, s > 0, spent
 
 
 def gather_cat(t: torch.Tensor, dim: int) -> torch.Tensor:

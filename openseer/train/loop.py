@@ -1,4 +1,5 @@
-"""The one flat SwAV training loop: batch -> forward -> Sinkhorn targets -> loss -> LARC step -> checkpoint.
+"""The SwAV training loop: set-up, then ``train_step`` per batch (forward, Sinkhorn targets, loss and
+backward by the method object, one verdict across ranks, LARC step), health, metrics, checkpoints.
 
 ``pretrain(cfg, run_dir)`` starts a run; ``pretrain(..., resume=True)`` continues the run in
 ``run_dir`` from its latest checkpoint with the same step, LR, data order, queue and optimiser state.
@@ -9,13 +10,12 @@ runs write sharded DCP checkpoints, see train/checkpoint.py and train/sharded.py
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import threading
 import time
-import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,12 +27,11 @@ from ..data.batches import Batch, count_reasons, data_state, iterate_batches, pr
 from ..data.sources import FolderSource, open_source
 from ..data.takedown import record_provenance
 from ..fileio import atomic_write_text
-from ..model.swav import SwAV, SwAVLoss, SwAVQueue, assignment_stats, build_swav, ln_k
+from ..model.swav import SwAV, SwAVMethod, SwAVQueue, build_swav, ln_k
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
 from .distributed import (
     DistEnv,
     all_reduce_scalar,
-    any_across_ranks,
     check_dist,
     cuda_index,
     env_from_os,
@@ -41,19 +40,20 @@ from .distributed import (
     on_main,
 )
 from .hardware import resolve_auto
-from .optim import build_optimizer, lr_at, peak_lr
-from .parallel import full_tensor, is_sharded, prepare_model
+from .health import Health, RunError
+from .metrics import PHASES, MetricsLog, Window
+from .optim import build_optimizer, peak_lr
+from .parallel import is_sharded, prepare_model
 from .sharded import restore_state, save_sharded
+from .step import Run, StepStats, train_step
+
+__all__ = ["RunError", "pretrain", "resume_config", "schedule"]
 
 # overrides that may change when a run is resumed; everything else must match the checkpoint
 RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device", "dist.backend",
                   "dist.strategy", "dist.fsdp_wrap", "dist.activation_checkpointing",
                   "model.compile", "model.pointwise_matmul",
                   "model.narrow_group_fp32")  # speed, not the math (tests/train/test_levers.py)
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or continue; the message says what and how to fix it."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,66 +93,6 @@ def schedule(cfg: Config, n_images: int, world: int) -> dict:
     }
 
 
-class MetricsLog:
-    """metrics.jsonl (one JSON object per logged step), TensorBoard scalars and a progress bar."""
-
-    def __init__(self, run_dir: Path, cfg: Config, sched: dict, start_step: int, stop_step: int, main: bool):
-        self.main = main
-        self.path = run_dir / "metrics.jsonl"
-        self.tb = None
-        self.bar = None
-        self.by_time = cfg.optim.minutes > 0  # under a time budget the bar counts seconds: steps are not known
-        if not main:
-            return
-        if cfg.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                warnings.warn("tensorboard is not installed: TensorBoard scalars are off", stacklevel=1)
-        if cfg.log.progress:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=round(cfg.optim.minutes * 60) if self.by_time else stop_step,
-                            initial=0 if self.by_time else start_step, unit="s" if self.by_time else "step",
-                            dynamic_ncols=True, desc="pretrain", smoothing=0.1)
-
-    def write(self, row: dict) -> None:
-        if not self.main:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, row["step"])
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", img_s=f"{row['imgs_per_s']:.0f}")
-
-    def tick(self, spent_s: float) -> None:
-        if self.bar is None:
-            return
-        if self.by_time:
-            self.bar.update(max(0, min(round(spent_s), self.bar.total) - self.bar.n))
-        else:
-            self.bar.update(1)
-
-    def message(self, text: str) -> None:
-        if not self.main:
-            return
-        if self.bar is not None:
-            self.bar.write(text)
-        else:
-            print(text, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
 def _unwrap(model) -> SwAV:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -177,7 +117,9 @@ def _state(step: int, model, optimizer, queue: SwAVQueue | None, cfg: Config, sc
     if queue is not None:
         # saved whole (all ranks' shares in rank order) so a run can resume on another world size
         world = dist.get_world_size() if dist.is_initialized() else 1
-        state["queue"] = {"embeddings": gather_cat(queue.embeddings, dim=1), "filled": int(queue.filled) * world}
+        # a ring buffer: every rank's write position is the same (same per-rank batch every step)
+        state["queue"] = {"embeddings": gather_cat(queue.embeddings, dim=1), "filled": queue.n_filled * world,
+                          "pos": queue.write_pos, "world_size": world}
     return state
 
 
@@ -199,12 +141,31 @@ def _restore(state: dict, model, optimizer, queue: SwAVQueue | None, env: DistEn
         saved = state.get("queue")
         if saved is None:
             raise CheckpointError(f"checkpoint {path} has no queue but swav.queue_length > 0")
-        full = saved["embeddings"]
-        share = queue.length
-        if full.shape[1] != share * env.world_size or full.shape[2] != queue.embeddings.shape[2]:
-            raise CheckpointError(f"checkpoint {path} queue shape {tuple(full.shape)} does not fit swav.queue_length")
-        queue.embeddings.copy_(full[:, env.rank * share:(env.rank + 1) * share])
-        queue.filled.fill_(min(int(saved["filled"]) // env.world_size, share))
+        world = saved.get("world_size") or state.get("schedule", {}).get("world_size", 0)
+        _restore_queue({**saved, "world_size": world}, queue, env, path)
+
+
+def _restore_queue(saved: dict, queue: SwAVQueue, env: DistEnv, path: Path) -> None:
+    """This rank's share of a saved queue. Same world size: the ring as it was (bit-exact resume).
+    Another world size, or a checkpoint from before the ring buffer (no ``pos``: each rank's share
+    stored newest first, shifted every step): every saved share is put oldest-first, the whole queue
+    re-dealt, and writing starts over the oldest rows again, as the old queue would have dropped them."""
+    full = saved["embeddings"]
+    share = queue.length
+    if full.shape[1] != share * env.world_size or full.shape[2] != queue.embeddings.shape[2]:
+        raise CheckpointError(f"checkpoint {path} queue shape {tuple(full.shape)} does not fit swav.queue_length")
+    filled = min(int(saved["filled"]) // env.world_size, share)
+    saved_world = int(saved.get("world_size", 0))
+    if "pos" in saved and saved_world == env.world_size:
+        queue.load(full[:, env.rank * share:(env.rank + 1) * share], filled, int(saved["pos"]))
+        return
+    old_share = full.shape[1] // saved_world if saved_world else share
+    parts = []
+    for r in range(full.shape[1] // old_share):
+        part = full[:, r * old_share:(r + 1) * old_share]
+        parts.append(part.roll(-int(saved["pos"]), dims=1) if "pos" in saved else part.flip(1))
+    oldest_first = torch.cat(parts, dim=1)
+    queue.load(oldest_first[:, env.rank * share:(env.rank + 1) * share], filled, 0)
 
 
 def _prepare_run_dir(run_dir: Path, cfg: Config, resume: bool | str, main: bool, write: bool = True) -> bool:
@@ -316,8 +277,93 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     """Run (or continue) SwAV pretraining; returns a summary dict (final step, loss, counters).
     Under torchrun it starts the process group, or uses the one already started, and leaves it open
     (a later call in the same process reuses it); the process's owner closes it with
-    ``close_distributed()`` when done, as ``openseer pretrain`` does."""
+    ``close_distributed()`` when done, as ``openseer pretrain`` does.
+
+    Set-up (``_setup``), then a loop over ``train_step(run, batch)`` (train/step.py) with health
+    (train/health.py), metrics (train/metrics.py) and checkpoints each in a small piece."""
     run_dir = Path(run_dir)
+    s = _setup(cfg, run_dir, resume, max_steps)
+    run, log, health, batches = s.run, s.log, s.health, s.batches
+    cfg, env = run.cfg, run.env
+    window = Window()
+    monitor_result: dict = {}
+    last_ckpt_step = run.step
+    time_up = s.time_up
+    preempted = None
+    stop_request = _StopRequest()
+    run.stop_requested = lambda: stop_request.signal is not None
+    compiling = cfg.model.compile
+    t_wait = time.perf_counter()
+    try:
+        stop_request.__enter__()
+        for batch in batches:
+            batch: Batch
+            data_s = time.perf_counter() - t_wait
+            _count_bad_images(batch, run, s.run_dir)
+            with log.compiling() if compiling else nullcontext():
+                stats = train_step(run, batch)
+            compiling = False
+            step = run.step
+            run.counters["images_seen"] += stats.images
+            run.counters["train_seconds"] = round(stats.spent_s, 3)
+            health.after_step(stats, run.method, batch.keys)
+            window.add(stats, data_s)
+            log.tick(stats.spent_s)
+            time_up = bool(run.budget_s) and stats.spent_s >= run.budget_s
+            last = step == s.stop or time_up
+            if cfg.monitor.every and cfg.monitor.data and (step % cfg.monitor.every == 0 or last):
+                monitor_result = _run_monitor(s.net, cfg, run.device, env)
+            if step % cfg.log.every == 0 or last:
+                _log_row(window, stats, run, health, log, monitor_result)
+                window, monitor_result = Window(), {}
+            if step % cfg.checkpoint.every == 0 and not last:
+                window = _flush_health(window, health)  # the counters in the checkpoint are up to date
+                _checkpoint(s.run_dir, step, s.model, run.optimizer, s.queue, cfg, run.sched, run.counters, env,
+                            log, data=data_state(batches))
+                last_ckpt_step = step
+            if stats.stop_signalled:
+                preempted = signal.Signals(stop_request.signal).name if stop_request.signal else "peer"
+                log.message(f"openseer: {preempted} received: checkpointing at step {step} and exiting")
+                break
+            if time_up:
+                log.message(f"openseer: time budget of {cfg.optim.minutes:g} minutes reached at step {step}")
+                break
+            t_wait = time.perf_counter()
+    finally:
+        stop_request.__exit__()
+        log.close()
+    _flush_health(window, health)
+    step = run.step
+    if step != last_ckpt_step or not list_checkpoints(s.run_dir):
+        _checkpoint(s.run_dir, step, s.model, run.optimizer, s.queue, cfg, run.sched, run.counters, env, log,
+                    data=data_state(batches))
+    counters = run.counters
+    if counters["bad_images"] and env.is_main:
+        print(f"openseer: skipped unreadable images: {counters['bad_images']} "
+              f"(listed in {s.run_dir / 'bad_images.txt'})")
+    summary = {"step": step, "total_steps": run.sched["total_steps"], "counters": counters,
+               "run_dir": str(s.run_dir), "preempted": preempted, "time_budget_reached": time_up}
+    if env.world_size > 1:
+        dist.barrier()
+    return summary
+
+
+@dataclass
+class _SetUp:
+    run: Run
+    run_dir: Path
+    model: torch.nn.Module
+    net: SwAV
+    queue: SwAVQueue | None
+    log: MetricsLog
+    health: Health
+    batches: object
+    stop: int
+    time_up: bool
+
+
+def _setup(cfg: Config, run_dir: Path, resume: bool | str, max_steps: int | None) -> _SetUp:
+    """Device, process group, data, model, method, optimiser and (on resume) their saved state."""
     device = resolve_device(cfg.device)
     cfg, auto_notes = resolve_auto(cfg, device)  # the saved config says what ran
     if cfg.optim.precision == "fp16" and device.type != "cuda":
@@ -351,11 +397,13 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
         # in place (state-dict keys and checkpoints unchanged); static shapes: one graph per crop resolution
         net.backbone.compile(dynamic=False)
     optimizer = build_optimizer(net, cfg)
-    criterion = SwAVLoss(cfg.n_crops, cfg.swav.crops_for_assign, cfg.swav.temperature, cfg.swav.epsilon,
-                         cfg.swav.sinkhorn_iters, queue, cfg.swav.queue_start_step)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    method = SwAVMethod(model, cfg, queue, autocast)
 
     step = 0
     counters = {"bad_images": {}, "skipped_steps": 0, "images_seen": 0}
+    state = None
     if resume:
         path, state = latest_checkpoint(run_dir, shallow=True)  # .dcp: tensors are loaded by _restore
         saved_cfg = config_from_dict(state["config"])
@@ -374,11 +422,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     if time_up:
         stop = step  # a finished time-budgeted run: nothing left to do
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
-    scaler = torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None
-
-    log = MetricsLog(run_dir, cfg, sched, step, stop, env.is_main)
+    log = MetricsLog(run_dir, cfg, step, stop, env.is_main)
     if env.is_main:
         log.message(
             f"openseer: {source.description}; world {env.world_size}, global batch {sched['global_batch']} "
@@ -390,196 +434,62 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
         for note in auto_notes:
             log.message(f"openseer: {note}")
         (run_dir / "schedule.json").write_text(json.dumps(sched, indent=1))
-
-    K = cfg.swav.n_prototypes
-    monitor_result: dict = {}
-    fault_nan_steps = {int(x) for x in os.environ.get("OPENSEER_FAULT_NAN_STEPS", "").split(",") if x.strip()}
-    loss_ema: float | None = None
-    counters.setdefault("loss_spikes", 0)
-    collapse_run, collapse_warned, bad_in_a_row = 0, False, 0
-    acc = _Accumulator()
-    timings = {"data": 0.0, "forward": 0.0, "sinkhorn": 0.0, "backward": 0.0, "optimizer": 0.0}
-    last_ckpt_step = step
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    health = Health(cfg, run_dir, env, counters, log.message)
 
     batches = iterate_batches(source, cfg, env.rank, env.world_size, step, stop)
     prepare_stream(batches, run_dir, state if resume else None, env.is_main)  # tar shards: position, provenance
     folder = getattr(source, "base", source)
     if env.is_main and isinstance(folder, FolderSource):  # folders: what was read, deny-list in force
         record_provenance(run_dir, folder.provenance(), step, folder.deny)
-    t_wait = time.perf_counter()
-    t_loop = t_wait - spent  # the clock of the whole run, resumed runs included
-    preempted = None
-    stop_request = _StopRequest()
-    try:
-        stop_request.__enter__()
-        for batch in batches:
-            batch: Batch
-            t0 = time.perf_counter()
-            timings["data"] += t0 - t_wait
-            if batch.bad:
-                for reason, n in count_reasons(batch.bad).items():
-                    counters["bad_images"][reason] = counters["bad_images"].get(reason, 0) + n
-                _append_bad(run_dir, batch.bad, env.is_main)
-            crops = [c.to(device, non_blocking=True) for c in batch.crops]
-            lr = lr_at(step, sched["total_steps"], sched["peak_lr"], cfg.optim.warmup_steps,
-                       cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio,
-                       time_fraction=spent / budget_s if budget_s else 0.0)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-
-            with autocast():
-                z, scores = model(crops)
-            sync()
-            t1 = time.perf_counter()
-            protos = full_tensor(net.prototypes.weight) if queue is not None else net.prototypes.weight
-            targets = criterion.targets(z, scores, protos, step)
-            sync()
-            t2 = time.perf_counter()
-            loss = criterion(scores, targets)
-            if step in fault_nan_steps:
-                loss = loss * float("nan")  # fault injection for the reliability tests
-            optimizer.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler else loss).backward()
-            if step < cfg.swav.freeze_prototypes_steps:
-                net.prototypes.layer.weight.grad = None  # frozen: no grad, no momentum, no decay
-            if scaler:
-                scaler.unscale_(optimizer.optim)
-            sync()
-            t3 = time.perf_counter()
-            loss_value = float(loss.detach())
-            bad = not math.isfinite(loss_value) or not optimizer.grads_finite()
-            # one all-reduce per step: a bad step anywhere, and a stop signal anywhere (acted on below)
-            bad, stop_signalled = any_across_ranks(bad, stop_request.signal is not None)
-            if bad:
-                counters["skipped_steps"] += 1
-                bad_in_a_row += 1
-                optimizer.zero_grad(set_to_none=True)
-                _write_diagnostic(run_dir, step, loss_value, scores, targets, batch.keys, env)
-                log.message(f"step {step}: non-finite loss or gradient ({loss_value}); step skipped "
-                            f"({bad_in_a_row} in a row), diagnostic in {run_dir / 'diagnostics'}")
-                if bad_in_a_row >= cfg.optim.max_bad_steps:
-                    raise RunError(f"{bad_in_a_row} consecutive non-finite steps at step {step}: stopping. "
-                                   f"Lower optim.base_lr, use optim.precision=fp32, or check the data "
-                                   f"(diagnostics in {run_dir / 'diagnostics'})")
-            else:
-                bad_in_a_row = 0
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                if step >= cfg.swav.freeze_prototypes_steps:
-                    net.prototypes.normalize_()  # unit rows for the next forward; frozen ones stay bit-identical
-            sync()
-            t4 = time.perf_counter()
-            timings["forward"] += t1 - t0
-            timings["sinkhorn"] += t2 - t1
-            timings["backward"] += t3 - t2
-            timings["optimizer"] += t4 - t3
-            step += 1
-            n_imgs = len(batch.keys) * env.world_size
-            counters["images_seen"] += n_imgs
-            used, entropy = assignment_stats(scores.detach())
-            acc.add(loss_value if not bad else float("nan"), n_imgs, used, entropy)
-            spent = time.perf_counter() - t_loop
-            if budget_s:  # every rank must agree on the LR and on when to stop: the slowest clock decides
-                spent = all_reduce_scalar(spent, "max")
-                time_up = spent >= budget_s
-            counters["train_seconds"] = round(spent, 3)
-            log.tick(spent)
-
-            if not bad:
-                if loss_ema is not None and step > 20 and loss_value > 1.5 * loss_ema + 0.5:
-                    counters["loss_spikes"] += 1
-                    log.message(f"step {step}: loss spike {loss_value:.3f} (recent average {loss_ema:.3f})")
-                loss_ema = loss_value if loss_ema is None else 0.95 * loss_ema + 0.05 * loss_value
-            if step > cfg.swav.freeze_prototypes_steps and math.isfinite(loss_value):
-                collapse_run = collapse_run + 1 if loss_value > 0.9 * ln_k(K) else 0
-                if collapse_run >= cfg.log.collapse_patience and not collapse_warned:
-                    collapse_warned = True
-                    log.message(
-                        f"WARNING: the loss has stayed near ln K = {ln_k(K):.2f} for {collapse_run} steps: "
-                        "the model may have collapsed. Try swav.epsilon=0.03, a longer "
-                        "swav.freeze_prototypes_steps, model.head_bn=false, a later swav.queue_start_step, "
-                        "or fewer prototypes than the batch can fill."
-                    )
-            last = step == stop or time_up
-            if cfg.monitor.every and cfg.monitor.data and (step % cfg.monitor.every == 0 or last):
-                monitor_result = _run_monitor(net, cfg, device, env)
-            if step % cfg.log.every == 0 or last:
-                elapsed = time.perf_counter() - acc.t_start
-                row = {
-                    "step": step,
-                    "epoch": round(step / sched["steps_per_epoch"], 4),
-                    "loss": all_reduce_scalar(acc.mean_loss()),
-                    "lr": lr,
-                    "imgs_per_s": acc.images / max(elapsed, 1e-9),
-                    "data_s": timings["data"] / acc.steps,
-                    "step_s": elapsed / acc.steps,
-                    "forward_s": timings["forward"] / acc.steps,
-                    "sinkhorn_s": timings["sinkhorn"] / acc.steps,
-                    "backward_s": timings["backward"] / acc.steps,
-                    "optimizer_s": timings["optimizer"] / acc.steps,
-                    "prototypes_used": acc.mean("used"),
-                    "assign_entropy": acc.mean("entropy"),
-                    "ln_k": ln_k(K),
-                    "skipped_steps": counters["skipped_steps"],
-                    "loss_spikes": counters["loss_spikes"],
-                    "bad_images": sum(counters["bad_images"].values()),
-                    "collapse_warning": collapse_warned,
-                }
-                row.update(monitor_result)
-                monitor_result = {}
-                log.write(row)
-                acc = _Accumulator()
-                timings = dict.fromkeys(timings, 0.0)
-            if step % cfg.checkpoint.every == 0 and not last:
-                _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log,
-                            data=data_state(batches))
-                last_ckpt_step = step
-            if stop_signalled:
-                preempted = signal.Signals(stop_request.signal).name if stop_request.signal else "peer"
-                log.message(f"openseer: {preempted} received: checkpointing at step {step} and exiting")
-                break
-            if time_up:
-                log.message(f"openseer: time budget of {cfg.optim.minutes:g} minutes reached at step {step}")
-                break
-            t_wait = time.perf_counter()
-    finally:
-        stop_request.__exit__()
-        log.close()
-    if step != last_ckpt_step or not list_checkpoints(run_dir):
-        _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log, data=data_state(batches))
-    if counters["bad_images"] and env.is_main:
-        print(f"openseer: skipped unreadable images: {counters['bad_images']} (listed in {run_dir / 'bad_images.txt'})")
-    summary = {"step": step, "total_steps": sched["total_steps"], "counters": counters, "run_dir": str(run_dir),
-               "preempted": preempted, "time_budget_reached": time_up}
-    if env.world_size > 1:
-        dist.barrier()
-    return summary
+    run = Run(cfg=cfg, device=device, env=env, sched=sched, method=method, optimizer=optimizer,
+              scaler=torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None,
+              step=step, counters=counters, spent_s=spent, t_loop=time.perf_counter() - spent,  # the clock of the whole run
+              fault_nan_steps={int(x) for x in os.environ.get("OPENSEER_FAULT_NAN_STEPS", "").split(",") if x.strip()})
+    return _SetUp(run, run_dir, model, net, queue, log, health, batches, stop, time_up)
 
 
-class _Accumulator:
-    def __init__(self):
-        self.t_start = time.perf_counter()
-        self.steps, self.images = 0, 0
-        self.losses: list[float] = []
-        self.sums = {"used": 0.0, "entropy": 0.0}
+def _count_bad_images(batch: Batch, run: Run, run_dir: Path) -> None:
+    if batch.bad:
+        bad_images = run.counters["bad_images"]
+        for reason, n in count_reasons(batch.bad).items():
+            bad_images[reason] = bad_images.get(reason, 0) + n
+        _append_bad(run_dir, batch.bad, run.env.is_main)
 
-    def add(self, loss: float, images: int, used: int, entropy: float) -> None:
-        self.steps += 1
-        self.images += images
-        self.losses.append(loss)
-        self.sums["used"] += used
-        self.sums["entropy"] += entropy
 
-    def mean_loss(self) -> float:
-        good = [x for x in self.losses if math.isfinite(x)]
-        return sum(good) / len(good) if good else float("nan")
+def _flush_health(window: Window, health: Health) -> Window:
+    """Run the spike/collapse checks over the window's losses so far (one wait for the device)."""
+    if window.history:
+        _, history = window.read()
+        health.observe(history)
+        window.history = []
+    return window
 
-    def mean(self, key: str) -> float:
-        return self.sums[key] / max(self.steps, 1)
+
+def _log_row(window: Window, stats: StepStats, run: Run, health: Health, log: MetricsLog, monitor: dict) -> None:
+    """One metrics row for the window that ends at this step (all ranks: the loss is averaged)."""
+    means, history = window.read()
+    health.observe(history)
+    step, k = run.step, run.cfg.swav.n_prototypes
+    counters = run.counters
+    row = {
+        "step": step,
+        "epoch": round(step / run.sched["steps_per_epoch"], 4),
+        "loss": all_reduce_scalar(means["loss"]),
+        "lr": stats.lr,
+        "imgs_per_s": means["imgs_per_s"],
+        "data_s": means["data_s"],
+        "step_s": means["step_s"],
+        **{f"{p}_s": means[f"{p}_s"] for p in PHASES},
+        "prototypes_used": means.get("prototypes_used", 0.0),
+        "assign_entropy": means.get("assign_entropy", 0.0),
+        "ln_k": ln_k(k),
+        "skipped_steps": counters["skipped_steps"],
+        "loss_spikes": counters["loss_spikes"],
+        "bad_images": sum(counters["bad_images"].values()),
+        "collapse_warning": health.collapse_warned,
+    }
+    row.update(monitor)
+    log.write(row)
 
 
 def _checkpoint(run_dir, step, model, optimizer, queue, cfg, sched, counters, env, log, data=None) -> None:
@@ -618,20 +528,3 @@ def _append_bad(run_dir: Path, bad: list[tuple[str, str]], main: bool) -> None:
         with open(run_dir / "bad_images.txt", "a") as f:
             for key, reason in bad:
                 f.write(f"{reason}\t{key}\n")
-
-
-def _write_diagnostic(run_dir: Path, step: int, loss: float, scores, targets, keys, env: DistEnv) -> None:
-    folder = run_dir / "diagnostics"
-    folder.mkdir(exist_ok=True)
-    s = scores.detach().float()
-    diag = {
-        "step": step,
-        "rank": env.rank,
-        "loss": loss,
-        "scores_finite_fraction": float(torch.isfinite(s).float().mean()),
-        "scores_absmax": float(s[torch.isfinite(s)].abs().max()) if torch.isfinite(s).any() else float("nan"),
-        "scores_sample": s[:8].tolist(),
-        "assignments_sample": {str(i): q[:8].argmax(1).tolist() for i, q in targets.items()},
-        "keys": list(keys),
-    }
-    (folder / f"step_{step:08d}_rank{env.rank}.json").write_text(json.dumps(diag))

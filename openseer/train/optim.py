@@ -47,7 +47,16 @@ def whole_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 class LARC:
-    """Layer-wise adaptive rate control around ``torch.optim.SGD`` (foreach ops, one pass)."""
+    """Layer-wise adaptive rate control around ``torch.optim.SGD`` (foreach ops, one pass).
+
+    LARC owns the weight decay (it is part of the trust ratio): each parameter group keeps it as
+    ``larc_weight_decay`` and the wrapped SGD runs with ``weight_decay=0``, so nothing is switched
+    off and on around every step. An SGD handed in with a weight decay gives it to LARC; an older
+    optimiser state (weight decay in SGD's own key) is moved over the same way when loaded.
+
+    ``check_grads()`` computes the gradient norms once for the finiteness check and keeps them for
+    the ``step()`` that follows (``zero_grad`` forgets them).
+    """
 
     def __init__(self, optimizer: torch.optim.SGD, trust_coefficient: float = 0.001, clip: bool = False,
                  eps: float = 1e-8):
@@ -55,6 +64,14 @@ class LARC:
         self.trust_coefficient = trust_coefficient
         self.clip = clip
         self.eps = eps
+        self._grad_norms: list[torch.Tensor | None] | None = None
+        self._own_weight_decay()
+
+    def _own_weight_decay(self) -> None:
+        for group in self.optim.param_groups:
+            if "larc_weight_decay" not in group:
+                group["larc_weight_decay"] = group.get("weight_decay", 0.0)
+            group["weight_decay"] = 0.0
 
     @property
     def param_groups(self):
@@ -65,31 +82,47 @@ class LARC:
 
     def load_state_dict(self, state: dict) -> None:
         self.optim.load_state_dict(state)
+        self._own_weight_decay()
+        self._grad_norms = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._grad_norms = None
         self.optim.zero_grad(set_to_none=set_to_none)
 
     @torch.no_grad()
+    def _norms(self) -> list[torch.Tensor | None]:
+        """Whole-parameter gradient norms per group (None for a group without gradients)."""
+        out = []
+        for group in self.param_groups:
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            out.append(whole_norms(grads) if grads else None)
+        return out
+
+    @torch.no_grad()
+    def check_grads(self) -> torch.Tensor:
+        """A 0-d bool tensor on the device: every gradient finite. Does not wait for the device; the
+        norms it computes are reused by the next ``step()``."""
+        self._grad_norms = self._norms()
+        norms = [n for n in self._grad_norms if n is not None]
+        if not norms:
+            return torch.ones((), dtype=torch.bool)
+        return torch.isfinite(torch.cat(norms)).all()
+
     def grads_finite(self) -> bool:
-        """True when every gradient is finite (one fused check)."""
-        grads = [_local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return True
-        norms = torch._foreach_norm(grads)  # local shards: the loop all-reduces the verdict
-        return bool(torch.isfinite(torch.stack(norms)).all())
+        """True when every gradient is finite (waits for the device)."""
+        return bool(self.check_grads())
 
     @torch.no_grad()
     def step(self) -> None:
-        saved_wd = []
-        for group in self.param_groups:
-            wd = group.get("weight_decay", 0.0)
-            saved_wd.append(wd)
+        g_norm_groups = self._grad_norms if self._grad_norms is not None else self._norms()
+        self._grad_norms = None
+        for group, g_norms in zip(self.param_groups, g_norm_groups):
+            wd = group["larc_weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             grads = [p.grad for p in params]
             w_norms = whole_norms(params)
-            g_norms = whole_norms(grads)
             local = self.trust_coefficient * w_norms / (g_norms + wd * w_norms + self.eps)
             if self.clip:
                 local = torch.clamp(local / group["lr"], max=1.0)
@@ -99,17 +132,16 @@ class LARC:
             if wd:
                 torch._foreach_add_(grads, params, alpha=wd)
             torch._foreach_mul_(grads, list(local.unbind()))
-            group["weight_decay"] = 0.0
         self.optim.step()
-        for group, wd in zip(self.param_groups, saved_wd):
-            group["weight_decay"] = wd
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> LARC:
-    """SGD(momentum, weight decay on all parameters) + LARC from ``cfg.optim``."""
+    """SGD(momentum, no weight decay of its own) + LARC with the weight decay on all parameters, from
+    ``cfg.optim``."""
     o = cfg.optim
-    sgd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay,
-                          foreach=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=o.momentum, weight_decay=0.0, foreach=True)
+    for group in sgd.param_groups:
+        group["larc_weight_decay"] = o.weight_decay
     return LARC(sgd, trust_coefficient=o.lars_trust, clip=o.lars_clip)
 
 

@@ -74,11 +74,11 @@ def test_kernel_ceiling_times_each_layer_alone_with_hand_counted_flops():
 @fmnist_available
 def test_train_step_bench_smoke_prints_one_json_line_per_configuration():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--smoke",
-                          "--configs", "tiny,tiny-baseline,rg32,rg128,levers", "--big-batch", "1,2", "--ceiling"],
+                          "--configs", "tiny,tiny-baseline,rg32,rg128,levers,pretrain", "--big-batch", "1,2", "--ceiling"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    by = {r["config"]: r for r in rows if r.get("config") not in (None, "lever")}
+    by = {r["config"]: r for r in rows if r.get("config") not in (None, "lever", "pretrain")}
     assert {"tiny", "tiny-baseline", "regnety_002"} <= by.keys()
     for r in by.values():
         assert r["imgs_per_s"] > 0 and r["flops_per_step"] > 0
@@ -99,10 +99,18 @@ def test_train_step_bench_smoke_prints_one_json_line_per_configuration():
     for part in ("channels_last", "trunk pass", "LARC", "Sinkhorn K=16000"):
         assert part in names
     assert any("speedup_tiny_vs_baseline" in r for r in rows)
+    # openseer's real pretrain() on generated shards: images/s and host syncs per non-log step
+    (loop,) = [r for r in rows if r.get("config") == "pretrain"]
+    assert loop["steps"] == 4 and loop["imgs_per_s"] > 0
+    assert loop["host_syncs_per_step_max"] == 1  # the step's verdict, as tests/train/test_step.py states
 
 
 def test_gpu_script_is_valid_bash_and_runs_the_big_configs_on_cuda():
     script = ROOT / "bench" / "gpu_step.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     text = script.read_text()
+    # the real loop through a 1-rank process group, with bf16 and compile, printing images/s and syncs
+    assert "OPENSEER_PROCESS_GROUP=1" in text and "--configs pretrain" in text and "torch.distributed.run" in text
+    assert "optim.precision=bf16" in text and "model.compile=true" in text
     assert "--device cuda" in text and "rg32" in text and "rg128" in text and "--big-compile" in text
+

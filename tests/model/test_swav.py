@@ -228,21 +228,30 @@ def test_seer_backbones_build_on_the_meta_device():
 # ---------------------------------------------------------------- queue
 
 
-def test_queue_is_fifo_newest_first_and_used_once_full():
-    q = SwAVQueue(n_targets=1, length=6, dim=2)
+def test_queue_is_a_ring_that_overwrites_the_oldest_rows_and_is_used_once_full():
+    q = SwAVQueue(n_targets=2, length=6, dim=2)
     a = torch.tensor([[1.0, 1], [2, 2], [3, 3]])
     b = torch.tensor([[4.0, 4], [5, 5], [6, 6]])
-    q.push(0, a)
-    q.advance(3)
-    assert not q.full
-    q.push(0, b)
-    q.advance(3)
+    q.push_all(torch.stack([a, -a]))
+    assert not q.full and q.n_filled == 3 and q.write_pos == 3
+    q.push_all(torch.stack([b, -b]))
     assert q.full
-    assert q.embeddings[0, :, 0].tolist() == [4, 5, 6, 1, 2, 3]
-    q.push(0, torch.tensor([[7.0, 7], [8, 8]]))
-    q.advance(2)
-    assert q.embeddings[0, :, 0].tolist() == [7, 8, 4, 5, 6, 1]
-    assert int(q.filled) == 6
+    assert q.embeddings[0, :, 0].tolist() == [1, 2, 3, 4, 5, 6]
+    assert q.embeddings[1, :, 0].tolist() == [-1, -2, -3, -4, -5, -6]
+    q.push_all(torch.tensor([[[7.0, 7], [8, 8]], [[-7.0, -7], [-8, -8]]]))  # over the two oldest (1, 2)
+    assert q.embeddings[0, :, 0].tolist() == [7, 8, 3, 4, 5, 6]
+    q.push_all(torch.stack([a * 10, -a * 10]))  # wraps around: 3, 4, 5 were the oldest
+    assert q.embeddings[0, :, 0].tolist() == [7, 8, 10, 20, 30, 6]
+    assert int(q.filled) == 6 and int(q.pos) == q.write_pos == 5  # the buffers (checkpointed) follow
+
+
+def test_queue_buffers_restore_the_host_counters():
+    q = SwAVQueue(1, 4, 2)
+    q.push_all(torch.ones(1, 3, 2))
+    r = SwAVQueue(1, 4, 2)
+    r.load_state_dict(q.state_dict())
+    assert (r.n_filled, r.write_pos, r.full) == (3, 3, False)
+    assert torch.equal(r.embeddings, q.embeddings)
 
 
 def test_loss_uses_the_queue_for_sinkhorn_only_once_full():

@@ -60,8 +60,8 @@ def test_larc_step_matches_the_formula_by_hand():
         # the parameter without a gradient is untouched: same bits, no momentum, no decay
         assert torch.equal(frozen.detach(), frozen_before)
         assert "momentum_buffer" not in sgd.state.get(frozen, {})
-    # weight decay is restored on the wrapped optimizer after each step
-    assert sgd.param_groups[0]["weight_decay"] == WD
+    # LARC owns the weight decay: the wrapped SGD never applies its own
+    assert sgd.param_groups[0]["weight_decay"] == 0.0 and sgd.param_groups[0]["larc_weight_decay"] == WD
 
 
 def test_larc_really_scales_each_parameter_differently():
@@ -104,13 +104,49 @@ def test_grads_finite():
     assert opt.grads_finite()
 
 
+def test_an_older_optimizer_state_gives_its_weight_decay_to_larc():
+    """States saved before LARC owned the weight decay (SGD's own key) load without decaying twice."""
+    w = torch.nn.Parameter(torch.ones(3))
+    old = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=1e-5)  # how it used to be built
+    w.grad = torch.ones(3)
+    old.step()
+    state = old.state_dict()
+    opt = LARC(torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.1, momentum=0.9))
+    opt.load_state_dict(state)
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 0.0 and group["larc_weight_decay"] == 1e-5
+
+
+def test_gradient_norms_are_computed_once_for_the_check_and_the_step(monkeypatch):
+    from openseer.train import optim
+
+    ws = [torch.nn.Parameter(torch.randn(4)) for _ in range(3)]
+    opt = LARC(torch.optim.SGD(ws, lr=0.1, momentum=0.9, weight_decay=1e-4))
+    reference = LARC(torch.optim.SGD([torch.nn.Parameter(w.detach().clone()) for w in ws], lr=0.1, momentum=0.9,
+                                     weight_decay=1e-4))
+    for w, r in zip(ws, reference.param_groups[0]["params"]):
+        w.grad = torch.randn(4)
+        r.grad = w.grad.clone()
+    calls = []
+    real = optim.whole_norms
+    monkeypatch.setattr(optim, "whole_norms", lambda ts: calls.append(len(ts)) or real(ts))
+    finite = opt.check_grads()
+    assert finite.dtype == torch.bool and bool(finite)
+    opt.step()
+    assert calls == [3, 3]  # gradient norms once (check), weight norms once (step): not the gradients again
+    reference.step()  # without a check first: computes them itself, the same bits
+    for w, r in zip(ws, reference.param_groups[0]["params"]):
+        assert torch.equal(w, r)
+
+
 def test_build_optimizer_uses_the_config():
     cfg = tiny_config("optim.momentum=0.8", "optim.weight_decay=1e-5", "optim.lars_trust=0.002")
     model = torch.nn.Linear(3, 2)
     opt = build_optimizer(model, cfg)
     assert isinstance(opt, LARC)
     group = opt.param_groups[0]
-    assert group["momentum"] == 0.8 and group["weight_decay"] == 1e-5
+    assert group["momentum"] == 0.8 and group["larc_weight_decay"] == 1e-5
+    assert group["weight_decay"] == 0.0  # SGD is built without weight decay: LARC applies it
     assert opt.trust_coefficient == 0.002 and opt.clip is False
     assert len(group["params"]) == 2  # weight decay on all parameters, biases included
 

@@ -1,0 +1,178 @@
+"""int8 ONNX export: ONNX Runtime static quantisation calibrated on a sample of the user's images.
+
+``export_int8(model, info, out, calibrate=PILE)`` writes the fp32 ONNX file (``export.save_onnx``;
+the exporter and ONNX Runtime's pre-processing fold each BatchNorm into its convolution), runs
+``quant_pre_process`` (shape inference and graph optimisation, as ONNX Runtime recommends before
+quantising), then ``quantize_static`` in QDQ format with per-channel int8 weights and uint8
+activations whose ranges are calibrated on ``n`` images of the pile. Weights use a 7-bit range
+(``reduce_range``): x86 CPUs without VNNI multiply uint8 x int8 pairs into saturating int16 sums,
+which with full-range weights cost a trained tiny-cpu teacher a worst-image cosine of 0.90 to
+fp32 (0.998 with the 7-bit range; ONNX Runtime's advice for such CPUs). Images are read through
+the same eval transform as ``openseer eval`` and ``openseer embed`` (crop size, mean/std of the
+weights). The int8 model is then run in onnxruntime on the calibration sample and compared with the fp32
+PyTorch backbone: the largest absolute feature difference and the per-image cosine similarity
+(mean and worst) come back with both file sizes; the caller refuses an export past its tolerance.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.sources import DataError
+from .eval.common import EvalTransform
+from .export import file_metadata, save_onnx
+from .model.checkpoint_file import CheckpointError
+
+CALIBRATION_BATCH = 32
+
+
+class QuantizeError(DataError):
+    """An int8 export that cannot be made or checked: no calibration images, onnxruntime missing."""
+
+
+def calibration_batch(spec: str, n: int, info: dict) -> tuple[torch.Tensor, dict]:
+    """(normalised float batch (N, 3, crop, crop), counts) of ``n`` images spread evenly over ``spec``
+    (a folder, a .txt list of paths, tar shards or fashion-mnist), undecodable ones skipped."""
+    from .embed import Chunk, open_collection
+
+    if n < 1:
+        raise QuantizeError(f"--calibrate-n must be >= 1; got {n}")
+    try:
+        coll = open_collection(spec)
+    except DataError as e:  # no such path, no images in it
+        raise QuantizeError(f"calibration images (--calibrate): {e}") from None
+    crop = int(info["crop_size"])
+    transform = EvalTransform(crop, tuple(info["mean"]), tuple(info["std"]))
+    images: list[torch.Tensor] = []
+    bad: dict[str, int] = {}
+    if coll.kind == "shards":  # no random access: the first n of the stream
+        chunks = coll.chunks
+    else:  # evenly spaced rows, one tiny chunk each
+        rows = np.unique(np.linspace(0, coll.n - 1, num=min(n, coll.n)).round().astype(int)) if coll.n else []
+        chunks = [Chunk(i, int(r), int(r) + 1) for i, r in enumerate(rows)]
+    for chunk in chunks:
+        for _, _, _, item in coll.read(chunk, crop):
+            if isinstance(item, str):
+                reason = item.split(":", 1)[0]
+                bad[reason] = bad.get(reason, 0) + 1
+                continue
+            images.append(transform(item.unsqueeze(0)))
+            if len(images) >= n:
+                break
+        if len(images) >= n:
+            break
+    if not images:
+        skipped = f" ({sum(bad.values())} unreadable: {bad})" if bad else ""
+        raise QuantizeError(f"no calibration images could be read from {spec}{skipped}: give --calibrate a "
+                            f"folder, file list or shards holding images")
+    return torch.cat(images), {"images": len(images), "skipped": bad, "source": coll.description}
+
+
+def _session(path: Path, threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or max(1, torch.get_num_threads())
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess, x: torch.Tensor, batch: int = CALIBRATION_BATCH) -> np.ndarray:
+    """Features (N, D) float32 of an onnxruntime session over ``x`` in batches."""
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + batch].numpy()})[0] for i in range(0, len(x), batch)])
+
+
+def compare(ref: np.ndarray, got: np.ndarray) -> dict:
+    """Largest |difference|, the reference's largest |value| and per-row cosine similarity (mean, worst)."""
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
+    return {"max_abs_diff": float(np.abs(ref - got).max()), "max_abs_ref": float(np.abs(ref).max()),
+            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def _count_ops(path: Path, op: str) -> int:
+    import onnx
+
+    return sum(node.op_type == op for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def export_int8(model: torch.nn.Module, info: dict, out_path: str | Path, calibrate: str, n: int = 256,
+                opset: int | None = None, per_channel: bool = True, reduce_range: bool = True) -> dict:
+    """Write a static int8 (QDQ) ONNX model of ``model`` calibrated on ``n`` images of ``calibrate``.
+
+    Returns sizes (fp32 and int8 bytes), the calibration counts, and ``compare``'s numbers for the
+    int8 model (onnxruntime, CPU) against the fp32 PyTorch backbone on the calibration sample.
+    ``reduce_range=False`` gives the weights the full int8 range (see the module docstring).
+    """
+    try:
+        import onnx
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise QuantizeError("int8 export needs onnx and onnxruntime: pip install 'openseer[onnx]'") from None
+    out_path = Path(out_path)
+    if out_path.suffix.lower() != ".onnx":
+        raise CheckpointError(f"--int8 writes an ONNX file (.onnx); got {out_path}")
+    model = model.float().cpu().eval()
+    x, counts = calibration_batch(calibrate, n, info)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str):
+            self.batches = iter([x[i:i + CALIBRATION_BATCH].numpy() for i in range(0, len(x), CALIBRATION_BATCH)])
+            self.name = name
+
+        def get_next(self):
+            b = next(self.batches, None)
+            return None if b is None else {self.name: b}
+
+    with tempfile.TemporaryDirectory(prefix="openseer-int8-") as tmp:
+        fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
+        save_onnx(model, info, fp32, opset)
+        quant_pre_process(str(fp32), str(pre))
+        bn_left = _count_ops(pre, "BatchNormalization")
+        staged = Path(tmp) / "int8.onnx"
+        quantize_static(str(pre), str(staged), Reader(_session(pre).get_inputs()[0].name),
+                        quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        proto = onnx.load(str(staged))
+        meta = file_metadata(info)
+        meta.update(quantization=f"int8 static (onnxruntime quantize_static, QDQ, per-channel int8 weights in a "
+                                 f"{'7' if reduce_range else '8'}-bit range, uint8 activations, MinMax calibration)",
+                    calibration=f"{counts['images']} images of {calibrate}")
+        onnx.helper.set_model_props(proto, meta)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        part = out_path.with_name(out_path.name + ".tmp.onnx")
+        onnx.save(proto, str(part))
+        part.replace(out_path)
+        fp32_bytes = fp32.stat().st_size
+    with torch.inference_mode():
+        ref = torch.cat([model(x[i:i + CALIBRATION_BATCH]) for i in range(0, len(x), CALIBRATION_BATCH)]).numpy()
+    got = run_onnx(_session(out_path), x)
+    result = {"path": str(out_path), "format": "onnx", "int8": True, "arch": info["arch"],
+              "bytes": out_path.stat().st_size, "fp32_bytes": fp32_bytes, "calibration": counts,
+              "batchnorm_left": bn_left, **compare(ref, got)}
+    return result
+
+
+def export_quantized(source: str, out_path: str | Path, calibrate: str | None, n: int = 256, fmt: str | None = None,
+                     arch: str | None = None, opset: int | None = None) -> dict:
+    """``openseer export SOURCE --int8 --calibrate PILE``: load the weights, then ``export_int8``."""
+    from .export import format_for
+    from .model.load import load_backbone
+
+    if not calibrate:
+        raise QuantizeError("--int8 needs calibration images: --calibrate PILE (a folder, file list, shards "
+                            "or fashion-mnist; a few hundred images of the kind the model will see)")
+    fmt = format_for(out_path, fmt)
+    if fmt != "onnx":
+        raise QuantizeError(f"--int8 is offered for ONNX only (--format onnx); not {fmt}: torch's int8 "
+                            f"(torch.ao) did not run faster than fp32 on the CPUs measured (docs/benchmarks.md)")
+    model, info = load_backbone(str(source), arch=arch)
+    return export_int8(model, info, out_path, calibrate, n=n, opset=opset)
+
+
+__all__ = ["QuantizeError", "calibration_batch", "compare", "export_int8", "export_quantized", "run_onnx"]

@@ -1,0 +1,133 @@
+"""What a run reports: metrics.jsonl (one JSON object per logged step), TensorBoard scalars, and the
+progress line (openseer/progress.py), plus ``Window``: a log window's sums kept on the device, so
+the steps between two log steps never wait for it; ``Window.read()`` waits once."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..progress import Progress, progress
+from .step import StepStats
+
+PHASES = ("forward", "sinkhorn", "backward", "optimizer")  # always in a row (0 when a method has none)
+
+
+class Window:
+    """Sums over the steps of one log window: the loss of good steps, the method's statistics and
+    each step's loss for the health checks, all on the device until ``read``."""
+
+    def __init__(self):
+        self.t_start = time.perf_counter()
+        self.steps, self.images, self.good = 0, 0, 0
+        self.data_s = 0.0
+        self.timed, self.phases = 0, dict.fromkeys(PHASES, 0.0)
+        self.loss_sum: torch.Tensor | None = None
+        self.stat_sums: dict[str, torch.Tensor] = {}
+        self.history: list[tuple[int, bool, torch.Tensor]] = []  # (step done, bad, loss) for health
+
+    def add(self, s: StepStats, data_s: float) -> None:
+        self.steps += 1
+        self.images += s.images
+        self.data_s += data_s
+        loss = s.loss.detach().double()
+        if not s.bad:
+            self.good += 1
+            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        for k, v in s.stats.items():
+            v = v.detach().double()
+            self.stat_sums[k] = v if k not in self.stat_sums else self.stat_sums[k] + v
+        self.history.append((s.step + 1, s.bad, loss))
+        if s.phases is not None:
+            self.timed += 1
+            for k, v in s.phases.items():
+                self.phases[k] = self.phases.get(k, 0.0) + v
+
+    def read(self) -> tuple[dict, list[tuple[int, bool, float]]]:
+        """Means of the window (one wait for the device) and the per-step losses for health checks."""
+        names = list(self.stat_sums)
+        parts = [self.loss_sum if self.loss_sum is not None else torch.zeros((), dtype=torch.float64)]
+        parts += [self.stat_sums[k] for k in names] + [loss for _, _, loss in self.history]
+        device = parts[-1].device if self.history else parts[0].device
+        values = torch.stack([p.to(device) for p in parts]).tolist() if parts else []
+        loss_sum, stat_values, losses = values[0], values[1:1 + len(names)], values[1 + len(names):]
+        elapsed = time.perf_counter() - self.t_start
+        n = max(self.steps, 1)
+        means = {
+            "loss": loss_sum / self.good if self.good else float("nan"),
+            "imgs_per_s": self.images / max(elapsed, 1e-9),
+            "data_s": self.data_s / n,
+            "step_s": elapsed / n,
+            **{f"{k}_s": v / max(self.timed, 1) for k, v in self.phases.items()},
+            **{k: v / n for k, v in zip(names, stat_values)},
+        }
+        return means, [(step, bad, loss) for (step, bad, _), loss in zip(self.history, losses)]
+
+
+class MetricsLog:
+    """metrics.jsonl, TensorBoard scalars and the progress line (``log.progress=false``: none)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int, stop_step: int, main: bool):
+        self.main = main
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        self.bar: Progress | None = None
+        self.by_time = cfg.optim.minutes > 0  # under a time budget the line counts seconds: steps are not known
+        if not main:
+            return
+        if cfg.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                warnings.warn("tensorboard is not installed: TensorBoard scalars are off", stacklevel=1)
+        if cfg.log.progress:
+            if self.by_time:
+                self.bar = progress("pretrain", round(cfg.optim.minutes * 60), "s")
+            else:
+                self.bar = progress("pretrain", stop_step, "step", initial=start_step)
+
+    def write(self, row: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        if self.bar is not None:
+            self.bar.postfix(loss=round(row["loss"], 3), img_s=round(row["imgs_per_s"]))
+
+    def tick(self, spent_s: float) -> None:
+        if self.bar is None:
+            return
+        if self.by_time:
+            self.bar.set(round(spent_s))
+        else:
+            self.bar.update(1)
+
+    def compiling(self):
+        """Around the first step of a compiled backbone: announced, and left out of rate and ETA."""
+        return self.bar.compiling() if self.bar is not None else nullcontext()
+
+    def message(self, text: str) -> None:
+        if not self.main:
+            return
+        if self.bar is not None and self.bar.style == "bar":
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
