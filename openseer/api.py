@@ -121,9 +121,9 @@ class Model:
         else:
             items = list(images)
         out = np.zeros((len(items), self.feature_dim), dtype=np.float32)
-        from tqdm import tqdm
+        from .progress import progress as progress_bar
 
-        bar = tqdm(total=len(items), unit="img", disable=not progress, leave=False)
+        bar = progress_bar("embed", total=len(items), unit="img", enabled=progress, leave=False)
         for start in range(0, len(items), batch_size):
             x = prepare(items[start:start + batch_size], self.transform)
             out[start:start + len(x)] = self.forward(x)

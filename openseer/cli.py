@@ -3,10 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 from .config import ConfigError, build_config, recipe_names, recipe_values
+
+# Messages from libraries that say nothing to an openseer user: torch's C++-extension loader warns
+# "No CUDA runtime is found" on every CPU-only machine where an nvcc is on PATH (it is looked up
+# when torch.compile builds its kernels), although nothing here uses CUDA.
+NOISE = {"torch.utils.cpp_extension": ("No CUDA runtime is found",)}
+
+
+class _DropNoise(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_library_noise() -> None:
+    """Drop the messages in ``NOISE`` (each logger gets its filter once)."""
+    for name, prefixes in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNoise) for f in logger.filters):
+            logger.addFilter(_DropNoise(prefixes))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -210,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_library_noise()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:

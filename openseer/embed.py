@@ -263,7 +263,7 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
 
     ``max_chunks`` stops after that many new chunks (to test resuming). Returns meta.json's content.
     """
-    from tqdm import tqdm
+    from .progress import progress as progress_bar
 
     if dtype not in DTYPES:
         raise EmbedError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
@@ -312,8 +312,8 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
     done = {c.index for c in coll.chunks if (parts / f"{c.index:06d}.csv").is_file()}
     todo = [c for c in coll.chunks if c.index not in done]
     t0 = time.perf_counter()
-    bar = tqdm(total=coll.n, initial=sum(c.stop - c.start for c in coll.chunks if c.index in done), unit="img",
-               desc="embed", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar("embed", total=coll.n, unit="img", enabled=progress,
+                       initial=sum(c.stop - c.start for c in coll.chunks if c.index in done))
     n_new = 0
     for k, chunk in enumerate(todo):
         if max_chunks and k >= max_chunks:

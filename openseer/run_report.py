@@ -546,4 +546,47 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
             "bytes": out.stat().st_size, "sections": list(sections)}
 
 
-__all__ = ["ReportError", "write_report"]
+def run_summary(run_dir: str | Path, report_path: str | Path | None = None) -> str:
+    """A few plain lines for the end of a demo: where the run is, how it trained, the evaluation
+    table (from ``eval.json``) with which rows beat every baseline, and the report's path."""
+    from .eval.report import MODELS, render_markdown
+
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    lines = ["", "== openseer: summary ==",
+             f"run:    {run_dir}/  (config.yaml, metrics.jsonl, checkpoints/, eval.json, eval.md)"]
+    if metrics:
+        last = metrics[-1]
+        epoch = f" ({last['epoch']:.2f} epochs)" if isinstance(last.get("epoch"), (int, float)) else ""
+        loss = f", final loss {last['loss']:.3f}" if isinstance(last.get("loss"), (int, float)) else ""
+        lines.append(f"trained: {last['step']} steps{epoch}{loss}")
+    doc = None
+    if (run_dir / "eval.json").is_file():
+        try:
+            doc = json.loads((run_dir / "eval.json").read_text())
+        except json.JSONDecodeError:
+            doc = None
+    if doc is None:
+        lines.append("eval:   no eval.json (run `openseer eval RUN_DIR`)")
+    else:
+        layer = doc.get("feature_layer", "pooled last stage")
+        lines.append(f"eval:   top-1 % on the test split; frozen features: {layer}")
+        lines += [ln for ln in render_markdown(doc).splitlines() if ln.startswith("|")]
+        baselines = [m for m in ("random_init", "pixels") if any(r["model"] == m for r in doc["results"])]
+        rows: dict[tuple, dict] = {}
+        for r in doc["results"]:
+            rows.setdefault((r["protocol"], r["split"], r.get("k")), {})[r["model"]] = r["top1"]
+        compared = [v for v in rows.values() if "this" in v and any(b in v for b in baselines)]
+        ahead = [v for v in compared if all(v["this"] > v[b] for b in baselines if b in v)]
+        if compared:
+            names = " and ".join(MODELS[b].rstrip("*") for b in baselines)
+            lines.append(f"        pretrained model above {names} on {len(ahead)} of {len(compared)} rows")
+            if len(ahead) < len(compared):
+                lines.append("        (rows under a baseline: pretrain longer; docs/benchmarks.md, 'The ten-minute "
+                             "demo', has the steps it takes on Fashion-MNIST)")
+    if report_path:
+        lines.append(f"report: {report_path}")
+    return "\n".join(lines)
+
+
+__all__ = ["ReportError", "run_summary", "write_report"]

@@ -135,6 +135,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--summary", action="store_true",
+                   help="end with a short summary: the run, its evaluation table, the report's path")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("curate", help="deduplicate and rebalance an uncurated pile: kept list, decisions, report",
@@ -288,6 +290,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     for note in r["notes"]:
         print(f"openseer: note: {note}", file=sys.stderr)
     print(f"openseer: report written in {r['seconds']:.1f} s: {r['path']}")
+    if args.summary:
+        from .run_report import run_summary
+
+        print(run_summary(args.run_dir, r["path"]))
     return 0
 
 

@@ -17,6 +17,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
     summary = write_shards(args.src, args.out, shard_size=args.shard_size, max_side=args.max_side,
                            sidecar=args.sidecar, workers=args.workers, read_timeout=args.read_timeout,
+                           show_progress=not args.quiet,
                            log=(lambda text: None) if args.quiet else (lambda text: print(text, flush=True)))
     counts = summary["counts"]
     skipped = {k[len("skipped_"):]: v for k, v in sorted(counts.items()) if k.startswith("skipped_")}

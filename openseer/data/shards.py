@@ -48,6 +48,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..fileio import atomic_write_json, name_to_text
+from ..progress import progress as progress_bar
 from .decode import BadImage, DataError, exif_orientation, finish, open_bytes
 from .denylist import KEY_HEX, DenyList
 from .reader import open_collection, read_bytes
@@ -204,8 +205,10 @@ def _check_out(out: Path) -> None:
 def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_side: int = 0,
                  sidecar: str | Path | None = None, workers: int = 0,
                  log: Callable[[str], None] | None = None, read_timeout: float | None = None,
-                 denylist: str = "") -> dict:
-    """Write (or finish writing) shards of ``src`` into ``out``; returns the summary (index.json)."""
+                 denylist: str = "", show_progress: bool = False) -> dict:
+    """Write (or finish writing) shards of ``src`` into ``out``; returns the summary (index.json).
+
+    ``show_progress`` reports the inputs read through ``openseer.progress`` (a bar, or plain lines in a file)."""
     if shard_size < 1:
         raise DataError("--shard-size must be >= 1")
     if max_side < 0:
@@ -291,7 +294,11 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
 
     jobs = ((i, str(base), names[i], max_side, coll.read_timeout) for i in range(start, len(names)))
     n_workers = workers or min(4, os.cpu_count() or 1)
+    bar = progress_bar("shard", total=len(names), unit="input", initial=start, enabled=show_progress)
+    if bar.style == "bar":  # per-shard lines above the live bar, not through it
+        log = bar.write
     for item in _map(jobs, n_workers):
+        bar.update(1)
         if not item.reason and deny.keys and (deny.denies(item.source) or deny.denies(item.sha256[:KEY_HEX])):
             item.reason, item.detail = "denied", "on the deny-list"
         if item.reason:
@@ -310,6 +317,7 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
             commit(item.index + 1)
     if pending or skipped_rows:
         commit(len(names))
+    bar.close()
     progress.update(next_input=len(names), counts=dict(counts), done=True)
     atomic_write_json(out / PROGRESS, progress)
     summary = {"format": "openseer.shards.v1", "shards": shards, "total": sum(s["samples"] for s in shards),

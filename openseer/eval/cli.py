@@ -10,7 +10,7 @@ from pathlib import Path
 from .common import EvalError
 from .knn import DEFAULT_KS, TEMPERATURE
 from .lowshot import FinetuneSettings
-from .runner import PROTOCOLS, EvalOptions, evaluate
+from .runner import LOWSHOT_PROTOCOLS, PROTOCOLS, EvalOptions, evaluate
 
 EXAMPLES = """examples:
   openseer eval runs/a --data fashion-mnist --out runs/a/eval.json      # every protocol, default splits
@@ -53,6 +53,15 @@ def _protocols(text: str) -> tuple[str, ...]:
     return values
 
 
+def _lowshot_protocols(text: str) -> tuple[str, ...]:
+    values = tuple(v.strip() for v in text.split(",") if v.strip())
+    bad = [v for v in values if v not in LOWSHOT_PROTOCOLS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"unknown low-shot protocol(s) {', '.join(map(repr, bad)) or repr(text)}; "
+                                         f"choose from {','.join(LOWSHOT_PROTOCOLS)}")
+    return values
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add the ``eval`` subcommand to the ``openseer`` command."""
     d = FinetuneSettings()
@@ -85,6 +94,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                         "'+', e.g. s3+s4 (each pooled, L2-normalised, concatenated); fine-tunes use the whole net")
     p.add_argument("--lowshot", type=_floats, default=(1.0, 10.0), metavar="PCTS",
                    help="low-shot percentages of the train labels (default 1,10)")
+    p.add_argument("--lowshot-protocols", type=_lowshot_protocols, default=LOWSHOT_PROTOCOLS, metavar="LIST",
+                   help=f"what runs on each low-shot subset: a subset of {','.join(LOWSHOT_PROTOCOLS)} (default all; "
+                        "without finetune the supervised-from-scratch baseline is skipped too)")
     p.add_argument("--per-class", type=_ints, default=(), metavar="LIST",
                    help="also low-shot subsets of N images per class, e.g. 5,10")
     p.add_argument("--finetune-epochs", type=int, default=0,
@@ -134,7 +146,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         weights=args.weights, backbone=args.backbone, random_init=args.random_init, data=args.data, out=args.out,
         protocols=args.protocols, seed=args.seed, cache_dir=args.cache_dir, no_cache=args.no_cache,
         batch_size=args.batch_size, skip_missing=args.skip_missing, ks=args.ks, temperature=args.temperature,
-        layer=args.layer, percents=args.lowshot, per_class=args.per_class, finetune_epochs=args.finetune_epochs,
+        layer=args.layer, percents=args.lowshot, lowshot_protocols=args.lowshot_protocols,
+        per_class=args.per_class, finetune_epochs=args.finetune_epochs,
         finetune_images=args.finetune_images, finetune=settings, limit_train=args.limit_train,
         limit_test=args.limit_test, test_fraction=args.test_fraction, recipe=args.recipe, crop_size=args.crop_size,
         device=args.device, threads=args.threads, progress=not args.quiet,

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from ..progress import progress as progress_bar
 from .common import EvalError, EvalTransform, LabelledImages, load_batch, warn
 
 FEATURE_LAYER = "pooled (timm forward with num_classes=0: global average pool of the last stage)"
@@ -70,12 +70,11 @@ def cached(parts: list[str], compute: Callable[[], tuple[np.ndarray, list]], fol
 
 
 def _batches(n: int, batch_size: int, desc: str, progress: bool):
-    bar = tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False, dynamic_ncols=True)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, min(n, start + batch_size))
-        yield idx
-        bar.update(len(idx))
-    bar.close()
+    with progress_bar(desc, total=n, unit="img", enabled=progress, leave=False) as bar:
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, min(n, start + batch_size))
+            yield idx
+            bar.update(len(idx))
 
 
 def extract_features(model: nn.Module, data: LabelledImages, transform: EvalTransform, batch_size: int = 256,

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
-from tqdm import tqdm
 
 from ..data.multicrop import sample_crop_boxes
 from ..model.backbone import build_backbone, feature_dim
+from ..progress import progress as progress_bar
 from .common import EvalTransform, LabelledImages, load_batch, stratified_take
 from .knn import ranked_accuracy
 
@@ -161,7 +161,7 @@ def finetune(backbone: nn.Module | None, arch: str, train: LabelledImages, test:
     gen = torch.Generator().manual_seed(seed)
     y_all = torch.as_tensor(train.labels, dtype=torch.long)
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(desc, total=total, unit="step", enabled=progress, leave=False)
     losses = []
     step = 0
     for _ in range(s.epochs):
@@ -179,7 +179,7 @@ def finetune(backbone: nn.Module | None, arch: str, train: LabelledImages, test:
             losses.append(float(loss.detach()))
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.postfix(loss=round(losses[-1], 3))
     bar.close()
     train_s = time.perf_counter() - t0
     top1, top5 = classify(model, head, test, transform, device)

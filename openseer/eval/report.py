@@ -113,9 +113,11 @@ def render_markdown(doc: dict) -> str:
             hit = [r for r in results if r["model"] == m and r["split"] == split and _row_name(r) == name]
             cells.append(f"{hit[0]['top1']:.1f}" if hit else "")
         lines.append(f"| {name} | {split_label(split)} | " + " | ".join(cells) + " |")
-    lines += ["", "Top-1 accuracy (%) on the test split; top-5 and every setting are in the JSON. "
-              "Fine-tune: the whole backbone plus a new head on the labelled subset; the 'supervised from "
-              "scratch' column trains the same architecture from random weights with the same budget."]
+    caption = "Top-1 accuracy (%) on the test split; top-5 and every setting are in the JSON."
+    if any(r["protocol"] == "finetune" for r in results):
+        caption += (" Fine-tune: the whole backbone plus a new head on the labelled subset; the 'supervised from "
+                    "scratch' column trains the same architecture from random weights with the same budget.")
+    lines += ["", caption]
     if "random_init" in models or w.get("random_init"):
         lines.append(RANDOM_INIT_NOTE)
     lines += [f"- {n}" for n in doc.get("notes", [])]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from openseer.cli import main
 
 from ..conftest import fmnist_available
@@ -54,3 +56,25 @@ def test_eval_writes_every_protocol_and_baseline(tiny_run, tmp_path, capsys):
     doc2 = json.loads(out2.read_text())
     assert {r["model"] for r in doc2["results"]} == {"this"}
     assert doc2["weights"]["random_init"] is True
+
+
+@fmnist_available
+def test_lowshot_protocols_choose_what_runs_on_the_subsets(tiny_run, tmp_path, capsys):
+    out = tmp_path / "frozen" / "eval.json"
+    assert main(["eval", str(tiny_run), "--data", "fashion-mnist", "--out", str(out), "--limit-train", "500",
+                 "--limit-test", "200", "--protocols", "linear,lowshot,baselines", "--lowshot-protocols", "linear",
+                 "--cache-dir", str(tmp_path / "cache"), "--quiet", "--threads", "1"]) == 0
+    doc = json.loads(out.read_text())
+    got = {(r["model"], r["protocol"], r["split"]) for r in doc["results"]}
+    # the linear probe on every split for the model and both frozen baselines (which also get kNN on all
+    # labels); no kNN on the subsets, no fine-tune and so no supervised-from-scratch baseline either
+    frozen = {(m, "linear", s) for m in ("this", "random_init", "pixels") for s in ("full", "1pct", "10pct")}
+    assert got == frozen | {("random_init", "knn", "full"), ("pixels", "knn", "full")}
+    assert doc["options"]["lowshot_protocols"] == ["linear"]
+    printed = capsys.readouterr().out
+    assert "| protocol | labels | this model | random init* | raw pixels |\n" in printed
+    assert "fine-tune" not in printed.lower()
+    with pytest.raises(SystemExit) as bad:
+        main(["eval", str(tiny_run), "--lowshot-protocols", "linear,finetuned", "--quiet"])
+    assert bad.value.code == 2
+    assert "unknown low-shot protocol(s) 'finetuned'" in capsys.readouterr().err
