@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.openseer-installed
 DEMO ?= runs/demo
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo test test-heavy lint bench clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,14 @@ demo: setup data
 	$(VENV)/bin/openseer eval $(DEMO) --data fashion-mnist $(DEMO_EVAL) --out $(DEMO)/eval.json $(DEMO_EVAL_ARGS)
 	$(VENV)/bin/openseer report $(DEMO) --summary $(DEMO_REPORT_ARGS)
 
+# `make test`: every check but the few minutes-long ones (marked heavy), within 10 minutes on 2 cores
+# with setup; `make test-heavy` runs those (torch.compile, the auto path, SIGKILL anywhere, the bench
+# smokes); .ci/run runs both.
 test: setup data
-	$(PY) -m pytest -q -x --durations=15
+	$(PY) -m pytest -q -x --durations=15 -m "not heavy"
+
+test-heavy: setup data
+	$(PY) -m pytest -q -x --durations=10 -m heavy
 
 lint: setup
 	$(VENV)/bin/ruff check openseer tests bench

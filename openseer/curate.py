@@ -9,7 +9,8 @@ Steps (each decision is written to ``decisions.csv``):
    data/nearcopy.py (16 x 16 grey, mean removed; each image and its mirror image), else
    (``--dup-by embedding``) the L2-normalised embeddings, go into a faiss inner-product index; each
    image is linked to those of its 64 nearest neighbours with cosine >= ``--dup-threshold``; the
-   connected components are the duplicate groups. (A short SwAV pretraining gives class-level
+   connected components of the links are cut into stars around seeds (every member within the
+   threshold of its seed), so a chain of look-alike garments cannot become one group. (A short SwAV pretraining gives class-level
    features: by embedding, 86% of the distinct images of the benchmark pile were grouped as
    duplicates; by descriptor 18%, finding 81% of the true duplicates: docs/benchmarks.md.) Each group keeps one image, the one nearest the group's mean embedding
    (the most typical copy), and the others are dropped as ``duplicate``.
@@ -44,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.sources import DataError
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, csv_text, text_to_name, write_list
 
 FORMAT = "openseer.curate.v1"
 DUP_THRESHOLD = 0.95
@@ -52,6 +53,8 @@ NEIGHBOURS = 64  # neighbours searched per image for duplicate links
 BLOCK = 1024  # query rows per faiss search
 REFERENCE_QUANTILE = 0.01
 BYTES_PER_FLOAT = 4
+SHARDS_WANTED = 64  # --shards: split the kept images into this many shards ...
+SHARD_MIN = 100  # ... of at least this many images
 
 
 class CurateError(DataError):
@@ -64,10 +67,12 @@ class CurateError(DataError):
 def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = NEIGHBOURS,
                      extra: tuple[np.ndarray, ...] = ()) -> np.ndarray:
     """Group id per row: each row is linked to those of its ``k`` nearest neighbours (faiss
-    inner-product search on the normalised rows) with cosine >= ``threshold``, and the groups are the
-    connected components (so a group larger than ``k`` is still one group, through chains). Rows of
-    each ``extra`` matrix (e.g. the mirror images' descriptors) query the same index for row i too.
-    Ids are 0..G-1 in order of first row; singletons get their own."""
+    inner-product search on the normalised rows) with cosine >= ``threshold``; the connected
+    components of those links (a group larger than ``k`` is still found, through chains) are then cut
+    into stars (``_stars``), so that every member is within ``threshold`` of its group's seed and a
+    chain of look-alikes (A ~ B ~ C, A !~ C) cannot sweep thousands of distinct images into one
+    group. Rows of each ``extra`` matrix (e.g. the mirror images' descriptors) query the same index
+    for row i too. Ids are 0..G-1 in order of first row; singletons get their own."""
     import faiss
 
     n = len(x)
@@ -95,8 +100,35 @@ def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = N
         label = label[label]
         if np.array_equal(label, old):
             break
+    degree = np.bincount(np.concatenate([a, b]), minlength=n) if len(a) else np.zeros(n, np.int64)
+    label = _stars(x, extra, label, degree, threshold)
     first: dict[int, int] = {}
     return np.array([first.setdefault(int(g), len(first)) for g in label], dtype=np.int64)
+
+
+def _stars(x: np.ndarray, extra: tuple[np.ndarray, ...], label: np.ndarray, degree: np.ndarray,
+           threshold: float) -> np.ndarray:
+    """Cut each connected component into stars: its best-linked member not yet taken is a seed, and
+    every untaken member whose cosine to the seed (or to one of the seed's ``extra`` rows, e.g. its
+    mirror image) is >= ``threshold`` joins it; repeat until the component is used up. Exact cosines
+    within the component, so a star is not limited to ``k`` neighbours."""
+    out = label.copy()
+    order = np.argsort(label, kind="stable")
+    bounds = np.flatnonzero(np.diff(label[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) < 3:  # one link: already a star
+            continue
+        left = members[np.argsort(-degree[members], kind="stable")]
+        while len(left):
+            seed = left[0]
+            sim = x[left] @ x[seed]
+            for e in extra:
+                sim = np.maximum(sim, x[left] @ e[seed])
+            take = sim >= threshold
+            take[0] = True
+            out[left[take]] = seed
+            left = left[~take]
+    return out
 
 
 def group_representatives(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -237,14 +269,6 @@ def _check_out(out: Path) -> None:
         raise CurateError(f"--out {out} is not empty and holds no openseer curation; choose another folder")
 
 
-def _csv_text(rows: list[list], header: list[str]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue()
-
-
 def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5, keep_count: int = 0,
            dup_threshold: float = DUP_THRESHOLD, clusters: int = 0, levels: int = 1, reference: str = "",
            drop_off_domain: bool = False, dup_by: str = "descriptor", seed: int = 0, shards: bool = False, batch_size: int = 64,
@@ -255,7 +279,8 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     Every check that can fail (settings, the pile, the model, the memory estimate) runs before
     anything is written.
     """
-    from .embed import load_embeddings, open_collection
+    from .data.collection import open_collection
+    from .embed import load_embeddings
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -429,8 +454,8 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     header = ("# openseer curate: the images this curation dropped (and the pile's own takedowns), as a deny-list;\n"
               "# train on the kept images in place with data.denylist=THIS_FILE\n")
     atomic_write_text(out / "exclude.txt", header + "".join(f"{k}\n" for k in list(pile_deny.keys) + listable))
-    atomic_write_text(out / "list.txt", "".join(f"{_absolute(p)}\n" for p in kept_paths))
-    atomic_write_text(out / "decisions.csv", _csv_text(decisions, ["key", "path", "group", "duplicate_of", "cluster",
+    write_list(out / "list.txt", [_absolute(text_to_name(p)) for p in kept_paths])  # any name, read back exactly
+    atomic_write_text(out / "decisions.csv", csv_text(decisions, ["key", "path", "group", "duplicate_of", "cluster",
                                                                      "kept", "decision", "reference_similarity",
                                                                      "off_domain"]))
     if shards:
@@ -439,7 +464,9 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         else:
             from .data.shards import write_shards
 
-            info = write_shards(out / "list.txt", out / "shards", shard_size=10000)
+            # enough shards for several ranks x loader workers (each needs one per pass), <= 10,000 images each
+            size = min(10000, max(SHARD_MIN, -(-len(kept_paths) // SHARDS_WANTED)))
+            info = write_shards(out / "list.txt", out / "shards", shard_size=size)
             summary["shards"] = {"folder": str(out / "shards"), "images": info["total"], "shards": len(info["shards"])}
     summary["seconds"]["total"] = round(time.perf_counter() - t0, 1)
     summary["files"] = {name: str(out / name) for name in ("list.txt", "exclude.txt", "decisions.csv", "report.html")}

@@ -37,7 +37,8 @@ class QuantizeError(DataError):
 def calibration_batch(spec: str, n: int, info: dict) -> tuple[torch.Tensor, dict]:
     """(normalised float batch (N, 3, crop, crop), counts) of ``n`` images spread evenly over ``spec``
     (a folder, a .txt list of paths, tar shards or fashion-mnist), undecodable ones skipped."""
-    from .embed import Chunk, open_collection
+    from .data.collection import Chunk, open_collection
+    from .eval.common import draft_size
 
     if n < 1:
         raise QuantizeError(f"--calibrate-n must be >= 1; got {n}")
@@ -55,7 +56,7 @@ def calibration_batch(spec: str, n: int, info: dict) -> tuple[torch.Tensor, dict
         rows = np.unique(np.linspace(0, coll.n - 1, num=min(n, coll.n)).round().astype(int)) if coll.n else []
         chunks = [Chunk(i, int(r), int(r) + 1) for i, r in enumerate(rows)]
     for chunk in chunks:
-        for _, _, _, item in coll.read(chunk, crop):
+        for _, _, _, item in coll.read(chunk, draft_size(crop)):
             if isinstance(item, str):
                 reason = item.split(":", 1)[0]
                 bad[reason] = bad.get(reason, 0) + 1

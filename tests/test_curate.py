@@ -15,8 +15,9 @@ from PIL import Image
 from openseer.cli import main
 from openseer.curate import balanced_sample, duplicate_groups, group_representatives, kmeans, water_fill
 from openseer.data.pile import PileSpec, build_pile, read_answer_key
+from openseer.fileio import read_list
 from openseer.train.loop import pretrain
-from tests.conftest import fmnist_available, snapshot, tiny_config, write_pngs
+from tests.conftest import FAST, fmnist_available, snapshot, tiny_config, write_pngs
 from tests.data.corpus import write_corpus
 
 
@@ -83,13 +84,6 @@ def _pile_folder(root: Path, n: int = 24) -> Path:
 def test_curate_skips_and_counts_bad_files_and_writes_every_output(tmp_path):
     pile = _pile_folder(tmp_path / "pile")
     bad, _good = write_corpus(tmp_path / "pile" / "corpus", special=False)
-    for f in (tmp_path / "pile" / "corpus").iterdir():  # names that are not UTF-8: the shared reader's
-        try:  # record-file helper (issue 26) is what will write them; embed's CSVs and one-a-line
-            f.name.encode("utf-8")  # lists cannot yet (nor names with a newline)
-            assert "\n" not in f.name
-        except (UnicodeEncodeError, AssertionError):
-            f.unlink()
-            bad.pop(f.name, None)
     out = tmp_path / "cur"
     # a random-init net maps these noise PNGs close together: a strict threshold keeps them apart
     assert main(["curate", str(pile), "--out", str(out), "--model", "test_resnet", "--keep", "0.5",
@@ -98,14 +92,16 @@ def test_curate_skips_and_counts_bad_files_and_writes_every_output(tmp_path):
     assert s["bad"] >= len([b for b in bad.values()]) - 2 and sum(s["bad_by_reason"].values()) == s["bad"]
     rows = list(csv.DictReader(open(out / "decisions.csv", newline="")))
     assert len(rows) == s["inputs"]
-    assert sum(r["kept"] == "yes" for r in rows) == s["kept"] == len((out / "list.txt").read_text().splitlines())
+    kept = read_list(out / "list.txt")  # any name (not UTF-8, a newline): read back and opened again
+    assert sum(r["kept"] == "yes" for r in rows) == s["kept"] == len(kept) and all(Path(p).is_file() for p in kept)
     assert {r["decision"].split(":")[0] for r in rows} <= {"kept", "duplicate", "balanced_out", "bad"}
     assert s["kept"] <= s["budget"] == round(0.5 * s["inputs"])
     html = (out / "report.html").read_text()
     assert "<h2>Near-duplicates</h2>" in html and "data:image/png;base64," in html and "http" not in html.split(
         "<body>")[1].split("xmlns")[0]
     excl = [k for k in (out / "exclude.txt").read_text().split("\n") if k and not k.startswith("#")]
-    assert len(excl) == s["inputs"] - s["kept"] and s["unlistable"] == 0
+    odd = sum(("\n" in r["key"] or "\t" in r["key"]) for r in rows if r["kept"] != "yes")  # no deny-list line holds them
+    assert len(excl) == s["inputs"] - s["kept"] - odd and s["unlistable"] == odd
 
 
 def test_curate_bad_input_is_one_message_and_nothing_is_overwritten(tmp_path, capsys):
@@ -146,6 +142,12 @@ def test_a_curated_list_trains_end_to_end(tmp_path):
     cfg = tiny_config(f"data.source={out / 'shards'}", "data.batch_size=8", "optim.epochs=1", "data.epoch_samples=16")
     summary = pretrain(cfg, tmp_path / "run")
     assert summary["step"] == 2
+    # or the kept files in place: list.txt is a --data the CLI takes
+    assert main(["pretrain", "--data", str(out / "list.txt"), "--recipe", "tiny-cpu", "--out", str(tmp_path / "run2"),
+                 *FAST, "data.batch_size=8", "optim.epochs=1"]) == 0
+    prov = json.loads((tmp_path / "run2" / "data_provenance.json").read_text())
+    assert prov["folder"]["kind"] == "file list" and prov["folder"]["files"] == 20
+    assert [p.name for p in (tmp_path / "run2" / "checkpoints").glob("step_*.pt")] == ["step_00000002.pt"]
     # resumable: the same command again reuses the embeddings
     assert main(["curate", str(pile), "--out", str(out), "--model", "test_resnet", "--keep-count", "20",
                  "--clusters", "4", "--dup-threshold", "0.99999", "--quiet", "--threads", "1"]) == 0
@@ -201,3 +203,29 @@ def test_curate_by_descriptor_groups_the_re_encoded_and_flipped_copies(tmp_path)
     assert len({groups[k] for k in copies}) == 1 and groups["img000.png"] != ""
     assert all(groups[f"img{i:03d}.png"] == "" for i in range(1, 20))  # distinct images stay alone
     assert json.loads((out / "curate.json").read_text())["kept"] == 20
+
+
+def test_a_chain_of_look_alikes_is_cut_into_groups_around_seeds():
+    # rows 0..29 on a great circle 0.1 rad apart: each links to its neighbour (cos 0.995 >= 0.99),
+    # so the links form one chain 2.9 rad long; a group is those within the threshold of its seed
+    t = np.arange(30) * 0.1
+    x = np.zeros((30, 8), np.float32)
+    x[:, 0], x[:, 1] = np.cos(t), np.sin(t)
+    groups = duplicate_groups(x, 0.99, k=3)
+    assert len(set(groups.tolist())) >= 10  # connected components alone would give one
+    for g in set(groups.tolist()):
+        m = np.flatnonzero(groups == g)
+        assert len(m) <= 3 and (x[m] @ x[m].T).min() >= 0.98  # a seed and its two neighbours at most
+
+
+def test_pile_images_do_not_carry_the_photographs_colour_profile():
+    from PIL import ImageCms
+
+    from openseer.data.pile import _encode
+
+    photo = Image.new("RGB", (40, 40), (90, 120, 30))
+    photo.info["icc_profile"] = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    grey = photo.convert("L").resize((28, 28))
+    assert "icc_profile" in grey.info  # PIL keeps it through convert and resize
+    for fmt in ("PNG", "JPEG"):
+        assert "icc_profile" not in Image.open(io.BytesIO(_encode(grey, fmt))).info

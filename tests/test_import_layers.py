@@ -38,3 +38,81 @@ def test_export_vissl_quantize_and_distill_import_only_downward():
     assert not _imports("export.py") & (use - {"openseer.vissl"})
     assert not _imports("quantize.py") & {"openseer.api", "openseer.cli", "openseer.use_cli", "openseer.distill"}
     assert not _imports("train/checkpoint.py") & use
+
+
+# Every module's layer (the longest matching name wins): a module imports only from its own layer or
+# below, and no two modules import each other, even through others or lazily inside a function.
+LAYERS = (
+    ("config", "fileio", "progress"),  # 0: typed config, files written atomically, the progress helper
+    ("data", "model"),  # 1: image sources -> batches; backbone, head, prototypes, checkpoint files
+    ("train", "eval", "distill"),  # 2: the methods that fit weights and measure them
+    ("export", "vissl", "quantize", "embed", "api", "run_report", "plan", "doctor", "curate"),  # 3: use
+    ("cli", "use_cli", "data.cli", "eval.cli", "__main__", ""),  # 4: command lines (and the package root)
+)
+
+
+def _graph() -> dict[str, set[str]]:
+    """openseer module (dotted, without 'openseer.') -> the openseer modules it imports."""
+    mods = {}
+    for f in ROOT.rglob("*.py"):
+        parts = f.relative_to(ROOT).with_suffix("").parts
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph = {}
+    for name, f in mods.items():
+        base = name.split(".") if f.name == "__init__.py" else name.split(".")[:-1]
+        base = [b for b in base if b]
+        out = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    target = base[:len(base) - node.level + 1] + ([node.module] if node.module else [])
+                    target = ".".join(target)
+                elif (node.module or "").startswith("openseer"):
+                    target = node.module.removeprefix("openseer").lstrip(".")
+                else:
+                    continue
+                names = [target] + [f"{target}.{a.name}".lstrip(".") for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name.removeprefix("openseer").lstrip(".") for a in node.names if a.name.startswith("openseer")]
+            else:
+                continue
+            out |= {m for m in names if m in mods and m != name}
+        graph[name] = out
+    return graph
+
+
+def _layer(module: str) -> int:
+    best, rank = -1, -1
+    for i, names in enumerate(LAYERS):
+        for n in names:
+            if (module == n or module.startswith(n + ".") or n == "") and len(n) > best:
+                best, rank = len(n), i
+    return rank
+
+
+def test_every_module_imports_only_its_own_layer_or_below():
+    up = [f"{m} (layer {_layer(m)}) -> {t} (layer {_layer(t)})"
+          for m, targets in _graph().items() for t in targets if _layer(t) > _layer(m)]
+    assert not up, "imports that reach up a layer:\n" + "\n".join(sorted(up))
+
+
+def test_no_import_cycles_in_the_package():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                return path[path.index(t):] + [t]
+            if t not in state and (cycle := visit(t)):
+                return cycle
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            raise AssertionError("import cycle: " + " -> ".join(cycle))

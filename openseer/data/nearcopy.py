@@ -224,7 +224,7 @@ def _pil(item) -> Image.Image:
     return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
 
 
-READ_SIDE = 256  # pile images are decoded (JPEG DCT-scaled) to at least this side
+READ_SIDE = 292  # pile images are decoded (JPEG DCT-scaled) to at least this side
 
 
 class PileIndex:
@@ -232,8 +232,8 @@ class PileIndex:
     collections), searchable for copies. Flat (near-blank) and undecodable images are counted."""
 
     def __init__(self, spec: str, progress: bool = True, flips: bool = False):
-        from ..embed import open_collection
         from ..progress import progress as bar
+        from .collection import open_collection
         from .takedown import DenyList
 
         self.spec = spec
@@ -261,8 +261,9 @@ class PileIndex:
                         self.skipped["flat"] = self.skipped.get("flat", 0) + 1
                         continue
                     vecs.append(v)
-                    if flips:
-                        flipped.append(describe(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+                    if flips:  # a borderline-flat image can be flat one way round: then mirror the vector
+                        fv = describe(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+                        flipped.append(fv if fv is not None else v.reshape(SIDE, SIDE)[:, ::-1].ravel().copy())
                     self.keys.append(key)
                     self.paths.append(path)
                     self.rows.append(row)

@@ -85,16 +85,16 @@ def load_photographs(max_side: int = 1024, roots: tuple[Path, ...] = PHOTO_ROOTS
 
 @dataclass
 class PileSpec:
-    """How many images of each kind the pile holds (defaults: the benchmark's pile, ~60,000 files)."""
+    """How many images of each kind the pile holds (defaults: the benchmark's pile, 35,000 files)."""
 
     seed: int = 0
-    in_domain: int = 30000  # Fashion-MNIST train images (distinct), Zipf over classes
+    in_domain: int = 17500  # Fashion-MNIST train images (distinct), Zipf over classes (head: 5,975 of 6,000)
     zipf: float = 1.0  # class c's share ~ 1 / (rank + 1) ** zipf
-    off_domain: int = 12000  # grey 28-px crops of photographs
-    noise: int = 1500  # uniform noise
-    blank: int = 1500  # a flat grey level + faint noise
-    dup_sources: int = 600  # images (of all kinds above) that get near-duplicates
-    dup_copies: int = 15000  # near-duplicate copies in all, spread heavy-tailed over the sources
+    off_domain: int = 7000  # grey 28-px crops of photographs
+    noise: int = 875  # uniform noise
+    blank: int = 875  # a flat grey level + faint noise
+    dup_sources: int = 350  # images (of all kinds above) that get near-duplicates
+    dup_copies: int = 8750  # near-duplicate copies in all, spread heavy-tailed over the sources
     dup_max: int = 400  # the largest group's copies
     jpeg_share: float = 0.3  # share of the originals stored as JPEG (quality 75-95), the rest PNG
 
@@ -143,11 +143,13 @@ def group_sizes(sources: int, copies: int, largest: int, rng: random.Random) -> 
 
 
 def _encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
+    """The image's bytes, without the photograph's colour profile (an RGB profile in a grey PNG is
+    invalid: libpng warns about it on every decode)."""
     buf = io.BytesIO()
     if fmt == "JPEG":
-        img.save(buf, format="JPEG", quality=quality)
+        img.save(buf, format="JPEG", quality=quality, icc_profile=None)
     else:
-        img.save(buf, format="PNG", optimize=False, compress_level=6)
+        img.save(buf, format="PNG", optimize=False, compress_level=6, icc_profile=None)
     return buf.getvalue()
 
 

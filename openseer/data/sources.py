@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..config import DataConfig
-from .decode import DataError, load_image  # noqa: F401  (DataError: re-exported, callers import it from here)
+from .decode import IMAGE_EXTENSIONS, DataError, load_image  # noqa: F401  (DataError: re-exported, callers import it from here)
 from .reader import Collection, list_folder, open_collection, open_denylist  # noqa: F401
 from .stream import INDEX, MANIFEST, count_samples, expand_spec, looks_like_shards, urls_digest
 
@@ -132,7 +132,8 @@ def describe_denylist(deny) -> str:
 
 
 class FolderSource(ImageSource):
-    """All images under a folder, recursively, in sorted order; subfolders are NOT labels.
+    """All images under a folder, recursively, in sorted order (subfolders are NOT labels), or the
+    files a file list names (``openseer curate``'s ``list.txt``, one path per line), in its order.
 
     Listed and read by data/reader.py (bounded reads, the deny-list by relative path or content key)."""
 
@@ -144,11 +145,17 @@ class FolderSource(ImageSource):
                                                       shards=False)
         self.paths = [e.path for e in self.collection.entries]
         self.deny = self.collection.deny
-        self.description = f"folder {self.root} ({len(self.paths)} files{describe_denylist(self.deny)})"
+        self.kind = "file list" if self.root.is_file() else "folder"
+        self.description = f"{self.kind} {self.root} ({len(self.paths)} files{describe_denylist(self.deny)})"
 
     def provenance(self) -> dict:
         """What this source reads, for RUN_DIR/data_provenance.json."""
-        return {"source": str(self.root), "folder": {"path": str(self.root.resolve()), "files": len(self.paths)}}
+        info: dict = {"path": str(self.root.resolve()), "files": len(self.paths), "kind": self.kind}
+        if self.kind == "file list":  # "who saw it" re-reads the list: record which one it was
+            import hashlib
+
+            info["sha256"] = hashlib.sha256(self.root.read_bytes()).hexdigest()
+        return {"source": str(self.root), "folder": info}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -265,8 +272,8 @@ class ShardSource(ImageSource):
 
 def open_source(spec: str, limit: int = 0, draft_size: int | None = None,
                 data_cfg: DataConfig | None = None) -> ImageSource:
-    """Open ``--data``: 'fashion-mnist', a folder of images, a folder holding Fashion-MNIST idx files,
-    or tar shards (a ``.tar`` path, brace range or glob, ``pipe:CMD``, or a folder written by
+    """Open ``--data``: 'fashion-mnist', a folder of images, a file list (one image path per line),
+    a folder holding Fashion-MNIST idx files, or tar shards (a ``.tar`` path, brace range or glob, ``pipe:CMD``, or a folder written by
     ``openseer shard``); ``data_cfg`` (a DataConfig) supplies the shard reader's settings."""
     if not spec:
         raise DataError("no data given: pass --data PATH (a folder of images) or --data fashion-mnist")
@@ -283,11 +290,15 @@ def open_source(spec: str, limit: int = 0, draft_size: int | None = None,
         if path.is_dir() and find_idx(path, "train-images-idx3-ubyte"):
             images, labels = load_fashion_mnist("train", path)
             source = TensorSource(images, "fashion-mnist", labels)
-        elif path.is_dir():
+        elif path.is_file() and path.name.lower().endswith(IMAGE_EXTENSIONS):
+            raise DataError(f"data path {spec!r} is one image, not a folder or a file list (give a folder of "
+                            f"images, a text file listing image paths, tar shards, or 'fashion-mnist')")
+        elif path.is_dir() or path.is_file():  # a folder of images or a file list (curate's list.txt)
             source = FolderSource(path, draft_size=draft_size, denylist=getattr(data_cfg, "denylist", ""),
                                   read_timeout=getattr(data_cfg, "read_timeout", None))
         else:
-            raise DataError(f"data path {spec!r} is not a folder (give a folder of images, or 'fashion-mnist')")
+            raise DataError(f"data path {spec!r} is neither a folder nor a file list (give a folder of images, "
+                            f"a text file listing image paths, tar shards, or 'fashion-mnist')")
     if limit and limit < len(source):
         source = SubsetSource(source, limit)
     return source

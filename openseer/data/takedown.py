@@ -209,7 +209,7 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
     stand in for them (``bad_images.txt`` of the run says which were). A checkpoint at step S saw
     the file when one of those slots fell in a step < S.
     """
-    from ..train.checkpoint import list_checkpoints
+    from ..model.checkpoint_file import list_checkpoints
     folder = Path(record["folder"]["path"])
     try:
         cfg = load_config(run / "config.yaml")
@@ -272,7 +272,7 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
 def check_image(target: str, runs_root: str | Path, read_timeout: float | None = None) -> tuple[str, list[Sighting]]:
     """The content key of ``target`` (an image file, or a key/hash) and what every run under
     ``runs_root`` did with it."""
-    from ..train.checkpoint import list_checkpoints
+    from ..model.checkpoint_file import list_checkpoints
 
     p = Path(target)
     if p.is_file():

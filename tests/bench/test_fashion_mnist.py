@@ -7,11 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import fmnist_available
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.heavy
 @fmnist_available
 def test_fashion_mnist_bench_spends_its_budget_and_prints_one_json_line(tmp_path):
     out = tmp_path / "run"

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -71,6 +72,7 @@ def test_kernel_ceiling_times_each_layer_alone_with_hand_counted_flops():
     assert all(p.grad is None for p in model.parameters())  # the model is left as it was
 
 
+@pytest.mark.heavy
 @fmnist_available
 def test_train_step_bench_smoke_prints_one_json_line_per_configuration():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "train_step.py"), "--smoke",

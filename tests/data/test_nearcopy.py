@@ -179,3 +179,21 @@ def test_detail_free_photos_are_matched_by_their_descriptor_alone():
     index = nc.CopyIndex(np.stack([nc.describe(im) for im in pile]))
     found = {r for r, _, _ in nc.find_copies(nc.describe_query(smooth), index, lambda r: pile[r])}
     assert found == {0, 1}
+
+
+def test_a_pile_whose_mirror_image_is_flat_still_indexes_with_flips(tmp_path):
+    # PIL's 28 -> 16 box resize is not mirror-symmetric, so a near-blank image can be described one
+    # way round and be flat the other (the uncurated bench's pile held four such images).
+    r = np.random.default_rng(138)
+    x = np.full((28, 28), 200.0) + r.normal(0, 1, (28, 28))
+    x[:, :3] += r.uniform(5, 12)
+    img = Image.fromarray(np.clip(x, 0, 255).astype(np.uint8)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert nc.describe(img) is not None
+    assert nc.describe(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)) is None
+    pile = tmp_path / "pile"
+    pile.mkdir()
+    img.save(pile / "edge.png")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (28, 28), dtype=np.uint8)).save(pile / "noise.png")
+    index = nc.PileIndex(str(pile), progress=False, flips=True)
+    assert index.vectors.shape == index.flipped.shape == (2, nc.SIDE * nc.SIDE)
+    assert np.isfinite(index.flipped).all()

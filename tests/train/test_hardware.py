@@ -56,6 +56,7 @@ def test_the_tiny_recipe_says_auto_and_bad_values_are_refused():
         build_config("tiny-cpu", ["optim.precision=bf17"])
 
 
+@pytest.mark.heavy
 @fmnist_available
 def test_a_run_records_what_auto_chose(tmp_path, capsys):
     """A few real steps with the recipe's auto settings on this machine (timm's test ResNet: its

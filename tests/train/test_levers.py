@@ -111,6 +111,7 @@ def test_narrow_group_fp32_changes_nothing_in_fp32_and_stays_within_bf16_toleran
     assert cos_narrow > 0.93 and cos_narrow >= cos_bf16 - 0.005  # measured 0.951 vs 0.940
 
 
+@pytest.mark.heavy
 def test_torch_compile_leaves_loss_and_gradients_unchanged():
     # the graphs tests/train/test_hardware.py's auto run compiles in the training loop on a CPU that
     # trains in fp32 (same model, channels_last, 32 images per crop, static shapes), so on such a

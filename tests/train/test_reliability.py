@@ -91,6 +91,7 @@ def _assert_same(a: dict, b: dict) -> None:
         assert torch.equal(sa[k]["momentum_buffer"], sb[k]["momentum_buffer"]), f"momentum differs for {k}"
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_sigkill_anywhere_then_resume_is_bit_exact(tmp_path):
     ref = tmp_path / "ref"
