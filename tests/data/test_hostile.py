@@ -2,7 +2,8 @@
 
 None crashes or hangs, each exits 0, each reports the same skip counts by reason, and each good file
 is used exactly once: the reader, a file list written by fileio.write_list, shard, data report,
-embed, eval's data loading and the eval command, pretrain, takedown add and check, report --data.
+embed, eval's data loading and the eval command, pretrain, takedown add and check, report --data,
+curate and distill.
 """
 
 from __future__ import annotations
@@ -144,6 +145,32 @@ def test_report_data(hostile, run, tmp_path):
     assert sorted(sample.keys) == sorted(hostile.good)
     assert main(["report", str(run), "--data", str(hostile.root), "--sample", "16",
                  "--out", str(tmp_path / "r.html")]) == 0
+
+
+def test_curate(hostile, tmp_path):
+    out = tmp_path / "cur"
+    # keep everything that is not a duplicate: every good file gets exactly one decision, every bad one its reason
+    assert main(["curate", str(hostile.root), "--out", str(out), "--model", "test_resnet", "--keep", "1",
+                 "--clusters", "2", "--quiet", "--threads", "1"]) == 0
+    s = json.loads((out / "curate.json").read_text())
+    assert s["bad_by_reason"] == dict(hostile.skips) and s["decoded"] == len(hostile.good)
+    with open(out / "decisions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    decided = [r["key"] for r in rows if not r["decision"].startswith("bad:")]
+    assert sorted(decided) == sorted(hostile.good)
+    kept = open_collection(str(out / "list.txt")).entries  # the kept list opens every name again
+    assert len(kept) == s["kept"] and all(e.path.is_file() for e in kept)
+
+
+def test_distill(hostile, run, tmp_path):
+    out = tmp_path / "student"
+    n = hostile.n_files
+    assert main(["distill", str(run), "--student", "test_resnet", "--data", str(hostile.root), *FAST,
+                 f"data.batch_size={n}", "optim.epochs=1", "--out", str(out)]) == 0
+    lines = (out / "bad_images.txt").read_text(encoding="utf-8").splitlines()
+    by_key = dict(line.split("\t", 1)[::-1] for line in lines)
+    assert Counter(by_key.values()) == hostile.skips
+    assert not set(by_key) & hostile.good
 
 
 def test_nothing_usable_is_one_clear_error(tmp_path, capsys):
