@@ -37,9 +37,9 @@ from openseer.data.sources import load_fashion_mnist  # noqa: E402
 from openseer.eval.common import EvalTransform, stratified_take  # noqa: E402
 from openseer.eval.knn import knn_eval  # noqa: E402
 from openseer.eval.linear import linear_probe  # noqa: E402
-from openseer.export import export_model  # noqa: E402
 from openseer.model.load import load_backbone  # noqa: E402
-from openseer.quantize import export_int8  # noqa: E402
+from openseer.use.export import export_model  # noqa: E402
+from openseer.use.quantize import export_int8  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -192,7 +192,7 @@ def main() -> int:
                            base={"data": {"source": "fashion-mnist"}})
         pretrain(cfg, teacher, resume="auto", max_steps=4 if args.smoke else None)
     if not student:
-        from openseer.distill import distill, distill_config
+        from openseer.train.distill import distill, distill_config
 
         student = str(out / "student")
         arch = "test_resnet" if args.smoke else args.student_arch

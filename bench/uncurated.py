@@ -34,7 +34,6 @@ import torch
 from PIL import Image
 
 from openseer.config import ConfigError, build_config
-from openseer.curate import curate
 from openseer.data.pile import PileError, PileSpec, build_pile, read_answer_key
 from openseer.data.sources import DataError, load_fashion_mnist
 from openseer.eval.common import EvalError
@@ -42,6 +41,7 @@ from openseer.eval.runner import PROTOCOLS, EvalOptions, evaluate
 from openseer.model.backbone import BackboneError
 from openseer.train.checkpoint import CheckpointError
 from openseer.train.loop import RunError, pretrain
+from openseer.use.curate import curate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fashion_mnist import EPOCH_CAP  # noqa: E402  (the same clock-bounded pretraining)

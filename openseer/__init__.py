@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .api import Model
+    from .use.api import Model
 
 
 def load(spec: Any, arch: str | None = None, device: str = "cpu", random_init: bool = False,
@@ -25,14 +25,14 @@ def load(spec: Any, arch: str | None = None, device: str = "cpu", random_init: b
     """A ``Model`` (``.embed``, ``.backbone``, ``.export``, ``.evaluate``) from a run directory, a
     checkpoint, an exported or imported file, or a timm name (random weights, nothing is downloaded).
     ``layer``: the features ``embed`` returns ('last', a stage such as 's3', or 's3+s4')."""
-    from .api import load as _load
+    from .use.api import load as _load
 
     return _load(spec, arch=arch, device=device, random_init=random_init, seed=seed, layer=layer)
 
 
 def __getattr__(name: str) -> Any:
     if name == "Model":
-        from .api import Model
+        from .use.api import Model
 
         return Model
     raise AttributeError(f"module 'openseer' has no attribute {name!r}")

@@ -35,10 +35,10 @@ def quiet_library_noise() -> None:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .data.sources import DataError
     from .model.backbone import BackboneError
-    from .plan import PlanError
     from .train.checkpoint import CheckpointError
     from .train.distributed import DistError
     from .train.loop import RunError
+    from .use.plan import PlanError
 
     errors = [ConfigError, DataError, CheckpointError, RunError, BackboneError, DistError, PlanError]
     try:
@@ -104,7 +104,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Train a small student backbone to reproduce a teacher's features on unlabelled images."""
-    from .distill import distill, distill_config
+    from .train.distill import distill, distill_config
     from .train.loop import resume_config
 
     if args.resume:
@@ -128,7 +128,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Parameters and per-GPU memory of a recipe on N GPUs (meta device: no memory, no GPU needed)."""
-    from .plan import PlanError, format_plan, make_plan, plan_json
+    from .use.plan import PlanError, format_plan, make_plan, plan_json
 
     cfg = build_config(args.recipe, args.overrides)
     plan = make_plan(cfg, args.gpus, args.gpu_mem_gb)
@@ -145,7 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """Check a run directory and say how to recover."""
-    from .doctor import run_doctor
+    from .use.doctor import run_doctor
 
     return run_doctor(args.run_dir)
 
@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.set_defaults(func=cmd_plan)
 
-    from . import use_cli  # export, embed, import-seer, report
+    from .use import cli as use_cli  # export, embed, import-seer, report
 
     use_cli.add_parsers(sub)
 

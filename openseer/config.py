@@ -146,7 +146,7 @@ class DistConfig:
 
 @dataclass
 class DistillConfig:
-    """``openseer distill``: a student backbone trained to match a teacher's features (openseer/distill.py)."""
+    """``openseer distill``: a student backbone trained to match a teacher's features (openseer/train/distill.py)."""
 
     teacher: str = ""  # what openseer.load accepts: a run dir, checkpoint, exported/imported file, timm name
     teacher_arch: str = ""  # architecture of a teacher file that does not record it

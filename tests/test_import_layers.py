@@ -31,12 +31,13 @@ def test_model_layer_reads_weights_without_reaching_up():
 
 
 def test_export_vissl_quantize_and_distill_import_only_downward():
-    use = {"openseer.export", "openseer.vissl", "openseer.quantize", "openseer.api", "openseer.embed",
-           "openseer.cli", "openseer.use_cli", "openseer.run_report"}
-    assert not _imports("distill.py") & use  # distill is a training method: below every use
-    assert "openseer.export" not in _imports("vissl.py")  # export -> vissl, never back
-    assert not _imports("export.py") & (use - {"openseer.vissl"})
-    assert not _imports("quantize.py") & {"openseer.api", "openseer.cli", "openseer.use_cli", "openseer.distill"}
+    use = {"openseer.use.export", "openseer.use.vissl", "openseer.use.quantize", "openseer.use.api",
+           "openseer.use.embed", "openseer.cli", "openseer.use.cli", "openseer.use.run_report"}
+    assert not _imports("train/distill.py") & use  # distill is a training method: below every use
+    assert "openseer.use.export" not in _imports("use/vissl.py")  # export -> vissl, never back
+    assert not _imports("use/export.py") & (use - {"openseer.use.vissl"})
+    assert not _imports("use/quantize.py") & {"openseer.use.api", "openseer.cli", "openseer.use.cli",
+                                               "openseer.train.distill"}
     assert not _imports("train/checkpoint.py") & use
 
 
@@ -45,9 +46,9 @@ def test_export_vissl_quantize_and_distill_import_only_downward():
 LAYERS = (
     ("config", "fileio", "progress"),  # 0: typed config, files written atomically, the progress helper
     ("data", "model"),  # 1: image sources -> batches; backbone, head, prototypes, checkpoint files
-    ("train", "eval", "distill"),  # 2: the methods that fit weights and measure them
-    ("export", "vissl", "quantize", "embed", "api", "run_report", "plan", "doctor", "curate"),  # 3: use
-    ("cli", "use_cli", "data.cli", "eval.cli", "__main__", ""),  # 4: command lines (and the package root)
+    ("train", "eval"),  # 2: the methods that fit weights (pretrain, distill) and measure them
+    ("use",),  # 3: using the features: export, quantize, vissl, embed, api, run_report, plan, doctor, curate
+    ("cli", "use.cli", "data.cli", "eval.cli", "__main__", ""),  # 4: command lines (and the package root)
 )
 
 

@@ -138,7 +138,7 @@ def test_takedown_add_and_check(hostile, run, tmp_path, capsys):
 
 
 def test_report_data(hostile, run, tmp_path):
-    from openseer.run_report import load_sample
+    from openseer.use.run_report import load_sample
 
     sample = load_sample(str(hostile.root), 10_000, 24, 0)
     assert sample.skipped == dict(sorted(hostile.skips.items()))

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from openseer.export import export_backbone
 from openseer.model.backbone import BackboneError
 from openseer.model.load import load_backbone
 from openseer.train.checkpoint import CheckpointError
+from openseer.use.export import export_backbone
 
 
 def test_every_kind_of_weights_gives_the_same_backbone(tiny_run, tmp_path):

@@ -302,7 +302,7 @@ def test_torchrun_run_resumes_on_other_world_sizes_and_exports(tmp_path):
     import timm
     from safetensors.torch import load_file
 
-    from openseer.export import export_backbone
+    from openseer.use.export import export_backbone
 
     reference = timm.create_model("regnety_002", num_classes=0)
     for source, expected in ((run, state), (run / "checkpoints" / "step_00000004.dcp", dcp_state)):

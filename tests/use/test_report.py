@@ -16,9 +16,9 @@ from PIL import Image
 
 from openseer.cli import main
 from openseer.eval.report import Report
-from openseer.run_report import write_report
+from openseer.use.run_report import write_report
 from tests.conftest import fmnist_available
-from tests.usekit import image_folder, make_run
+from tests.use.kit import image_folder, make_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

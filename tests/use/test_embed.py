@@ -10,8 +10,8 @@ import pytest
 
 import openseer
 from openseer.cli import main
-from openseer.embed import EmbedError, embed_collection, load_embeddings
-from tests.usekit import image_folder, make_run
+from openseer.use.embed import EmbedError, embed_collection, load_embeddings
+from tests.use.kit import image_folder, make_run
 
 
 @pytest.fixture(scope="module")

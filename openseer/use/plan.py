@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model.swav import build_swav
-from .train.parallel import _blocks, backbone_stages, fsdp_units
+from ..model.swav import build_swav
+from ..train.parallel import _blocks, backbone_stages, fsdp_units
 
 GIB = 2**30
 OVERHEAD_BYTES = 2 * GIB

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.collection import Chunk, Collection, CollectionError, open_collection
-from .eval.common import draft_size
-from .eval.layers import describe_layer
-from .fileio import atomic_write_json, atomic_write_text, csv_text, read_csv_rows
+from ..data.collection import Chunk, Collection, CollectionError, open_collection
+from ..eval.common import draft_size
+from ..eval.layers import describe_layer
+from ..fileio import atomic_write_json, atomic_write_text, csv_text, read_csv_rows
 
 PARTIAL = "embeddings.partial.npy"
 PROGRESS = "progress.json"
@@ -73,7 +73,7 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
 
     ``max_chunks`` stops after that many new chunks (to test resuming). Returns meta.json's content.
     """
-    from .progress import progress as progress_bar
+    from ..progress import progress as progress_bar
 
     if dtype not in DTYPES:
         raise EmbedError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")

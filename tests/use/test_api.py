@@ -15,7 +15,7 @@ from timm.models.regnet import RegNet
 import openseer
 from openseer.data.decode import BadImage
 from tests.conftest import fmnist_available
-from tests.usekit import image_folder, make_run
+from tests.use.kit import image_folder, make_run
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_load_embed_and_backbone(run, tmp_path):
     np.testing.assert_allclose(model.embed(t), emb[1:2], atol=1e-5)  # one image alone
     np.testing.assert_allclose(model.embed(t.float() / 255), emb[1:2], atol=1e-4)  # float in [0, 1]
     # .backbone is the plain timm module: pooled features out of normalised images
-    from openseer.api import prepare
+    from openseer.use.api import prepare
 
     with torch.no_grad():
         direct = model.backbone(prepare([paths[0]], model.transform)).numpy()
@@ -83,7 +83,7 @@ def test_evaluate_delegates_to_the_eval_runner(run, tmp_path, monkeypatch):
     openseer.load(run, layer="s3+s4").evaluate("fashion-mnist")  # the Model's layer is the default
     assert seen["opts"].layer == "s3+s4"
     # a model built in Python is evaluated through a temporary export of its weights
-    loose = openseer.api.Model(model.backbone, {k: v for k, v in model.info.items()})
+    loose = openseer.use.api.Model(model.backbone, {k: v for k, v in model.info.items()})
     loose.evaluate("fashion-mnist")
     assert seen["opts"].weights.endswith("backbone.safetensors")
 
@@ -98,7 +98,7 @@ def test_evaluate_for_real_on_a_small_fashion_mnist_subset(run, tmp_path):
 
 @fmnist_available
 def test_readme_example_runs(run, tmp_path, monkeypatch):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     section = readme.split("## Use the features", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert 'openseer.load("runs/demo")' in code

@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ConfigError, load_config
-from .train.checkpoint import CKPT_DIR, CheckpointError, list_checkpoints, load_checkpoint
+from ..config import ConfigError, load_config
+from ..train.checkpoint import CKPT_DIR, CheckpointError, list_checkpoints, load_checkpoint
 
 
 @dataclass

@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 from openseer.cli import main
-from openseer.export import export, format_for
 from openseer.model.load import load_backbone
 from openseer.train.checkpoint import CheckpointError
-from tests.usekit import make_run
+from openseer.use.export import export, format_for
+from tests.use.kit import make_run
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_int8_onnx_runs_in_onnxruntime_within_tolerance_of_fp32(small_run, calib
     import onnx
     import onnxruntime as ort
 
-    from openseer.api import load, prepare
+    from openseer.use.api import load, prepare
     from tests.conftest import write_pngs
 
     out = tmp_path / "int8.onnx"

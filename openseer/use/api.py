@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.decode import BadImage, load_image, to_rgb
-from .eval.common import RESIZE_RATIO, EvalTransform, draft_size  # noqa: F401  (draft_size: re-exported)
-from .eval.layers import LAST, feature_model, layer_dim, layer_spec, parse_layer
+from ..data.decode import BadImage, load_image, to_rgb
+from ..eval.common import RESIZE_RATIO, EvalTransform, draft_size  # noqa: F401  (draft_size: re-exported)
+from ..eval.layers import LAST, feature_model, layer_dim, layer_spec, parse_layer
 
 
 def image_tensor(item: Any, crop: int) -> torch.Tensor:
@@ -121,7 +121,7 @@ class Model:
         else:
             items = list(images)
         out = np.zeros((len(items), self.feature_dim), dtype=np.float32)
-        from .progress import progress as progress_bar
+        from ..progress import progress as progress_bar
 
         bar = progress_bar("embed", total=len(items), unit="img", enabled=progress, leave=False)
         for start in range(0, len(items), batch_size):
@@ -146,7 +146,7 @@ class Model:
         return embed_collection(self, data, out, **options)
 
     def export(self, out: str | Path, format: str | None = None, check: bool = True) -> dict:
-        """Write the backbone as safetensors / torchscript / onnx / vissl (see ``openseer.export``);
+        """Write the backbone as safetensors / torchscript / onnx / vissl (see ``openseer.use.export``);
         the whole backbone, whatever ``layer`` this Model embeds with."""
         from .export import export_model
 
@@ -155,7 +155,7 @@ class Model:
     def evaluate(self, data: str = "fashion-mnist", out: str | Path | None = None, **options) -> dict:
         """Run ``openseer eval`` on these weights; ``options`` are ``EvalOptions`` fields
         (``protocols=('knn', 'linear')``, ``limit_train=2000``, ...). Returns the report dict."""
-        from .eval.runner import EvalOptions, evaluate
+        from ..eval.runner import EvalOptions, evaluate
 
         kwargs = dict(options)
         kwargs.setdefault("layer", self.layer)
@@ -183,7 +183,7 @@ def load(spec: str | Path, arch: str | None = None, device: str = "cpu", random_
     ``arch`` names the architecture of files that do not record it; ``layer`` the stages to embed
     with ('last', 's3', 's3+s4': see ``Model``).
     """
-    from .model.load import load_backbone
+    from ..model.load import load_backbone
 
     backbone, info = load_backbone(str(spec), random_init=random_init, arch=arch, seed=seed)
     return Model(backbone, info, spec=str(spec), device=device, layer=layer)

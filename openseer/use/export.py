@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .config import config_from_dict
-from .fileio import usual_mode
-from .model.checkpoint_file import (  # noqa: F401
+from ..config import config_from_dict
+from ..fileio import usual_mode
+from ..model.checkpoint_file import (  # noqa: F401
     PREFIX,
     CheckpointError,
     backbone_tensors,
@@ -226,7 +226,7 @@ def export(source: str | Path, out_path: str | Path, fmt: str | None = None, arc
     if fmt == "safetensors" and not arch and src.is_dir():
         path = export_backbone(src, out_path)  # straight from the checkpoint (also sharded .dcp)
         return {"path": str(path), "format": fmt, "max_abs_diff": None}
-    from .model.load import load_backbone
+    from ..model.load import load_backbone
 
     model, info = load_backbone(str(source), arch=arch)
     return export_model(model, info, out_path, fmt, check=check, opset=opset)

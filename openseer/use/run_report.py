@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data.sources import DataError
+from ..data.sources import DataError
 
 TILE = 64
 
@@ -126,7 +126,7 @@ def curves_section(metrics: list[dict], n_prototypes: int | None) -> str:
 def eval_section(doc: dict | None) -> str:
     if doc is None:
         return "<p class=note>No eval.json in the run directory: run <code>openseer eval RUN_DIR</code> to add it.</p>"
-    from .eval.report import MODELS, split_label
+    from ..eval.report import MODELS, split_label
 
     results = doc.get("results", [])
     models = [m for m in MODELS if any(r.get("model") == m for r in results)]
@@ -175,12 +175,12 @@ class Sample:
 
 def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sample:
     """A seeded sample of ``n`` images of the source, through the eval geometry (crop x crop)."""
+    from ..data.decode import BadImage, decode_bytes
+    from ..data.reader import SkipCounts
+    from ..data.sources import FASHION_MNIST_CLASSES, open_source
+    from ..eval.common import EvalTransform
+    from ..fileio import name_to_text
     from .api import draft_size, image_tensor
-    from .data.decode import BadImage, decode_bytes
-    from .data.reader import SkipCounts
-    from .data.sources import FASHION_MNIST_CLASSES, open_source
-    from .eval.common import EvalTransform
-    from .fileio import name_to_text
 
     geometry = EvalTransform(crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     src = open_source(spec, data_cfg=data_cfg)
@@ -196,7 +196,7 @@ def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sampl
     tiles, keys = [], []
     skips = SkipCounts()
     if src.streaming:  # tar shards: the first n usable samples, in shard order
-        from .data.stream import iter_shard
+        from ..data.stream import iter_shard
 
         for i, url in enumerate(src.urls):  # type: ignore[attr-defined]
             for s in iter_shard(url, i, pipe_timeout=getattr(data_cfg, "pipe_timeout", 300.0)):
@@ -443,9 +443,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
                  neighbours: int = 9, map_method: str = "pca", seed: int = 0, device: str = "cpu",
                  batch_size: int = 256) -> dict:
     """Write ``RUN_DIR/report.html`` (or ``out``); returns {"path", "seconds", "sections": {...}}."""
-    from .config import ConfigError, config_from_dict, load_config
-    from .model.swav import build_swav
-    from .train.checkpoint import CheckpointError, latest_checkpoint
+    from ..config import ConfigError, config_from_dict, load_config
+    from ..model.swav import build_swav
+    from ..train.checkpoint import CheckpointError, latest_checkpoint
 
     t0 = time.perf_counter()
     run_dir = Path(run_dir).expanduser()
@@ -504,7 +504,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
         if smp is not None:
             t = time.perf_counter()
             if cfg.distill.teacher:  # openseer distill: the student read through its teacher's prototypes
-                from .distill import report_model
+                from ..train.distill import report_model
 
                 model = report_model(state, cfg)
             else:
@@ -549,7 +549,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
 def run_summary(run_dir: str | Path, report_path: str | Path | None = None) -> str:
     """A few plain lines for the end of a demo: where the run is, how it trained, the evaluation
     table (from ``eval.json``) with which rows beat every baseline, and the report's path."""
-    from .eval.report import MODELS, render_markdown
+    from ..eval.report import MODELS, render_markdown
 
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir)

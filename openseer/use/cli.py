@@ -52,7 +52,7 @@ output: curated/list.txt, exclude.txt, decisions.csv (every image: group, cluste
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``export``, ``embed``, ``import-seer``, ``report`` and ``curate`` to the ``openseer`` command."""
-    FORMATS = ("safetensors", "torchscript", "onnx", "vissl")  # as openseer.export.FORMATS (no torch import here)
+    FORMATS = ("safetensors", "torchscript", "onnx", "vissl")  # as openseer.use.export.FORMATS (no torch import here)
 
     p = sub.add_parser("export", help="write a backbone as safetensors (timm names), TorchScript, ONNX or VISSL",
                        description="Export the backbone of a run, checkpoint, exported file or timm name. "
@@ -187,15 +187,15 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        from .data.sources import DataError
+        from ..data.sources import DataError
 
         raise DataError("--device cuda but no CUDA GPU is visible; use --device cpu")
     return name
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..train.checkpoint import CheckpointError
     from .export import export
-    from .train.checkpoint import CheckpointError
 
     out = args.out or args.out_pos
     if not out:

@@ -15,7 +15,7 @@ import torch
 
 import openseer
 from openseer.cli import main
-from openseer.vissl import WeightsImportError, import_weights, timm_key_to_vissl, to_vissl
+from openseer.use.vissl import WeightsImportError, import_weights, timm_key_to_vissl, to_vissl
 
 
 def _timm(arch="regnety_002", seed=0):

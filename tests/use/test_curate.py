@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from openseer.cli import main
-from openseer.curate import balanced_sample, duplicate_groups, group_representatives, kmeans, water_fill
 from openseer.data.pile import PileSpec, build_pile, read_answer_key
 from openseer.fileio import read_list
 from openseer.train.loop import pretrain
+from openseer.use.curate import balanced_sample, duplicate_groups, group_representatives, kmeans, water_fill
 from tests.conftest import FAST, fmnist_available, snapshot, tiny_config, write_pngs
 from tests.data.corpus import write_corpus
 

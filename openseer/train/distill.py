@@ -31,18 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Config, build_config, config_from_dict
-from .data.batches import count_reasons, data_state, iterate_batches, prepare_stream
-from .data.sources import FolderSource, open_source
-from .data.takedown import record_provenance
-from .model.backbone import BackboneError, build_backbone, feature_dim
-from .model.checkpoint_file import CheckpointError, latest_checkpoint, load_checkpoint
-from .model.load import load_backbone
-from .model.swav import ProjectionHead, Prototypes
-from .train.checkpoint import list_checkpoints
-from .train.distributed import env_from_os
-from .train.hardware import resolve_auto
-from .train.loop import (
+from ..config import Config, build_config, config_from_dict
+from ..data.batches import count_reasons, data_state, iterate_batches, prepare_stream
+from ..data.sources import FolderSource, open_source
+from ..data.takedown import record_provenance
+from ..model.backbone import BackboneError, build_backbone, feature_dim
+from ..model.checkpoint_file import CheckpointError, latest_checkpoint, load_checkpoint
+from ..model.load import load_backbone
+from ..model.swav import ProjectionHead, Prototypes
+from .checkpoint import list_checkpoints
+from .distributed import env_from_os
+from .hardware import resolve_auto
+from .loop import (
     MetricsLog,
     RunError,
     _append_bad,
@@ -55,7 +55,7 @@ from .train.loop import (
     resolve_device,
     schedule,
 )
-from .train.optim import build_optimizer, lr_at
+from .optim import build_optimizer, lr_at
 
 
 def _per_resolution(backbone: nn.Module, crops: list[torch.Tensor], channels_last: bool) -> torch.Tensor:
@@ -193,7 +193,7 @@ def feature_agreement(run_dir: str | Path, images: torch.Tensor, checkpoint: str
     """Mean cosine similarity, over ``images`` (uint8 (B, C, H, W)), between the projected student of
     a distill run (its latest checkpoint, or ``checkpoint``) and its teacher, both fed through the
     eval transform: how closely the student reproduces the teacher."""
-    from .eval.common import EvalTransform
+    from ..eval.common import EvalTransform
 
     run_dir = Path(run_dir)
     path, state = (Path(checkpoint), load_checkpoint(checkpoint)) if checkpoint else latest_checkpoint(run_dir)
@@ -245,7 +245,7 @@ def distill_config(teacher: str, student: str, data: str | None, recipe: str | N
         base["data"] = {"source": data}
     tpath = Path(teacher).expanduser()
     if recipe is None and tpath.is_dir() and (tpath / "config.yaml").is_file():
-        from .config import load_config, merge, parse_override, to_dict
+        from ..config import load_config, merge, parse_override, to_dict
 
         cfg = load_config(tpath / "config.yaml")
         keep = to_dict(cfg)

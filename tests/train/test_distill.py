@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from openseer.api import image_tensor
 from openseer.cli import main
-from openseer.distill import feature_agreement
 from openseer.model.load import load_backbone
 from openseer.train.checkpoint import latest_checkpoint, list_checkpoints
+from openseer.train.distill import feature_agreement
+from openseer.use.api import image_tensor
 from tests.conftest import FAST, write_pngs
-from tests.usekit import make_run
+from tests.use.kit import make_run
 
 # student test_resnet (FAST), 2x24 + 2x12 crops of generated PNGs, batch 32, a high LARC LR
 SMALL = [*FAST, "data.batch_size=32", "optim.epochs=4", "optim.base_lr=9.6", "optim.minutes=0", "log.every=1",

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.sources import DataError
-from .eval.common import EvalTransform
+from ..data.sources import DataError
+from ..eval.common import EvalTransform
+from ..model.checkpoint_file import CheckpointError
 from .export import file_metadata, save_onnx
-from .model.checkpoint_file import CheckpointError
 
 CALIBRATION_BATCH = 32
 
@@ -37,8 +37,8 @@ class QuantizeError(DataError):
 def calibration_batch(spec: str, n: int, info: dict) -> tuple[torch.Tensor, dict]:
     """(normalised float batch (N, 3, crop, crop), counts) of ``n`` images spread evenly over ``spec``
     (a folder, a .txt list of paths, tar shards or fashion-mnist), undecodable ones skipped."""
-    from .data.collection import Chunk, open_collection
-    from .eval.common import draft_size
+    from ..data.collection import Chunk, open_collection
+    from ..eval.common import draft_size
 
     if n < 1:
         raise QuantizeError(f"--calibrate-n must be >= 1; got {n}")
@@ -162,8 +162,8 @@ def export_int8(model: torch.nn.Module, info: dict, out_path: str | Path, calibr
 def export_quantized(source: str, out_path: str | Path, calibrate: str | None, n: int = 256, fmt: str | None = None,
                      arch: str | None = None, opset: int | None = None) -> dict:
     """``openseer export SOURCE --int8 --calibrate PILE``: load the weights, then ``export_int8``."""
+    from ..model.load import load_backbone
     from .export import format_for
-    from .model.load import load_backbone
 
     if not calibrate:
         raise QuantizeError("--int8 needs calibration images: --calibrate PILE (a folder, file list, shards "

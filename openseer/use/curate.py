@@ -44,10 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.sources import DataError
-from .fileio import atomic_write_json, atomic_write_text, csv_text, text_to_name, write_list
+from ..data.sources import DataError
+from ..fileio import atomic_write_json, atomic_write_text, csv_text, text_to_name, write_list
 
-FORMAT = "openseer.curate.v1"
+FORMAT = "openseer.use.curate.v1"
 DUP_THRESHOLD = 0.95
 NEIGHBOURS = 64  # neighbours searched per image for duplicate links
 BLOCK = 1024  # query rows per faiss search
@@ -279,7 +279,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     Every check that can fail (settings, the pile, the model, the memory estimate) runs before
     anything is written.
     """
-    from .data.collection import open_collection
+    from ..data.collection import open_collection
     from .embed import load_embeddings
 
     t0 = time.perf_counter()
@@ -331,7 +331,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
 
     t1 = time.perf_counter()
     if dup_by == "descriptor":  # the near-copy descriptor (data/nearcopy.py), flips included
-        from .data.nearcopy import SIDE, PileIndex
+        from ..data.nearcopy import SIDE, PileIndex
 
         pix = PileIndex(pile, progress=progress, flips=True)
         where = {k: i for i, k in enumerate(pix.keys)}
@@ -444,7 +444,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
 
     # ---- files (each written atomically)
     kept_paths = [paths[i] for i in np.flatnonzero(kept)]
-    from .data.sources import open_denylist
+    from ..data.sources import open_denylist
 
     pile_root = Path(pile) if Path(pile).is_dir() else None
     pile_deny = getattr(coll, "deny", None) or open_denylist("", pile_root)
@@ -462,7 +462,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         if coll.kind != "files":
             summary["shards"] = "not written: --shards needs a folder or file-list pile (use exclude.txt for shards)"
         else:
-            from .data.shards import write_shards
+            from ..data.shards import write_shards
 
             # enough shards for several ranks x loader workers (each needs one per pass), <= 10,000 images each
             size = min(10000, max(SHARD_MIN, -(-len(kept_paths) // SHARDS_WANTED)))
@@ -496,7 +496,7 @@ def _thumb(coll, row: dict, side: int = 64) -> str:
 
     try:
         if coll.kind == "files":
-            from .data.decode import load_image
+            from ..data.decode import load_image
 
             img = load_image(row["path"], draft_size=side)
         elif coll.kind == "fashion-mnist":

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 
-from .fileio import usual_mode
-from .model.backbone import BackboneError, build_backbone
+from ..fileio import usual_mode
+from ..model.backbone import BackboneError, build_backbone
 
 # SEER weights are RGB with ImageNet mean/std (SEER.md §2) at 224 px.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
