@@ -7,7 +7,9 @@ Queries: half of the distinct wallpapers (openseer.data.pile.load_photographs). 
 ``--copies`` copies of every kind: JPEG quality 30-95, scale 0.25-1, a crop keeping 70-100% of the
 area (random aspect and position), a horizontal flip, and all four at once. Distractors: distinct
 images that are no copy of any query: non-overlapping tiles (1/2 .. 1/5 of the side) of the other
-wallpapers and Fashion-MNIST test images. Everything goes into one pile index; each query runs
+wallpapers, detail-free pictures (smooth random fields like skies and backdrops, 2-40 grey levels of
+relief, some saved as JPEG), near-blank images (a flat level plus faint noise, as the uncurated pile
+holds) and Fashion-MNIST test images. Everything goes into one pile index; each query runs
 ``openseer.data.nearcopy.find_copies`` (the code ``takedown add --near`` runs). Recall = copies
 found by their own query; false matches = distractors (and other queries' copies) matched by any
 query. Prints one JSON line.
@@ -30,6 +32,7 @@ from openseer.data.pile import load_photographs
 from openseer.data.sources import DataError, load_fashion_mnist
 
 KINDS = ("jpeg", "scale", "crop", "flip", "all")
+DISTRACTORS = ("tile", "smooth", "blank", "fmnist")
 
 
 def make_copy(img: Image.Image, kind: str, rng: random.Random) -> tuple[Image.Image, str]:
@@ -71,11 +74,45 @@ def tiles(img: Image.Image, fractions=(2, 3, 4, 5)) -> list[Image.Image]:
     return out
 
 
+def smooth_fields(n: int, seed: int) -> list[Image.Image]:
+    """Detail-free pictures: a random 2x2..5x5 grid of grey levels (2-40 levels of relief around a random
+    mean), bicubic-upsampled to 64-320 px, with faint noise; a third saved as JPEG."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        g = int(rng.integers(2, 6))
+        grid = rng.uniform(0, 1, (g, g)) * rng.uniform(2, 40) + rng.uniform(20, 220)
+        w, h = int(rng.integers(64, 321)), int(rng.integers(64, 321))
+        img = Image.fromarray(grid.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BICUBIC)
+        x = np.asarray(img) + rng.normal(0, 0.7, (h, w))
+        img = Image.fromarray(np.clip(x, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+        if rng.random() < 1 / 3:
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=int(rng.integers(30, 96)))
+            img = Image.open(io.BytesIO(buf.getvalue()))
+            img.load()
+        out.append(img)
+    return out
+
+
+def near_blanks(n: int, seed: int) -> list[Image.Image]:
+    """Near-blank images as the uncurated pile makes them: a flat grey level plus faint noise (28-128 px)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = int(rng.integers(28, 129))
+        x = np.clip(rng.integers(0, 256) + rng.normal(0, 1.5, (s, s)), 0, 255).astype(np.uint8)
+        out.append(Image.fromarray(x, mode="L"))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--queries", type=int, default=0, help="photos taken down (default: half the distinct wallpapers)")
     p.add_argument("--copies", type=int, default=10, help="copies per query and kind (default 10)")
     p.add_argument("--distractors", type=int, default=12000, help="distinct non-copies (default 12000)")
+    p.add_argument("--smooth", type=int, default=1000, help="detail-free distractors among them (default 1000)")
+    p.add_argument("--blank", type=int, default=500, help="near-blank distractors among them (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threshold", type=float, default=nc.THRESHOLD)
     p.add_argument("--verify", type=float, default=nc.VERIFY)
@@ -103,22 +140,23 @@ def main(argv: list[str] | None = None) -> int:
                 owner.append(qi)
                 kind_of.append(kind)
     n_copies = len(pile)
-    distract: list[Image.Image] = []
+    distract: list[tuple[Image.Image, str]] = []
     for di in d_idx:
-        distract += tiles(photos[di][1])
-    n_tiles = len(distract)
+        distract += [(t, "tile") for t in tiles(photos[di][1])]
+    distract = distract[: max(0, args.distractors - args.smooth - args.blank)]  # room for the others
+    distract += [(im, "smooth") for im in smooth_fields(args.smooth, args.seed)]
+    distract += [(im, "blank") for im in near_blanks(args.blank, args.seed + 1)]
     try:
         test, _ = load_fashion_mnist("test")
     except DataError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 2
-    need = max(0, args.distractors - n_tiles)
-    distract += [Image.fromarray(test[i, 0].numpy(), mode="L") for i in range(min(need, len(test)))]
+    need = max(0, args.distractors - len(distract))
+    distract += [(Image.fromarray(test[i, 0].numpy(), mode="L"), "fmnist") for i in range(min(need, len(test)))]
     distract = distract[: max(args.distractors, 0)] if args.distractors else distract
-    n_tiles = min(n_tiles, len(distract))
-    pile += distract
+    pile += [im for im, _ in distract]
     owner += [-1] * len(distract)
-    kind_of += ["distractor"] * len(distract)
+    kind_of += [k for _, k in distract]
     t1 = time.perf_counter()
     vecs, described = [], []
     for i, img in enumerate(pile):
@@ -143,13 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         found = {(q, r) for q, r, s, f in hits if s >= th and f >= vt}
         own = [(owner[r], r) in found for r in range(n_copies)]
         wrong = {r for q, r in found if owner[r] != q}
+        missed: dict[int, int] = {}
+        for r in range(n_copies):
+            if not own[r]:
+                missed[owner[r]] = missed.get(owner[r], 0) + 1
         per_kind = {k: round(100 * float(np.mean([o for o, kk in zip(own, kind_of) if kk == k])), 2) for k in KINDS}
         return {"recall": round(100 * float(np.mean(own)), 2), "recall_by_kind": per_kind,
                 "false_matches": len(wrong), "false_match_pct": round(100 * len(wrong) / len(distract), 3),
-                "distractors_matched": sum(1 for r in wrong if owner[r] == -1)}
+                "distractors_matched": sum(1 for r in wrong if owner[r] == -1),
+                "matched_by_kind": {k: sum(1 for r in wrong if kind_of[r] == k) for k in (*DISTRACTORS, *KINDS)},
+                "misses_by_query": {photos[q_idx[q]][0]: n for q, n in sorted(missed.items())}}
 
     line = {"bench": "nearcopy", "queries": nq, "copies": n_copies, "copies_per_kind": args.copies * nq,
-            "distractors": len(distract), "distractor_tiles": n_tiles, "distractor_fmnist": len(distract) - n_tiles,
+            "distractors": len(distract), **{f"distractor_{k}": kind_of.count(k) for k in DISTRACTORS},
             "photographs": len(photos), "threshold": args.threshold, "verify": args.verify,
             "grid_windows": len(nc.GRID) * 2, "descriptor": f"{nc.SIDE}x{nc.SIDE} grey, verify {nc.FINE}x{nc.FINE} high-pass",
             **score(args.threshold, args.verify), "describe_s": round(describe_s, 1),

@@ -4,19 +4,24 @@ An exact takedown matches the content hash, so a copy saved again at another JPE
 crop still reaches the model. This module matches such copies with a hand-made descriptor (no
 pretrained weights are needed, and none can be downloaded here), copy-detection style:
 
-* **Descriptor.** An image is turned grey, area-resampled to ``SIDE x SIDE`` pixels, its mean
-  removed and its norm set to 1. Re-encoding (even JPEG quality 30) and resizing (a quarter of the
-  side) barely move a 16 x 16 area average, so two copies have a cosine similarity near 1; flat
-  images (near-blank, below ``MIN_STD`` grey levels of spread) get no descriptor and never match.
+* **Descriptor.** An image is turned grey (float levels, never rounded: a dark or near-flat photo's
+  structure can be a few levels deep), area-resampled to ``SIDE x SIDE`` pixels, its mean removed
+  and its norm set to 1. Re-encoding (even JPEG quality 30) and resizing (a quarter of the side)
+  barely move a 16 x 16 area average, so two copies have a cosine similarity near 1; blank images
+  (below ``MIN_STD`` grey levels of spread) get no descriptor and never match.
 * **The query side is multi-crop.** A copy that keeps >= 70% of the area is some window of the
   original with both sides >= 70%; the photo being taken down is described at a grid of such
   windows (widths and heights ``0.7 .. 1`` with their positions, ``CROP_STEP`` apart) and at their
   mirror images, so one of its descriptors lines up with any such crop (flipped or not). A pile
   image is described once, whole.
 * **Matching** is a faiss inner-product range search of the query's descriptors over the pile's
-  (normalised vectors, so inner product = cosine) with threshold ``THRESHOLD``. The threshold and
-  the grid were chosen by ``bench/nearcopy.py``: recall and false matches on copies of real
-  photographs against 10,000+ distinct images (numbers in docs/benchmarks.md).
+  (normalised vectors, so inner product = cosine) with threshold ``THRESHOLD``, then a check of
+  each candidate: the 32 x 32 high-pass detail of candidate and window must correlate (``VERIFY``,
+  with a local search over the window's position and size); where neither has detail (smooth
+  gradients, near-flat pictures) the 16 x 16 descriptor, refined the same way, must agree closely
+  (``FLAT_THRESHOLD``). The thresholds and the grid were chosen by ``bench/nearcopy.py``: recall
+  and false matches on copies of real photographs against 12,000 distinct images, detail-free and
+  near-blank ones among them (numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -27,24 +32,27 @@ import numpy as np
 from PIL import Image
 
 SIDE = 16  # descriptor resolution: 256 numbers
-MIN_STD = 4.0  # grey levels: flatter images (near-blank) are not described, so never matched
-THRESHOLD = 0.85  # descriptor cosine similarity of a candidate (see bench/nearcopy.py)
+MIN_STD = 0.5  # grey levels of 16 x 16 spread: flatter images (blank) are not described, so never matched
+THRESHOLD = 0.80  # descriptor cosine similarity of a candidate (see bench/nearcopy.py)
 MIN_SIDE = 0.70  # the grid covers windows whose sides keep >= 70% (every crop keeping >= 70% of the area)
 CROP_STEP = 0.05  # grid step of window sides and positions, as a fraction of the image side
 
 
 def _grey(img: Image.Image) -> Image.Image:
-    if img.mode != "L":
-        img = img.convert("RGB").convert("L") if img.mode not in ("RGB", "L") else img.convert("L")
-    return img
+    """Grey levels as 32-bit floats: no rounding to whole levels, which would drown the faint
+    structure of a dark or near-flat photo (a 3-level gradient under its 0.5-level rounding noise)."""
+    if img.mode == "F":
+        return img
+    if img.mode not in ("RGB", "L"):
+        img = img.convert("RGB")
+    return img.convert("F")
 
 
 def _vector(img: Image.Image) -> np.ndarray | None:
-    """Resampled grey pixels -> a zero-mean unit vector, or None for a flat image."""
-    x = np.asarray(img.resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float32).ravel()
+    """Resampled grey levels -> a zero-mean unit vector, or None for a flat image."""
+    x = np.asarray(_grey(img).resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float32).ravel()
     x = x - x.mean()
-    std = float(x.std())
-    if std < MIN_STD:
+    if float(x.std()) < MIN_STD:
         return None
     return x / float(np.linalg.norm(x))
 
@@ -112,41 +120,60 @@ class Query:
     vectors: np.ndarray  # (M, SIDE*SIDE)
     windows: list[tuple[int, tuple[float, float, float, float]]]  # per row: (view, window)
 
-    def verify(self, row: int, candidate: Image.Image) -> float:
-        """The best high-pass correlation of a candidate with query window ``row``, refined by a
-        local search over the window's position and size (the grid is CROP_STEP apart; a real crop
-        falls between): coordinate steps of CROP_STEP / 2, halved twice."""
-        target = fine(prepare_image(candidate))
-        view_i, (x, y, w, h) = self.windows[row]
-        if target is None:  # no detail to compare: only a detail-free window can be its original
-            W, H = self.views[view_i].size
-            flat = fine(self.views[view_i], (x * W, y * H, (x + w) * W, (y + h) * H)) is None
-            return FLAT if flat else -1.0
+    def verify(self, row: int, candidate: Image.Image) -> tuple[float, bool]:
+        """(score, flat) of a candidate against query window ``row``. The score is the best high-pass
+        correlation of the two, refined by a local search over the window's position and size (the
+        grid is CROP_STEP apart; a real crop falls between): coordinate steps of CROP_STEP / 2,
+        halved twice. When neither has detail to compare (smooth gradients, near-flat pictures),
+        ``flat`` is True and the score is the 16 x 16 descriptor's cosine, refined the same way; a
+        candidate without detail against a window with detail scores -1."""
+        cand = prepare_image(candidate)
+        target = fine(cand)
+        view_i, window = self.windows[row]
         view = self.views[view_i]
         W, H = view.size
 
-        def corr(b: tuple[float, float, float, float]) -> float:
+        def pixels(b: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
             x0, y0, x1, y1 = max(0.0, b[0]), max(0.0, b[1]), min(1.0, b[0] + b[2]), min(1.0, b[1] + b[3])
-            if x1 - x0 < 0.05 or y1 - y0 < 0.05:
-                return -1.0
-            v = fine(view, (x0 * W, y0 * H, x1 * W, y1 * H))
+            return None if x1 - x0 < 0.05 or y1 - y0 < 0.05 else (x0 * W, y0 * H, x1 * W, y1 * H)
+
+        if target is None:  # no detail to compare: only a detail-free window can be its original
+            coarse = _vector(cand)
+            if coarse is None or fine(view, pixels(window)) is not None:
+                return -1.0, True
+
+            def corr(b: tuple[float, float, float, float]) -> float:
+                box = pixels(b)
+                v = None if box is None else _vector(view.resize((SIDE, SIDE), Image.Resampling.BOX, box=box))
+                return -1.0 if v is None else float(v @ coarse)
+
+            return _local_search(corr, window), True
+
+        def corr(b: tuple[float, float, float, float]) -> float:  # noqa: F811 (the detailed case)
+            box = pixels(b)
+            v = None if box is None else fine(view, box)
             return -1.0 if v is None else float(v @ target)
 
-        box, best = (x, y, w, h), corr((x, y, w, h))
-        step = CROP_STEP / 2
-        for _ in range(3):
-            moved = True
-            while moved:
-                moved = False
-                for k in range(4):
-                    for sign in (-1, 1):
-                        b = list(box)
-                        b[k] += sign * step
-                        c = corr(tuple(b))  # type: ignore[arg-type]
-                        if c > best:
-                            best, box, moved = c, tuple(b), True  # type: ignore[assignment]
-            step /= 2
-        return best
+        return _local_search(corr, window), False
+
+
+def _local_search(score, box: tuple[float, float, float, float]) -> float:
+    """The best ``score(window)`` by coordinate steps of CROP_STEP / 2 around ``box``, halved twice."""
+    best = score(box)
+    step = CROP_STEP / 2
+    for _ in range(3):
+        moved = True
+        while moved:
+            moved = False
+            for k in range(4):
+                for sign in (-1, 1):
+                    b = list(box)
+                    b[k] += sign * step
+                    c = score(tuple(b))
+                    if c > best:
+                        best, box, moved = c, tuple(b), True
+        step /= 2
+    return best
 
 
 def describe_query(img: Image.Image) -> Query:
@@ -194,23 +221,19 @@ class CopyIndex:
 
 
 VERIFY = 0.50  # high-pass correlation that confirms a candidate (see bench/nearcopy.py)
-FLAT = 2.0  # verify()'s answer when candidate and window both lack detail (smooth gradients)
-FLAT_THRESHOLD = 0.98  # then the descriptor alone decides, at this stricter cosine
+FLAT_THRESHOLD = 0.98  # refined descriptor cosine that confirms a candidate when neither side has detail
 
 
 def find_copies(query: Query, index: CopyIndex, load, threshold: float = THRESHOLD,
                 verify: float = VERIFY) -> list[tuple[int, float, float]]:
-    """Pile rows that are copies of ``query``: (row, descriptor similarity, verified correlation),
-    best first. ``load(row)`` returns the pile image of a candidate (a PIL image, or None when it
-    cannot be read any more: then it is not a match)."""
+    """Pile rows that are copies of ``query``: (row, descriptor similarity, verified score), best
+    first. ``load(row)`` returns the pile image of a candidate (a PIL image, or None when it cannot be
+    read any more: then it is not a match)."""
     found = []
     for row, (sim, qrow) in index.candidates(query, threshold).items():
         img = load(row)
-        score = query.verify(qrow, img) if img is not None else -1.0
-        if score == FLAT:  # detail-free on both sides: the 16 x 16 descriptor must agree closely
-            if sim >= FLAT_THRESHOLD:
-                found.append((row, sim, sim))
-        elif score >= verify:
+        score, flat = query.verify(qrow, img) if img is not None else (-1.0, False)
+        if score >= (FLAT_THRESHOLD if flat else verify):
             found.append((row, sim, score))
     return sorted(found, key=lambda t: -t[2])
 
