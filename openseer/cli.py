@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "directory that eval, export, embed and report take. Settings default to the "
                                    "teacher run's config (else the tiny-cpu recipe); trailing key=value pairs "
                                    "override, e.g. distill.loss=swav optim.minutes=10.",
-                       epilog="examples:\n  openseer distill runs/big --student mobilenetv3_small_050 --data /pile "
+                       epilog="examples:\n  openseer distill runs/big --student mobilenetv2_035 --data /pile "
                               "--out runs/small\n  openseer distill runs/big --student lcnet_035 --data fashion-mnist "
                               "--out runs/s2 optim.minutes=10 model.stem_stride=1\n  openseer distill --resume runs/small",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
