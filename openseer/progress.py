@@ -132,7 +132,7 @@ class Progress:
             how_far += f" ({100 * self.n / self.total:.0f}%)"
         parts = [f"{self.desc}: {how_far}"]
         r = self.rate()
-        if r is not None:
+        if r is not None and self.unit != "s":  # a bar that counts seconds (a time budget) runs at 1 s/s
             parts.append(f"{r:.3g} {self.unit}/s" if r >= 1 else f"{format_seconds(1 / r)}/{self.unit}")
         eta = self.eta_s()
         if eta is not None:

@@ -38,6 +38,20 @@ def test_a_file_gets_plain_lines_with_rate_and_eta_and_no_carriage_return(monkey
     assert lines[-1].startswith("embed: 10/10 img (100%)") and "done in" in lines[-1]
 
 
+def test_a_clock_bar_shows_no_seconds_per_second(monkeypatch):
+    # a time-budgeted pretraining counts seconds: its rate is always about 1 s/s, so the line leaves it
+    # out and shows the ETA and the step's own numbers (images/s) instead
+    monkeypatch.delenv("OPENSEER_PROGRESS", raising=False)
+    out = io.StringIO()
+    with progress("pretrain", total=300, unit="s", stream=out, every_s=0) as p:
+        time.sleep(0.01)
+        p.postfix(img_s=350)
+        p.update(10)
+    line = out.getvalue().splitlines()[0]
+    assert line.startswith("pretrain: 10/300 s (3%), ETA ") and line.endswith("img_s=350")
+    assert "s/s" not in out.getvalue()
+
+
 def test_lines_are_rate_limited(monkeypatch):
     monkeypatch.delenv("OPENSEER_PROGRESS", raising=False)
     out = io.StringIO()
