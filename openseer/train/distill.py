@@ -45,6 +45,7 @@ from .hardware import resolve_auto
 from .loop import (
     MetricsLog,
     RunError,
+    _announce_stop,
     _append_bad,
     _checkpoint,
     _config_diff,
@@ -391,14 +392,7 @@ def distill(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_st
                 _checkpoint(run_dir, step, model, optimizer, None, cfg, sched, counters, env, log,
                             data=data_state(batches))
                 last_ckpt_step = step
-            if stop_request.signal is not None:
-                import signal
-
-                preempted = signal.Signals(stop_request.signal).name
-                log.message(f"openseer: {preempted} received: checkpointing at step {step} and exiting")
-                break
-            if time_up:
-                log.message(f"openseer: time budget of {cfg.optim.minutes:g} minutes reached at step {step}")
+            if _announce_stop(log, cfg, step, stop_request.signal, stop_request.signal is not None, time_up):
                 break
             t_wait = time.perf_counter()
     finally:

@@ -273,6 +273,20 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def _announce_stop(log: MetricsLog, cfg: Config, step: int, signum: int | None, signalled: bool,
+                   time_up: bool) -> bool:
+    """Say why the loop ends at ``step`` (a stop signal, here or on a peer rank, or the time budget);
+    False when it goes on."""
+    if signalled:
+        who = signal.Signals(signum).name if signum else "peer"
+        log.message(f"openseer: {who} received: checkpointing at step {step} and exiting")
+        return True
+    if time_up:
+        log.message(f"openseer: time budget of {cfg.optim.minutes:g} minutes reached at step {step}")
+        return True
+    return False
+
+
 def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_steps: int | None = None) -> dict:
     """Run (or continue) SwAV pretraining; returns a summary dict (final step, loss, counters).
     Under torchrun it starts the process group, or uses the one already started, and leaves it open
@@ -321,12 +335,8 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
                 _checkpoint(s.run_dir, step, s.model, run.optimizer, s.queue, cfg, run.sched, run.counters, env,
                             log, data=data_state(batches))
                 last_ckpt_step = step
-            if stats.stop_signalled:
-                preempted = signal.Signals(stop_request.signal).name if stop_request.signal else "peer"
-                log.message(f"openseer: {preempted} received: checkpointing at step {step} and exiting")
-                break
-            if time_up:
-                log.message(f"openseer: time budget of {cfg.optim.minutes:g} minutes reached at step {step}")
+            if _announce_stop(log, cfg, step, stop_request.signal if stats.stop_signalled else None,
+                              stats.stop_signalled, time_up):
                 break
             t_wait = time.perf_counter()
     finally:
