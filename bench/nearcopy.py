@@ -23,12 +23,13 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 
 import numpy as np
 from PIL import Image
 
 from openseer.data import nearcopy as nc
-from openseer.data.pile import load_photographs
+from openseer.data.pile import load_photographs, near_blank
 from openseer.data.sources import DataError, load_fashion_mnist
 
 KINDS = ("jpeg", "scale", "crop", "flip", "all")
@@ -96,14 +97,9 @@ def smooth_fields(n: int, seed: int) -> list[Image.Image]:
 
 
 def near_blanks(n: int, seed: int) -> list[Image.Image]:
-    """Near-blank images as the uncurated pile makes them: a flat grey level plus faint noise (28-128 px)."""
+    """Near-blank images as the uncurated pile makes them (``near_blank``), 28-128 px."""
     rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        s = int(rng.integers(28, 129))
-        x = np.clip(rng.integers(0, 256) + rng.normal(0, 1.5, (s, s)), 0, 255).astype(np.uint8)
-        out.append(Image.fromarray(x, mode="L"))
-    return out
+    return [near_blank(rng, int(rng.integers(28, 129)))[0] for _ in range(n)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,10 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         found = {(q, r) for q, r, s, f in hits if s >= th and f >= vt}
         own = [(owner[r], r) in found for r in range(n_copies)]
         wrong = {r for q, r in found if owner[r] != q}
-        missed: dict[int, int] = {}
-        for r in range(n_copies):
-            if not own[r]:
-                missed[owner[r]] = missed.get(owner[r], 0) + 1
+        missed = Counter(owner[r] for r in range(n_copies) if not own[r])
         per_kind = {k: round(100 * float(np.mean([o for o, kk in zip(own, kind_of) if kk == k])), 2) for k in KINDS}
         return {"recall": round(100 * float(np.mean(own)), 2), "recall_by_kind": per_kind,
                 "false_matches": len(wrong), "false_match_pct": round(100 * len(wrong) / len(distract), 3),

@@ -48,9 +48,10 @@ def _grey(img: Image.Image) -> Image.Image:
     return img.convert("F")
 
 
-def _vector(img: Image.Image) -> np.ndarray | None:
-    """Resampled grey levels -> a zero-mean unit vector, or None for a flat image."""
-    x = np.asarray(_grey(img).resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float32).ravel()
+def _vector(img: Image.Image, box: tuple[float, float, float, float] | None = None) -> np.ndarray | None:
+    """Resampled grey levels (of ``box`` in the image, or all of it) -> a zero-mean unit vector, or
+    None for a flat image."""
+    x = np.asarray(_grey(img).resize((SIDE, SIDE), Image.Resampling.BOX, box=box), dtype=np.float32).ravel()
     x = x - x.mean()
     if float(x.std()) < MIN_STD:
         return None
@@ -138,23 +139,18 @@ class Query:
             return None if x1 - x0 < 0.05 or y1 - y0 < 0.05 else (x0 * W, y0 * H, x1 * W, y1 * H)
 
         if target is None:  # no detail to compare: only a detail-free window can be its original
-            coarse = _vector(cand)
-            if coarse is None or fine(view, pixels(window)) is not None:
+            ref, describe = _vector(cand), _vector
+            if ref is None or fine(view, pixels(window)) is not None:
                 return -1.0, True
+        else:
+            ref, describe = target, fine
 
-            def corr(b: tuple[float, float, float, float]) -> float:
-                box = pixels(b)
-                v = None if box is None else _vector(view.resize((SIDE, SIDE), Image.Resampling.BOX, box=box))
-                return -1.0 if v is None else float(v @ coarse)
-
-            return _local_search(corr, window), True
-
-        def corr(b: tuple[float, float, float, float]) -> float:  # noqa: F811 (the detailed case)
+        def corr(b: tuple[float, float, float, float]) -> float:
             box = pixels(b)
-            v = None if box is None else fine(view, box)
-            return -1.0 if v is None else float(v @ target)
+            v = None if box is None else describe(view, box)
+            return -1.0 if v is None else float(v @ ref)
 
-        return _local_search(corr, window), False
+        return _local_search(corr, window), target is None
 
 
 def _local_search(score, box: tuple[float, float, float, float]) -> float:
@@ -185,7 +181,7 @@ def describe_query(img: Image.Image) -> Query:
         W, H = view.size
         for x, y, w, h in GRID:
             box = (x * W, y * H, (x + w) * W, (y + h) * H)
-            v = _vector(view.resize((SIDE, SIDE), Image.Resampling.BOX, box=box))
+            v = _vector(view, box)
             if v is not None:
                 rows.append(v)
                 windows.append((i, (x, y, w, h)))

@@ -190,6 +190,13 @@ def _photo_crop(photo: Image.Image, rng: random.Random, side: int = 28) -> Image
     return photo.crop((x, y, x + s, y + s)).convert("L").resize((side, side), Image.Resampling.BOX)
 
 
+def near_blank(rng: np.random.Generator, side: int = 28) -> tuple[Image.Image, int]:
+    """A near-blank image (grey ``L``) and its level: a flat grey level plus faint noise (1.5 levels)."""
+    level = int(rng.integers(0, 256))
+    arr = np.clip(level + rng.normal(0, 1.5, (side, side)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr, mode="L"), level
+
+
 def build_pile(out: str | Path, spec: PileSpec | None = None, photos: list[tuple[str, Image.Image]] | None = None,
                fmnist_root: str | Path | None = None, progress: bool = False) -> dict:
     """Write the pile of ``spec`` into ``out`` (files, ``pile.csv``, ``pile.json``); returns the mix.
@@ -226,9 +233,8 @@ def build_pile(out: str | Path, spec: PileSpec | None = None, photos: list[tuple
         arr = nrng.integers(0, 256, (28, 28), dtype=np.uint8)
         items.append((PileItem("", "noise", source="uniform noise"), Image.fromarray(arr, mode="L"), "", 0))
     for _ in range(spec.blank):
-        level = int(nrng.integers(0, 256))
-        arr = np.clip(level + nrng.normal(0, 1.5, (28, 28)), 0, 255).astype(np.uint8)
-        items.append((PileItem("", "blank", source=f"grey {level}"), Image.fromarray(arr, mode="L"), "", 0))
+        img, level = near_blank(nrng)
+        items.append((PileItem("", "blank", source=f"grey {level}"), img, "", 0))
     for it in items:  # the originals' storage format
         jpeg = rng.random() < spec.jpeg_share
         it[0].extra["format"] = "jpg" if jpeg else "png"

@@ -47,7 +47,7 @@ import numpy as np
 from ..data.sources import DataError
 from ..fileio import atomic_write_json, atomic_write_text, csv_text, text_to_name, write_list
 
-FORMAT = "openseer.use.curate.v1"
+FORMAT = "openseer.curate.v1"
 DUP_THRESHOLD = 0.95
 NEIGHBOURS = 64  # neighbours searched per image for duplicate links
 BLOCK = 1024  # query rows per faiss search
