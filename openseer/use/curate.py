@@ -131,6 +131,28 @@ def _stars(x: np.ndarray, extra: tuple[np.ndarray, ...], label: np.ndarray, degr
     return out
 
 
+def pile_duplicate_groups(pile: str, x: np.ndarray, index_rows: list[dict], dup_by: str = "descriptor",
+                          threshold: float = DUP_THRESHOLD, progress: bool = False) -> np.ndarray:
+    """``duplicate_groups`` of a pile's embedded rows (``x``, ``index_rows`` of an embed folder): by
+    the near-copy descriptor of data/nearcopy.py with flips (``descriptor``), by the embeddings
+    (``embedding``), or none (``none``: every row its own group)."""
+    if dup_by == "none":
+        return np.arange(len(x), dtype=np.int64)
+    if dup_by == "embedding":
+        return duplicate_groups(x, threshold)
+    from ..data.nearcopy import SIDE, PileIndex
+
+    pix = PileIndex(pile, progress=progress, flips=True)
+    where = {k: i for i, k in enumerate(pix.keys)}
+    d = np.zeros((len(x), SIDE * SIDE), np.float32)
+    f = np.zeros((len(x), SIDE * SIDE), np.float32)
+    for i, r in enumerate(index_rows):
+        j = where.get(r["key"])
+        if j is not None:  # flat images have no descriptor: never a duplicate by it
+            d[i], f[i] = pix.vectors[j], pix.flipped[j]
+    return duplicate_groups(d, threshold, extra=(f,))
+
+
 def group_representatives(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Per row, whether it is its group's kept image: the member nearest the group's mean direction."""
     keep = np.zeros(len(groups), dtype=bool)
@@ -145,17 +167,41 @@ def group_representatives(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return keep
 
 
-def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 20) -> tuple[np.ndarray, np.ndarray]:
-    """(centroids, assignment) by faiss spherical k-means; ``k`` is capped by the row count."""
+def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 20, nredo: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids, assignment) by faiss spherical k-means; ``k`` is capped by the row count.
+
+    ``nredo`` > 1: that many seeded k-means++ starts (``kmeans_pp``), keeping the one whose rows are
+    nearest their centroids (sum of cosines); one random start can merge two separate clusters."""
     import faiss
 
     k = max(1, min(k, len(x)))
     x = np.ascontiguousarray(x, dtype=np.float32)
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False,
-                      max_points_per_centroid=max(256, math.ceil(len(x) / k)), min_points_per_centroid=1)
-    km.train(x)
-    _, assign = km.index.search(x, 1)
-    return km.centroids, assign[:, 0].astype(np.int64)
+    best = None
+    for r in range(nredo):
+        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed + r, spherical=True, verbose=False,
+                          max_points_per_centroid=max(256, math.ceil(len(x) / k)), min_points_per_centroid=1)
+        km.train(x, init_centroids=kmeans_pp(x, k, seed + r) if nredo > 1 else None)
+        sims, assign = km.index.search(x, 1)
+        score = float(sims.sum())
+        if best is None or score > best[0]:
+            best = (score, km.centroids, assign[:, 0].astype(np.int64))
+    return best[1], best[2]
+
+
+def kmeans_pp(x: np.ndarray, k: int, seed: int = 0, sample: int = 100_000) -> np.ndarray:
+    """k-means++ seeds (Arthur and Vassilvitskii 2007) for unit rows, on at most ``sample`` rows: each
+    next seed drawn with probability proportional to its squared distance to the nearest seed so far."""
+    rng = np.random.default_rng(seed)
+    if len(x) > sample:
+        x = x[rng.choice(len(x), sample, replace=False)]
+    seeds = [int(rng.integers(len(x)))]
+    d2 = np.maximum(0.0, 2.0 - 2.0 * (x @ x[seeds[0]]).astype(np.float64))
+    for _ in range(1, k):
+        total = d2.sum()
+        i = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
+        seeds.append(i)
+        d2 = np.minimum(d2, np.maximum(0.0, 2.0 - 2.0 * (x @ x[i]).astype(np.float64)))
+    return np.ascontiguousarray(x[seeds], dtype=np.float32)
 
 
 def water_fill(sizes: list[int], budget: int) -> list[int]:
@@ -330,20 +376,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         raise CurateError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")
 
     t1 = time.perf_counter()
-    if dup_by == "descriptor":  # the near-copy descriptor (data/nearcopy.py), flips included
-        from ..data.nearcopy import SIDE, PileIndex
-
-        pix = PileIndex(pile, progress=progress, flips=True)
-        where = {k: i for i, k in enumerate(pix.keys)}
-        d = np.zeros((n, SIDE * SIDE), np.float32)
-        f = np.zeros((n, SIDE * SIDE), np.float32)
-        for i, r in enumerate(index_rows):
-            j = where.get(r["key"])
-            if j is not None:  # flat images have no descriptor: never a duplicate by it
-                d[i], f[i] = pix.vectors[j], pix.flipped[j]
-        groups = duplicate_groups(d, dup_threshold, extra=(f,))
-    else:
-        groups = duplicate_groups(x, dup_threshold)
+    groups = pile_duplicate_groups(pile, x, index_rows, dup_by, dup_threshold, progress)
     rep = group_representatives(x, groups)
     dup_s = time.perf_counter() - t1
 

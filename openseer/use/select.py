@@ -1,0 +1,256 @@
+"""``openseer select``: which images of a pile to label first, for a labelling budget of N.
+
+Typical and diverse picks on the model's embeddings (TypiClust, Hacohen et al. 2022): the candidates
+(one member per near-duplicate group, bad files never: both as ``curate`` finds them) are clustered
+by spherical k-means into as many clusters as there will be labelled images (already labelled + N);
+the N largest clusters that hold no labelled image each give their most *typical* member, the one
+with the smallest mean distance to its nearest neighbours in the cluster. Typical images are easy to
+label and stand for many others; one per cluster spreads the budget over the pile. When fewer
+clusters than picks remain, the budget is shared evenly over the clusters (``curate``'s water-fill),
+the most typical members first. Near-copies never compete: only one member of each group is a
+candidate, and none of a group that holds a labelled image.
+
+With ``--labelled`` (a CSV of path,label or a folder of class folders) the already-labelled images
+cover their clusters, so the next N extend the set away from what it covers.
+
+Outputs in ``--out``: ``to_label.csv`` (``path,label`` with the label column empty for a person to
+fill, then why each was chosen: cluster, its size, typicality, order), ``to_label.html`` (a
+self-contained contact sheet to label from), ``select.json`` (settings, counts, bad files by reason)
+and ``embed/`` (the embeddings, resumable, reused on a second run).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..data.sources import DataError
+from ..fileio import atomic_write_json, atomic_write_text, csv_text
+from .curate import DUP_THRESHOLD, _thumb, group_representatives, kmeans, pile_duplicate_groups, water_fill
+
+FORMAT = "openseer.select.v1"
+NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours within the cluster
+REDO = 5  # k-means starts: the best of 5 (one start can merge two separate clusters)
+
+
+class SelectError(DataError):
+    """A selection that cannot run as asked: what, and how to fix it."""
+
+
+@dataclass
+class Pick:
+    """One chosen row and why: its cluster, the cluster's size, its typicality, its order."""
+
+    row: int
+    cluster: int
+    cluster_size: int
+    typicality: float
+
+
+# ---------------------------------------------------------------- the choice (tested with known answers)
+
+
+def typicality(x: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
+    """Per row of ``x`` (unit rows of one cluster): 1 / (mean L2 distance to its ``neighbours``
+    nearest other rows + 1e-5), by faiss exact search. A lone row gets 0."""
+    import faiss
+
+    n = len(x)
+    k = min(neighbours, n - 1)
+    if k <= 0:
+        return np.zeros(n, dtype=np.float64)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    sims, _ = index.search(x, k + 1)
+    dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims[:, 1:].astype(np.float64)))  # unit rows: |a-b|^2 = 2 - 2cos
+    return 1.0 / (dist.mean(axis=1) + 1e-5)
+
+
+def choose(x: np.ndarray, budget: int, candidates: np.ndarray | None = None,
+           labelled: np.ndarray | None = None, seed: int = 0, neighbours: int = NEIGHBOURS) -> list[Pick]:
+    """``budget`` rows of ``x`` (unit rows) to label, in the order chosen.
+
+    ``candidates``: a boolean mask of the rows that may be picked (default all; ``select`` passes one
+    member per near-duplicate group); ``labelled``: the embeddings (unit rows) of images already
+    labelled, whose clusters count as covered.
+    """
+    n = len(x)
+    cand = np.flatnonzero(np.ones(n, bool) if candidates is None else candidates)
+    lab = np.zeros((0, x.shape[1]), np.float32) if labelled is None else np.asarray(labelled, np.float32)
+    budget = min(int(budget), len(cand))
+    if budget <= 0:
+        return []
+    xc = np.ascontiguousarray(x[cand], dtype=np.float32)
+    cents, assign = kmeans(xc, len(lab) + budget, seed=seed, nredo=REDO)
+    k = len(cents)
+    sizes = np.bincount(assign, minlength=k)
+    covered = np.zeros(k, dtype=np.int64)
+    if len(lab):
+        np.add.at(covered, np.argmax(lab @ cents.T, axis=1), 1)
+    open_ = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] > 0]
+    uncovered = [c for c in open_ if covered[c] == 0]
+    if len(uncovered) >= budget:  # the usual case: one pick from each of the largest uncovered clusters
+        share = {int(c): 1 for c in uncovered[:budget]}
+    else:  # fewer clusters than picks: uncovered ones first, the rest shared evenly over all clusters
+        share = {int(c): 1 for c in uncovered}
+        rest = water_fill([int(sizes[c]) - share.get(int(c), 0) for c in open_], budget - len(share))
+        for c, t in zip(open_, rest):
+            share[int(c)] = share.get(int(c), 0) + t
+    picks: list[Pick] = []
+    for c in sorted(share, key=lambda c: (-sizes[c], c)):
+        members = np.flatnonzero(assign == c)
+        typ = typicality(xc[members], neighbours)
+        for j in np.argsort(-typ, kind="stable")[:share[c]]:
+            picks.append(Pick(int(cand[members[j]]), int(c), int(sizes[c]), float(typ[j])))
+    return picks
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _labelled_paths(spec: str) -> list[str]:
+    """The image paths (or pile keys) of an already-labelled set: a CSV of path,label (relative paths
+    against the CSV's folder) or a folder of class folders."""
+    from ..data.sources import list_images
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return [str(p.resolve()) for p in list_images(path)]
+    if not path.is_file():
+        raise SelectError(f"--labelled {spec!r} does not exist: give a CSV of path,label or a folder of class folders")
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
+        rows = [r for r in csv.reader(f) if r and r[0].strip()]
+    if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
+        rows = rows[1:]
+    out = []
+    for r in rows:
+        if len(r) < 2 or not r[1].strip():
+            continue  # not labelled yet (e.g. a to_label.csv half filled): not covered
+        p = Path(r[0].strip()).expanduser()
+        p = p if p.is_absolute() else path.parent / p
+        out.append(str(p.resolve()) if p.exists() else r[0].strip())
+    return out
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise SelectError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "select.json").is_file() and not (out / "embed").is_dir():
+        raise SelectError(f"--out {out} is not empty and holds no openseer selection; choose another folder")
+
+
+def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: str = "",
+           dup_by: str = "descriptor", dup_threshold: float = DUP_THRESHOLD, seed: int = 0, batch_size: int = 64,
+           workers: int = 0, device: str = "cpu", layer: str = "last", progress: bool = True, log=print) -> dict:
+    """Choose ``budget`` images of ``pile`` to label (see the module docstring); returns ``select.json``."""
+    from ..data.collection import open_collection
+    from .api import load
+    from .embed import load_embeddings
+
+    t0 = time.perf_counter()
+    out = Path(out).expanduser()
+    if budget < 1:
+        raise SelectError(f"--budget must be >= 1 (images to label); got {budget}")
+    if dup_by not in ("embedding", "descriptor", "none"):
+        raise SelectError(f"--dup-by must be 'descriptor', 'embedding' or 'none'; got {dup_by!r}")
+    _check_out(out)
+    coll = open_collection(pile)
+    if coll.n == 0:
+        raise SelectError(f"the pile {pile} holds no images")
+    known = _labelled_paths(labelled) if labelled else []
+    model = load(model_spec, device=device, layer=layer)
+    log(f"openseer select: {budget} images to label from {coll.description} with {model.arch} "
+        f"({model.feature_dim}-d)" + (f", {len(known)} already labelled" if labelled else ""))
+    meta = model.embed_collection(pile, out / "embed", dtype="float32", batch_size=batch_size, workers=workers,
+                                  normalize=True, progress=progress)
+    if not meta.get("complete", True):
+        raise SelectError(f"embedding {pile} stopped early; run the same command again to continue")
+    emb, rows = load_embeddings(out / "embed")
+    x = np.asarray(emb, dtype=np.float32)
+    with open(out / "embed" / "bad.csv", newline="") as f:
+        bad = list(csv.DictReader(f))
+    if len(x) == 0:
+        raise SelectError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")
+
+    groups = pile_duplicate_groups(pile, x, rows, dup_by, dup_threshold, progress)
+    candidates = group_representatives(x, groups)
+    lab_x = np.zeros((0, x.shape[1]), np.float32)
+    in_pile = 0
+    if known:
+        where = {}
+        for i, r in enumerate(rows):
+            where[r["key"]] = i
+            where[str(Path(r["path"]).resolve()) if r["path"] and "#" not in r["path"] else r["path"]] = i
+        hit = [where[k] for k in known if k in where]
+        in_pile = len(hit)
+        outside = [k for k in known if k not in where and Path(k).is_file()]
+        parts = [x[hit]]
+        if outside:  # labelled images that are not in the pile: embedded on their own
+            atomic_write_text(out / "labelled.txt", "".join(f"{p}\n" for p in outside))
+            model.embed_collection(str(out / "labelled.txt"), out / "labelled", dtype="float32",
+                                   batch_size=batch_size, workers=workers, normalize=True, progress=progress)
+            parts.append(np.asarray(load_embeddings(out / "labelled")[0], dtype=np.float32))
+        lab_x = np.concatenate(parts)
+        candidates &= ~np.isin(groups, groups[hit])  # labelled images and their near-copies
+    picks = choose(x, budget, candidates, lab_x, seed=seed)
+
+    header = ["path", "label", "key", "cluster", "cluster_size", "typicality", "order"]
+    table = [[rows[p.row]["path"] or rows[p.row]["key"], "", rows[p.row]["key"], p.cluster, p.cluster_size,
+              f"{p.typicality:.4f}", i + 1] for i, p in enumerate(picks)]
+    atomic_write_text(out / "to_label.csv", csv_text(table, header))
+    reasons: dict[str, int] = {}
+    for b in bad:
+        r = b["reason"].split(":")[0]
+        reasons[r] = reasons.get(r, 0) + 1
+    summary = {
+        "format": FORMAT, "pile": coll.description, "pile_spec": pile, "model": model_spec, "arch": model.arch,
+        "feature_dim": model.feature_dim, "layer": model.layer, "budget": budget, "chosen": len(picks),
+        "inputs": coll.n, "decoded": len(x), "bad": len(bad), "bad_by_reason": reasons,
+        "candidates": int(candidates.sum()), "duplicates_left_out": int(len(x) - group_representatives(x, groups).sum()),
+        "dup_by": dup_by, "dup_threshold": dup_threshold, "labelled": labelled or None,
+        "labelled_images": len(known), "labelled_in_pile": in_pile, "clusters": len(lab_x) + budget,
+        "method": "typical member of each of the largest uncovered k-means clusters (TypiClust)",
+        "neighbours": NEIGHBOURS, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
+        "files": {n: str(out / n) for n in ("to_label.csv", "to_label.html")},
+    }
+    if len(picks) < budget:
+        summary["note"] = (f"{len(picks)} images chosen, fewer than the {budget} asked: that is every distinct "
+                           f"image left after near-copies and already-labelled images")
+    write_sheet(out / "to_label.html", summary, picks, rows, coll)
+    atomic_write_json(out / "select.json", summary)
+    return summary
+
+
+def write_sheet(path: Path, summary: dict, picks: list[Pick], rows: list[dict], coll, side: int = 128) -> None:
+    """A self-contained contact sheet: each chosen image with its number and path, in order."""
+    e = html.escape
+    cells = []
+    for i, p in enumerate(picks):
+        r = rows[p.row]
+        uri = _thumb(coll, r, side=side)
+        img = f'<img src="{uri}" width="{side}" height="{side}" style="object-fit:contain">' if uri else "[no preview]"
+        cells.append(f'<figure>{img}<figcaption><b>{i + 1}</b> {e(r["path"] or r["key"])}<br>'
+                     f'cluster {p.cluster} ({p.cluster_size} images)</figcaption></figure>')
+    note = e(summary.get("note", ""))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>openseer: images to label</title>
+<style>body{{font-family:sans-serif;margin:2em}}figure{{display:inline-block;width:{side + 24}px;margin:6px;
+vertical-align:top;font-size:11px;word-break:break-all}}img{{background:#eee;image-rendering:auto}}</style>
+</head><body><h1>{summary['chosen']} images to label</h1>
+<p>From {e(summary['pile'])} ({summary['decoded']} images, {summary['bad']} bad), chosen with
+{e(summary['model'])}: the most typical image of each of the largest groups of similar images, one per
+group, so that a few labels cover the pile. {note}</p>
+<p>Label them by writing each image's class into the <code>label</code> column of
+<code>to_label.csv</code> (it lists them in this order), or by copying the files into one folder per class.
+That labelled set is what <code>openseer eval MODEL --data LABELLED</code> reads; <code>openseer select
+... --labelled LABELLED</code> then picks the next images away from what it covers.</p>
+{''.join(cells)}
+</body></html>
+"""
+    atomic_write_text(path, page)
+
