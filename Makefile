@@ -44,7 +44,7 @@ test-heavy: setup data
 	$(PY) -m pytest -q -x --durations=10 -m heavy
 
 lint: setup
-	$(VENV)/bin/ruff check openseer tests bench
+	$(VENV)/bin/ruff check openseer tests bench examples
 
 bench: setup data
 	$(PY) bench/pretrain_throughput.py

@@ -1,0 +1,279 @@
+"""Classifiers from a handful of labels on frozen features, and an honest choice between them.
+
+Protocols (each fits on labelled features and returns class probabilities for any features):
+
+- ``knn``: the weighted cosine kNN vote of ``eval/knn.py`` (votes exp(sim / 0.07)), k = min(20, n).
+- ``linear``: multinomial logistic regression on L2-normalised, standardised features, each class
+  weighted inversely to its count (imbalanced labels), full-batch L-BFGS; one candidate per L2 weight.
+- ``spread``: label spreading (Zhou et al. 2004) over the cosine kNN graph of the labelled images and
+  the unlabelled pile, then a linear head fitted to the pile's spread labels, so that it predicts for
+  any image. Needs the pile's features; the unlabelled pile is what few labels lack.
+
+``choose_protocol`` estimates each candidate by cross-validation on the labels alone (stratified
+k-fold when every class has enough images, else leave-one-out), keeps the best, and reports its
+held-out accuracy with a Wilson 95% interval: with 20 labels an estimate is worth +-20 points, and the
+interval says so. (Picking the best of several candidates on the same folds flatters the winner a
+little; the interval is over the held-out predictions.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .knn import TEMPERATURE
+
+KNN_K = 20
+L2_GRID = (1e-4, 1e-2, 1.0)
+GRAPH_K = 10  # label spreading: neighbours per node
+ALPHA = 0.99  # label spreading: weight of the graph against the given labels
+SPREAD_ITERS = 20
+FOLDS = 5
+PSEUDO_MAX = 20000  # spread: pile rows the final linear head is fitted to
+
+
+class FewLabelsError(ValueError):
+    """Labels a classifier cannot be chosen from (what, and how to fix it)."""
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+# ---------------------------------------------------------------- heads
+
+
+@dataclass
+class LinearHead:
+    """Class probabilities softmax(W @ ((unit(x) - mean) / std) + b)."""
+
+    weight: np.ndarray  # C x D
+    bias: np.ndarray  # C
+    mean: np.ndarray  # D
+    std: np.ndarray  # D
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        z = (_unit(x) - self.mean) / self.std
+        return torch.softmax(torch.from_numpy(z @ self.weight.T + self.bias), dim=1).numpy()
+
+    def folded(self) -> tuple[np.ndarray, np.ndarray]:
+        """(W', b') acting on unit features directly: W' = W / std, b' = b - W' mean."""
+        w = self.weight / self.std
+        return w.astype(np.float32), (self.bias - w @ self.mean).astype(np.float32)
+
+
+@dataclass
+class KnnHead:
+    """Weighted cosine kNN vote over the labelled features."""
+
+    bank: np.ndarray  # N x D unit rows
+    labels: np.ndarray
+    n_classes: int
+    k: int = KNN_K
+
+    def proba(self, x: np.ndarray) -> np.ndarray:
+        sims = _unit(x) @ self.bank.T
+        k = min(self.k, len(self.bank))
+        idx = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        w = np.exp(np.take_along_axis(sims, idx, axis=1) / TEMPERATURE - 1 / TEMPERATURE)
+        scores = np.zeros((len(x), self.n_classes))
+        np.add.at(scores, (np.repeat(np.arange(len(x)), k), self.labels[idx].ravel()), w.ravel())
+        return scores / np.maximum(scores.sum(1, keepdims=True), 1e-30)
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, stats: np.ndarray | None = None,
+               sample_weight: np.ndarray | None = None, iters: int = 100) -> LinearHead:
+    """Class-balanced multinomial logistic regression (L-BFGS); ``stats``: rows whose mean/std
+    standardise the features (the pile's, when there is one: 10 labels give a poor std)."""
+    u = _unit(x)
+    ref = _unit(stats) if stats is not None and len(stats) > 1 else u
+    mean = ref.mean(0)
+    std = ref.std(0) + 1e-6
+    z = torch.from_numpy((u - mean) / std)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    cw = torch.tensor(np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0), dtype=torch.float32)
+    sw = torch.ones(len(y)) if sample_weight is None else torch.as_tensor(sample_weight, dtype=torch.float32)
+    sw = sw * cw[yt]
+    w = torch.zeros(n_classes, z.shape[1], requires_grad=True)
+    b = torch.zeros(n_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=iters, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = (F.cross_entropy(z @ w.t() + b, yt, reduction="none") * sw).sum() / sw.sum() + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return LinearHead(w.detach().numpy().astype(np.float32), b.detach().numpy().astype(np.float32),
+                      mean.astype(np.float32), std.astype(np.float32))
+
+
+class Graph:
+    """The cosine kNN graph of a pile's features (faiss), normalised for label spreading."""
+
+    def __init__(self, pile: np.ndarray, k: int = GRAPH_K):
+        import faiss
+
+        self.x = np.ascontiguousarray(_unit(pile))
+        n = len(self.x)
+        k = max(1, min(k, n - 1))
+        index = faiss.IndexFlatIP(self.x.shape[1])
+        index.add(self.x)
+        sims, ids = index.search(self.x, k + 1)
+        rows = np.repeat(np.arange(n), k)
+        cols, vals = ids[:, 1:].ravel(), np.maximum(sims[:, 1:].ravel(), 0.0) ** 3
+        a = torch.sparse_coo_tensor(np.stack([np.concatenate([rows, cols]), np.concatenate([cols, rows])]),
+                                    np.concatenate([vals, vals]).astype(np.float32), (n, n)).coalesce()
+        deg = torch.sparse.sum(a, dim=1).to_dense().clamp_min(1e-12)
+        d = deg.rsqrt()
+        i = a.indices()
+        self.s = torch.sparse_coo_tensor(i, a.values() * d[i[0]] * d[i[1]], (n, n)).coalesce()
+
+    def spread(self, rows: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
+        """Class scores of every node after spreading the labels ``y`` of nodes ``rows``."""
+        y0 = torch.zeros(len(self.x), n_classes)
+        counts = np.bincount(y, minlength=n_classes)
+        y0[torch.from_numpy(rows), torch.from_numpy(y)] = torch.from_numpy(1.0 / counts[y]).float()  # balanced
+        f = y0.clone()
+        for _ in range(SPREAD_ITERS):
+            f = ALPHA * torch.sparse.mm(self.s, f) + (1 - ALPHA) * y0
+        return f.numpy()
+
+
+def fit_spread(graph: Graph, rows: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4,
+               seed: int = 0) -> LinearHead:
+    """Spread the labels over the pile, then fit a linear head to the spread labels (the most
+    confident ``PSEUDO_MAX`` rows, weighted by confidence) plus the given labels."""
+    f = graph.spread(rows, y, n_classes)
+    p = f / np.maximum(f.sum(1, keepdims=True), 1e-30)
+    conf = p.max(1)
+    pseudo = p.argmax(1)
+    reached = np.flatnonzero(f.sum(1) > 0)
+    keep = reached[np.argsort(-conf[reached], kind="stable")[:PSEUDO_MAX]]
+    x = np.concatenate([graph.x[keep], graph.x[rows]])
+    yy = np.concatenate([pseudo[keep], y])
+    w = np.concatenate([conf[keep], np.full(len(rows), 1.0)])
+    return fit_linear(x, yy, n_classes, l2, stats=graph.x, sample_weight=w)
+
+
+# ---------------------------------------------------------------- the choice
+
+
+@dataclass
+class Estimate:
+    """A protocol's cross-validated accuracy on the labels alone."""
+
+    protocol: str
+    accuracy: float  # percent of held-out predictions right
+    balanced: float  # mean per-class recall, percent
+    low: float  # Wilson 95% interval, percent
+    high: float
+    n: int
+    scheme: str
+
+
+@dataclass
+class Choice:
+    """The candidates' estimates, the best, and what could not be tried (with the reason)."""
+
+    best: Estimate
+    estimates: list[Estimate]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (percent) of a proportion correct/n."""
+    if n == 0:
+        return 0.0, 100.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return 100 * max(0.0, centre - half), 100 * min(1.0, centre + half)
+
+
+def folds(y: np.ndarray, seed: int = 0, k: int = FOLDS) -> tuple[list[np.ndarray], str]:
+    """Held-out index sets: stratified k-fold when every class has at least k images, else
+    leave-one-out (each image held out once)."""
+    counts = np.bincount(y)
+    if counts[counts > 0].min() >= k:
+        rng = np.random.default_rng(seed)
+        fold_of = np.empty(len(y), dtype=np.int64)
+        for c in np.flatnonzero(counts):
+            members = rng.permutation(np.flatnonzero(y == c))
+            fold_of[members] = (np.arange(len(members)) + rng.integers(k)) % k
+        return [np.flatnonzero(fold_of == f) for f in range(k)], f"stratified {k}-fold"
+    return [np.array([i]) for i in range(len(y))], "leave-one-out"
+
+
+def candidates(n_classes: int, stats: np.ndarray | None = None, graph: Graph | None = None,
+               ) -> tuple[dict, dict[str, str]]:
+    """name -> fit(x, y, rows) -> head; and the protocols left out, with why. ``stats``: the rows
+    that standardise linear features (the pile's); ``graph``: the pile's graph, for spreading."""
+    out: dict = {"knn": lambda x, y, rows: KnnHead(_unit(x), y, n_classes)}
+    for l2 in L2_GRID:
+        out[f"linear(l2={l2:g})"] = lambda x, y, rows, l2=l2: fit_linear(x, y, n_classes, l2, stats=stats)
+    skipped = {"finetune": "a full fine-tune cannot be cross-validated on cached features; with few labels "
+                           "the frozen-feature protocols are the fair comparison"}
+    if graph is not None:
+        out["spread"] = lambda x, y, rows: fit_spread(graph, rows, y, n_classes)
+    else:
+        skipped["spread"] = "needs the unlabelled pile's features"
+    return out, skipped
+
+
+def choose_protocol(x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarray | None = None,
+                    pile_rows: np.ndarray | None = None, seed: int = 0) -> Choice:
+    """Cross-validate every candidate on (x, y) and return the best.
+
+    ``pile``: the unlabelled pile's features (spreading uses them); ``pile_rows``: for each labelled
+    image, its row in ``pile`` (-1 when it is not there: it is then added to the graph).
+    """
+    y = np.asarray(y, dtype=np.int64)
+    if len(y) < 2 or len(np.unique(y)) < 2:
+        raise FewLabelsError(f"a classifier needs at least 2 labelled images of 2 classes; got {len(y)} "
+                             f"image(s) of {len(np.unique(y))} class(es)")
+    graph, rows = _graph(x, pile, pile_rows) if pile is not None else (None, None)
+    fits, skipped = candidates(n_classes, graph.x if graph else None, graph)
+    held, scheme = folds(y, seed)
+    estimates = []
+    for name, fit in fits.items():
+        pred = np.empty(len(y), dtype=np.int64)
+        for test in held:
+            train = np.setdiff1d(np.arange(len(y)), test)
+            if len(np.unique(y[train])) < 2:
+                pred[test] = y[train][0]
+                continue
+            head = fit(x[train], y[train], rows[train] if rows is not None else None)
+            pred[test] = head.proba(x[test]).argmax(1)
+        right = int((pred == y).sum())
+        recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
+        lo, hi = wilson(right, len(y))
+        estimates.append(Estimate(name, 100 * right / len(y), 100 * float(np.mean(recalls)), lo, hi, len(y), scheme))
+    best = max(estimates, key=lambda e: (e.balanced, e.accuracy))
+    return Choice(best, estimates, skipped)
+
+
+def _graph(x: np.ndarray, pile: np.ndarray, pile_rows: np.ndarray | None) -> tuple[Graph, np.ndarray]:
+    """The graph of the pile plus the labelled images not in it, and each labelled image's node."""
+    pile_rows = np.full(len(x), -1) if pile_rows is None else np.asarray(pile_rows)
+    extra = np.flatnonzero(pile_rows < 0)
+    rows = pile_rows.copy()
+    rows[extra] = len(pile) + np.arange(len(extra))
+    return Graph(np.concatenate([pile, x[extra]]) if len(extra) else pile), rows
+
+
+def fit_protocol(name: str, x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarray | None = None,
+                 pile_rows: np.ndarray | None = None):
+    """The head of protocol ``name`` fitted on all the labels (what ``choose_protocol`` chose)."""
+    graph, rows = _graph(x, pile, pile_rows) if name == "spread" and pile is not None else (None, None)
+    fits, _ = candidates(n_classes, _unit(pile) if pile is not None else None, graph)
+    if name not in fits:
+        raise FewLabelsError(f"protocol {name!r} is not available here; choose from {', '.join(fits)}")
+    return fits[name](x, np.asarray(y, dtype=np.int64), rows)
