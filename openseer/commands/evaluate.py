@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from .options import add_device, add_threads, device, set_threads
+from .options import add_device, add_parser, add_threads, device, set_threads
 
 # as the eval modules define them (runner.PROTOCOLS, runner.LOWSHOT_PROTOCOLS, knn.DEFAULT_KS,
 # knn.TEMPERATURE, lowshot.FinetuneSettings), without importing torch
@@ -183,8 +183,8 @@ REPORT_EXAMPLES = """examples:
 
 
 def add_report(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, eval table, clusters, neighbours, map",
-                       description="One self-contained HTML page (images embedded) about a run.")
+    p = add_parser(sub, "report", "write RUN_DIR/report.html: curves, eval table, clusters, neighbours, map",
+                   REPORT_EXAMPLES, description="One self-contained HTML page (images embedded) about a run.")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--out", help="default RUN_DIR/report.html")
     p.add_argument("--data", help="images to show the model (default: the run's training data)")
