@@ -70,15 +70,16 @@ for words in json.loads(sys.argv[1]):
         parser.parse_args([*words, "--help"])
     except SystemExit:
         pass
+seconds = time.perf_counter() - t0
 codes = [main(argv) for argv in json.loads(sys.argv[2])]
-print(json.dumps({"seconds": time.perf_counter() - t0, "codes": codes,
-                  "heavy": sorted(m for m in sys.modules if m.split(".")[0] in %r)}))
-""" % (HEAVY,)
+print(json.dumps({"seconds": seconds, "codes": codes,
+                  "heavy": sorted(m for m in sys.modules if m.split(".")[0] in json.loads(sys.argv[3]))}))
+"""
 
 
 def test_parser_help_and_argument_checks_import_no_torch(tmp_path):
-    """--help of every command, bad config keys, a bad --data path and argument mistakes: answered
-    without importing torch, torchvision, timm or faiss, in well under a second."""
+    """--help of every command, bad config keys, paths that do not exist and argument mistakes:
+    answered without importing torch, torchvision, timm or faiss (the parser in well under a second)."""
     words = [list(w) for w, _ in _parsers(build_parser())]
     out = str(tmp_path / "run")
     mistakes = [
@@ -92,9 +93,15 @@ def test_parser_help_and_argument_checks_import_no_torch(tmp_path):
         ["eval", "--data", "fashion-mnist"],  # no weights
         ["export", "runs/a"],  # no output
         ["export", "runs/a", "--out", "a.onnx", "--calibrate", "/pile"],  # --calibrate without --int8
+        ["export", "runs/a", "--out", "a.onnx", "--int8", "--calibrate", str(tmp_path / "nowhere")],
+        ["eval", "regnetx_002", "--data", str(tmp_path / "nowhere")],
+        ["embed", "regnetx_002", "--data", str(tmp_path / "nowhere"), "--out", out],
+        ["curate", str(tmp_path / "nowhere"), "--out", out, "--model", "regnetx_002"],
+        ["report", str(tmp_path / "nowhere")],
+        ["import-seer", str(tmp_path / "nowhere.torch"), "--out", str(tmp_path / "w.safetensors")],
     ]
-    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(words), json.dumps(mistakes)], capture_output=True,
-                       text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, "-c", PROBE, json.dumps(words), json.dumps(mistakes), json.dumps(HEAVY)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["heavy"] == [], got["heavy"]
@@ -102,7 +109,8 @@ def test_parser_help_and_argument_checks_import_no_torch(tmp_path):
     errors = [line for line in r.stderr.splitlines() if line.startswith("openseer: error: ")]
     assert len(errors) == len(mistakes), r.stderr
     assert "does not exist" in errors[0] and "no_such_key" in errors[1]
-    assert got["seconds"] < 1.0, got  # typically about 0.1 s
+    assert all(str(tmp_path / "nowhere") in e for e in errors[-6:]), errors[-6:]
+    assert got["seconds"] < 1.0, got  # the parser and every --help: typically about 0.1 s
 
 
 @pytest.mark.parametrize("message", ["what went wrong and where", "a message\nthat the error itself splits"])

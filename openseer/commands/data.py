@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from .options import add_device, add_parser, add_read_timeout, add_threads, device, set_threads
+from .options import add_device, add_parser, add_read_timeout, add_threads, check_pile, device, set_threads
 
 
 def cmd_shard(args: argparse.Namespace) -> int:
@@ -371,6 +371,8 @@ def add_curate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
+    check_pile(args.pile)
+    check_pile(args.reference)
     from ..use.curate import curate
 
     set_threads(args.threads)

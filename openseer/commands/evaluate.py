@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from .options import add_device, add_parser, add_threads, device, set_threads
+from .options import add_device, add_parser, add_threads, device, missing, set_threads
 
 # as the eval modules define them (runner.PROTOCOLS, runner.LOWSHOT_PROTOCOLS, knn.DEFAULT_KS,
 # knn.TEMPERATURE, lowshot.FinetuneSettings), without importing torch
@@ -151,6 +151,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size must be >= 1 and --finetune-batch-size >= 2")
     if not 0 < args.finetune_min_scale <= 1:
         raise ConfigError(f"--finetune-min-scale must be in (0, 1], got {args.finetune_min_scale:g}")
+    if missing(args.data):
+        from ..data.decode import DataError
+
+        raise DataError(f"labelled data {args.data!r} does not exist (give 'fashion-mnist', a folder with one "
+                        f"subfolder per class, or a CSV of path,label)")
     from ..eval.lowshot import FinetuneSettings
     from ..eval.report import render_markdown
     from ..eval.runner import EvalOptions, evaluate
@@ -204,6 +209,11 @@ def add_report(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if not Path(args.run_dir).expanduser().is_dir():
+        from ..data.decode import DataError
+
+        raise DataError(f"{Path(args.run_dir).expanduser()} is not a directory (give a run directory from "
+                        f"`openseer pretrain`)")
     from ..use.run_report import write_report
 
     set_threads(args.threads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..device import DEVICES
 
@@ -45,3 +46,23 @@ def device(name: str) -> str:
     from ..device import resolve_device
 
     return str(resolve_device(name))
+
+
+def missing(spec: str | None) -> bool:
+    """Whether ``spec`` names a local file or folder that does not exist (not 'fashion-mnist', not
+    tar shards or ``pipe:``): the commands say so before importing torch, in the words the library
+    would use, so a mistyped path is answered at once."""
+    if not spec or spec == "fashion-mnist":
+        return False
+    from ..data.stream import looks_like_shards
+
+    return not looks_like_shards(spec) and not Path(spec).expanduser().exists()
+
+
+def check_pile(spec: str | None) -> None:
+    """A pile (--data, PILE) that does not exist: the message of ``open_collection``."""
+    if missing(spec):
+        from ..data.decode import DataError
+
+        raise DataError(f"{spec} does not exist (give a folder of images, a .txt list of paths, tar shards "
+                        f"or fashion-mnist)")

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError, build_config, recipe_names, recipe_values
-from .options import add_overrides, add_parser
+from .options import add_overrides, add_parser, missing
 
 
 def add_recipes(sub: argparse._SubParsersAction) -> None:
@@ -68,13 +68,10 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_data_path(spec: str | None) -> None:
-    """A local --data path that does not exist, said before torch is imported (as the loader would say it)."""
-    if not spec or spec == "fashion-mnist":
-        return
-    from ..data.decode import DataError
-    from ..data.stream import looks_like_shards
+    """A --data path that does not exist, said before torch is imported (as ``open_source`` says it)."""
+    if missing(spec):
+        from ..data.decode import DataError
 
-    if not looks_like_shards(spec) and not Path(spec).expanduser().exists():
         raise DataError(f"data path {spec!r} does not exist")
 
 

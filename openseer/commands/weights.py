@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from .options import add_device, add_threads, device, set_threads
+from .options import add_device, add_threads, check_pile, device, set_threads
 
 FORMATS = ("safetensors", "torchscript", "onnx", "vissl")  # openseer.use.export.FORMATS, without importing torch
 
@@ -65,6 +65,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"two outputs given: {args.out_pos} and --out {args.out}")
     if args.calibrate and not args.int8:
         raise ConfigError("--calibrate is for --int8 exports; add --int8 or drop --calibrate")
+    check_pile(args.calibrate)
     set_threads(args.threads)
     if args.int8:
         return _export_int8(args, out)
@@ -138,6 +139,9 @@ def add_import_seer(sub: argparse._SubParsersAction) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Import SEER (VISSL) or timm weights as a .safetensors backbone."""
+    path = Path(args.checkpoint).expanduser()
+    if Path(args.out).suffix == ".safetensors" and not path.is_file():  # said before torch is imported
+        raise ConfigError(f"{path} does not exist")
     from ..use.vissl import import_weights
 
     r = import_weights(args.checkpoint, args.out, arch=args.arch, input_size=args.input_size)
@@ -188,6 +192,7 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
 
 def cmd_embed(args: argparse.Namespace) -> int:
     """Embed every image of a pile (resumable); exit 1 when stopped early."""
+    check_pile(args.data)
     from ..use.api import load
 
     set_threads(args.threads)
