@@ -88,6 +88,8 @@ def test_parser_help_and_argument_checks_import_no_torch(tmp_path):
         ["pretrain", "--recipe", "no-such-recipe", "--out", out],  # bad recipe
         ["pretrain", "--data", "fashion-mnist"],  # no --out
         ["pretrain", "--resume", out, "--out", out],  # --resume with --out
+        ["pretrain", "--resume", str(tmp_path / "absent")],  # no run there
+        ["distill", "--resume", str(tmp_path / "absent")],
         ["plan", "--gpus", "8", "--gpu-mem-gb", "80", "swav.nope=3"],
         ["distill", "--out", out],  # no teacher, no student
         ["eval", "--data", "fashion-mnist"],  # no weights

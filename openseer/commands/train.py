@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import ConfigError, build_config, recipe_names, recipe_values
+from ..config import ConfigError, build_config, load_config, recipe_names, recipe_values
 from .options import add_overrides, add_parser, missing
 
 
@@ -75,6 +75,12 @@ def _check_data_path(spec: str | None) -> None:
         raise DataError(f"data path {spec!r} does not exist")
 
 
+def _check_saved_config(run_dir: Path) -> None:
+    """--resume on a folder without a run: said before torch is imported (as ``load_config`` says it)."""
+    if not (run_dir / "config.yaml").is_file():
+        load_config(run_dir / "config.yaml")
+
+
 def _stopped(summary: dict) -> str:
     why = f" ({summary['preempted']}: checkpoint written, resume with --resume)" if summary.get("preempted") else ""
     return f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}; run in {summary['run_dir']}"
@@ -85,9 +91,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if args.resume:
         if args.data or args.recipe or args.out:
             raise ConfigError("--resume RUN_DIR continues a run with its saved config: drop --data/--recipe/--out")
+        run_dir = Path(args.resume)
+        _check_saved_config(run_dir)
         from ..train.loop import pretrain, resume_config
 
-        run_dir = Path(args.resume)
         cfg = resume_config(run_dir, args.overrides)
         summary = pretrain(cfg, run_dir, resume=True, max_steps=args.max_steps)
     else:
@@ -142,10 +149,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if args.teacher or args.student or args.data or args.recipe or args.out:
             raise ConfigError("--resume RUN_DIR continues a distill run with its saved config: drop the teacher, "
                               "--student, --data, --recipe and --out")
+        run_dir = Path(args.resume)
+        _check_saved_config(run_dir)
         from ..train.distill import distill
         from ..train.loop import resume_config
 
-        run_dir = Path(args.resume)
         summary = distill(resume_config(run_dir, args.overrides), run_dir, resume=True, max_steps=args.max_steps)
     else:
         missing = [name for name, v in (("TEACHER", args.teacher), ("--student ARCH", args.student),
