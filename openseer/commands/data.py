@@ -334,10 +334,9 @@ output: curated/list.txt, exclude.txt, decisions.csv (every image: group, cluste
 
 
 def add_curate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("curate", help="deduplicate and rebalance an uncurated pile: kept list, decisions, report",
-                       description="Embed a pile with a backbone, group near-duplicates (faiss kNN + threshold) and keep "
-                                   "one per group, rebalance by k-means clusters, keep --keep of the pile.",
-                       epilog=CURATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser(sub, "curate", "deduplicate and rebalance an uncurated pile: kept list, decisions, report", CURATE_EXAMPLES,
+                   description="Embed a pile with a backbone, group near-duplicates (faiss kNN + threshold) and keep "
+                               "one per group, rebalance by k-means clusters, keep --keep of the pile.")
     p.add_argument("pile", metavar="PILE", help="a folder of images, a .txt list of paths, or tar shards")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--model", required=True, metavar="WEIGHTS",
@@ -371,6 +370,7 @@ def add_curate(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_curate(args: argparse.Namespace) -> int:
+    """Deduplicate and rebalance a pile: the kept list, every decision and a report."""
     check_pile(args.pile)
     check_pile(args.reference)
     from ..use.curate import curate

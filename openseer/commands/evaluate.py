@@ -75,11 +75,10 @@ def _lowshot_protocols(text: str) -> tuple[str, ...]:
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate weights: kNN, linear probe, low-shot fine-tune, baselines",
-                       description="Evaluate a backbone on labelled data with the protocols of the SEER paper "
-                                   "(kNN, linear probes, low-shot fine-tuning; docs/guide.md) and the baselines; "
-                                   "writes eval.json and eval.md and prints the table.",
-                       epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser(sub, "eval", "evaluate weights: kNN, linear probe, low-shot fine-tune, baselines", EVAL_EXAMPLES,
+                   description="Evaluate a backbone on labelled data with the protocols of the SEER paper "
+                               "(kNN, linear probes, low-shot fine-tuning; docs/guide.md) and the baselines; "
+                               "writes eval.json and eval.md and prints the table.")
     p.add_argument("weights", nargs="?", metavar="WEIGHTS",
                    help="a run directory, a checkpoint (.pt), an exported backbone (.safetensors or .pt state "
                         "dict), or a timm model name")

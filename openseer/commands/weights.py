@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from .options import add_device, add_threads, check_pile, device, set_threads
+from .options import add_device, add_parser, add_threads, check_pile, device, set_threads
 
 FORMATS = ("safetensors", "torchscript", "onnx", "vissl")  # openseer.use.export.FORMATS, without importing torch
 
@@ -28,11 +28,10 @@ load a safetensors export in timm, no remapping:
 
 
 def add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a backbone as safetensors (timm names), TorchScript, ONNX or VISSL",
-                       description="Export the backbone of a run, checkpoint, exported file or timm name. "
-                                   "TorchScript and ONNX take normalised images (B, 3, H, W) and return pooled "
-                                   "features (B, D); each export is run again and compared with PyTorch.",
-                       epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser(sub, "export", "write a backbone as safetensors (timm names), TorchScript, ONNX or VISSL", EXPORT_EXAMPLES,
+                   description="Export the backbone of a run, checkpoint, exported file or timm name. "
+                               "TorchScript and ONNX take normalised images (B, 3, H, W) and return pooled "
+                               "features (B, D); each export is run again and compared with PyTorch.")
     p.add_argument("source", metavar="WEIGHTS", help="a run directory (latest checkpoint), a checkpoint, an "
                                                      "exported/imported file, or a timm name")
     p.add_argument("out_pos", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
@@ -122,12 +121,11 @@ IMPORT_EXAMPLES = """examples:
 
 
 def add_import_seer(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("import-seer", help="import official SEER (VISSL) or timm weights as an openseer backbone",
-                       description="Read a VISSL checkpoint (classy_state_dict ... trunk, as SEER released them), a "
-                                   "timm RegNet state dict or an openseer checkpoint; map it to timm names, check "
-                                   "every key and shape against --arch, write .safetensors with metadata "
-                                   "(ImageNet mean/std, 224 px).",
-                       epilog=IMPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser(sub, "import-seer", "import official SEER (VISSL) or timm weights as an openseer backbone", IMPORT_EXAMPLES,
+                   description="Read a VISSL checkpoint (classy_state_dict ... trunk, as SEER released them), a "
+                               "timm RegNet state dict or an openseer checkpoint; map it to timm names, check "
+                               "every key and shape against --arch, write .safetensors with metadata "
+                               "(ImageNet mean/std, 224 px).")
     p.add_argument("checkpoint", metavar="FILE", help=".torch/.pth/.pt (loaded with weights_only=True) or .safetensors")
     p.add_argument("--arch", help="timm architecture: regnety_320 (RG-32GF), regnety_640, regnety_1280, "
                                   "regnety_2560, seer_regnet_10b; default: guessed from the shapes")
@@ -164,10 +162,9 @@ output: emb/embeddings.npy (np.load(..., mmap_mode='r')), emb/index.csv (row,key
 
 
 def add_embed(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("embed", help="embeddings of a folder, file list or shards (.npy + index.csv, resumable)",
-                       description="Run a backbone over every image of a collection and write its pooled "
-                                   "features. Undecodable images are skipped and listed in bad.csv.",
-                       epilog=EMBED_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_parser(sub, "embed", "embeddings of a folder, file list or shards (.npy + index.csv, resumable)", EMBED_EXAMPLES,
+                   description="Run a backbone over every image of a collection and write its pooled "
+                               "features. Undecodable images are skipped and listed in bad.csv.")
     p.add_argument("weights", metavar="WEIGHTS", help="a run directory, checkpoint, exported file or timm name")
     p.add_argument("--data", required=True, help="a folder of images, a .txt list of paths, tar shards, fashion-mnist")
     p.add_argument("--out", required=True, help="output folder")
