@@ -283,7 +283,7 @@ TAKEDOWN_CHECK_EXAMPLES = """examples:
 
 def add_takedown(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "takedown", "deny-list images (honoured at read time) and audit which runs saw one",
-                   TAKEDOWN_ADD_EXAMPLES + "\n" + TAKEDOWN_CHECK_EXAMPLES)
+                   TAKEDOWN_ADD_EXAMPLES + TAKEDOWN_CHECK_EXAMPLES.removeprefix("examples:\n"))
     td = p.add_subparsers(dest="takedown_command", required=True)
     q = add_parser(td, "add", "add content hashes or manifest keys to a deny-list", TAKEDOWN_ADD_EXAMPLES,
                    description="Append keys to a deny-list (created if missing). Lines of the input files: a "
