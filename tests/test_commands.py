@@ -8,6 +8,7 @@ import argparse
 import ast
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -202,3 +203,24 @@ def test_embed_on_cuda_without_a_gpu_is_one_line(monkeypatch, capsys, tmp_path):
     assert main(["embed", "regnetx_002", "--data", str(tmp_path), "--out", str(tmp_path / "e"),
                  "--device", "cuda"]) == 2
     assert capsys.readouterr().err == "openseer: error: --device cuda but no CUDA GPU is visible; use --device cpu\n"
+
+
+def _example_lines() -> list[str]:
+    lines = set()
+    for _words, parser in _parsers(build_parser()):
+        for line in (parser.epilog or "").splitlines():
+            line = re.split(r"\s#\s", line.strip())[0].strip()
+            if line.startswith("openseer ") and "COMMAND" not in line:
+                lines.add(line)
+    return sorted(lines)
+
+
+@pytest.mark.parametrize("line", _example_lines())
+def test_every_example_parses(line):
+    """The examples in --help are command lines the parser accepts (arguments, not results)."""
+    import shlex
+
+    argv = [a for a in shlex.split(line)[1:] if a != "..."]
+    args, extra = build_parser().parse_known_args(argv)
+    assert all("=" in x and not x.startswith("-") for x in extra), extra
+    assert callable(args.func)
