@@ -224,7 +224,6 @@ def _takedown_check_near(args: argparse.Namespace) -> int:
     return 1 if seen_any else 0
 
 
-
 SHARD_EXAMPLES = """examples:
   openseer shard /pile --out shards/                          # 10000 images per shard
   openseer shard paths.txt --out shards/ --max-side 512 --sidecar licences.csv
@@ -332,7 +331,6 @@ output: curated/list.txt, exclude.txt, decisions.csv (every image: group, cluste
 """
 
 
-
 def add_curate(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "curate", "deduplicate and rebalance an uncurated pile: kept list, decisions, report", CURATE_EXAMPLES,
                    description="Embed a pile with a backbone, group near-duplicates (faiss kNN + threshold) and keep "
@@ -366,7 +364,6 @@ def add_curate(sub: argparse._SubParsersAction) -> None:
     add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_curate)
-
 
 
 def cmd_curate(args: argparse.Namespace) -> int:

@@ -35,7 +35,6 @@ subfolders, or a seeded stratified split); or a CSV of path,label[,split].
 """
 
 
-
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
@@ -131,7 +130,6 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     p.set_defaults(func=cmd_eval)
-
 
 
 def _command_line() -> str:

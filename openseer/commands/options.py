@@ -16,7 +16,8 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help: str, example: s
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", choices=list(DEVICES))
+    p.add_argument("--device", default="auto", choices=list(DEVICES),
+                   help="auto (default): CUDA when a GPU is visible, else the CPU")
 
 
 def add_threads(p: argparse.ArgumentParser) -> None:

@@ -119,7 +119,6 @@ IMPORT_EXAMPLES = """examples:
 """
 
 
-
 def add_import_seer(sub: argparse._SubParsersAction) -> None:
     p = add_parser(sub, "import-seer", "import official SEER (VISSL) or timm weights as an openseer backbone", IMPORT_EXAMPLES,
                    description="Read a VISSL checkpoint (classy_state_dict ... trunk, as SEER released them), a "
