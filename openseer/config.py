@@ -20,7 +20,13 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class OpenseerError(Exception):
+    """The base of every error a person can fix: ``openseer`` prints its message as one line on
+    stderr and exits with status 2. Each subclass also keeps its builtin base (``ValueError``,
+    ``RuntimeError``) so code that catches those keeps working."""
+
+
+class ConfigError(OpenseerError, ValueError):
     """A configuration problem a person can fix: names the key and what is allowed."""
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.config import recipe_names
 from tests.conftest import FAST, snapshot, write_pngs
 

@@ -1,5 +1,6 @@
 """Import layers: loading, exporting and distilling weights never import upward (lazy imports included)
-or in a circle. Layers: config -> data, model -> train, eval -> use (export, embed, api, ...) -> cli."""
+or in a circle. Layers: config -> data, model -> train, eval -> use (export, embed, api, ...) -> commands;
+nothing imports the commands."""
 
 from __future__ import annotations
 
@@ -32,11 +33,11 @@ def test_model_layer_reads_weights_without_reaching_up():
 
 def test_export_vissl_quantize_and_distill_import_only_downward():
     use = {"openseer.use.export", "openseer.use.vissl", "openseer.use.quantize", "openseer.use.api",
-           "openseer.use.embed", "openseer.cli", "openseer.use.cli", "openseer.use.run_report"}
+           "openseer.use.embed", "openseer.commands", "openseer.commands.weights", "openseer.use.run_report"}
     assert not _imports("train/distill.py") & use  # distill is a training method: below every use
     assert "openseer.use.export" not in _imports("use/vissl.py")  # export -> vissl, never back
     assert not _imports("use/export.py") & (use - {"openseer.use.vissl"})
-    assert not _imports("use/quantize.py") & {"openseer.use.api", "openseer.cli", "openseer.use.cli",
+    assert not _imports("use/quantize.py") & {"openseer.use.api", "openseer.commands", "openseer.commands.weights",
                                                "openseer.train.distill"}
     assert not _imports("train/checkpoint.py") & use
 
@@ -44,11 +45,11 @@ def test_export_vissl_quantize_and_distill_import_only_downward():
 # Every module's layer (the longest matching name wins): a module imports only from its own layer or
 # below, and no two modules import each other, even through others or lazily inside a function.
 LAYERS = (
-    ("config", "fileio", "progress"),  # 0: typed config, files written atomically, the progress helper
+    ("config", "fileio", "progress", "device"),  # 0: typed config (+ OpenseerError), atomic files, progress, device
     ("data", "model"),  # 1: image sources -> batches; backbone, head, prototypes, checkpoint files
     ("train", "eval"),  # 2: the methods that fit weights (pretrain, distill) and measure them
     ("use",),  # 3: using the features: export, quantize, vissl, embed, api, run_report, plan, doctor, curate
-    ("cli", "use.cli", "data.cli", "eval.cli", "__main__", ""),  # 4: command lines (and the package root)
+    ("commands", "__main__", ""),  # 4: the command line (and the package root)
 )
 
 
@@ -117,3 +118,13 @@ def test_no_import_cycles_in_the_package():
     for m in sorted(graph):
         if m not in state and (cycle := visit(m)):
             raise AssertionError("import cycle: " + " -> ".join(cycle))
+
+
+def test_nothing_imports_the_commands():
+    """The commands are the top: only ``python -m openseer`` (``__main__``) and the commands themselves
+    import them; a library function never reaches the command line."""
+    users = sorted(m for m, targets in _graph().items()
+                   if any(t == "commands" or t.startswith("commands.") for t in targets)
+                   and m != "__main__" and not (m == "commands" or m.startswith("commands.")))
+    assert not users, f"modules that import openseer.commands: {users}"
+    assert "commands" in _graph()["__main__"]

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import openseer
-from openseer.cli import NOISE, quiet_library_noise
+from openseer.commands import NOISE, quiet_library_noise
 from openseer.data.shards import write_shards
 from openseer.eval.common import EvalTransform, LabelledImages
 from openseer.eval.features import extract_features

@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ..config import OpenseerError
+
 try:  # libpng + zlib-ng: the same pixels as PIL's PNG decoder in about 0.7 of the time (docs/data.md)
     import imagecodecs as _imagecodecs
 
@@ -73,7 +75,7 @@ REASONS = ("empty", "truncated", "corrupt", "not_an_image", "too_many_pixels", "
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*")
 
 
-class DataError(ValueError):
+class DataError(OpenseerError, ValueError):
     """A data path or data set problem, with a message saying what and where."""
 
 

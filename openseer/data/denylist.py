@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import OpenseerError
 from ..fileio import atomic_write_json, atomic_write_text
 
 KEY_HEX = 32  # content keys: the first 128 bits of SHA-256
@@ -31,7 +32,7 @@ PROVENANCE = "data_provenance.json"
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 
-class TakedownError(ValueError):
+class TakedownError(OpenseerError, ValueError):
     """A deny-list or audit problem, with what and where."""
 
 

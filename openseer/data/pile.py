@@ -30,12 +30,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..config import OpenseerError
+
 PHOTO_ROOTS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 WALLPAPER_PACKAGES = ("gnome-backgrounds", "mate-backgrounds", "ukui-wallpapers", "plasma-workspace-wallpapers")
 
 
-class PileError(ValueError):
+class PileError(OpenseerError, ValueError):
     """The pile cannot be built as asked (missing inputs), with what to do."""
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import OpenseerError
 from ..data.decode import IMAGE_EXTENSIONS, BadImage, decode_bytes
 from ..data.denylist import DenyList
 from ..data.reader import open_denylist, read_bytes
@@ -36,7 +37,7 @@ def draft_size(crop: int) -> int:
     return int(crop * RESIZE_RATIO) + 1
 
 
-class EvalError(ValueError):
+class EvalError(OpenseerError, ValueError):
     """An evaluation input a person can fix: the message says what is wrong and how to fix it."""
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device import resolve_device
 from ..model.load import load_backbone
 from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
 from .common import EvalError, EvalTransform, LabelledData, open_labelled, warn
@@ -64,14 +65,6 @@ class EvalOptions:
     threads: int = 0
     progress: bool = True
     command: str = ""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise EvalError("--device cuda but no CUDA GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 def default_out(opts: EvalOptions) -> Path:

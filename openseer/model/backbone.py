@@ -16,6 +16,8 @@ from timm.models import register_model
 from timm.models.regnet import RegNet, RegNetCfg
 from torch import nn
 
+from ..config import OpenseerError
+
 SEER_ARCHS = {
     "regnety_320": "RG-32GF",
     "regnety_640": "RG-64GF",
@@ -47,7 +49,7 @@ if "seer_regnet_10b" not in timm.list_models():
         return _regnet_from_cfg(SEER_10B_CFG, kwargs)
 
 
-class BackboneError(ValueError):
+class BackboneError(OpenseerError, ValueError):
     """An unknown or unusable backbone name."""
 
 

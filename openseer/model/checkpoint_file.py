@@ -15,13 +15,15 @@ from pathlib import Path
 
 import torch
 
+from ..config import OpenseerError
+
 CKPT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})\.(pt|dcp)$")
 META = "meta.pt"  # the non-tensor part of a sharded (.dcp) checkpoint
 PREFIX = "backbone."  # the backbone's tensors inside a SwAV model's state dict
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OpenseerError, RuntimeError):
     """A checkpoint that is missing, unreadable, unsafe or does not fit the run."""
 
 

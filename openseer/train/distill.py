@@ -35,6 +35,7 @@ from ..config import Config, build_config, config_from_dict
 from ..data.batches import count_reasons, data_state, iterate_batches, prepare_stream
 from ..data.sources import FolderSource, open_source
 from ..data.takedown import record_provenance
+from ..device import resolve_device
 from ..model.backbone import BackboneError, build_backbone, feature_dim
 from ..model.checkpoint_file import CheckpointError, latest_checkpoint, load_checkpoint
 from ..model.load import load_backbone
@@ -53,7 +54,6 @@ from .loop import (
     _restore,
     _StopRequest,
     _truncate_metrics,
-    resolve_device,
     schedule,
 )
 from .optim import build_optimizer, lr_at
@@ -264,7 +264,7 @@ def distill_config(teacher: str, student: str, data: str | None, recipe: str | N
 def distill(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_steps: int | None = None) -> dict:
     """Run (or continue) distillation of ``cfg.model.arch`` from ``cfg.distill.teacher``; a summary dict."""
     run_dir = Path(run_dir)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, option="device=")
     cfg, auto_notes = resolve_auto(cfg, device)
     if cfg.optim.precision == "fp16" and device.type != "cuda":
         raise RunError("optim.precision=fp16 needs CUDA; use bf16 or fp32 on CPU")

@@ -20,10 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..config import OpenseerError
+
 ONE_RANK_GROUP_ENV = "OPENSEER_PROCESS_GROUP"
 
 
-class DistError(RuntimeError):
+class DistError(OpenseerError, RuntimeError):
     """A distributed set-up that cannot work here, said before any collective can hang."""
 
 

@@ -8,13 +8,13 @@ import json
 import math
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, OpenseerError
 from ..model.swav import ln_k
 from .distributed import DistEnv
 from .step import StepStats
 
 
-class RunError(RuntimeError):
+class RunError(OpenseerError, RuntimeError):
     """A run that cannot start or continue; the message says what and how to fix it."""
 
 

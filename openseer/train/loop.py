@@ -26,6 +26,7 @@ from ..config import Config, ConfigError, config_from_dict, load_config, save_co
 from ..data.batches import Batch, count_reasons, data_state, iterate_batches, prepare_stream, steps_per_epoch
 from ..data.sources import FolderSource, open_source
 from ..data.takedown import record_provenance
+from ..device import resolve_device
 from ..fileio import atomic_write_text
 from ..model.swav import SwAV, SwAVMethod, SwAVQueue, build_swav, ln_k
 from .checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint
@@ -54,14 +55,6 @@ RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "thread
                   "dist.strategy", "dist.fsdp_wrap", "dist.activation_checkpointing",
                   "model.compile", "model.pointwise_matmul",
                   "model.narrow_group_fp32")  # speed, not the math (tests/train/test_levers.py)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RunError("device=cuda but no CUDA GPU is visible; use device=cpu")
-    return torch.device(name)
 
 
 def check_writable(run_dir: Path) -> None:
@@ -374,7 +367,7 @@ class _SetUp:
 
 def _setup(cfg: Config, run_dir: Path, resume: bool | str, max_steps: int | None) -> _SetUp:
     """Device, process group, data, model, method, optimiser and (on resume) their saved state."""
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, option="device=")
     cfg, auto_notes = resolve_auto(cfg, device)  # the saved config says what ran
     if cfg.optim.precision == "fp16" and device.type != "cuda":
         raise RunError("optim.precision=fp16 needs CUDA (a grad scaler on GPU); use bf16 or fp32 on CPU")

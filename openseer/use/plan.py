@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import OpenseerError
 from ..model.swav import build_swav
 from ..train.parallel import _blocks, backbone_stages, fsdp_units
 
@@ -39,7 +40,7 @@ GIB = 2**30
 OVERHEAD_BYTES = 2 * GIB
 
 
-class PlanError(ValueError):
+class PlanError(OpenseerError, ValueError):
     """A plan that cannot be made or cannot fit; the message says what would."""
 
 

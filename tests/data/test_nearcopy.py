@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.data import nearcopy as nc
 from openseer.data.batches import iterate_batches
 from openseer.data.pile import load_photographs, photograph_paths

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.data.shards import report, write_shards
 from openseer.data.sources import DataError
 from tests.data.corpus import write_corpus

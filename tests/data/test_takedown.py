@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.data.batches import iterate_batches
 from openseer.data.shards import write_shards
 from openseer.data.sources import open_source

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.eval.common import EvalError, open_labelled
 
 from .conftest import make_run, write_class_folders

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from openseer.cli import main
+from openseer.commands import main
 
 from ..conftest import fmnist_available
 

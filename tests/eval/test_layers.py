@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.eval.common import EvalError
 from openseer.eval.layers import PooledStages, describe_layer, parse_layer, stage_names
 from openseer.model.backbone import build_backbone

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.model.load import load_backbone
 from openseer.train.checkpoint import latest_checkpoint, list_checkpoints
 from openseer.train.distill import feature_agreement

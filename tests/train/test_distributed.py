@@ -318,7 +318,7 @@ def _group_worker(rank: int, port: int, out: str) -> None:
     """As torchrun starts a rank (env vars, no group yet): ``pretrain`` from Python twice, then the CLI."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    from openseer.cli import main
+    from openseer.commands import main
     from openseer.train.loop import pretrain
 
     cfg = build_config("tiny-cpu", [*RUN[2:], "data.source=fashion-mnist"])

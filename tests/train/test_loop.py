@@ -1,6 +1,6 @@
 """The training loop end to end: it learns, resumes bit for bit, freezes prototypes, logs and counts.
 
-Real runs through ``openseer.cli.main`` on a Fashion-MNIST subset (or a folder of generated PNGs),
+Real runs through ``openseer.commands.main`` on a Fashion-MNIST subset (or a folder of generated PNGs),
 with timm's tiny test ResNet and small crops so each run takes seconds on two CPU cores.
 """
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.config import build_config, load_config, to_dict
 from openseer.model.swav import build_swav
 from openseer.train.checkpoint import latest_checkpoint, list_checkpoints

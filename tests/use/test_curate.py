@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.data.pile import PileSpec, build_pile, read_answer_key
 from openseer.fileio import read_list
 from openseer.train.loop import pretrain

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import openseer
-from openseer.cli import main
+from openseer.commands import main
 from openseer.use.embed import EmbedError, embed_collection, load_embeddings
 from tests.use.kit import image_folder, make_run
 

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors import safe_open
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.model.load import load_backbone
 from openseer.train.checkpoint import CheckpointError
 from openseer.use.export import export, format_for

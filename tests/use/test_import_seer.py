@@ -14,7 +14,7 @@ import timm
 import torch
 
 import openseer
-from openseer.cli import main
+from openseer.commands import main
 from openseer.use.vissl import WeightsImportError, import_weights, timm_key_to_vissl, to_vissl
 
 

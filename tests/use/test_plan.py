@@ -7,7 +7,7 @@ import json
 import pytest
 import timm
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.config import build_config
 from openseer.model.backbone import build_backbone, count_parameters
 from openseer.model.swav import build_swav

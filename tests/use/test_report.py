@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from openseer.cli import main
+from openseer.commands import main
 from openseer.eval.report import Report
 from openseer.use.run_report import write_report
 from tests.conftest import fmnist_available

@@ -1,6 +1,7 @@
-"""Data subcommands: ``openseer shard``, ``openseer data report``, ``openseer takedown add|check``.
+"""Data commands: ``shard``, ``data report``, ``takedown add|check`` and ``curate``.
 
-Thin: parsing and printing only; the work is in data/shards.py and data/takedown.py.
+Thin: parse, call the package (openseer/data/, openseer/use/curate.py), print; the heavy modules
+are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ import argparse
 import json
 import sys
 
+from .options import add_device, add_parser, add_read_timeout, add_threads, check_pile, device, set_threads
+
 
 def cmd_shard(args: argparse.Namespace) -> int:
     """Write tar shards, a manifest and an index from a folder or a file list (resumable)."""
-    from .decode import DataError
-    from .shards import write_shards
+    from ..data.decode import DataError
+    from ..data.shards import write_shards
 
     summary = write_shards(args.src, args.out, shard_size=args.shard_size, max_side=args.max_side,
                            sidecar=args.sidecar, workers=args.workers, read_timeout=args.read_timeout,
@@ -37,9 +40,9 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+def cmd_data_report(args: argparse.Namespace) -> int:
     """Summarise a shard folder: counts, sizes, formats, duplicates, skipped by reason."""
-    from .shards import report
+    from ..data.shards import report
 
     r = report(args.folder)
     if args.json:
@@ -62,9 +65,9 @@ def cmd_takedown_add(args: argparse.Namespace) -> int:
     """Add content hashes/keys (from files, or of image files) to a deny-list."""
     from pathlib import Path
 
-    from .decode import BadImage, DataError
-    from .reader import SkipCounts, open_collection, read_bytes, report_skips
-    from .takedown import TakedownError, add_to_denylist, content_key, read_entries
+    from ..data.decode import BadImage, DataError
+    from ..data.reader import SkipCounts, open_collection, read_bytes, report_skips
+    from ..data.takedown import TakedownError, add_to_denylist, content_key, read_entries
 
     if args.near:
         return _takedown_add_near(args)
@@ -101,7 +104,7 @@ def _near_pile(args: argparse.Namespace) -> str:
     """The pile a --near takedown searches: --pile, else the folder holding the deny-list."""
     from pathlib import Path
 
-    from .takedown import TakedownError
+    from ..data.takedown import TakedownError
 
     if args.pile:
         return args.pile
@@ -114,9 +117,9 @@ def _near_copies(photos: list[str], pile: str, quiet: bool) -> list[tuple[str, s
     """(photo, key, path, similarity, verified) of every copy of each photo found in ``pile``."""
     from pathlib import Path
 
-    from .decode import BadImage, load_image
-    from .nearcopy import PileIndex
-    from .takedown import TakedownError
+    from ..data.decode import BadImage, load_image
+    from ..data.nearcopy import PileIndex
+    from ..data.takedown import TakedownError
 
     imgs = []
     for ph in photos:
@@ -135,8 +138,8 @@ def _takedown_add_near(args: argparse.Namespace) -> int:
     """Deny-list photos and every near copy of them found in the pile (by key, with the reason)."""
     from pathlib import Path
 
-    from .decode import read_file
-    from .takedown import TakedownError, add_to_denylist, content_key
+    from ..data.decode import read_file
+    from ..data.takedown import TakedownError, add_to_denylist, content_key
 
     photos = list(args.files) + list(args.image or [])
     if not photos:
@@ -159,12 +162,12 @@ def _takedown_add_near(args: argparse.Namespace) -> int:
 
 def cmd_takedown_check(args: argparse.Namespace) -> int:
     """Which runs and checkpoints saw an image (exit 1 when any did)."""
-    from .takedown import check_image
+    from ..data.takedown import check_image
 
     if args.near:
         return _takedown_check_near(args)
     if not args.runs:
-        from .takedown import TakedownError
+        from ..data.takedown import TakedownError
 
         raise TakedownError("give --runs RUNS (a run directory or a folder of runs), or --near --pile PILE")
 
@@ -191,8 +194,8 @@ def _takedown_check_near(args: argparse.Namespace) -> int:
     """Near copies of an image in a pile, whether each is deny-listed, and (with --runs) who saw them."""
     from pathlib import Path
 
-    from .stream import DEFAULT_DENYLIST
-    from .takedown import DenyList, check_image
+    from ..data.stream import DEFAULT_DENYLIST
+    from ..data.takedown import DenyList, check_image
 
     pile = _near_pile(args)
     found = _near_copies([args.image], pile, args.quiet)
@@ -221,19 +224,21 @@ def _takedown_check_near(args: argparse.Namespace) -> int:
     return 1 if seen_any else 0
 
 
-def _read_timeout_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--read-timeout", type=float, default=None, metavar="S",
-                   help="give up a file that takes longer than S seconds to read, counted as 'timeout' "
-                        "(default $OPENSEER_READ_TIMEOUT or 60)")
+SHARD_EXAMPLES = """examples:
+  openseer shard /pile --out shards/                          # 10000 images per shard
+  openseer shard paths.txt --out shards/ --max-side 512 --sidecar licences.csv
+  openseer data report shards/                                # what went in, what was skipped
+  openseer pretrain --data shards/ --out runs/a               # train from the shards
+  (interrupted? run the same command again: it resumes)
+"""
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add ``shard``, ``data`` and ``takedown`` to the ``openseer`` command."""
-    p = sub.add_parser("shard", help="pack a folder or file list of images into tar shards + manifest",
-                       description="Write tar shards (webdataset layout: <key>.jpg + <key>.json), manifest.csv, "
-                                   "skipped.csv and index.json. Keys are content hashes (first 32 hex of SHA-256); "
-                                   "exact duplicates are dropped; bad files are skipped by reason. Re-run the same "
-                                   "command to resume an interrupted run.")
+def add_shard(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "shard", "pack a folder or file list of images into tar shards + manifest", SHARD_EXAMPLES,
+                   description="Write tar shards (webdataset layout: <key>.jpg + <key>.json), manifest.csv, "
+                               "skipped.csv and index.json. Keys are content hashes (first 32 hex of SHA-256); "
+                               "exact duplicates are dropped; bad files are skipped by reason. Re-run the same "
+                               "command to resume an interrupted run.")
     p.add_argument("src", help="a folder of images (recursive) or a text file with one image path per line")
     p.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
     p.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
@@ -242,30 +247,55 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sidecar", help="CSV with a 'path' column and e.g. source_url, licence: copied into the manifest")
     p.add_argument("--workers", type=int, default=0, help="decode processes (default: up to 4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-shard progress lines")
-    _read_timeout_option(p)
+    add_read_timeout(p)
     p.set_defaults(func=cmd_shard)
 
-    p = sub.add_parser("data", help="inspect shard folders (data report)")
+
+DATA_REPORT_EXAMPLES = """examples:
+  openseer data report shards/
+  openseer data report shards/ --json
+"""
+
+
+def add_data(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "data", "inspect shard folders (data report)", DATA_REPORT_EXAMPLES)
     data_sub = p.add_subparsers(dest="data_command", required=True)
-    q = data_sub.add_parser("report", help="counts, sizes, formats, duplicates and skipped files of a shard folder")
+    q = add_parser(data_sub, "report", "counts, sizes, formats, duplicates and skipped files of a shard folder",
+                   DATA_REPORT_EXAMPLES)
     q.add_argument("folder", help="a folder written by `openseer shard`")
     q.add_argument("--json", action="store_true", help="one JSON object instead of text")
-    q.set_defaults(func=cmd_report)
+    q.set_defaults(func=cmd_data_report)
 
-    p = sub.add_parser("takedown", help="deny-list images (honoured at read time) and audit which runs saw one")
+
+TAKEDOWN_ADD_EXAMPLES = """examples:
+  openseer takedown add hashes.txt --list shards/takedowns.txt --note "ticket 123"
+  openseer takedown add --image photo.jpg --list shards/takedowns.txt
+  openseer takedown add photo.jpg --near --list shards/takedowns.txt    # and its near copies in shards/
+"""
+
+TAKEDOWN_CHECK_EXAMPLES = """examples:
+  openseer takedown check photo.jpg --runs runs/              # which runs and checkpoints saw it (exit 1 if any)
+  openseer takedown check 0123456789abcdef0123456789abcdef --runs runs/a --json   # by content key
+  openseer takedown check photo.jpg --near --pile shards/ --runs runs/
+"""
+
+
+def add_takedown(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "takedown", "deny-list images (honoured at read time) and audit which runs saw one",
+                   TAKEDOWN_ADD_EXAMPLES + TAKEDOWN_CHECK_EXAMPLES.removeprefix("examples:\n"))
     td = p.add_subparsers(dest="takedown_command", required=True)
-    q = td.add_parser("add", help="add content hashes or manifest keys to a deny-list",
-                      description="Append keys to a deny-list (created if missing). Lines of the input files: a "
-                                  "SHA-256 (64 hex), a content key (32 hex) or a manifest key; '#' comments. "
-                                  "Runs reading shards apply --list via data.denylist=LIST, or automatically "
-                                  "when it is SHARDS/takedowns.txt.")
+    q = add_parser(td, "add", "add content hashes or manifest keys to a deny-list", TAKEDOWN_ADD_EXAMPLES,
+                   description="Append keys to a deny-list (created if missing). Lines of the input files: a "
+                               "SHA-256 (64 hex), a content key (32 hex) or a manifest key; '#' comments. "
+                               "Runs reading shards apply --list via data.denylist=LIST, or automatically "
+                               "when it is SHARDS/takedowns.txt.")
     q.add_argument("files", nargs="*", help="text files of hashes or keys, one per line")
     q.add_argument("--list", required=True, help="the deny-list file, e.g. shards/takedowns.txt")
     q.add_argument("--image", action="append", metavar="FILE",
                    help="also deny-list this image file's content hash (a folder: every file in it)")
     q.add_argument("--images-from-list", action="store_true",
                    help="each --image is a text file listing image paths: deny-list all of them")
-    _read_timeout_option(q)
+    add_read_timeout(q)
     q.add_argument("--note", help="a note stored with each new entry (e.g. a ticket number)")
     q.add_argument("--near", action="store_true",
                    help="FILES are photos: deny-list each and every re-encoded, resized, cropped or flipped copy "
@@ -274,7 +304,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                   "holding --list)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress")
     q.set_defaults(func=cmd_takedown_add)
-    q = td.add_parser("check", help="which runs and checkpoints saw an image (exit 1 if any)")
+    q = add_parser(td, "check", "which runs and checkpoints saw an image (exit 1 if any)", TAKEDOWN_CHECK_EXAMPLES)
     q.add_argument("image", help="an image file (hashed), or its content key / SHA-256")
     q.add_argument("--runs", help="a run directory or a folder of runs (searched 3 levels deep)")
     q.add_argument("--json", action="store_true", help="one JSON object instead of text")
@@ -283,12 +313,80 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--pile", help="with --near: the folder, file list or shards to search")
     q.add_argument("--list", help="with --near: the deny-list to check them against (default PILE/takedowns.txt)")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress")
-    _read_timeout_option(q)
+    add_read_timeout(q)
     q.set_defaults(func=cmd_takedown_check)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    parser = argparse.ArgumentParser(prog="openseer-data")
-    add_parsers(parser.add_subparsers(dest="command", required=True))
-    ns = parser.parse_args()
-    sys.exit(ns.func(ns))
+CURATE_EXAMPLES = """examples:
+  openseer curate /pile --out curated/ --model runs/a                  # keep half the pile
+  openseer curate 'shards/{000000..000099}.tar' --out curated/ --keep 0.5 --model regnetx_002
+  openseer curate /pile --out curated/ --keep-count 20000 --model runs/a --reference /some/in-domain --drop-off-domain
+  openseer shard curated/list.txt --out curated-shards/                  # the kept files (list.txt: embed, shard)
+  openseer pretrain --data curated/shards --recipe tiny-cpu --out runs/b # (with --shards)
+  openseer pretrain --data 'shards/{000000..000099}.tar' data.denylist=curated/exclude.txt ...   # shards in place
+  (interrupted? run the same command again: the embedding resumes where it stopped)
+
+output: curated/list.txt, exclude.txt, decisions.csv (every image: group, cluster, kept or why not),
+        report.html, curate.json, embed/ (the embeddings)
+"""
+
+
+def add_curate(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "curate", "deduplicate and rebalance an uncurated pile: kept list, decisions, report", CURATE_EXAMPLES,
+                   description="Embed a pile with a backbone, group near-duplicates (faiss kNN + threshold) and keep "
+                               "one per group, rebalance by k-means clusters, keep --keep of the pile.")
+    p.add_argument("pile", metavar="PILE", help="a folder of images, a .txt list of paths, or tar shards")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--model", required=True, metavar="WEIGHTS",
+                   help="the backbone to embed with: a run directory, checkpoint, exported file or timm name")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--keep", type=float, default=0.5, help="share of the pile to keep, in (0, 1] (default 0.5)")
+    g.add_argument("--keep-count", type=int, default=0, metavar="N", help="number of images to keep")
+    p.add_argument("--dup-threshold", type=float, default=0.95,
+                   help="cosine similarity (of --dup-by) that makes two images near-duplicates (default 0.95)")
+    p.add_argument("--dup-by", default="descriptor", choices=["descriptor", "embedding"],
+                   help="what near-duplicates are found by: the near-copy descriptor of takedown --near (default: "
+                        "16 x 16 grey, flips included) or the model's embeddings (instance-level models only)")
+    p.add_argument("--clusters", type=int, default=0, help="k-means clusters (default sqrt of the pile size)")
+    p.add_argument("--levels", type=int, default=1, choices=[1, 2, 3],
+                   help="hierarchical k-means levels for the balanced sampling (default 1)")
+    p.add_argument("--reference", metavar="DATA",
+                   help="a small sample of the wanted domain (folder, list or shards): estimates the off-domain share")
+    p.add_argument("--drop-off-domain", action="store_true", help="with --reference: also drop off-domain images")
+    p.add_argument("--shards", action="store_true", help="also write the kept images as tar shards (OUT/shards)")
+    p.add_argument("--layer", default="last", metavar="STAGES", help="features to embed with (as `openseer embed`)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in-process)")
+    p.add_argument("--max-memory-gb", type=float, default=0,
+                   help="memory the index steps may use (default: what the machine has available)")
+    add_device(p)
+    add_threads(p)
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_curate)
+
+
+def cmd_curate(args: argparse.Namespace) -> int:
+    """Deduplicate and rebalance a pile: the kept list, every decision and a report."""
+    check_pile(args.pile)
+    check_pile(args.reference)
+    from ..use.curate import curate
+
+    set_threads(args.threads)
+    r = curate(args.pile, args.out, args.model, keep=None if args.keep_count else args.keep,
+               keep_count=args.keep_count, dup_threshold=args.dup_threshold, clusters=args.clusters,
+               levels=args.levels, reference=args.reference or "", drop_off_domain=args.drop_off_domain,
+               dup_by=args.dup_by,
+               seed=args.seed, shards=args.shards, batch_size=args.batch_size, workers=args.workers,
+               device=device(args.device), layer=args.layer, max_memory=int(args.max_memory_gb * 2**30),
+               progress=not args.quiet, log=(lambda t: None) if args.quiet else print)
+    od = r["off_domain"]
+    share = f"; off-domain {100 * od['share']:.1f}%" if od.get("given") else ""
+    print(f"openseer: kept {r['kept']} of {r['inputs']} images ({r['decisions']}; {r['bad']} bad"
+          f"{share}) -> {r['files']['list.txt']}; report {r['files']['report.html']}")
+    if r.get("warning"):
+        print(f"openseer: warning: {r['warning']}", file=sys.stderr)
+    if r.get("note"):
+        print(f"openseer: note: {r['note']}", file=sys.stderr)
+    return 0
+

@@ -1,4 +1,9 @@
-"""``openseer eval``: evaluate a run, checkpoint, exported backbone or timm model on labelled data."""
+"""Evaluation commands: ``eval`` (kNN, linear probes, low-shot, baselines) and ``report`` (a run's page).
+
+Thin: parse, call the package (openseer/eval/, openseer/use/run_report.py), print. The parser
+imports no torch: the defaults it shows are repeated here and pinned to the eval modules' own by
+tests/test_commands.py.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,18 @@ import shlex
 import sys
 from pathlib import Path
 
-from .common import EvalError
-from .knn import DEFAULT_KS, TEMPERATURE
-from .lowshot import FinetuneSettings
-from .runner import LOWSHOT_PROTOCOLS, PROTOCOLS, EvalOptions, evaluate
+from ..config import ConfigError
+from .options import add_device, add_parser, add_threads, device, missing, set_threads
 
-EXAMPLES = """examples:
+# as the eval modules define them (runner.PROTOCOLS, runner.LOWSHOT_PROTOCOLS, knn.DEFAULT_KS,
+# knn.TEMPERATURE, lowshot.FinetuneSettings), without importing torch
+PROTOCOLS = ("knn", "linear", "lowshot", "baselines")
+LOWSHOT_PROTOCOLS = ("knn", "linear", "finetune")
+DEFAULT_KS = (10, 20, 100, 200)
+TEMPERATURE = 0.07
+FINETUNE = {"batch_size": 64, "lr_backbone": 0.2, "lr_head": 5.0, "lr_scratch": 0.2, "min_scale": 1.0}
+
+EVAL_EXAMPLES = """examples:
   openseer eval runs/a --data fashion-mnist --out runs/a/eval.json      # every protocol, default splits
   openseer eval runs/a --data /path/labelled --protocols knn,linear,lowshot
   openseer eval --backbone regnetx_002 --random-init --data fashion-mnist  # the floor
@@ -62,13 +73,11 @@ def _lowshot_protocols(text: str) -> tuple[str, ...]:
     return values
 
 
-def add_parsers(sub: argparse._SubParsersAction) -> None:
-    """Add the ``eval`` subcommand to the ``openseer`` command."""
-    d = FinetuneSettings()
-    p = sub.add_parser("eval", help="evaluate weights: kNN, linear probe, low-shot fine-tune, baselines",
-                       description="Evaluate a backbone on labelled data with every protocol of SEER.md §6 and "
-                                   "the baselines; writes eval.json and eval.md and prints the table.",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_eval(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "eval", "evaluate weights: kNN, linear probe, low-shot fine-tune, baselines", EVAL_EXAMPLES,
+                   description="Evaluate a backbone on labelled data with the protocols of the SEER paper "
+                               "(kNN, linear probes, low-shot fine-tuning; docs/guide.md) and the baselines; "
+                               "writes eval.json and eval.md and prints the table.")
     p.add_argument("weights", nargs="?", metavar="WEIGHTS",
                    help="a run directory, a checkpoint (.pt), an exported backbone (.safetensors or .pt state "
                         "dict), or a timm model name")
@@ -104,21 +113,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-images", type=int, default=60000,
                    help="auto budget: images seen per fine-tune, at most 50 epochs (default 60000, ~2 min per "
                         "fine-tune for the tiny-cpu backbone on 2 cores)")
-    p.add_argument("--finetune-batch-size", type=int, default=d.batch_size)
-    p.add_argument("--finetune-lr", type=float, default=d.lr_backbone, help=f"backbone LR (default {d.lr_backbone})")
-    p.add_argument("--finetune-head-lr", type=float, default=d.lr_head, help=f"new head's LR (default {d.lr_head})")
-    p.add_argument("--scratch-lr", type=float, default=d.lr_scratch,
-                   help=f"backbone LR of the supervised-from-scratch baseline (default {d.lr_scratch})")
-    p.add_argument("--finetune-min-scale", type=float, default=d.min_scale,
-                   help=f"fine-tune random resized crop scale min..1 (default {d.min_scale:g}: whole image, flips only)")
+    p.add_argument("--finetune-batch-size", type=int, default=FINETUNE["batch_size"])
+    p.add_argument("--finetune-lr", type=float, default=FINETUNE["lr_backbone"], help=f"backbone LR (default {FINETUNE['lr_backbone']})")
+    p.add_argument("--finetune-head-lr", type=float, default=FINETUNE["lr_head"], help=f"new head's LR (default {FINETUNE['lr_head']})")
+    p.add_argument("--scratch-lr", type=float, default=FINETUNE["lr_scratch"],
+                   help=f"backbone LR of the supervised-from-scratch baseline (default {FINETUNE['lr_scratch']})")
+    p.add_argument("--finetune-min-scale", type=float, default=FINETUNE["min_scale"],
+                   help=f"fine-tune random resized crop scale min..1 (default {FINETUNE['min_scale']:g}: whole image, flips only)")
     p.add_argument("--limit-train", type=int, default=0, help="use a seeded stratified subset of N train images")
     p.add_argument("--limit-test", type=int, default=0, help="use a seeded stratified subset of N test images")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="test share when a folder or CSV has no split of its own (default 0.2)")
     p.add_argument("--recipe", help="take crop size and mean/std from this recipe (default: the weights' config)")
     p.add_argument("--crop-size", type=int, default=0, help="override the eval crop size")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    add_device(p)
+    add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
     p.set_defaults(func=cmd_eval)
 
@@ -133,12 +142,21 @@ def _command_line() -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     """Run the evaluation and print the markdown table."""
     if not args.weights and not args.backbone:
-        raise EvalError("give the weights to evaluate (a run dir, checkpoint, exported file or timm name) "
+        raise ConfigError("give the weights to evaluate (a run dir, checkpoint, exported file or timm name) "
                         "or --backbone NAME")
     if args.batch_size < 1 or args.finetune_batch_size < 2:
-        raise EvalError("--batch-size must be >= 1 and --finetune-batch-size >= 2")
+        raise ConfigError("--batch-size must be >= 1 and --finetune-batch-size >= 2")
     if not 0 < args.finetune_min_scale <= 1:
-        raise EvalError(f"--finetune-min-scale must be in (0, 1], got {args.finetune_min_scale:g}")
+        raise ConfigError(f"--finetune-min-scale must be in (0, 1], got {args.finetune_min_scale:g}")
+    if missing(args.data):
+        from ..data.decode import DataError
+
+        raise DataError(f"labelled data {args.data!r} does not exist (give 'fashion-mnist', a folder with one "
+                        f"subfolder per class, or a CSV of path,label)")
+    from ..eval.lowshot import FinetuneSettings
+    from ..eval.report import render_markdown
+    from ..eval.runner import EvalOptions, evaluate
+
     settings = FinetuneSettings(batch_size=args.finetune_batch_size, lr_backbone=args.finetune_lr,
                                 lr_head=args.finetune_head_lr, lr_scratch=args.scratch_lr,
                                 min_scale=args.finetune_min_scale)
@@ -154,8 +172,58 @@ def cmd_eval(args: argparse.Namespace) -> int:
         command=_command_line(),
     )
     doc = evaluate(opts)
-    from .report import render_markdown
-
     print(render_markdown(doc))
     print(f"\nopenseer: wrote {doc['written']['json']} and {doc['written']['markdown']}")
     return 0
+
+
+REPORT_EXAMPLES = """examples:
+  openseer report runs/a                           # runs/a/report.html
+  openseer report runs/a --data /pile --sample 5000 --map tsne
+  openseer report runs/a --summary                 # also print the run, its eval table, the page's path
+"""
+
+
+def add_report(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "report", "write RUN_DIR/report.html: curves, eval table, clusters, neighbours, map",
+                   REPORT_EXAMPLES, description="One self-contained HTML page (images embedded) about a run.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", help="default RUN_DIR/report.html")
+    p.add_argument("--data", help="images to show the model (default: the run's training data)")
+    p.add_argument("--sample", type=int, default=2000, help="images in the sample (default 2000)")
+    p.add_argument("--prototypes", type=int, default=8, help="most-used prototypes shown (default 8)")
+    p.add_argument("--per-prototype", type=int, default=10, help="images per prototype (default 10)")
+    p.add_argument("--queries", type=int, default=6, help="nearest-neighbour queries (default 6)")
+    p.add_argument("--neighbours", type=int, default=9, help="neighbours per query (default 9)")
+    p.add_argument("--map", default="pca", choices=["pca", "tsne"], dest="map_method",
+                   help="2-D map: pca (default) or tsne (needs scikit-learn)")
+    p.add_argument("--seed", type=int, default=0)
+    add_device(p)
+    add_threads(p)
+    p.add_argument("--summary", action="store_true",
+                   help="end with a short summary: the run, its evaluation table, the report's path")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    if not Path(args.run_dir).expanduser().is_dir():
+        from ..data.decode import DataError
+
+        raise DataError(f"{Path(args.run_dir).expanduser()} is not a directory (give a run directory from "
+                        f"`openseer pretrain`)")
+    from ..use.run_report import write_report
+
+    set_threads(args.threads)
+    r = write_report(args.run_dir, args.out, data=args.data, sample=args.sample, prototypes=args.prototypes,
+                     per_prototype=args.per_prototype, queries=args.queries, neighbours=args.neighbours,
+                     map_method=args.map_method, seed=args.seed, device=device(args.device))
+    for note in r["notes"]:
+        print(f"openseer: note: {note}", file=sys.stderr)
+    print(f"openseer: report written in {r['seconds']:.1f} s: {r['path']}")
+    if args.summary:
+        from ..use.run_report import run_summary
+
+        print(run_summary(args.run_dir, r["path"]))
+    return 0
+
+

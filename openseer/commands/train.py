@@ -1,0 +1,227 @@
+"""Training commands: ``recipes``, ``plan``, ``pretrain``, ``distill`` and ``doctor`` (a run's health).
+
+Thin: parse, call the package, print. torch and the model code are imported inside the functions,
+after the arguments and the config have been checked, so mistakes are answered at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import ConfigError, build_config, load_config, recipe_names, recipe_values
+from .options import add_overrides, add_parser, missing
+
+
+def add_recipes(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "recipes", "list recipes and their key settings",
+                   "examples:\n  openseer recipes\n  openseer recipes -v        # also each recipe's YAML values\n")
+    p.add_argument("-v", "--verbose", action="store_true", help="also print each recipe's YAML values")
+    p.set_defaults(func=cmd_recipes)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    """List the built-in recipes with their key settings."""
+    rows = []
+    for name in recipe_names():
+        cfg = build_config(name)
+        crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.crops.counts, cfg.crops.sizes))
+        head = "->".join(str(d) for d in [*cfg.model.head_hidden, cfg.model.head_out])
+        rows.append([name, cfg.model.arch, crops, str(cfg.data.batch_size), str(cfg.swav.n_prototypes),
+                     f"{head}{'' if cfg.model.head_bn else ' (no BN)'}", f"{cfg.optim.base_lr:g}",
+                     f"{cfg.swav.epsilon:g}", str(cfg.swav.queue_length), cfg.optim.precision,
+                     f"{cfg.optim.epochs:g}"])
+        if args.verbose:
+            print(f"# {name}: {recipe_values(name)}")
+    header = ["recipe", "backbone", "crops", "batch", "K", "head", "lr/256", "eps", "queue", "precision", "epochs"]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+PRETRAIN_EXAMPLES = """examples:
+  openseer pretrain --data fashion-mnist --recipe tiny-cpu --out runs/a optim.minutes=15
+  openseer pretrain --data /pile --recipe seer-rg32 --out runs/rg32 data.batch_size=128 checkpoint.every=100
+  openseer pretrain --data 'shards/{000000..000099}.tar' --recipe seer-rg64 --out runs/rg64
+  torchrun --nproc-per-node 8 -m openseer pretrain --data /pile --recipe seer-rg128 --out runs/b --auto-resume
+  openseer pretrain --resume runs/a                 # continue from the latest checkpoint
+
+every setting and recipe: docs/guide.md; the method: docs/method.md
+"""
+
+
+def add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "pretrain", "pretrain a backbone with SwAV", PRETRAIN_EXAMPLES,
+                   description="Pretrain with SwAV. Trailing key=value pairs override the recipe, "
+                               "e.g. optim.base_lr=0.6 data.batch_size=128 checkpoint.every=100.")
+    p.add_argument("--data", help="a folder of images (recursive), 'fashion-mnist', or tar shards "
+                                   "('shards/{000000..000099}.tar', a glob, 'pipe:CMD', or a folder from `openseer shard`)")
+    p.add_argument("--recipe", help="a recipe name (see `openseer recipes`) or a YAML file; default tiny-cpu")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="if --out already holds this run, continue it (for torchrun --max-restarts and requeued jobs)")
+    p.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is unchanged)")
+    add_overrides(p)
+    p.set_defaults(func=cmd_pretrain)
+
+
+def _check_data_path(spec: str | None) -> None:
+    """A --data path that does not exist, said before torch is imported (as ``open_source`` says it)."""
+    if missing(spec):
+        from ..data.decode import DataError
+
+        raise DataError(f"data path {spec!r} does not exist")
+
+
+def _check_saved_config(run_dir: Path) -> None:
+    """--resume on a folder without a run: said before torch is imported (as ``load_config`` says it)."""
+    if not (run_dir / "config.yaml").is_file():
+        load_config(run_dir / "config.yaml")
+
+
+def _stopped(summary: dict) -> str:
+    why = f" ({summary['preempted']}: checkpoint written, resume with --resume)" if summary.get("preempted") else ""
+    return f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}; run in {summary['run_dir']}"
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Start or resume SwAV pretraining."""
+    if args.resume:
+        if args.data or args.recipe or args.out:
+            raise ConfigError("--resume RUN_DIR continues a run with its saved config: drop --data/--recipe/--out")
+        run_dir = Path(args.resume)
+        _check_saved_config(run_dir)
+        from ..train.loop import pretrain, resume_config
+
+        cfg = resume_config(run_dir, args.overrides)
+        summary = pretrain(cfg, run_dir, resume=True, max_steps=args.max_steps)
+    else:
+        if not args.out:
+            raise ConfigError("--out RUN_DIR is required (where the run's config, metrics and checkpoints go)")
+        base = {"data": {"source": args.data}} if args.data else None
+        cfg = build_config(args.recipe or "tiny-cpu", args.overrides, base=base)
+        _check_data_path(cfg.data.source)
+        from ..train.loop import pretrain
+
+        summary = pretrain(cfg, Path(args.out), resume="auto" if args.auto_resume else False,
+                           max_steps=args.max_steps)
+    from ..train.distributed import close_distributed, env_from_os
+
+    close_distributed()  # the process ends here: gloo's threads must be joined before the interpreter exits
+    if env_from_os().is_main:  # once per run, not once per process
+        print(_stopped(summary))
+    return 0
+
+
+DISTILL_EXAMPLES = """examples:
+  openseer distill runs/big --student mobilenetv2_035 --data /pile --out runs/small
+  openseer distill runs/big --student lcnet_035 --data fashion-mnist --out runs/s2 optim.minutes=10 model.stem_stride=1
+  openseer distill --resume runs/small
+"""
+
+
+def add_distill(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "distill", "train a small student backbone to match a teacher's features", DISTILL_EXAMPLES,
+                   description="Distil a teacher (a run, checkpoint, exported/imported file or timm name) into "
+                               "a student (any timm backbone) on unlabelled images. The result is a run "
+                               "directory that eval, export, embed and report take. Settings default to the "
+                               "teacher run's config (else the tiny-cpu recipe); trailing key=value pairs "
+                               "override, e.g. distill.loss=swav optim.minutes=10.")
+    p.add_argument("teacher", nargs="?", metavar="TEACHER", help="what openseer.load accepts: run dir, checkpoint, "
+                                                                  "exported/imported file, timm name")
+    p.add_argument("--student", metavar="ARCH", help="the student: any timm backbone name")
+    p.add_argument("--data", help="unlabelled images, as for pretrain (default: the teacher run's data)")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--recipe", help="start from this recipe instead of the teacher run's config")
+    p.add_argument("--teacher-arch", metavar="NAME", help="architecture of a teacher file that does not record it")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the distill run in RUN_DIR")
+    p.add_argument("--auto-resume", action="store_true", help="if --out already holds this run, continue it")
+    p.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is unchanged)")
+    add_overrides(p)
+    p.set_defaults(func=cmd_distill)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Train a small student backbone to reproduce a teacher's features on unlabelled images."""
+    if args.resume:
+        if args.teacher or args.student or args.data or args.recipe or args.out:
+            raise ConfigError("--resume RUN_DIR continues a distill run with its saved config: drop the teacher, "
+                              "--student, --data, --recipe and --out")
+        run_dir = Path(args.resume)
+        _check_saved_config(run_dir)
+        from ..train.distill import distill
+        from ..train.loop import resume_config
+
+        summary = distill(resume_config(run_dir, args.overrides), run_dir, resume=True, max_steps=args.max_steps)
+    else:
+        missing = [name for name, v in (("TEACHER", args.teacher), ("--student ARCH", args.student),
+                                        ("--out RUN_DIR", args.out)) if not v]
+        if missing:
+            raise ConfigError(f"openseer distill needs {', '.join(missing)} (see openseer distill --help)")
+        from ..train.distill import distill, distill_config
+
+        overrides = [*args.overrides, *([f"distill.teacher_arch={args.teacher_arch}"] if args.teacher_arch else [])]
+        cfg = distill_config(args.teacher, args.student, args.data, args.recipe, overrides)
+        summary = distill(cfg, Path(args.out), resume="auto" if args.auto_resume else False, max_steps=args.max_steps)
+    print(_stopped(summary))
+    return 0
+
+
+PLAN_EXAMPLES = """examples:
+  openseer plan --recipe seer-rg128 --gpus 8 --gpu-mem-gb 80
+  openseer plan --recipe seer-rg10b --gpus 64 --gpu-mem-gb 80 --json
+  openseer plan --recipe seer-rg32 --gpus 1 --gpu-mem-gb 24 data.batch_size=64
+
+exit status 2 when no strategy fits (the message says how many GPUs would)
+"""
+
+
+def add_plan(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "plan", "parameters and per-GPU memory of a recipe on N GPUs; does it fit?", PLAN_EXAMPLES,
+                   description="Plan a run: exact parameter counts and per-GPU memory (weights, gradients, "
+                               "momentum, activations) under DDP and FSDP, with and without activation "
+                               "checkpointing, from a meta-device model (no memory, no GPU needed).")
+    p.add_argument("--recipe", default="tiny-cpu", help="a recipe name or YAML file")
+    p.add_argument("--gpus", type=int, required=True, help="total number of GPUs (processes)")
+    p.add_argument("--gpu-mem-gb", type=float, required=True, help="memory of one GPU in GiB, e.g. 40 or 80")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_overrides(p)
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Parameters and per-GPU memory of a recipe on N GPUs (meta device: no memory, no GPU needed)."""
+    cfg = build_config(args.recipe, args.overrides)
+    from ..use.plan import PlanError, format_plan, make_plan, plan_json
+
+    result = make_plan(cfg, args.gpus, args.gpu_mem_gb)
+    print(plan_json(result) if args.json else format_plan(result))
+    if not any(result["fits"].values()):
+        need = result.get("min_gpus")
+        hint = (f"{need} GPUs of {args.gpu_mem_gb:g} GiB would fit with FSDP + activation checkpointing"
+                if need else f"no GPU count that divides the global batch fits in {args.gpu_mem_gb:g} GiB; "
+                             f"use larger GPUs or a smaller data.batch_size")
+        raise PlanError(f"{cfg.recipe} does not fit on {args.gpus} GPUs of {args.gpu_mem_gb:g} GiB with any "
+                        f"strategy: {hint}")
+    return 0
+
+
+DOCTOR_EXAMPLES = """examples:
+  openseer doctor runs/a      # config, checkpoints, metrics: what is wrong and the command that recovers
+"""
+
+
+def add_doctor(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "doctor", "check a run directory (config, checkpoints, metrics) and how to recover",
+                   DOCTOR_EXAMPLES)
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check a run directory and say how to recover."""
+    from ..use.doctor import run_doctor
+
+    return run_doctor(args.run_dir)
