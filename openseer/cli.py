@@ -33,7 +33,7 @@ def quiet_library_noise() -> None:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .data.sources import DataError
+    from .data.decode import DataError
     from .model.backbone import BackboneError
     from .train.checkpoint import CheckpointError
     from .train.distributed import DistError

@@ -1,10 +1,15 @@
-"""From a source to batches of crops, one per training step, reproducibly.
+"""From a collection to batches of crops, one ``Batch`` per training step, reproducibly.
 
-The order is a pure function of (seed, step): epoch e uses a seeded permutation of the source, step
-s takes the next global batch of it, and rank r takes its slice. Augmentation randomness is also
+The order is a pure function of (seed, step): epoch e uses a seeded permutation of the collection,
+step s takes the next global batch of it, and rank r takes its slice. Augmentation randomness is also
 seeded per (seed, step, rank) for in-memory batches and per (seed, step, image) for decoded files.
 So the data position is just the step number: a resumed run continues with exactly the batches
 (and crops) the uninterrupted run would have seen, whatever the number of loader workers.
+
+Which multi-crop path runs (data/multicrop.py): in-memory tensors -> ``BatchMultiCrop`` on the
+whole batch (``data.batched_aug``, the default; else ``MultiCrop`` per image); decoded files ->
+``FastMultiCrop`` on a reduced-size decode (``data.fast_decode``, the default; else a full decode
+and ``MultiCrop``).
 
 Tar shards are streams, not indexable: their batches come from data/stream_batches.py and their
 position (per loader slot) is saved in the checkpoint through ``data_state``/``prepare_stream``.
@@ -15,18 +20,39 @@ from __future__ import annotations
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
 from ..fileio import name_to_text
-from .batching import Batch, decode_pixels, seed_of  # noqa: F401  (re-exported: callers import them from here)
-from .decode import BadImage, DataError
+from .collection import Collection
+from .decode import BadImage, DataError, reduced_decode_pixels
 from .multicrop import BatchMultiCrop, FastMultiCrop, MultiCrop
-from .sources import ImageSource
-from .stream_batches import StreamBatches
+
+
+def seed_of(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass
+class Batch:
+    """The crops of one training step on one rank, the keys of its images, and the files skipped."""
+
+    step: int
+    crops: list[torch.Tensor]
+    keys: list[str]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of files skipped
+
+
+def decode_pixels(cfg: Config) -> int:
+    """Fewest pixels a reduced-size decode must keep for ``cfg.crops`` (see decode.py)."""
+    return reduced_decode_pixels(cfg.crops.sizes, cfg.crops.min_scale)
+
 
 MAX_BAD_IN_A_ROW = 64
 
@@ -66,7 +92,7 @@ class _DecodedCrops(Dataset):
     torchvision ``MultiCrop`` seeded through the global RNG (the original path).
     """
 
-    def __init__(self, source: ImageSource, multicrop, seed: int, min_pixels: int | None = None):
+    def __init__(self, source: Collection, multicrop, seed: int, min_pixels: int | None = None):
         self.source, self.multicrop, self.seed, self.min_pixels = source, multicrop, seed, min_pixels
 
     def __len__(self) -> int:
@@ -79,18 +105,18 @@ class _DecodedCrops(Dataset):
         for attempt in range(MAX_BAD_IN_A_ROW):
             j = (idx + attempt) % n
             try:
-                sample = self.source.load(j, min_pixels=self.min_pixels) if self.min_pixels else self.source.load(j)
+                image = self.source.load(j, min_pixels=self.min_pixels)
                 break
             except BadImage as e:
-                bad.append((name_to_text(self.source.key(j)), e.reason))  # one line of text in bad_images.txt
+                bad.append((name_to_text(self.source.batch_key(j)), e.reason))  # one line of text in bad_images.txt
         else:
-            raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row near {self.source.key(idx)}; "
+            raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row near {self.source.batch_key(idx)}; "
                             f"is this really a folder of images?")
         if self.min_pixels:
             gen = torch.Generator().manual_seed(seed_of(self.seed, step, idx, 0xFA57))
-            return self.multicrop(sample.image, gen), sample.key, bad
+            return self.multicrop(image, gen), self.source.batch_key(j), bad
         torch.manual_seed(seed_of(self.seed, step, idx))  # per-image augmentation stream
-        return self.multicrop(sample.image), sample.key, bad
+        return self.multicrop(image), self.source.batch_key(j), bad
 
 
 def _collate(items):
@@ -114,7 +140,7 @@ class _StepSampler:
         return max(self.total_steps - self.start_step, 0)
 
 
-def iterate_batches(source: ImageSource, cfg: Config, rank: int, world: int, start_step: int,
+def iterate_batches(source: Collection, cfg: Config, rank: int, world: int, start_step: int,
                     total_steps: int) -> Iterator[Batch]:
     """Batches for steps ``start_step .. total_steps - 1`` on this rank.
 
@@ -127,12 +153,14 @@ def iterate_batches(source: ImageSource, cfg: Config, rank: int, world: int, sta
         raise DataError(f"data.batch_size={gb} (global) is not divisible by the world size {world}")
     n = len(source)
     steps_per_epoch(n, gb)
-    if getattr(source, "streaming", False):
+    if source.streaming:
+        from .stream_batches import StreamBatches  # it builds on Batch, defined here
+
         return StreamBatches(source, cfg, rank, world, start_step, total_steps)
     return _indexed_batches(source, cfg, rank, world, start_step, total_steps)
 
 
-def _indexed_batches(source: ImageSource, cfg: Config, rank: int, world: int, start_step: int,
+def _indexed_batches(source: Collection, cfg: Config, rank: int, world: int, start_step: int,
                      total_steps: int) -> Iterator[Batch]:
     gb = cfg.data.batch_size
     n = len(source)
@@ -144,7 +172,7 @@ def _indexed_batches(source: ImageSource, cfg: Config, rank: int, world: int, st
             idx = step_indices(step, n, gb, rank, world, cfg.seed, _cache=cache)
             gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, rank, 0xC0))
             crops = aug(images[idx], gen)
-            yield Batch(step, crops, [source.key(i) for i in idx])
+            yield Batch(step, crops, [source.batch_key(i) for i in idx])
         return
     sampler = _StepSampler(n, gb, rank, world, cfg.seed, start_step, total_steps)
     workers = cfg.data.num_workers

@@ -1,6 +1,6 @@
 """Per-step batches from tar shards, with a checkpointable stream position.
 
-``StreamBatches`` is what ``iterate_batches`` returns for a ``ShardSource``. Iterating it yields
+``StreamBatches`` is what ``iterate_batches`` returns for a ``ShardCollection``. Iterating it yields
 ``Batch(step, crops, keys, bad)`` exactly like the indexed sources. Step ``t`` of rank ``r`` is
 filled entirely from loader slot ``r * L + (t mod L)`` (``L`` slots per rank, fixed at the run's
 first start), image by image until the per-rank batch holds ``batch_size / world`` good images;
@@ -23,11 +23,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config
-from .batching import Batch, decode_pixels, seed_of
+from .batches import Batch, decode_pixels, seed_of
+from .collection import Collection
 from .decode import BadImage, DataError, decode_bytes
 from .denylist import record_provenance
 from .multicrop import FastMultiCrop, MultiCrop
-from .sources import ImageSource
 from .stream import SlotStream, redeal, urls_digest
 
 MAX_BAD_IN_A_ROW = 1000  # consecutive undecodable samples before the stream is declared not images
@@ -98,7 +98,7 @@ class _SlotBatches(IterableDataset):
 class StreamBatches:
     """Iterable of ``Batch`` for steps ``start .. stop - 1`` of one rank, over tar shards."""
 
-    def __init__(self, source: ImageSource, cfg: Config, rank: int, world: int, start: int, stop: int):
+    def __init__(self, source: Collection, cfg: Config, rank: int, world: int, start: int, stop: int):
         self.source, self.cfg, self.rank, self.world = source, cfg, rank, world
         self.start, self.stop = start, stop
         urls = source.urls  # type: ignore[attr-defined]
@@ -185,8 +185,8 @@ class StreamBatches:
 
     def record_provenance(self, run_dir) -> None:
         layout = {k: v for k, v in self.layout.items() if k not in ("dealt", "dealt_buffer")}  # those: checkpoint only
-        info = {**self.source.provenance(), "layout": layout}  # type: ignore[attr-defined]
-        record_provenance(run_dir, info, self.start, self.source.deny)  # type: ignore[attr-defined]
+        info = {**self.source.provenance(), "layout": layout}
+        record_provenance(run_dir, info, self.start, self.source.deny)
 
     # -- iteration ---------------------------------------------------------------------------
     def _workers(self) -> int:

@@ -187,7 +187,7 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        from ..data.sources import DataError
+        from ..data.decode import DataError
 
         raise DataError("--device cuda but no CUDA GPU is visible; use --device cpu")
     return name

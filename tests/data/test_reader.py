@@ -1,4 +1,4 @@
-"""The shared reader: listing, record-file names, bounded time (a real hanging pipe and a real FIFO)."""
+"""Reading a collection: listing, record-file names, bounded time (a real hanging pipe and a real FIFO)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 import pytest
 
 from openseer.config import ConfigError
-from openseer.data.decode import BadImage, DataError
-from openseer.data.reader import SkipCounts, call_with_timeout, open_collection, read_bytes, require_usable
+from openseer.data.collection import SkipCounts, open_collection, require_usable
+from openseer.data.decode import BadImage, DataError, call_with_timeout, read_bytes
 from openseer.fileio import name_to_text, read_list, text_to_name, write_list
 from tests.conftest import png_bytes, tiny_config
 
@@ -64,10 +64,10 @@ def test_a_fifo_never_blocks_a_read_and_a_blocking_read_is_bounded(tmp_path, mon
     assert e.value.reason == "timeout" and 0.9 < time.monotonic() - t0 < 4
     # the same inside a collection: the stuck file is counted, the next one is read
     (tmp_path / "z_good.png").write_bytes(png_bytes(3))
-    import openseer.data.reader as reader
+    import openseer.data.decode as decode
 
-    real = reader.read_file
-    monkeypatch.setattr(reader, "read_file", lambda p: open(p, "rb").read() if str(p).endswith("stuck.jpg")
+    real = decode.read_file
+    monkeypatch.setattr(decode, "read_file", lambda p: open(p, "rb").read() if str(p).endswith("stuck.jpg")
                         else real(p))
     coll = open_collection(str(tmp_path), read_timeout=1.0)
     skips = SkipCounts()

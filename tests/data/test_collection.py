@@ -1,4 +1,4 @@
-"""Sources: folders searched recursively (all extensions, subfolders are not labels), Fashion-MNIST."""
+"""Collections: folders searched recursively (all extensions, subfolders are not labels), Fashion-MNIST."""
 
 from __future__ import annotations
 
@@ -9,16 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from openseer.data.decode import IMAGE_EXTENSIONS, BadImage, decode_bytes, load_image
-from openseer.data.sources import (
-    DataError,
-    FolderSource,
-    SubsetSource,
-    TensorSource,
-    list_images,
+from openseer.data.collection import (
+    FileCollection,
+    TensorCollection,
+    list_folder,
     load_fashion_mnist,
-    open_source,
+    open_collection,
 )
+from openseer.data.decode import IMAGE_EXTENSIONS, BadImage, DataError, decode_bytes, load_image
 from tests.conftest import fmnist_available, png_bytes, write_pngs
 
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
@@ -46,16 +44,16 @@ def test_folder_is_searched_recursively_for_every_extension(tmp_path):
     (root / "dogs" / "readme.md").write_text("not an image")
     assert set(IMAGE_EXTENSIONS) == set(FORMATS)
 
-    src = FolderSource(root)
+    src = open_collection(str(root))
     keys = [src.key(i) for i in range(len(src))]
     assert set(keys) == expected
     assert keys == sorted(keys)  # stable order
-    assert list_images(root) == sorted(list_images(root))
+    assert list_folder(root) == sorted(list_folder(root))
     for i in range(len(src)):
-        sample = src.load(i)
-        assert sample.image.mode == "RGB"
-        assert sample.image.size == (10, 12)
-        assert sample.key == keys[i]
+        image = src.load(i)
+        assert image.mode == "RGB"
+        assert image.size == (10, 12)
+        assert src.batch_key(i) == keys[i]
 
 
 def test_subfolders_are_not_labels(tmp_path):
@@ -63,12 +61,11 @@ def test_subfolders_are_not_labels(tmp_path):
     write_pngs(tmp_path / "class_a", 3)
     write_pngs(tmp_path / "class_b" / "nested", 2)
     write_pngs(tmp_path, 1, prefix="top")
-    src = open_source(str(tmp_path))
-    assert isinstance(src, FolderSource)
+    src = open_collection(str(tmp_path))
+    assert isinstance(src, FileCollection)
     assert len(src) == 6
     assert not hasattr(src, "labels") and not hasattr(src, "classes")
-    sample = src.load(0)
-    assert set(vars(sample)) == {"image", "key"}
+    assert src.load(0).mode == "RGB"  # an image, nothing more: no label travels with it
     assert {src.key(i).split("/")[0] for i in range(len(src))} == {"class_a", "class_b", "top000.png"}
 
 
@@ -76,14 +73,14 @@ def test_empty_folder_and_missing_path_are_data_errors(tmp_path):
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / "sub" / "notes.txt").write_text("x")
     with pytest.raises(DataError, match="no images found"):
-        open_source(str(tmp_path / "empty"))
+        open_collection(str(tmp_path / "empty"))
     with pytest.raises(DataError, match="does not exist"):
-        open_source(str(tmp_path / "nope"))
+        open_collection(str(tmp_path / "nope"))
     (tmp_path / "file.png").write_bytes(png_bytes(0))
     with pytest.raises(DataError, match="not a folder"):
-        open_source(str(tmp_path / "file.png"))
+        open_collection(str(tmp_path / "file.png"))
     with pytest.raises(DataError):
-        open_source("")
+        open_collection("")
 
 
 def test_bad_files_raise_bad_image_with_a_reason(tmp_path):
@@ -115,7 +112,7 @@ def test_odd_modes_become_rgb():
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENSEER_FASHION_MNIST", str(tmp_path))
     with pytest.raises(DataError) as e:
-        open_source("fashion-mnist")
+        open_collection("fashion-mnist")
     msg = str(e.value)
     assert str(tmp_path) in msg
     assert "apt-get install" in msg and "--data" in msg
@@ -123,11 +120,15 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
 
 def test_subset_keeps_the_first_images():
     images = torch.arange(10 * 4, dtype=torch.uint8).view(10, 1, 2, 2)
-    src = TensorSource(images, "t")
-    sub = SubsetSource(src, 4)
+    src = TensorCollection(images, "t")
+    sub = src.head(4)
     assert len(sub) == 4 and sub.in_memory
     assert torch.equal(sub.images, images[:4])
-    assert [sub.key(i) for i in range(4)] == ["t:0", "t:1", "t:2", "t:3"]
+    assert [sub.batch_key(i) for i in range(4)] == ["t:0", "t:1", "t:2", "t:3"]
+    assert [sub.key(i) for i in range(4)] == ["t:train:0", "t:train:1", "t:train:2", "t:train:3"]
+    picked = src.subset([7, 2])  # any rows: keys still name the rows of the whole tensor
+    assert [picked.key(i) for i in range(2)] == ["t:train:7", "t:train:2"] and picked.batch_key(0) == "t:7"
+    assert torch.equal(picked.images, images[[7, 2]])
 
 
 @fmnist_available
@@ -137,6 +138,6 @@ def test_fashion_mnist_loads():
     assert labels.shape == (60000,) and set(labels.unique().tolist()) == set(range(10))
     test_images, _ = load_fashion_mnist("test")
     assert test_images.shape == (10000, 1, 28, 28)
-    src = open_source("fashion-mnist", limit=100)
+    src = open_collection("fashion-mnist", limit=100)
     assert len(src) == 100 and src.in_memory
     assert torch.equal(src.images, images[:100])
