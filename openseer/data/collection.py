@@ -18,7 +18,7 @@ Three ways to read one, the same skips and the same deny-list in each::
         for row, key, path, image_or_reason in coll.read_chunk(chunk): ...
 
 Tar shards are a stream: they have no random access (``load`` refuses), and the training batches
-of shards come from data/stream_batches.py; their ``len`` is the samples of one (virtual) epoch.
+of shards come from data/batches.py's ``StreamBatches``; their ``len`` is the samples of one (virtual) epoch.
 
 Listing. A folder is walked recursively (symlinked folders are not followed, so a symlink loop
 cannot recurse), in sorted order; a file is a candidate when its extension is an image extension in
@@ -419,7 +419,7 @@ class FileCollection(Collection):
 
 class ShardCollection(Collection):
     """Tar shards: a stream with no random access, read in order (``items``, one chunk per shard) or
-    dealt to training slots (data/stream_batches.py).
+    dealt to training slots (data/batches.py's ``StreamBatches``).
 
     ``len`` (one virtual epoch) is ``epoch_samples`` when given, else ``limit``, else the sample
     count of the shards from the ``index.json`` that ``openseer shard`` writes beside them, else

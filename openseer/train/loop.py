@@ -100,7 +100,7 @@ def _unwrap(model) -> SwAV:
 def _state(step: int, model, optimizer, queue: SwAVQueue | None, cfg: Config, sched: dict, counters: dict,
            data: dict | None = None) -> dict:
     """Everything needed to continue bit for bit. The queue is gathered from all ranks; ``data`` is the
-    stream position of tar-shard sources (data/stream_batches.py), gathered from all ranks."""
+    stream position of tar-shard sources (data/batches.py's StreamBatches), gathered from all ranks."""
     net = _unwrap(model)
     state = {
         "format": "openseer.pretrain.v1",
