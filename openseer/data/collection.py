@@ -202,11 +202,11 @@ class Collection:
     streaming = False  # tar shards: no random access
     in_memory = False  # a uint8 tensor: batches can be augmented in one go
     chunk_size = CHUNK_SIZE
+    description = ""  # one line for a person, set by each kind
 
     def __init__(self, spec: str, deny: DenyList | None = None):
         self.spec = spec
         self.deny = deny if deny is not None else DenyList()
-        self.description = ""
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -471,15 +471,12 @@ class ShardCollection(Collection):
     def __len__(self) -> int:
         return self._epoch_size()[0]
 
-    @property
-    def description(self) -> str:  # type: ignore[override]
+    @property  # type: ignore[override]
+    def description(self) -> str:
+        """Worked out when asked for (it needs the epoch size)."""
         n, how = self._epoch_size()
         return (f"tar shards {self.spec} ({len(self.urls)} shards, {n} samples per epoch {how}"
                 f"{describe_denylist(self.deny)}, streamed)")
-
-    @description.setter
-    def description(self, value: str) -> None:
-        pass  # worked out from the shards when asked for
 
     def key(self, i: int) -> str:
         raise DataError("tar shards are a stream: samples have no index")
