@@ -194,8 +194,9 @@ class Collection:
     """A pile of images in a fixed order (see the module docstring for the three ways to read one).
 
     ``kind`` is ``files``, ``shards`` or ``memory``; ``deny`` the deny-list applied; ``description``
-    one line for a person. A new kind of pile implements ``__len__``, ``key``, ``load``, ``items``,
-    ``chunks``, ``read_chunk`` and ``fingerprint``.
+    one line for a person. A new kind of pile implements ``__len__``, ``key``, ``load``, ``subset``,
+    ``_items`` (the stream), ``read_chunk`` and ``fingerprint`` (and ``chunks`` when a chunk is not
+    ``chunk_size`` rows).
     """
 
     kind = ""
@@ -236,7 +237,7 @@ class Collection:
 
     def subset(self, rows: Sequence[int], note: str = "") -> Collection:
         """The same pile restricted to ``rows`` (in that order); ``note`` is added to the description."""
-        raise DataError(f"{self.description or self.spec}: tar shards are a stream and cannot be subset by row")
+        raise NotImplementedError
 
     def head(self, n: int) -> Collection:
         """The first ``n`` rows (``data.limit``)."""
@@ -450,19 +451,25 @@ class ShardCollection(Collection):
         self.manifest_path = self.root / MANIFEST if self.root and (self.root / MANIFEST).is_file() else None
         self.urls_digest = urls_digest(urls)
         self._epoch: tuple[int, str] | None = None
+        self._sizes: list[int] | None = None
         self._chunks: list[Chunk] | None = None
+
+    def shard_sizes(self) -> list[int]:
+        """Samples per shard, from index.json or (local shards) counted from the tar headers."""
+        if self._sizes is None:
+            if not all(Path(u).name in self.index or not u.startswith("pipe:") for u in self.urls):
+                raise DataError(f"cannot tell how many samples {self.spec!r} holds (pipe: shards and no "
+                                f"{INDEX}): set data.epoch_samples=N, the number of samples per (virtual) epoch")
+            self._sizes = [self.index[Path(u).name] if Path(u).name in self.index else count_samples(u)
+                           for u in self.urls]
+        return self._sizes
 
     def _epoch_size(self) -> tuple[int, str]:
         if self._epoch is None:
             n, how = self.epoch_samples or self.limit, "data.epoch_samples" if self.epoch_samples else "data.limit"
             if not n:
-                if all(Path(u).name in self.index for u in self.urls):
-                    n, how = sum(self.index[Path(u).name] for u in self.urls), f"from {INDEX}"
-                elif all(not u.startswith("pipe:") for u in self.urls):
-                    n, how = sum(count_samples(u) for u in self.urls), "counted"
-                else:
-                    raise DataError(f"cannot tell how many samples {self.spec!r} holds (pipe: shards and no "
-                                    f"{INDEX}): set data.epoch_samples=N, the number of samples per (virtual) epoch")
+                n = sum(self.shard_sizes())
+                how = f"from {INDEX}" if all(Path(u).name in self.index for u in self.urls) else "counted"
             if n < 1:
                 raise DataError(f"the shards of {self.spec!r} hold no samples")
             self._epoch = (n, how)
@@ -483,6 +490,9 @@ class ShardCollection(Collection):
 
     def load(self, i: int, draft_size: int | None = None, min_pixels: int | None = None):
         raise DataError("tar shards are a stream: samples have no index")
+
+    def subset(self, rows: Sequence[int], note: str = "") -> Collection:
+        raise DataError(f"{self.spec}: tar shards are a stream and cannot be subset by row")
 
     def _items(self, decode: bool, draft_size: int | None, min_pixels: int | None) -> Iterator[Item]:
         for u, url in enumerate(self.urls):
@@ -507,9 +517,7 @@ class ShardCollection(Collection):
         """One chunk per shard (its sample count from index.json or the tar), up to ``limit`` rows."""
         if self._chunks is None:
             self._chunks, start = [], 0
-            for i, url in enumerate(self.urls):
-                name = Path(url).name
-                n = self.index.get(name) if name in self.index else count_samples(url)
+            for i, (url, n) in enumerate(zip(self.urls, self.shard_sizes())):
                 if self.limit:
                     n = min(n, self.limit - start)
                 if n <= 0:

@@ -244,3 +244,49 @@ def test_missing_and_empty_collections_are_one_clear_error(tmp_path):
     (tmp_path / "empty" / "x.jpg").mkdir()  # a folder named like an image is a folder
     with pytest.raises(DataError, match="no images found"):
         open_collection(str(tmp_path / "empty"))
+
+
+# ---------------------------------------------------------------- one type, three ways to read it
+
+
+def test_every_kind_reads_the_same_rows_by_stream_random_access_and_chunks(tmp_path):
+    """Folder, shards and tensors: the stream, random access and the chunks agree on the rows, and the
+    deny-list and skip counts are the same in each."""
+    from openseer.data.denylist import content_key
+    from openseer.data.shards import write_shards
+
+    paths = write_pngs(tmp_path / "pile", 6)
+    (tmp_path / "pile" / "img_bad.png").write_bytes(b"not a png")
+    write_shards(tmp_path / "pile", tmp_path / "shards", shard_size=3)
+    denied = content_key(paths[2].read_bytes())
+    (tmp_path / "pile" / "takedowns.txt").write_text(denied + "\n")
+    (tmp_path / "shards" / "takedowns.txt").write_text(denied + "\n")
+    images = torch.arange(5 * 4, dtype=torch.uint8).view(5, 1, 2, 2)
+    for coll in (open_collection(str(tmp_path / "pile"), chunk_size=4), open_collection(str(tmp_path / "shards")),
+                 TensorCollection(images, "t")):
+        skips = SkipCounts()
+        streamed = [(it.key, it.reason) for it in coll.items(skips=skips)]
+        chunked = [(key, item if isinstance(item, str) else "") for chunk in coll.chunks
+                   for _, key, _, item in coll.read_chunk(chunk)]
+        assert [k for k, _ in streamed] == [k for k, _ in chunked], coll.kind
+        assert [r.split(":")[0] for _, r in streamed] == [r.split(":")[0] for _, r in chunked], coll.kind
+        assert coll.n == len(streamed) == sum(c.stop - c.start for c in coll.chunks)
+        if coll.kind == "memory":
+            assert skips.skipped == 0 and skips.read == 5
+            assert all(torch.equal(coll[i], images[i]) for i in range(5))
+            continue
+        # the shard writer leaves the undecodable file out; the deny-list applies in both
+        assert skips.by_reason() == ({"denied": 1, "not_an_image": 1} if coll.kind == "files" else {"denied": 1})
+        assert coll.fingerprint() == coll.fingerprint()
+        if coll.kind == "files":
+            assert len(coll.chunks) == 2 and [coll.key(i) for i in range(len(coll))] == [k for k, _ in streamed]
+            for i, (_, reason) in enumerate(streamed):
+                if reason:
+                    with pytest.raises(BadImage) as e:
+                        coll.load(i)
+                    assert e.value.reason == reason
+                else:
+                    assert coll[i].mode == "RGB"
+        else:
+            with pytest.raises(DataError, match="stream"):
+                coll.load(0)
