@@ -51,6 +51,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -346,8 +347,9 @@ class FileCollection(Collection):
     def __len__(self) -> int:
         return len(self.entries)
 
-    @property
+    @cached_property
     def paths(self) -> list[Path]:
+        """The path of every entry (computed once: the entries of a collection do not change)."""
         return [e.path for e in self.entries]
 
     def key(self, i: int) -> str:
