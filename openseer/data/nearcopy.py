@@ -257,7 +257,8 @@ class PileIndex:
 
         self.spec = spec
         self.coll = open_collection(spec)
-        self.coll.deny = DenyList()  # every image is searched, also those already deny-listed (check --near reports which are)
+        # every image is searched, also those already deny-listed (check --near reports which are)
+        self.coll.deny = DenyList()
         self.keys: list[str] = []
         self.paths: list[str] = []
         self.rows: list[int] = []  # collection row of each descriptor
