@@ -3,9 +3,10 @@
 A labelled split (``Labelled``) is a collection (data/collection.py: files read in bounded time with
 the deny-list beside them, or in-memory tensors) plus a label per row. Three kinds of labelled data:
 ``fashion-mnist`` (its own train/test split), a folder with one subfolder per class (either
-``train/`` and ``val/`` (or ``test/``) inside it, or a seeded stratified split), and a CSV of ``path,label`` (optionally a third column ``split`` = train/val/test). Every
-image has a stable key (``fashion-mnist:train:17``, a relative path), so subsets chosen by key are
-the same whatever model is evaluated.
+``train/`` and ``val/`` (or ``test/``) inside it, or a seeded stratified split), and a CSV of
+``path,label`` (optionally a third column ``split`` = train/val/test). Every image has a stable key
+(``fashion-mnist:train:17``, a relative path), so subsets chosen by key are the same whatever model
+is evaluated.
 """
 
 from __future__ import annotations
