@@ -147,8 +147,8 @@ def run_loader(dataset: Dataset, workers: int) -> tuple[float, list[float]]:
 def run_shards(paths: list[str], workers: int, crops_overrides: list[str]) -> dict:
     """Pack the images with --max-side 512 (untimed), then stream them through the training reader."""
     from openseer.data.batches import iterate_batches
+    from openseer.data.collection import open_collection
     from openseer.data.shards import write_shards
-    from openseer.data.sources import open_source
 
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "list.txt"
@@ -160,7 +160,7 @@ def run_shards(paths: list[str], workers: int, crops_overrides: list[str]) -> di
         n = summary["total"]
         cfg = build_config("seer-rg32", [*crops_overrides, f"data.num_workers={workers}", "data.batch_size=1",
                                          f"data.epoch_samples={n}"])
-        src = open_source(str(Path(tmp) / "shards"), data_cfg=cfg.data)
+        src = open_collection(str(Path(tmp) / "shards"), data_cfg=cfg.data)
         t0 = time.perf_counter()
         count = sum(len(b.keys) for b in iterate_batches(src, cfg, 0, 1, 0, n))
         rate = count / (time.perf_counter() - t0)

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from openseer.config import build_config  # noqa: E402
-from openseer.data.sources import load_fashion_mnist  # noqa: E402
+from openseer.data.collection import load_fashion_mnist  # noqa: E402
 from openseer.eval.common import EvalTransform, stratified_take  # noqa: E402
 from openseer.eval.knn import knn_eval  # noqa: E402
 from openseer.eval.linear import linear_probe  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from openseer.config import ConfigError, build_config
-from openseer.data.sources import DataError
+from openseer.data.decode import DataError
 from openseer.eval.common import EvalError
 from openseer.eval.runner import PROTOCOLS, EvalOptions, evaluate
 from openseer.model.backbone import BackboneError

@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 
 from openseer.data import nearcopy as nc
+from openseer.data.collection import DataError, load_fashion_mnist
 from openseer.data.pile import load_photographs, near_blank
-from openseer.data.sources import DataError, load_fashion_mnist
 
 KINDS = ("jpeg", "scale", "crop", "flip", "all")
 DISTRACTORS = ("tile", "smooth", "blank", "fmnist")

@@ -315,7 +315,7 @@ class _PILCrops(torch.utils.data.Dataset):
 def bench_tiny_baseline(steps: int) -> dict:
     """A typical SwAV loop: per-image PIL crops, 2 workers, each crop through the trunk separately."""
     from openseer.config import build_config
-    from openseer.data.sources import load_fashion_mnist
+    from openseer.data.collection import load_fashion_mnist
     from openseer.model.swav import SwAVLoss, build_swav
     from openseer.train.optim import build_optimizer
 

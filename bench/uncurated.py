@@ -34,8 +34,8 @@ import torch
 from PIL import Image
 
 from openseer.config import ConfigError, build_config
+from openseer.data.collection import DataError, load_fashion_mnist
 from openseer.data.pile import PileError, PileSpec, build_pile, read_answer_key
-from openseer.data.sources import DataError, load_fashion_mnist
 from openseer.eval.common import EvalError
 from openseer.eval.runner import PROTOCOLS, EvalOptions, evaluate
 from openseer.model.backbone import BackboneError

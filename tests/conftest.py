@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from openseer.config import Config, build_config
-from openseer.data.sources import FASHION_MNIST_DIR
+from openseer.data.collection import FASHION_MNIST_DIR
 
 # The test models are tiny: one intra-op thread is as fast on an idle machine and many times faster
 # on a busy one (OpenMP threads spin-waiting for a core). OPENSEER_TEST_THREADS=N overrides.

@@ -12,7 +12,7 @@ import torch
 import openseer
 from openseer.commands import NOISE, quiet_library_noise
 from openseer.data.shards import write_shards
-from openseer.eval.common import EvalTransform, LabelledImages
+from openseer.eval.common import EvalTransform, Labelled
 from openseer.eval.features import extract_features
 from openseer.model.backbone import build_backbone
 
@@ -33,7 +33,7 @@ def test_feature_extraction_and_embed_report_plain_lines(monkeypatch):
     monkeypatch.setenv("OPENSEER_PROGRESS", "lines")
     monkeypatch.setenv("OPENSEER_PROGRESS_EVERY", "0")
     images = np.random.default_rng(0).integers(0, 256, (6, 1, 20, 20), dtype=np.uint8)
-    data = LabelledImages(images=torch.from_numpy(images), labels=np.zeros(6, dtype=np.int64), keys=[str(i) for i in range(6)])
+    data = Labelled.from_tensors(torch.from_numpy(images), np.zeros(6, dtype=np.int64), [str(i) for i in range(6)])
     net = build_backbone("test_resnet")
     stream = io.StringIO()
     monkeypatch.setattr("sys.stderr", stream)

@@ -65,8 +65,8 @@ def cmd_takedown_add(args: argparse.Namespace) -> int:
     """Add content hashes/keys (from files, or of image files) to a deny-list."""
     from pathlib import Path
 
-    from ..data.decode import BadImage, DataError
-    from ..data.reader import SkipCounts, open_collection, read_bytes, report_skips
+    from ..data.collection import SkipCounts, open_collection, report_skips
+    from ..data.decode import BadImage, DataError, read_bytes
     from ..data.takedown import TakedownError, add_to_denylist, content_key, read_entries
 
     if args.near:

@@ -1,32 +1,70 @@
-"""From a source to batches of crops, one per training step, reproducibly.
+"""From a collection to batches of crops, one ``Batch`` per training step, reproducibly.
 
-The order is a pure function of (seed, step): epoch e uses a seeded permutation of the source, step
-s takes the next global batch of it, and rank r takes its slice. Augmentation randomness is also
+The order is a pure function of (seed, step): epoch e uses a seeded permutation of the collection,
+step s takes the next global batch of it, and rank r takes its slice. Augmentation randomness is also
 seeded per (seed, step, rank) for in-memory batches and per (seed, step, image) for decoded files.
 So the data position is just the step number: a resumed run continues with exactly the batches
 (and crops) the uninterrupted run would have seen, whatever the number of loader workers.
 
-Tar shards are streams, not indexable: their batches come from data/stream_batches.py and their
-position (per loader slot) is saved in the checkpoint through ``data_state``/``prepare_stream``.
+Which multi-crop path runs (data/multicrop.py): in-memory tensors -> ``BatchMultiCrop`` on the
+whole batch (``data.batched_aug``, the default; else ``MultiCrop`` per image); decoded files ->
+``FastMultiCrop`` on a reduced-size decode (``data.fast_decode``, the default; else a full decode
+and ``MultiCrop``).
+
+Tar shards are streams, not indexable (data/stream.py deals them to loader slots):
+``iterate_batches`` returns a ``StreamBatches`` for a ``ShardCollection``, iterated like the others,
+whose position (per loader slot) is saved in the checkpoint through ``data_state``/``prepare_stream``.
+Step ``t`` of rank ``r`` is filled entirely from loader slot ``r * L + (t mod L)`` (``L`` slots per
+rank, fixed at the run's first start), image by image until the per-rank batch holds
+``batch_size / world`` good images; undecodable ones are skipped and reported in ``Batch.bad``,
+deny-listed ones never leave the stream. ``data.num_workers`` processes share the ``L`` slots
+(worker ``w`` serves the steps ``t`` with ``(t - start) mod workers == w``), so any worker count
+that divides ``L`` gives the same batches; another count falls back to ``L`` workers (0: every slot
+in the main process). Augmentation is seeded per (seed, step, rank, image position in the batch),
+so a resumed run reproduces the uninterrupted run's crops bit for bit.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from ..config import Config
 from ..fileio import name_to_text
-from .batching import Batch, decode_pixels, seed_of  # noqa: F401  (re-exported: callers import them from here)
-from .decode import BadImage, DataError
+from .collection import Collection
+from .decode import BadImage, DataError, decode_bytes, reduced_decode_pixels
+from .denylist import record_provenance
 from .multicrop import BatchMultiCrop, FastMultiCrop, MultiCrop
-from .sources import ImageSource
-from .stream_batches import StreamBatches
+from .stream import SlotStream, redeal, urls_digest
+
+
+def seed_of(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+@dataclass
+class Batch:
+    """The crops of one training step on one rank, the keys of its images, and the files skipped."""
+
+    step: int
+    crops: list[torch.Tensor]
+    keys: list[str]
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of files skipped
+
+
+def decode_pixels(cfg: Config) -> int:
+    """Fewest pixels a reduced-size decode must keep for ``cfg.crops`` (see decode.py)."""
+    return reduced_decode_pixels(cfg.crops.sizes, cfg.crops.min_scale)
+
 
 MAX_BAD_IN_A_ROW = 64
 
@@ -66,7 +104,7 @@ class _DecodedCrops(Dataset):
     torchvision ``MultiCrop`` seeded through the global RNG (the original path).
     """
 
-    def __init__(self, source: ImageSource, multicrop, seed: int, min_pixels: int | None = None):
+    def __init__(self, source: Collection, multicrop, seed: int, min_pixels: int | None = None):
         self.source, self.multicrop, self.seed, self.min_pixels = source, multicrop, seed, min_pixels
 
     def __len__(self) -> int:
@@ -79,18 +117,18 @@ class _DecodedCrops(Dataset):
         for attempt in range(MAX_BAD_IN_A_ROW):
             j = (idx + attempt) % n
             try:
-                sample = self.source.load(j, min_pixels=self.min_pixels) if self.min_pixels else self.source.load(j)
+                image = self.source.load(j, min_pixels=self.min_pixels)
                 break
             except BadImage as e:
-                bad.append((name_to_text(self.source.key(j)), e.reason))  # one line of text in bad_images.txt
+                bad.append((name_to_text(self.source.batch_key(j)), e.reason))  # one line of text in bad_images.txt
         else:
-            raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row near {self.source.key(idx)}; "
+            raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row near {self.source.batch_key(idx)}; "
                             f"is this really a folder of images?")
         if self.min_pixels:
             gen = torch.Generator().manual_seed(seed_of(self.seed, step, idx, 0xFA57))
-            return self.multicrop(sample.image, gen), sample.key, bad
+            return self.multicrop(image, gen), self.source.batch_key(j), bad
         torch.manual_seed(seed_of(self.seed, step, idx))  # per-image augmentation stream
-        return self.multicrop(sample.image), sample.key, bad
+        return self.multicrop(image), self.source.batch_key(j), bad
 
 
 def _collate(items):
@@ -114,11 +152,11 @@ class _StepSampler:
         return max(self.total_steps - self.start_step, 0)
 
 
-def iterate_batches(source: ImageSource, cfg: Config, rank: int, world: int, start_step: int,
+def iterate_batches(source: Collection, cfg: Config, rank: int, world: int, start_step: int,
                     total_steps: int) -> Iterator[Batch]:
     """Batches for steps ``start_step .. total_steps - 1`` on this rank.
 
-    For streaming sources (tar shards) the result is a ``StreamBatches`` (data/stream_batches.py):
+    For streaming sources (tar shards) the result is a ``StreamBatches`` (below):
     iterate it like the others; its ``state_dict()``/``load_state_dict()`` carry the stream
     position through checkpoints (see ``prepare_stream`` and ``data_state`` below).
     """
@@ -127,12 +165,12 @@ def iterate_batches(source: ImageSource, cfg: Config, rank: int, world: int, sta
         raise DataError(f"data.batch_size={gb} (global) is not divisible by the world size {world}")
     n = len(source)
     steps_per_epoch(n, gb)
-    if getattr(source, "streaming", False):
+    if source.streaming:
         return StreamBatches(source, cfg, rank, world, start_step, total_steps)
     return _indexed_batches(source, cfg, rank, world, start_step, total_steps)
 
 
-def _indexed_batches(source: ImageSource, cfg: Config, rank: int, world: int, start_step: int,
+def _indexed_batches(source: Collection, cfg: Config, rank: int, world: int, start_step: int,
                      total_steps: int) -> Iterator[Batch]:
     gb = cfg.data.batch_size
     n = len(source)
@@ -144,7 +182,7 @@ def _indexed_batches(source: ImageSource, cfg: Config, rank: int, world: int, st
             idx = step_indices(step, n, gb, rank, world, cfg.seed, _cache=cache)
             gen = torch.Generator().manual_seed(seed_of(cfg.seed, step, rank, 0xC0))
             crops = aug(images[idx], gen)
-            yield Batch(step, crops, [source.key(i) for i in idx])
+            yield Batch(step, crops, [source.batch_key(i) for i in idx])
         return
     sampler = _StepSampler(n, gb, rank, world, cfg.seed, start_step, total_steps)
     workers = cfg.data.num_workers
@@ -186,3 +224,202 @@ def data_state(batches: Iterator[Batch]) -> dict | None:
     """The data position to store in a checkpoint (streaming sources; ``None`` otherwise).
     Collective under torch.distributed: every rank calls it at the same step."""
     return batches.state_dict() if hasattr(batches, "state_dict") else None
+
+
+# ---------------------------------------------------------------- tar shards: a checkpointable stream
+
+
+MAX_BAD_SAMPLES_IN_A_ROW = 1000  # consecutive undecodable shard samples before the stream is declared not images
+STATE_FORMAT = "openseer.stream.v1"
+
+
+class _SlotBatches(IterableDataset):
+    """Yields (step, local slot, crops, keys, bad, slot state) for this worker's steps."""
+
+    def __init__(self, source, cfg: Config, rank: int, world: int, layout: dict, states: list,
+                 start: int, stop: int, workers: int):
+        self.urls, self.deny = source.urls, source.deny
+        self.cfg, self.rank, self.world, self.layout = cfg, rank, world, layout
+        self.states, self.start, self.stop, self.workers = states, start, stop, max(workers, 1)
+        self.per_rank = cfg.data.batch_size // world
+
+    def __iter__(self):
+        try:
+            yield from self._batches()
+        except DataError as e:  # handed to the main process as a clean message, not a worker traceback
+            yield ("error", str(e))
+
+    def _batches(self):
+        info = get_worker_info()
+        w = info.id if info is not None else 0
+        n_workers = self.workers if info is not None else 1
+        cfg, L = self.cfg, self.layout["slots_per_rank"]
+        fast = cfg.data.fast_decode
+        multicrop = FastMultiCrop(cfg.crops) if fast else MultiCrop(cfg.crops)
+        min_pixels = decode_pixels(cfg) if fast else None
+        streams: dict[int, SlotStream] = {}
+        bad_in_a_row = 0
+        for t in range(self.start + w, self.stop, n_workers):
+            local = t % L
+            stream = streams.get(local)
+            if stream is None:
+                stream = streams[local] = SlotStream(
+                    self.urls, self.layout["seed"], self.rank * L + local, self.world * L,
+                    self.layout["shuffle_buffer"], self.deny, state=self.states[local],
+                    pipe_timeout=cfg.data.pipe_timeout)
+            crops: list[list[torch.Tensor]] = []
+            keys: list[str] = []
+            bad = stream.take_reports()
+            while len(keys) < self.per_rank:
+                s = next(stream)
+                try:
+                    image = decode_bytes(s.data or b"", s.key, min_pixels=min_pixels)
+                except BadImage as e:
+                    bad.append((s.key, e.reason))
+                    bad_in_a_row += 1
+                    if bad_in_a_row >= MAX_BAD_SAMPLES_IN_A_ROW:
+                        raise DataError(f"{MAX_BAD_SAMPLES_IN_A_ROW} undecodable samples in a row in the shards "
+                                        f"(last: {s.key} in {self.urls[s.url_index]}); are these image shards?") from None
+                    continue
+                bad_in_a_row = 0
+                seed = seed_of(cfg.seed, t, self.rank, len(keys), 0x5EED)
+                if fast:
+                    crops.append(multicrop(image, torch.Generator().manual_seed(seed)))
+                else:
+                    torch.manual_seed(seed)
+                    crops.append(multicrop(image))
+                keys.append(s.key)
+            bad += stream.take_reports()
+            stacked = [torch.stack(group) for group in zip(*crops)]
+            yield t, local, stacked, keys, bad, stream.state()
+
+
+class StreamBatches:
+    """Iterable of ``Batch`` for steps ``start .. stop - 1`` of one rank, over tar shards."""
+
+    def __init__(self, source: Collection, cfg: Config, rank: int, world: int, start: int, stop: int):
+        self.source, self.cfg, self.rank, self.world = source, cfg, rank, world
+        self.start, self.stop = start, stop
+        urls = source.urls  # type: ignore[attr-defined]
+        self.layout = {
+            "n_urls": len(urls), "urls_digest": urls_digest(urls), "seed": cfg.seed, "world_size": world,
+            "slots_per_rank": max(cfg.data.num_workers, 1), "shuffle_buffer": cfg.data.shuffle_buffer,
+            "epoch_samples": len(source),
+        }
+        self._check_slots()
+        self.slot_states: list[dict | None] = [None] * self.layout["slots_per_rank"]
+        self.note = ""
+        self._history: dict | None = None  # the stream state before the world size last changed
+        self._gen: Iterator[Batch] | None = None
+
+    def _check_slots(self) -> None:
+        n_slots = self.world * self.layout["slots_per_rank"]
+        if self.layout["n_urls"] < n_slots:
+            raise DataError(
+                f"{self.layout['n_urls']} shard(s) cannot feed {self.world} rank(s) x "
+                f"{self.layout['slots_per_rank']} loader slot(s): every slot needs at least one shard per pass. "
+                f"Write more, smaller shards (openseer shard --shard-size) or lower data.num_workers")
+
+    # -- checkpoint hooks --------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Stream positions of every rank's slots after the last batch handed out (collective)."""
+        import torch.distributed as dist
+
+        local = copy.deepcopy(self.slot_states)
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, local)
+        else:  # one process (or ranks driven by hand): only this rank's slots are known here
+            gathered = [None] * self.world
+            gathered[self.rank] = local
+        out = {"format": STATE_FORMAT, "layout": dict(self.layout), "ranks": gathered}
+        if self._history is not None:
+            out["before"] = self._history
+        return out
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Continue from a checkpoint's stream positions (call before iterating)."""
+        if not state:
+            raise DataError("the checkpoint has no stream position (it was not written by a run reading tar "
+                            "shards, or by an older openseer); cannot resume this shard stream exactly")
+        if state.get("format") != STATE_FORMAT:
+            raise DataError(f"unknown stream state format {state.get('format')!r}")
+        saved = state["layout"]
+        if saved["urls_digest"] != self.layout["urls_digest"] or saved["n_urls"] != self.layout["n_urls"]:
+            raise DataError("the shard list differs from the one this run started with "
+                            f"({saved['n_urls']} vs {self.layout['n_urls']} shards); resume with the same --data")
+        notes = []
+        if saved["slots_per_rank"] != self.layout["slots_per_rank"]:
+            notes.append(f"stream layout keeps {saved['slots_per_rank']} loader slot(s) per rank from the run's "
+                         f"start (data.num_workers={self.cfg.data.num_workers} now)")
+        if saved["world_size"] != self.world:
+            state = self._redeal(state)
+            notes.append(f"the world size changed from {saved['world_size']} to {self.world}: the shards left of "
+                         f"the passes begun were re-dealt to the new ranks; pass {state['layout']['first_pass']} "
+                         "starts on the new layout")
+        self.note = "; ".join(notes)
+        mine = state["ranks"][self.rank]
+        if mine is None:
+            raise DataError(f"the stream state has no position for rank {self.rank}")
+        self.layout = dict(state["layout"])
+        self._check_slots()
+        self.slot_states = list(mine)
+        self._history = state.get("before")
+
+    def _redeal(self, state: dict) -> dict:
+        """The stream state of ``state``'s run continued on this world size (see ``stream.redeal``);
+        the old state is kept under ``before`` so a takedown check can still tell what it had read."""
+        missing = [r for r, slots in enumerate(state["ranks"]) if slots is None]
+        if missing:
+            raise DataError(f"the checkpoint lacks the stream positions of rank(s) {missing} (written by ranks driven "
+                            "without torch.distributed); it can only be resumed on the same number of processes")
+        layout = state["layout"]
+        L = layout["slots_per_rank"]
+        old = [st for slots in state["ranks"] for st in slots]
+        new, dealt = redeal(old, layout["n_urls"], layout["seed"], self.world * L,
+                            shard_size=layout["epoch_samples"] / max(layout["n_urls"], 1))
+        new_layout = {**layout, "world_size": self.world, **dealt}
+        return {"format": STATE_FORMAT, "layout": new_layout,
+                "ranks": [new[r * L:(r + 1) * L] for r in range(self.world)], "before": state}
+
+    def record_provenance(self, run_dir) -> None:
+        layout = {k: v for k, v in self.layout.items() if k not in ("dealt", "dealt_buffer")}  # those: checkpoint only
+        info = {**self.source.provenance(), "layout": layout}
+        record_provenance(run_dir, info, self.start, self.source.deny)
+
+    # -- iteration ---------------------------------------------------------------------------
+    def _workers(self) -> int:
+        L, nw = self.layout["slots_per_rank"], self.cfg.data.num_workers
+        if nw == 0:
+            return 0
+        return nw if L % nw == 0 else L
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One pass over the steps (iterating again continues the same pass, like a generator)."""
+        if self._gen is None:
+            self._gen = self._generate()
+        return self._gen
+
+    def __next__(self) -> Batch:
+        return next(iter(self))
+
+    def _generate(self) -> Iterator[Batch]:
+        if self.start >= self.stop:
+            return
+        workers = self._workers()
+        dataset = _SlotBatches(self.source, self.cfg, self.rank, self.world, self.layout,
+                               copy.deepcopy(self.slot_states), self.start, self.stop, workers)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                            prefetch_factor=2 if workers else None, persistent_workers=False,
+                            pin_memory=torch.cuda.is_available())
+        pending: dict[int, tuple] = {}
+        expected = self.start
+        for item in loader:
+            if item[0] == "error":
+                raise DataError(item[1])
+            pending[item[0]] = item
+            while expected in pending:
+                t, local, crops, keys, bad, state = pending.pop(expected)
+                self.slot_states[local] = state
+                expected += 1
+                yield Batch(t, crops, keys, bad)

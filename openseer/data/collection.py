@@ -1,37 +1,135 @@
-"""Collections: a pile of images in a fixed order, split into chunks, read row by row.
+"""The pile type: a ``Collection`` of images, however it is stored, read one way by every command.
 
-What ``openseer embed``, ``curate``, near-copy takedowns and int8 calibration walk through: a folder
-(recursive) or a text file list of image paths (listed and read by ``reader.py``: bounded reads, the
-deny-list applied), tar shards (one chunk per shard, read in order) or Fashion-MNIST's train split
-in memory. ``read(chunk)`` yields ``(row, key, path, image or reason)``: a bad image is a reason
-string (``corrupt``, ``denied``, ``shard_error: ...``), never an exception, so a job counts it and
-goes on.
+``open_collection(spec)`` opens what ``--data`` names: a folder (searched recursively), a file list
+(one path per line, e.g. ``openseer curate``'s ``list.txt``), tar shards (a ``.tar`` path, a brace
+range or glob, ``pipe:CMD``, a folder written by ``openseer shard``, several joined by ``::``), or
+Fashion-MNIST (``fashion-mnist`` or a folder holding its idx files, kept in memory as one uint8
+tensor). Each kind is one class: ``FileCollection``, ``ShardCollection``, ``TensorCollection``.
+
+Three ways to read one, the same skips and the same deny-list in each::
+
+    coll = open_collection("/photos")
+    skips = SkipCounts()
+    for item in coll.items(skips=skips):     # stream: every entry in order, bad ones with a reason
+        if item.reason: continue             #   (see REASONS); item.image is RGB when decoded
+    require_usable(coll, skips)              # DataError when nothing usable was found
+    image = coll.load(i)                     # random access (files, tensors): BadImage when bad
+    for chunk in coll.chunks:                # resumable chunks (one per shard for shards):
+        for row, key, path, image_or_reason in coll.read_chunk(chunk): ...
+
+Tar shards are a stream: they have no random access (``load`` refuses), and the training batches
+of shards come from data/batches.py's ``StreamBatches``; their ``len`` is the samples of one (virtual) epoch.
+
+Listing. A folder is walked recursively (symlinked folders are not followed, so a symlink loop
+cannot recurse), in sorted order; a file is a candidate when its extension is an image extension in
+any case (``.JPG``, ``.Jpeg``); its content decides how it is decoded. A folder named ``x.jpg`` is a
+folder. A file list is one written by ``fileio.write_list`` (escaped names) or a plain one a person
+wrote (one path per line; blank lines and ``#`` comments ignored; relative paths are relative to the
+list's folder). Names are kept as the OS gave them (bytes that are not UTF-8 as surrogate escapes):
+``Entry.path`` opens the file, ``Entry.key`` is its name as text for record files
+(``fileio.name_to_text``; ``fileio.text_to_name`` turns it back).
+
+Bounded time. Reading one file (stat, open, read) runs under ``read_timeout`` seconds
+(``data.read_timeout``; ``$OPENSEER_READ_TIMEOUT`` for every command; ``--read-timeout`` where a
+command has it); a file that takes longer (a hung network mount) is skipped as ``timeout`` and the
+run goes on (``decode.read_bytes``). FIFOs and devices are refused before reading (``not_a_file``).
+``pipe:`` shards use ``data.pipe_timeout`` (a command silent that long is stopped; its shard ends as
+``shard_error``).
+
+Deny-list. ``denylist`` or, when empty, ``takedowns.txt`` beside the data: a listed file or sample
+(by its key, its relative path or the content key of its bytes) is skipped as ``denied``.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import os
-from collections.abc import Iterator
+import struct
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..fileio import name_to_text
-from .decode import BadImage, DataError, decode_bytes
-from .reader import Collection as FileListing
-from .reader import open_collection as list_collection
+from ..config import DataConfig
+from ..fileio import name_to_text, read_list
+from .decode import IMAGE_EXTENSIONS, BadImage, DataError, decode_bytes, default_read_timeout, read_bytes
+from .denylist import DenyList, TakedownError
+from .stream import (
+    DEFAULT_DENYLIST,
+    INDEX,
+    MANIFEST,
+    PIPE_TIMEOUT,
+    count_samples,
+    expand_spec,
+    iter_shard,
+    looks_like_shards,
+    urls_digest,
+)
+
+# every reason a file or sample is skipped, with what it means to a person
+REASONS = {
+    "empty": "a zero-byte file",
+    "truncated": "the data stops early (a cut download or copy)",
+    "corrupt": "image data that does not decode",
+    "not_an_image": "not image data (text, HTML, random bytes) under an image name",
+    "too_many_pixels": "over the pixel limit (a decompression bomb)",
+    "too_large": "a file over the size limit (not read)",
+    "unreadable": "cannot be opened: permission denied, a dangling symlink, a symlink loop, an I/O error",
+    "not_a_file": "a FIFO, socket or device under an image name (reading it could block)",
+    "timeout": "reading it took longer than the read timeout (a hung mount); given up",
+    "denied": "on the deny-list",
+    "no_image": "a shard sample without an image member",
+    "shard_error": "a damaged tar, or a pipe: command that failed or stalled; the rest of that shard is lost",
+    "shard_changed": "a sample buffered at a checkpoint that is no longer in its shard",
+}
+
+CHUNK_SIZE = 4096  # rows per chunk of a folder, file list or tensor (shards: one chunk per shard)
 
 
-class CollectionError(DataError):
-    """A collection that cannot be opened as asked (what and how to fix it)."""
+# ---------------------------------------------------------------- what a read gives
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One listed file: ``name`` as listed (relative to the folder, or the list's line), ``path`` to open."""
+
+    name: str
+    path: Path
+
+    @property
+    def key(self) -> str:
+        """The name as one line of text (record files, deny-list keys, messages)."""
+        return name_to_text(self.name)
+
+
+@dataclass
+class Item:
+    """One entry or shard sample as read: an RGB image (``decode=True``), the bytes, or why not."""
+
+    key: str  # name text (files) or sample key (shards)
+    where: str  # the path, or 'shard.tar#key', as text
+    index: int = -1  # position in the listing (files) or in its shard (shards)
+    data: bytes | None = None
+    image: object = None  # PIL RGB image when decoded (a uint8 CHW tensor for in-memory collections)
+    reason: str = ""
+    detail: str = ""
+    shard: str = ""  # the shard URL (shards)
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
 
 
 @dataclass
 class Chunk:
-    """Rows [start, stop) of the output; ``shard`` set for tar shards (one chunk per shard)."""
+    """Rows [start, stop) of a collection; ``shard`` set for tar shards (one chunk per shard)."""
 
     index: int
     start: int
@@ -39,27 +137,35 @@ class Chunk:
     shard: str = ""
 
 
-class Collection:
-    """Images in a fixed order, split into chunks; ``read(chunk)`` yields (row, key, path, image|reason)."""
-
-    kind = ""
+class SkipCounts(Counter):
+    """Skipped entries counted by reason, with the first few examples of each kept for messages."""
 
     def __init__(self) -> None:
-        self.n = 0
-        self.chunks: list[Chunk] = []
-        self.description = ""
+        super().__init__()
+        self.read = 0
+        self.examples: dict[str, list[str]] = {}
 
-    def fingerprint(self) -> str:
-        raise NotImplementedError
+    def good(self) -> None:
+        self.read += 1
 
-    def read(self, chunk: Chunk, draft: int = 0, workers: int = 0) -> Iterator[tuple[int, str, str, object]]:
-        """(row, key, path, uint8 CHW tensor or the reason it is bad) of each row of ``chunk``; JPEGs
-        are decoded (DCT-scaled) to no less than ``draft`` pixels a side (0: full size)."""
-        raise NotImplementedError
+    def skip(self, reason: str, where: str = "") -> None:
+        self[reason] += 1
+        if where and len(self.examples.setdefault(reason, [])) < 3:
+            self.examples[reason].append(where)
 
+    @property
+    def skipped(self) -> int:
+        return sum(self.values())
 
-def _split(n: int, chunk_size: int) -> list[Chunk]:
-    return [Chunk(i, s, min(n, s + chunk_size)) for i, s in enumerate(range(0, n, chunk_size))]
+    def by_reason(self) -> dict[str, int]:
+        return dict(sorted(self.items()))
+
+    def summary(self) -> str:
+        """'N read, M skipped: reason n, ...' (one line for a person)."""
+        if not self.skipped:
+            return f"{self.read} read, none skipped"
+        parts = ", ".join(f"{r} {n}" for r, n in sorted(self.items()))
+        return f"{self.read} read, {self.skipped} skipped: {parts}"
 
 
 def _reason(e: BadImage, name: str) -> str:
@@ -69,12 +175,146 @@ def _reason(e: BadImage, name: str) -> str:
 
 
 def _tensor(img) -> torch.Tensor:
+    """A decoded RGB image as uint8 (3, H, W)."""
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-class _FileDataset(torch.utils.data.Dataset):
-    def __init__(self, listing: FileListing, rows: range, draft: int):
-        self.listing, self.rows, self.draft = listing, rows, draft
+def _split(n: int, chunk_size: int) -> list[Chunk]:
+    return [Chunk(i, s, min(n, s + chunk_size)) for i, s in enumerate(range(0, n, chunk_size))]
+
+
+def describe_denylist(deny: DenyList) -> str:
+    """', deny-list PATH (N keys, version V)' for a description ('' without a list)."""
+    return f", deny-list {deny.path} ({len(deny)} keys, version {deny.version})" if deny.path else ""
+
+
+# ---------------------------------------------------------------- the type
+
+
+class Collection:
+    """A pile of images in a fixed order (see the module docstring for the three ways to read one).
+
+    ``kind`` is ``files``, ``shards`` or ``memory``; ``deny`` the deny-list applied; ``description``
+    one line for a person. A new kind of pile implements ``__len__``, ``key``, ``load``, ``subset``,
+    ``_items`` (the stream), ``read_chunk`` and ``fingerprint`` (and ``chunks`` when a chunk is not
+    ``chunk_size`` rows).
+    """
+
+    kind = ""
+    streaming = False  # tar shards: no random access
+    in_memory = False  # a uint8 tensor: batches can be augmented in one go
+    chunk_size = CHUNK_SIZE
+    description = ""  # one line for a person, set by each kind
+
+    def __init__(self, spec: str, deny: DenyList | None = None):
+        self.spec = spec
+        self.deny = deny if deny is not None else DenyList()
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def n(self) -> int:
+        """Rows the chunks cover (``len`` too, except for shards, whose ``len`` is a virtual epoch)."""
+        return len(self)
+
+    # -- random access (not for shards) --------------------------------------------------------
+    def key(self, i: int) -> str:
+        """Row ``i``'s key as text (record files, deny-list keys, embeddings)."""
+        raise NotImplementedError
+
+    def batch_key(self, i: int) -> str:
+        """The key a training batch reports for row ``i`` (bad images, diagnostics)."""
+        return self.key(i)
+
+    def load(self, i: int, draft_size: int | None = None, min_pixels: int | None = None):
+        """Row ``i`` decoded (PIL RGB; a uint8 CHW tensor when in memory); ``BadImage`` with a reason.
+
+        JPEGs may be DCT-scaled to ``draft_size`` a side or to keep ``min_pixels`` (see decode.py)."""
+        raise NotImplementedError
+
+    def __getitem__(self, i: int):
+        return self.load(i)
+
+    def subset(self, rows: Sequence[int], note: str = "") -> Collection:
+        """The same pile restricted to ``rows`` (in that order); ``note`` is added to the description."""
+        raise NotImplementedError
+
+    def head(self, n: int) -> Collection:
+        """The first ``n`` rows (``data.limit``)."""
+        return self.subset(range(min(n, len(self))), f", first {min(n, len(self))}")
+
+    # -- stream -------------------------------------------------------------------------------
+    def items(self, decode: bool = True, draft_size: int | None = None, min_pixels: int | None = None,
+              skips: SkipCounts | None = None) -> Iterator[Item]:
+        """Every row (or shard sample) in order; bad ones carry a reason and are counted in ``skips``."""
+        for it in self._items(decode, draft_size, min_pixels):
+            if skips is not None:
+                skips.skip(it.reason, it.where) if it.reason else skips.good()
+            yield it
+
+    def _items(self, decode: bool, draft_size: int | None, min_pixels: int | None) -> Iterator[Item]:
+        raise NotImplementedError
+
+    # -- resumable chunks ---------------------------------------------------------------------
+    @property
+    def chunks(self) -> list[Chunk]:
+        """The rows split into chunks of ``chunk_size`` (shards: one per shard)."""
+        return _split(self.n, self.chunk_size)
+
+    def read_chunk(self, chunk: Chunk, draft: int = 0, workers: int = 0) -> Iterator[tuple[int, str, str, object]]:
+        """(row, key, path, uint8 CHW tensor or the reason it is bad) of each row of ``chunk``; JPEGs
+        are decoded (DCT-scaled) to no less than ``draft`` pixels a side (0: full size). A bad image
+        is a reason string (``corrupt``, ``denied``, ``shard_error: ...``), never an exception."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """A short hash that changes when the rows do (resumed chunked jobs check it)."""
+        raise NotImplementedError
+
+    def provenance(self) -> dict:
+        """What this collection reads, for RUN_DIR/data_provenance.json."""
+        return {"source": self.spec}
+
+
+# ---------------------------------------------------------------- folders and file lists
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_folder(root: str | Path) -> list[str]:
+    """Image names under ``root`` relative to it (recursive, any extension case), sorted.
+
+    Symlinked folders are not followed (no loops); symlinks to files, dangling symlinks and special
+    files with image names are listed, and skipped with a reason when read."""
+    root = Path(root)
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        rel = os.path.relpath(dirpath, root)
+        for name in filenames:
+            if is_image_name(name):
+                out.append(name if rel == "." else os.path.join(rel, name))
+    return sorted(out)
+
+
+def read_file_list(path: str | Path) -> list[str]:
+    """Paths of a file list (``fileio.write_list``'s escaped form, or one path per line)."""
+    try:
+        return read_list(path)
+    except OSError as e:
+        raise DataError(f"cannot read file list {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise DataError(str(e)) from None
+
+
+class _ChunkFiles(torch.utils.data.Dataset):
+    """Rows of a file collection decoded in loader workers: (row, uint8 CHW tensor or reason)."""
+
+    def __init__(self, coll: FileCollection, rows: range, draft: int):
+        self.coll, self.rows, self.draft = coll, rows, draft
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -82,104 +322,221 @@ class _FileDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         row = self.rows[i]
         try:
-            return row, _tensor(self.listing.load(row, draft_size=self.draft))
+            return row, _tensor(self.coll.load(row, draft_size=self.draft))
         except BadImage as e:
-            return row, _reason(e, os.fsdecode(self.listing.entries[row].path))
+            return row, _reason(e, os.fsdecode(self.coll.entries[row].path))
 
 
 class FileCollection(Collection):
-    """A folder (recursive) or a text file list of image paths, listed and read by data/reader.py
-    (bounded reads, the deny-list in the folder applied); keys and paths are name text."""
+    """A folder (recursive, sorted; subfolders are NOT labels) or a file list, in its order.
+
+    Each file is read in bounded time and checked against the deny-list (by its relative path or
+    content key) before it is decoded."""
 
     kind = "files"
 
-    def __init__(self, spec: str, chunk_size: int, limit: int = 0):
-        super().__init__()
-        self.listing = list_collection(spec, shards=False)
-        if limit:
-            self.listing.entries = self.listing.entries[:limit]
-        self.keys = [e.key for e in self.listing.entries]
-        self.paths = [e.path for e in self.listing.entries]
-        self.n = len(self.keys)
-        self.chunks = _split(self.n, chunk_size)
-        self.description = f"{'folder' if Path(spec).is_dir() else 'file list'} {spec} ({self.n} images)"
+    def __init__(self, spec: str, what: str, base: Path | None, entries: list[Entry], deny: DenyList,
+                 read_timeout: float, pipe_timeout: float = PIPE_TIMEOUT, list_file: Path | None = None):
+        super().__init__(spec, deny)
+        self.what, self.base, self.entries = what, base, entries  # what: 'folder' or 'file list'
+        self.read_timeout, self.pipe_timeout = read_timeout, pipe_timeout
+        self.list_file = list_file
+        self.listed = len(entries)  # files listed (a subset keeps the count of the whole listing)
+        self.description = f"{what} {spec} ({len(entries)} files{describe_denylist(deny)})"
 
-    def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for k in self.keys:
-            h.update(k.encode("utf-8", "backslashreplace") + b"\n")
-        return h.hexdigest()[:16]
+    def __len__(self) -> int:
+        return len(self.entries)
 
-    def read(self, chunk: Chunk, draft: int = 0, workers: int = 0):
-        ds = _FileDataset(self.listing, range(chunk.start, chunk.stop), draft)
+    @cached_property
+    def paths(self) -> list[Path]:
+        """The path of every entry (computed once: the entries of a collection do not change)."""
+        return [e.path for e in self.entries]
+
+    def key(self, i: int) -> str:
+        return self.entries[i].key
+
+    def batch_key(self, i: int) -> str:
+        """The name as the OS gives it (bad_images.txt turns it into text with ``fileio.name_to_text``)."""
+        return self.entries[i].name
+
+    def read(self, i: int) -> bytes:
+        """The bytes of entry ``i`` (bounded time, deny-list applied); ``BadImage`` with a reason."""
+        e = self.entries[i]
+        data = read_bytes(e.path, self.read_timeout)
+        if self.deny.keys and (self.deny.denies(e.key, data) or self.deny.denies(e.name)):
+            raise BadImage("denied", e.key)
+        return data
+
+    def load(self, i: int, draft_size: int | None = None, min_pixels: int | None = None):
+        return decode_bytes(self.read(i), os.fsdecode(self.entries[i].path), draft_size=draft_size,
+                            min_pixels=min_pixels)
+
+    def item(self, i: int, decode: bool = True, draft_size: int | None = None,
+             min_pixels: int | None = None) -> Item:
+        """Entry ``i`` as an ``Item`` (never raises for a bad file)."""
+        e = self.entries[i]
+        out = Item(e.key, name_to_text(e.path), i)
+        try:
+            out.data = self.read(i)
+            if decode:
+                out.image = decode_bytes(out.data, out.where, draft_size=draft_size, min_pixels=min_pixels)
+        except BadImage as err:
+            out.reason, out.detail, out.data = err.reason, err.detail, None
+        return out
+
+    def _items(self, decode: bool, draft_size: int | None, min_pixels: int | None) -> Iterator[Item]:
+        return (self.item(i, decode, draft_size, min_pixels) for i in range(len(self.entries)))
+
+    def subset(self, rows: Sequence[int], note: str = "") -> FileCollection:
+        out = FileCollection(self.spec, self.what, self.base, [self.entries[int(i)] for i in rows], self.deny,
+                             self.read_timeout, self.pipe_timeout, self.list_file)
+        out.chunk_size, out.listed = self.chunk_size, self.listed
+        out.description = self.description + note if note else out.description
+        return out
+
+    def read_chunk(self, chunk: Chunk, draft: int = 0, workers: int = 0):
+        ds = _ChunkFiles(self, range(chunk.start, chunk.stop), draft)
         loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, shuffle=False,
                                              prefetch_factor=16 if workers else None)
         for row, item in loader:
             row = int(row)
-            yield row, self.keys[row], name_to_text(self.paths[row]), item
-
-
-class TensorCollection(Collection):
-    """Fashion-MNIST (the train split, in memory)."""
-
-    kind = "fashion-mnist"
-
-    def __init__(self, spec: str, chunk_size: int, limit: int = 0):
-        super().__init__()
-        from .sources import open_source
-
-        src = open_source(spec, limit=limit)
-        self.images = src.images  # type: ignore[attr-defined]
-        self.name = "fashion-mnist"
-        self.n = len(self.images)
-        self.chunks = _split(self.n, chunk_size)
-        self.description = src.description
+            yield row, self.entries[row].key, name_to_text(self.entries[row].path), item
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.images.contiguous().numpy().tobytes()).hexdigest()[:16]
+        h = hashlib.sha256()
+        for e in self.entries:
+            h.update(e.key.encode("utf-8", "backslashreplace") + b"\n")
+        return h.hexdigest()[:16]
 
-    def read(self, chunk: Chunk, draft: int = 0, workers: int = 0):
-        for row in range(chunk.start, chunk.stop):
-            yield row, f"{self.name}:train:{row}", "", self.images[row]
+    def provenance(self) -> dict:
+        """What this collection reads, for RUN_DIR/data_provenance.json."""
+        root = Path(self.spec)
+        info: dict = {"path": str(root.resolve()), "files": self.listed, "kind": self.what}
+        if self.list_file is not None:  # "who saw it" re-reads the list: record which one it was
+            info["sha256"] = hashlib.sha256(self.list_file.read_bytes()).hexdigest()
+        return {"source": str(root), "folder": info}
+
+
+# ---------------------------------------------------------------- tar shards
 
 
 class ShardCollection(Collection):
-    """Tar shards, read in order; one chunk per shard (its sample count from index.json or the tar)."""
+    """Tar shards: a stream with no random access, read in order (``items``, one chunk per shard) or
+    dealt to training slots (data/batches.py's ``StreamBatches``).
+
+    ``len`` (one virtual epoch) is ``epoch_samples`` when given, else ``limit``, else the sample
+    count of the shards from the ``index.json`` that ``openseer shard`` writes beside them, else
+    (local shards without an index) counted from the tar headers; ``pipe:`` shards without an index
+    need ``data.epoch_samples``. It is worked out when first asked for.
+    """
 
     kind = "shards"
+    streaming = True
 
-    def __init__(self, spec: str, limit: int = 0):
-        super().__init__()
-        from .sources import ShardSource
-        from .stream import count_samples
+    def __init__(self, spec: str, urls: list[str], deny: DenyList, epoch_samples: int = 0, limit: int = 0,
+                 pipe_timeout: float = PIPE_TIMEOUT, read_timeout: float | None = None):
+        super().__init__(spec, deny)
+        self.urls = urls
+        local = [Path(u) for u in urls if not u.startswith("pipe:")]
+        self.root = self.base = local[0].parent if local else None
+        self.epoch_samples, self.limit = int(epoch_samples), int(limit)
+        self.pipe_timeout = pipe_timeout
+        self.read_timeout = default_read_timeout() if read_timeout is None else read_timeout
+        self.index_path = self.root / INDEX if self.root and (self.root / INDEX).is_file() else None
+        self.index: dict[str, int] = {}
+        if self.index_path is not None:
+            try:
+                info = json.loads(self.index_path.read_text())
+                self.index = {row["name"]: int(row["samples"]) for row in info.get("shards", [])}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DataError(f"shard index {self.index_path} is unreadable: {e}") from None
+        self.manifest_path = self.root / MANIFEST if self.root and (self.root / MANIFEST).is_file() else None
+        self.urls_digest = urls_digest(urls)
+        self._epoch: tuple[int, str] | None = None
+        self._sizes: list[int] | None = None
+        self._chunks: list[Chunk] | None = None
 
-        src = ShardSource(spec)
-        self.urls, self.deny = src.urls, src.deny
-        start = 0
-        for i, url in enumerate(self.urls):
+    def shard_sizes(self) -> list[int]:
+        """Samples per shard, from index.json or (local shards) counted from the tar headers."""
+        if self._sizes is None:
+            if not all(Path(u).name in self.index or not u.startswith("pipe:") for u in self.urls):
+                raise DataError(f"cannot tell how many samples {self.spec!r} holds (pipe: shards and no "
+                                f"{INDEX}): set data.epoch_samples=N, the number of samples per (virtual) epoch")
+            self._sizes = [self.index[Path(u).name] if Path(u).name in self.index else count_samples(u)
+                           for u in self.urls]
+        return self._sizes
+
+    def _epoch_size(self) -> tuple[int, str]:
+        if self._epoch is None:
+            n, how = self.epoch_samples or self.limit, "data.epoch_samples" if self.epoch_samples else "data.limit"
+            if not n:
+                n = sum(self.shard_sizes())
+                how = f"from {INDEX}" if all(Path(u).name in self.index for u in self.urls) else "counted"
+            if n < 1:
+                raise DataError(f"the shards of {self.spec!r} hold no samples")
+            self._epoch = (n, how)
+        return self._epoch
+
+    def __len__(self) -> int:
+        return self._epoch_size()[0]
+
+    @property  # type: ignore[override]
+    def description(self) -> str:
+        """Worked out when asked for (it needs the epoch size)."""
+        n, how = self._epoch_size()
+        return (f"tar shards {self.spec} ({len(self.urls)} shards, {n} samples per epoch {how}"
+                f"{describe_denylist(self.deny)}, streamed)")
+
+    def key(self, i: int) -> str:
+        raise DataError("tar shards are a stream: samples have no index")
+
+    def load(self, i: int, draft_size: int | None = None, min_pixels: int | None = None):
+        raise DataError("tar shards are a stream: samples have no index")
+
+    def subset(self, rows: Sequence[int], note: str = "") -> Collection:
+        raise DataError(f"{self.spec}: tar shards are a stream and cannot be subset by row")
+
+    def _items(self, decode: bool, draft_size: int | None, min_pixels: int | None) -> Iterator[Item]:
+        for u, url in enumerate(self.urls):
+            errors: list[str] = []
             name = Path(url).name
-            n = src.index.get(name) if name in src.index else count_samples(url)
-            if limit:
-                n = min(n, limit - start)
-            if n <= 0:
-                break
-            self.chunks.append(Chunk(i, start, start + n, url))
-            start += n
-        self.n = start
-        self.description = f"tar shards {spec} ({len(self.chunks)} shards, {self.n} samples)"
+            for s in iter_shard(url, u, errors, self.pipe_timeout):
+                it = Item(s.key, f"{name}#{s.key}", s.position, s.data, shard=url, reason=s.reason)
+                if not it.reason and self.deny.denies(s.key, s.data):
+                    it.reason, it.data = "denied", None
+                if not it.reason and decode:
+                    try:
+                        it.image = decode_bytes(s.data or b"", it.where, draft_size=draft_size,
+                                                min_pixels=min_pixels)
+                    except BadImage as err:
+                        it.reason, it.detail = err.reason, err.detail
+                yield it
+            for e in errors:  # the shard ended early: one counted error for the rest of it
+                yield Item(f"{name}#error", url, -1, shard=url, reason="shard_error", detail=e)
 
-    def fingerprint(self) -> str:
-        from .stream import urls_digest
+    @property
+    def chunks(self) -> list[Chunk]:
+        """One chunk per shard (its sample count from index.json or the tar), up to ``limit`` rows."""
+        if self._chunks is None:
+            self._chunks, start = [], 0
+            for i, (url, n) in enumerate(zip(self.urls, self.shard_sizes())):
+                if self.limit:
+                    n = min(n, self.limit - start)
+                if n <= 0:
+                    break
+                self._chunks.append(Chunk(i, start, start + n, url))
+                start += n
+        return self._chunks
 
-        return f"{urls_digest(self.urls)}:{self.n}:{self.deny.version if self.deny.path else ''}"
+    @property
+    def n(self) -> int:
+        return self.chunks[-1].stop if self.chunks else 0
 
-    def read(self, chunk: Chunk, draft: int = 0, workers: int = 0):
-        from .stream import iter_shard
-
+    def read_chunk(self, chunk: Chunk, draft: int = 0, workers: int = 0):
         errors: list[str] = []
         row = chunk.start
         name = Path(chunk.shard).name
-        for s in iter_shard(chunk.shard, chunk.index, errors):
+        for s in iter_shard(chunk.shard, chunk.index, errors, self.pipe_timeout):
             if row >= chunk.stop:
                 break
             where = f"{chunk.shard}#{s.key}"
@@ -198,19 +555,229 @@ class ShardCollection(Collection):
             detail = f": {errors[0]}" if errors else ""
             yield r, f"{name}:#{r - chunk.start}", chunk.shard, f"shard_error{detail}"
 
+    def fingerprint(self) -> str:
+        return f"{self.urls_digest}:{self.n}:{self.deny.version if self.deny.path else ''}"
 
-def open_collection(spec: str, chunk_size: int = 4096, limit: int = 0) -> Collection:
-    from .sources import is_fashion_mnist
-    from .stream import looks_like_shards
+    def provenance(self) -> dict:
+        """What this collection reads, for RUN_DIR/data_provenance.json."""
 
-    if not spec:
-        raise CollectionError("no data given: pass --data (a folder, a .txt list of paths, tar shards or fashion-mnist)")
+        def file_info(path: Path | None) -> dict | None:
+            if path is None:
+                return None
+            st = path.stat()
+            out = {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+            if st.st_size <= 64 * 1024 * 1024:
+                out["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+            return out
+
+        urls = [u if u.startswith("pipe:") else str(Path(u).resolve()) for u in self.urls]
+        return {"source": self.spec, "shards": urls, "shards_digest": self.urls_digest,
+                "index": file_info(self.index_path), "manifest": file_info(self.manifest_path),
+                "epoch_samples": len(self)}
+
+
+# ---------------------------------------------------------------- in-memory tensors (Fashion-MNIST)
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_HELP = (
+    "Fashion-MNIST was not found in {where}. Install it with "
+    "`apt-get install -y dataset-fashion-mnist` (Debian; puts the idx files in "
+    "/usr/share/datasets/fashion-mnist), or pass --data PATH to a folder holding "
+    "train-images-idx3-ubyte[.gz] and friends."
+)
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"{path} is not a uint8 idx file")
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}")
+    return data.reshape(dims)
+
+
+def find_idx(folder: Path, stem: str) -> Path | None:
+    """``folder/stem`` or ``folder/stem.gz`` (an idx file of Fashion-MNIST), or None."""
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def is_fashion_mnist(spec: str) -> bool:
+    """True for ``'fashion-mnist'`` and for a folder holding its idx files."""
     path = Path(spec).expanduser()
-    if is_fashion_mnist(spec):
-        return TensorCollection(spec, chunk_size, limit)
-    if looks_like_shards(spec):
-        return ShardCollection(spec, limit)
-    if not path.exists():
-        raise CollectionError(f"{spec} does not exist (give a folder of images, a .txt list of paths, tar shards "
-                         f"or fashion-mnist)")
-    return FileCollection(spec, chunk_size, limit)
+    return spec == "fashion-mnist" or (path.is_dir() and find_idx(path, "train-images-idx3-ubyte") is not None)
+
+
+def load_fashion_mnist(split: str = "train", root: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as uint8 (N, 1, 28, 28) and labels as int64 (N,), from the idx files."""
+    folder = Path(root) if root else Path(os.environ.get("OPENSEER_FASHION_MNIST", FASHION_MNIST_DIR))
+    prefix = "train" if split == "train" else "t10k"
+    img_path = find_idx(folder, f"{prefix}-images-idx3-ubyte")
+    lbl_path = find_idx(folder, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lbl_path is None:
+        raise DataError(FASHION_MNIST_HELP.format(where=folder))
+    images = torch.from_numpy(_read_idx(img_path).copy()).unsqueeze(1)
+    labels = torch.from_numpy(_read_idx(lbl_path).astype(np.int64))
+    return images, labels
+
+
+class TensorCollection(Collection):
+    """In-memory uint8 images (N, C, H, W), e.g. Fashion-MNIST; never bad, never deny-listed.
+
+    Row keys are ``keys`` when given, else ``NAME:SPLIT:i`` (``fashion-mnist:train:17``, as eval and
+    embed record them); training batches report ``NAME:i``. ``i`` is the row in the original tensor
+    (``rows`` after a subset)."""
+
+    kind = "memory"
+    in_memory = True
+
+    def __init__(self, images: torch.Tensor, name: str, labels: torch.Tensor | None = None,
+                 split: str = "train", keys: list[str] | None = None, rows: list[int] | None = None):
+        super().__init__(name)
+        self.images, self.labels, self.name, self.split = images, labels, name, split
+        self._keys, self._rows = keys, rows
+        self.description = f"{name} ({len(images)} images, {tuple(images.shape[1:])} uint8, in memory)"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _row(self, i: int) -> int:
+        return self._rows[i] if self._rows is not None else i
+
+    def key(self, i: int) -> str:
+        return self._keys[i] if self._keys is not None else f"{self.name}:{self.split}:{self._row(i)}"
+
+    def batch_key(self, i: int) -> str:
+        return f"{self.name}:{self._row(i)}"
+
+    def load(self, i: int, draft_size: int | None = None, min_pixels: int | None = None) -> torch.Tensor:
+        return self.images[i]
+
+    def _items(self, decode: bool, draft_size: int | None, min_pixels: int | None) -> Iterator[Item]:
+        for i in range(len(self)):
+            yield Item(self.key(i), self.key(i), i, image=self.images[i] if decode else None)
+
+    def subset(self, rows: Sequence[int], note: str = "") -> TensorCollection:
+        picked = [int(i) for i in rows]
+        idx = torch.as_tensor(picked, dtype=torch.int64)
+        labels = self.labels[idx] if self.labels is not None else None
+        keys = [self._keys[i] for i in picked] if self._keys is not None else None
+        out = TensorCollection(self.images[idx], self.name, labels, self.split, keys,
+                               [self._row(i) for i in picked])
+        out.chunk_size = self.chunk_size
+        if note:
+            out.description = self.description + note
+        return out
+
+    def read_chunk(self, chunk: Chunk, draft: int = 0, workers: int = 0):
+        for row in range(chunk.start, chunk.stop):
+            yield row, self.key(row), "", self.images[row]
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the one opener
+
+
+def open_denylist(denylist: str, root: Path | None) -> DenyList:
+    """The deny-list a collection applies: ``denylist`` or, when empty, ``takedowns.txt`` in ``root``."""
+    path = denylist or (str(root / DEFAULT_DENYLIST) if root and (root / DEFAULT_DENYLIST).is_file() else "")
+    try:
+        return DenyList.load(path)
+    except TakedownError as e:
+        raise DataError(str(e)) from None
+
+
+def _files(spec: str, path: Path, denylist: str, read_timeout: float, pipe_timeout: float) -> FileCollection:
+    if path.is_dir():
+        names = list_folder(path)
+        if not names:
+            raise DataError(f"no images found under {spec} (looked recursively for files named "
+                            f"{', '.join(IMAGE_EXTENSIONS)}, in any case)")
+        return FileCollection(spec, "folder", path, [Entry(n, path / n) for n in names],
+                              open_denylist(denylist, path), read_timeout, pipe_timeout)
+    if path.is_file():
+        names = read_file_list(path)
+        if not names:
+            raise DataError(f"the file list {spec} names no files (one image path per line)")
+        entries = [Entry(n, Path(n) if os.path.isabs(n) else path.parent / n) for n in names]
+        return FileCollection(spec, "file list", path.parent, entries, open_denylist(denylist, path.parent),
+                              read_timeout, pipe_timeout, list_file=path)
+    if path.exists() or path.is_symlink():
+        raise DataError(f"{spec} is neither a folder nor a file list (give a folder of images, a text file "
+                        f"listing image paths, tar shards, or 'fashion-mnist')")
+    raise DataError(f"{spec} does not exist (give a folder of images, a text file listing image paths, "
+                    f"tar shards, or 'fashion-mnist')")
+
+
+def open_collection(spec: str, limit: int = 0, denylist: str = "", read_timeout: float | None = None,
+                    pipe_timeout: float | None = None, epoch_samples: int = 0, shards: bool | None = None,
+                    chunk_size: int = CHUNK_SIZE, data_cfg: DataConfig | None = None) -> Collection:
+    """Open ``--data``: a folder (recursive), a file list (one image path per line), tar shards (a
+    ``.tar`` path, brace range or glob, ``pipe:CMD``, a folder written by ``openseer shard``, joined
+    by ``::``), or Fashion-MNIST (``fashion-mnist`` or a folder holding its idx files).
+
+    ``data_cfg`` (a DataConfig) supplies ``denylist``, ``read_timeout``, ``pipe_timeout`` and
+    ``epoch_samples`` where they are not given; ``limit`` keeps the first N rows (shards: N samples
+    per epoch). ``shards=False`` opens only a folder or a file list, ``shards=True`` only shards. A
+    missing path, a folder without image names or an empty list is a ``DataError`` saying so.
+    """
+    if data_cfg is not None:
+        denylist = denylist or data_cfg.denylist
+        read_timeout = data_cfg.read_timeout if read_timeout is None else read_timeout
+        pipe_timeout = data_cfg.pipe_timeout if pipe_timeout is None else pipe_timeout
+        epoch_samples = epoch_samples or data_cfg.epoch_samples
+    read_timeout = default_read_timeout() if read_timeout is None else float(read_timeout)
+    pipe_timeout = PIPE_TIMEOUT if pipe_timeout is None else float(pipe_timeout)
+    if not spec:
+        raise DataError("no data given: pass --data PATH (a folder of images, a text file listing image paths, "
+                        "tar shards) or --data fashion-mnist")
+    if shards or (shards is None and looks_like_shards(spec)):
+        urls = expand_spec(spec)
+        local = [Path(u) for u in urls if not u.startswith("pipe:")]
+        return ShardCollection(spec, urls, open_denylist(denylist, local[0].parent if local else None),
+                               epoch_samples, limit, pipe_timeout, read_timeout)
+    path = Path(spec).expanduser()
+    coll: Collection
+    if shards is None and is_fashion_mnist(spec):
+        images, labels = load_fashion_mnist("train", None if spec == "fashion-mnist" else path)
+        coll = TensorCollection(images, "fashion-mnist", labels)
+    elif shards is None and path.is_file() and is_image_name(path.name):
+        raise DataError(f"data path {spec!r} is one image, not a folder or a file list (give a folder of "
+                        f"images, a text file listing image paths, tar shards, or 'fashion-mnist')")
+    else:
+        coll = _files(spec, path, denylist, read_timeout, pipe_timeout)
+    coll.chunk_size = chunk_size
+    if limit and not coll.streaming and limit < len(coll):  # shards: limit is the epoch (above)
+        coll = coll.head(limit)
+    return coll
+
+
+def require_usable(coll: Collection | str, skips: SkipCounts) -> None:
+    """A ``DataError`` (one clear message) when nothing usable was read; else nothing."""
+    if skips.read:
+        return
+    spec = coll.spec if isinstance(coll, Collection) else coll
+    if not skips.skipped:
+        raise DataError(f"no images in {spec}")
+    examples = "; ".join(f"{r}: {', '.join(w)}" for r, w in sorted(skips.examples.items()))
+    raise DataError(f"no usable image in {spec}: all {skips.skipped} were skipped ({skips.summary()}); "
+                    f"e.g. {examples}")
+
+
+def report_skips(skips: SkipCounts, what: str = "openseer") -> None:
+    """One line on stderr: how many were read and skipped, by reason."""
+    print(f"{what}: {skips.summary()}", file=sys.stderr)

@@ -37,16 +37,19 @@ from __future__ import annotations
 import io
 import math
 import os
+import queue
 import stat
+import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..config import OpenseerError
+from ..config import DataConfig, OpenseerError
 
 try:  # libpng + zlib-ng: the same pixels as PIL's PNG decoder in about 0.7 of the time (docs/data.md)
     import imagecodecs as _imagecodecs
@@ -289,7 +292,7 @@ def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     FIFOs, sockets and devices are refused before reading: the file is opened without blocking
     (``O_NONBLOCK``: opening a FIFO with no writer would wait forever) and checked on the open
     descriptor, so a FIFO put in place of a checked file cannot block either. A file system that
-    hangs (a dead network mount) is bounded by ``data/reader.py``'s timeout, not here.
+    hangs (a dead network mount) is bounded by ``read_bytes``'s timeout below, not here.
     """
     try:
         st = os.stat(path)
@@ -315,6 +318,88 @@ def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise BadImage("unreadable", f"{path}: {e.strerror or e}") from None
     finally:
         os.close(fd)
+
+
+
+# ---------------------------------------------------------------- bounded reads
+
+T = TypeVar("T")
+
+
+def default_read_timeout() -> float:
+    """``$OPENSEER_READ_TIMEOUT`` when set (seconds, > 0), else ``data.read_timeout``'s default."""
+    text = os.environ.get("OPENSEER_READ_TIMEOUT", "")
+    if not text:
+        return DataConfig.read_timeout
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"OPENSEER_READ_TIMEOUT must be a number of seconds; got {text!r}") from None
+    if value <= 0:
+        raise DataError(f"OPENSEER_READ_TIMEOUT must be > 0 seconds; got {text!r}")
+    return value
+
+
+class _Readers:
+    """Daemon threads that run reads for ``call_with_timeout``, started as needed and reused.
+
+    A caller reserves an idle thread (or starts one), hands it the job and waits for the answer up
+    to the timeout. A thread stuck in a read is never idle again, so no later read waits behind it.
+    """
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0
+
+    def reset(self) -> None:  # in a forked child: the parent's threads do not exist there
+        self.__init__()
+
+    def call(self, fn: Callable[[], T], timeout: float) -> tuple[bool, object]:
+        reply: queue.SimpleQueue = queue.SimpleQueue()
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+            else:
+                threading.Thread(target=self._serve, name="openseer-read", daemon=True).start()
+        self.jobs.put((fn, reply))
+        return reply.get(timeout=timeout)
+
+    def _serve(self) -> None:
+        while True:
+            fn, reply = self.jobs.get()
+            try:
+                reply.put((True, fn()))
+            except BaseException as e:  # handed to the caller's thread
+                reply.put((False, e))
+            with self.lock:
+                self.idle += 1
+
+
+_READERS = _Readers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_READERS.reset)
+
+
+def call_with_timeout(fn: Callable[[], T], timeout: float, what: str) -> T:
+    """``fn()``, or ``BadImage('timeout')`` when it has not returned after ``timeout`` seconds.
+
+    ``fn`` runs in a daemon thread: a read stuck in the kernel cannot be interrupted, so it is left
+    behind (it ends if the file system ever answers, and never keeps the process from exiting).
+    """
+    try:
+        ok, value = _READERS.call(fn, timeout)
+    except queue.Empty:
+        raise BadImage("timeout", f"{what}: no answer after {timeout:g} s (data.read_timeout)") from None
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
+
+
+def read_bytes(path: str | os.PathLike, timeout: float | None = None) -> bytes:
+    """The bytes of one image file, read in bounded time; ``BadImage`` with a reason otherwise."""
+    timeout = default_read_timeout() if timeout is None else timeout
+    return call_with_timeout(lambda: read_file(path), timeout, os.fsdecode(path))
 
 
 def load_image(path: str | Path, draft_size: int | None = None, min_pixels: int | None = None) -> Image.Image:

@@ -1,13 +1,22 @@
-"""SwAV/SEER multi-crop (SEER.md §3): a few large crops and several small ones per image.
+"""SwAV/SEER multi-crop (the SwAV paper, Caron et al. 2020, section 3.2): a few large crops and several
+small ones per image.
 
-Two implementations of the same distribution:
+Three implementations of the same distribution; which one runs is set by the data and two config
+switches, and each is a pure function of its seed, so a given (seed, step) always gives the same crops:
 
-* ``MultiCrop`` (per image, torchvision transforms v2) for decoded files: random resized crop,
-  flip, colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with probability p, random grayscale, Gaussian blur,
-  ImageNet-style normalisation.
-* ``BatchMultiCrop`` for small in-memory images (Fashion-MNIST): the same random draws made for a
-  whole uint8 batch at once (crop boxes sampled as torchvision does, resampled with ``roi_align``),
-  which removes the per-image Python cost that dominates tiny images on a CPU.
+* ``BatchMultiCrop``: in-memory uint8 tensors (Fashion-MNIST) with ``data.batched_aug`` (the
+  default). The random draws are made for a whole batch at once (crop boxes sampled as torchvision
+  does, resampled with ``roi_align``), which removes the per-image Python cost that dominates tiny
+  images on a CPU. Seeded per (seed, step, rank) (data/batches.py).
+* ``FastMultiCrop``: decoded files and tar-shard samples with ``data.fast_decode`` (the default).
+  The image is decoded at a reduced size (``decode.reduced_decode_pixels``) and each crop box is
+  resampled straight from the PIL image; the colour ops run on the small crop. Seeded per image.
+* ``MultiCrop``: torchvision transforms v2 per image, the reference path: files and shards with
+  ``data.fast_decode=false``, and in-memory tensors with ``data.batched_aug=false``. Seeded through
+  the global RNG per image.
+
+Each does random resized crop, flip, colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with probability p,
+random grayscale, Gaussian blur and ImageNet-style normalisation.
 
 Grayscale input is handled deliberately: it is replicated to three channels so every backbone,
 export and SEER checkpoint sees RGB; saturation, hue and random grayscale are then no-ops on it.

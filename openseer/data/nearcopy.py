@@ -258,9 +258,7 @@ class PileIndex:
         self.spec = spec
         self.coll = open_collection(spec)
         # every image is searched, also those already deny-listed (check --near reports which are)
-        for holder in (self.coll, getattr(self.coll, "listing", None)):
-            if holder is not None and hasattr(holder, "deny"):
-                holder.deny = DenyList()
+        self.coll.deny = DenyList()
         self.keys: list[str] = []
         self.paths: list[str] = []
         self.rows: list[int] = []  # collection row of each descriptor
@@ -268,7 +266,7 @@ class PileIndex:
         vecs, flipped = [], []
         with bar("near-copy scan", total=self.coll.n, unit="img", enabled=progress) as p:
             for chunk in self.coll.chunks:
-                for row, key, path, item in self.coll.read(chunk, READ_SIDE):
+                for row, key, path, item in self.coll.read_chunk(chunk, READ_SIDE):
                     p.update(1)
                     if isinstance(item, str):
                         r = item.split(":")[0]
@@ -298,7 +296,7 @@ class PileIndex:
         for chunk in self.coll.chunks:
             if not any(chunk.start <= r < chunk.stop for r in by_row):
                 continue
-            for row, _key, _path, item in self.coll.read(chunk, READ_SIDE):
+            for row, _key, _path, item in self.coll.read_chunk(chunk, READ_SIDE):
                 if row in by_row and not isinstance(item, str):
                     out[by_row[row]] = _pil(item)
         return out

@@ -206,7 +206,7 @@ def build_pile(out: str | Path, spec: PileSpec | None = None, photos: list[tuple
     ``photos`` (from :func:`load_photographs`) are loaded when not given; with none installed the
     off-domain share is refused with how to install them, unless ``spec.off_domain`` is 0.
     """
-    from .sources import load_fashion_mnist
+    from .collection import load_fashion_mnist
 
     spec = spec or PileSpec()
     out = Path(out)

@@ -49,9 +49,9 @@ from PIL import Image
 
 from ..fileio import atomic_write_json, name_to_text
 from ..progress import progress as progress_bar
-from .decode import BadImage, DataError, exif_orientation, finish, open_bytes
+from .collection import open_collection
+from .decode import BadImage, DataError, exif_orientation, finish, open_bytes, read_bytes
 from .denylist import KEY_HEX, DenyList
-from .reader import open_collection, read_bytes
 
 MANIFEST_COLUMNS = ["key", "sha256", "shard", "position", "source", "bytes", "width", "height", "format",
                     "stored_format", "stored_bytes", "stored_width", "stored_height"]
@@ -71,7 +71,7 @@ def printable(name: str) -> str:
 
 def list_inputs(src: str | Path, read_timeout: float | None = None) -> tuple[Path, list[str]]:
     """(base folder, input paths as listed): a folder (recursive, sorted) or a file list, listed by
-    data/reader.py (a file list written by ``fileio.write_list`` or one path per line)."""
+    data/collection.py (a file list written by ``fileio.write_list`` or one path per line)."""
     coll = open_collection(str(src), read_timeout=read_timeout, shards=False)
     return Path(coll.base or "."), [e.name for e in coll.entries]
 

@@ -37,7 +37,8 @@ import numpy as np
 
 from ..config import ConfigError, load_config
 from .batches import MAX_BAD_IN_A_ROW, epoch_permutation, steps_per_epoch
-from .decode import BadImage, DataError
+from .collection import open_collection
+from .decode import BadImage, DataError, read_bytes
 from .denylist import (  # noqa: F401  (the deny-list's names, re-exported for callers of this module)
     KEY_HEX,
     PROVENANCE,
@@ -50,7 +51,6 @@ from .denylist import (  # noqa: F401  (the deny-list's names, re-exported for c
     read_entries,
     record_provenance,
 )
-from .reader import open_collection, read_bytes
 from .stream import scan_shard_keys, slot_shards
 
 # ---------------------------------------------------------------- audit: which runs saw an image

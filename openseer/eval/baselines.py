@@ -17,7 +17,7 @@ from torch import nn
 
 from ..model.backbone import set_stem_stride
 from ..model.load import load_backbone
-from .common import EvalTransform, LabelledImages
+from .common import EvalTransform, Labelled
 from .features import pixel_features
 from .lowshot import FinetuneSettings, finetune
 
@@ -34,13 +34,13 @@ def random_init(arch: str, seed: int = 0, stem_stride: int = 0) -> tuple[nn.Modu
     return model, info
 
 
-def pixels(train: LabelledImages, test: LabelledImages, folder: Path | None, size: int = PIXELS_SIZE,
+def pixels(train: Labelled, test: Labelled, folder: Path | None, size: int = PIXELS_SIZE,
            progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Raw-pixel 'features' (train, test): the image at ``size`` x ``size``, one channel if grayscale."""
     return (pixel_features(train, size, folder, progress)[0], pixel_features(test, size, folder, progress)[0])
 
 
-def supervised_scratch(arch: str, train: LabelledImages, test: LabelledImages, transform: EvalTransform,
+def supervised_scratch(arch: str, train: Labelled, test: Labelled, transform: EvalTransform,
                        n_classes: int, settings: FinetuneSettings, seed: int = 0,
                        device: str | torch.device = "cpu", progress: bool = True, desc: str = "scratch",
                        stem_stride: int = 0) -> dict:

@@ -1,10 +1,12 @@
 """Labelled data for evaluation and the one eval transform every protocol shares.
 
-Three kinds of labelled data: ``fashion-mnist`` (its own train/test split), a folder with one
-subfolder per class (either ``train/`` and ``val/`` (or ``test/``) inside it, or a seeded stratified
-split), and a CSV of ``path,label`` (optionally a third column ``split`` = train/val/test). Every
-image has a stable key (``fashion-mnist:train:17``, a relative path), so subsets chosen by key are
-the same whatever model is evaluated.
+A labelled split (``Labelled``) is a collection (data/collection.py: files read in bounded time with
+the deny-list beside them, or in-memory tensors) plus a label per row. Three kinds of labelled data:
+``fashion-mnist`` (its own train/test split), a folder with one subfolder per class (either
+``train/`` and ``val/`` (or ``test/``) inside it, or a seeded stratified split), and a CSV of
+``path,label`` (optionally a third column ``split`` = train/val/test). Every image has a stable key
+(``fashion-mnist:train:17``, a relative path), so subsets chosen by key are the same whatever model
+is evaluated.
 """
 
 from __future__ import annotations
@@ -23,11 +25,19 @@ import torch
 import torch.nn.functional as F
 
 from ..config import OpenseerError
-from ..data.decode import IMAGE_EXTENSIONS, BadImage, decode_bytes
-from ..data.denylist import DenyList
-from ..data.reader import open_denylist, read_bytes
-from ..data.sources import FASHION_MNIST_CLASSES, DataError, is_fashion_mnist, list_images, load_fashion_mnist
-from ..fileio import name_to_text, text_to_name
+from ..data.collection import (
+    FASHION_MNIST_CLASSES,
+    Collection,
+    Entry,
+    FileCollection,
+    TensorCollection,
+    is_fashion_mnist,
+    list_folder,
+    load_fashion_mnist,
+    open_denylist,
+)
+from ..data.decode import IMAGE_EXTENSIONS, BadImage, DataError, default_read_timeout
+from ..fileio import text_to_name
 
 RESIZE_RATIO = 1.14  # larger images: shorter side to 1.14 x crop, then a centre crop
 
@@ -49,43 +59,48 @@ def warn(text: str) -> None:
 
 
 @dataclass
-class LabelledImages:
-    """One split: labels, a key per image, and the images (a uint8 tensor in memory, or files)."""
+class Labelled:
+    """One split: a collection (files or a uint8 tensor in memory) and a label per row."""
 
+    collection: Collection
     labels: np.ndarray  # int64 (N,)
-    keys: list[str]
-    images: torch.Tensor | None = None  # uint8 (N, C, H, W)
-    paths: list[Path] | None = None
-    deny: DenyList | None = None  # files: the deny-list beside the data (data/reader.py), by key or content
+
+    def __post_init__(self) -> None:
+        self.keys = [self.collection.key(i) for i in range(len(self.collection))]
+
+    @classmethod
+    def from_tensors(cls, images: torch.Tensor, labels: np.ndarray, keys: list[str], name: str = "tensors") -> Labelled:
+        """In-memory uint8 images (N, C, H, W) with their labels and keys."""
+        return cls(TensorCollection(images, name, keys=list(keys)), np.asarray(labels))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
     def in_memory(self) -> bool:
-        return self.images is not None
+        return self.collection.in_memory
+
+    @property
+    def images(self) -> torch.Tensor | None:
+        """The uint8 (N, C, H, W) tensor of an in-memory split; None for files."""
+        return self.collection.images if isinstance(self.collection, TensorCollection) else None
+
+    @property
+    def paths(self) -> list[Path] | None:
+        """The files of a split read from disk; None in memory."""
+        return self.collection.paths if isinstance(self.collection, FileCollection) else None
 
     def load(self, i: int, draft_size: int | None = None) -> torch.Tensor:
-        """Image ``i`` as uint8 (C, H, W); files raise ``BadImage`` when they cannot be decoded."""
-        if self.images is not None:
-            return self.images[i]
-        assert self.paths is not None
-        path = self.paths[i]
-        data = read_bytes(path)  # bounded time (data/reader.py)
-        if self.deny is not None and self.deny.keys and self.deny.denies(self.keys[i], data):
-            raise BadImage("denied", self.keys[i])
-        img = decode_bytes(data, os.fsdecode(path), draft_size=draft_size)
+        """Image ``i`` as uint8 (C, H, W); files raise ``BadImage`` when they cannot be read or decoded
+        (bounded reads, the deny-list beside the data: data/collection.py)."""
+        img = self.collection.load(i, draft_size=draft_size)
+        if isinstance(img, torch.Tensor):
+            return img
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    def subset(self, idx: np.ndarray | list[int]) -> LabelledImages:
+    def subset(self, idx: np.ndarray | list[int]) -> Labelled:
         idx = np.asarray(idx, dtype=np.int64)
-        return LabelledImages(
-            labels=self.labels[idx],
-            keys=[self.keys[i] for i in idx],
-            images=self.images[torch.from_numpy(idx)] if self.images is not None else None,
-            paths=[self.paths[i] for i in idx] if self.paths is not None else None,
-            deny=self.deny,
-        )
+        return Labelled(self.collection.subset(idx.tolist()), self.labels[idx])
 
     def fingerprint(self) -> str:
         """A hash of the content (pixels for in-memory data; path, size and mtime for files) and labels."""
@@ -95,10 +110,10 @@ class LabelledImages:
             h.update(str(tuple(self.images.shape)).encode())
             h.update(self.images.contiguous().numpy().tobytes())
         else:
-            assert self.paths is not None
-            if self.deny is not None and self.deny.keys:
-                h.update(f"denylist={self.deny.version}\n".encode())
-            for key, p in zip(self.keys, self.paths):
+            deny = self.collection.deny
+            if deny.keys:
+                h.update(f"denylist={deny.version}\n".encode())
+            for key, p in zip(self.keys, self.paths or []):
                 try:
                     st = p.stat()
                     h.update(f"{key}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
@@ -112,8 +127,8 @@ class LabelledData:
     """A labelled data set: train and test splits, class names, and how the split was made."""
 
     name: str
-    train: LabelledImages
-    test: LabelledImages
+    train: Labelled
+    test: Labelled
     classes: list[str]
     split: str  # how train/test were defined, for the report
     notes: list[str] = field(default_factory=list)
@@ -163,7 +178,7 @@ def stratified_take(labels: np.ndarray, keys: list[str], seed: int, fraction: fl
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
-def _limit(split: LabelledImages, n: int, seed: int) -> LabelledImages:
+def _limit(split: Labelled, n: int, seed: int) -> Labelled:
     if not n or n >= len(split):
         return split
     frac = n / len(split)
@@ -206,15 +221,15 @@ def _fashion_mnist(root: Path | None) -> LabelledData:
         xte, yte = load_fashion_mnist("test", root)
     except DataError as e:
         raise EvalError(str(e)) from None
-    train = LabelledImages(ytr.numpy(), [f"fashion-mnist:train:{i}" for i in range(len(ytr))], images=xtr)
-    test = LabelledImages(yte.numpy(), [f"fashion-mnist:test:{i}" for i in range(len(yte))], images=xte)
+    train = Labelled(TensorCollection(xtr, "fashion-mnist", ytr, split="train"), ytr.numpy())
+    test = Labelled(TensorCollection(xte, "fashion-mnist", yte, split="test"), yte.numpy())
     return LabelledData("fashion-mnist", train, test, list(FASHION_MNIST_CLASSES), "official train/test")
 
 
 def _class_dirs(root: Path) -> dict[str, list[Path]]:
     out = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = list_images(d)
+        files = [d / n for n in list_folder(d)]
         if files:
             out[d.name] = files
         else:
@@ -222,13 +237,18 @@ def _class_dirs(root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _files_split(root: Path, files: dict[str, list[Path]], classes: list[str]) -> LabelledImages:
+def _file_collection(root: Path, entries: list[Entry]) -> FileCollection:
+    """Files keyed by their names relative to ``root``, with the deny-list beside them."""
+    return FileCollection(str(root), "labelled files", root, entries, open_denylist("", root), default_read_timeout())
+
+
+def _files_split(root: Path, files: dict[str, list[Path]], classes: list[str]) -> Labelled:
     paths, labels = [], []
     for name, fs in files.items():
         paths += fs
         labels += [classes.index(name)] * len(fs)
-    keys = [name_to_text(p.relative_to(root)) for p in paths]
-    return LabelledImages(np.array(labels, dtype=np.int64), keys, paths=paths, deny=open_denylist("", root))
+    entries = [Entry(os.fspath(p.relative_to(root)), p) for p in paths]
+    return Labelled(_file_collection(root, entries), np.array(labels, dtype=np.int64))
 
 
 def _class_folders(root: Path, seed: int, test_fraction: float) -> LabelledData:
@@ -260,7 +280,7 @@ def _class_folders(root: Path, seed: int, test_fraction: float) -> LabelledData:
                         f"seeded stratified split ({test_fraction:g} test, seed {seed})")
 
 
-def _stratified_split(full: LabelledImages, classes: list[str], seed: int,
+def _stratified_split(full: Labelled, classes: list[str], seed: int,
                       test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     counts = np.bincount(full.labels, minlength=len(classes))
     small = [f"{classes[c]!r} ({counts[c]})" for c in range(len(classes)) if counts[c] < 2]
@@ -311,8 +331,7 @@ def _csv(path: Path, seed: int, test_fraction: float, skip_missing: bool) -> Lab
         entries = [e for e in entries if id(e) not in gone]
     classes = sorted({e[2] for e in entries})
     labels = np.array([classes.index(e[2]) for e in entries], dtype=np.int64)
-    full = LabelledImages(labels, [name_to_text(e[0]) for e in entries], paths=[e[1] for e in entries],
-                          deny=open_denylist("", path.parent))
+    full = Labelled(_file_collection(path.parent, [Entry(e[0], e[1]) for e in entries]), labels)
     splits = {e[3] for e in entries}
     if splits - {""}:
         if "" in splits or "train" not in splits or not (splits & {"val", "test"}):
@@ -374,7 +393,7 @@ class EvalTransform:
         return self.normalize(self.geometry(x))
 
 
-def load_batch(data: LabelledImages, idx: np.ndarray | list[int], transform: EvalTransform, size: int | None = None,
+def load_batch(data: Labelled, idx: np.ndarray | list[int], transform: EvalTransform, size: int | None = None,
                bad: list[tuple[int, str]] | None = None) -> torch.Tensor:
     """Images ``idx`` through ``transform.geometry`` (float [0, 1], not normalised), stacked.
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..progress import progress as progress_bar
-from .common import EvalError, EvalTransform, LabelledImages, load_batch, warn
+from .common import EvalError, EvalTransform, Labelled, load_batch, warn
 
 FEATURE_LAYER = "pooled (timm forward with num_classes=0: global average pool of the last stage)"
 
@@ -77,7 +77,7 @@ def _batches(n: int, batch_size: int, desc: str, progress: bool):
             bar.update(len(idx))
 
 
-def extract_features(model: nn.Module, data: LabelledImages, transform: EvalTransform, batch_size: int = 256,
+def extract_features(model: nn.Module, data: Labelled, transform: EvalTransform, batch_size: int = 256,
                      device: str | torch.device = "cpu", progress: bool = True,
                      desc: str = "features") -> tuple[np.ndarray, list[tuple[int, str]]]:
     """Pooled features (N, D) float32 in data order, and the undecodable images (index, reason)."""
@@ -98,7 +98,7 @@ def extract_features(model: nn.Module, data: LabelledImages, transform: EvalTran
     return out, bad
 
 
-def backbone_features(model: nn.Module, weights: str, data: LabelledImages, transform: EvalTransform,
+def backbone_features(model: nn.Module, weights: str, data: Labelled, transform: EvalTransform,
                       folder: Path | None, batch_size: int = 256, device: str | torch.device = "cpu",
                       progress: bool = True, desc: str = "features",
                       layer: str = FEATURE_LAYER) -> tuple[np.ndarray, list, bool]:
@@ -109,7 +109,7 @@ def backbone_features(model: nn.Module, weights: str, data: LabelledImages, tran
                   folder, {"kind": "backbone"})
 
 
-def pixel_features(data: LabelledImages, size: int, folder: Path | None, progress: bool = True,
+def pixel_features(data: Labelled, size: int, folder: Path | None, progress: bool = True,
                    batch_size: int = 1024) -> tuple[np.ndarray, list, bool]:
     """Raw pixels in [0, 1] at ``size`` x ``size`` (the eval geometry), one channel for grayscale data."""
     gray = data.images is not None and data.images.shape[1] == 1

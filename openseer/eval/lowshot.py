@@ -26,7 +26,7 @@ from torchvision.ops import roi_align
 from ..data.multicrop import sample_crop_boxes
 from ..model.backbone import build_backbone, feature_dim
 from ..progress import progress as progress_bar
-from .common import EvalTransform, LabelledImages, load_batch, stratified_take
+from .common import EvalTransform, Labelled, load_batch, stratified_take
 from .knn import ranked_accuracy
 
 SPLIT_FORMAT = "openseer.lowshot-split.v1"
@@ -36,7 +36,7 @@ def split_name(percent: float | None = None, per_class: int | None = None) -> st
     return f"{percent:g}pct" if percent is not None else f"{per_class}perclass"
 
 
-def lowshot_splits(train: LabelledImages, classes: list[str], seed: int, percents: tuple[float, ...] = (1, 10),
+def lowshot_splits(train: Labelled, classes: list[str], seed: int, percents: tuple[float, ...] = (1, 10),
                    per_class: tuple[int, ...] = ()) -> dict[str, dict]:
     """{name: {"indices", "rule"}} for each percentage (at least one image per class) and each N per class."""
     out = {}
@@ -51,7 +51,7 @@ def lowshot_splits(train: LabelledImages, classes: list[str], seed: int, percent
     return out
 
 
-def save_split(folder: Path, name: str, split: dict, train: LabelledImages, data_name: str, fingerprint: str,
+def save_split(folder: Path, name: str, split: dict, train: Labelled, data_name: str, fingerprint: str,
                seed: int) -> Path:
     """Write ``lowshot-<name>-seed<seed>.json`` (train indices and keys) into ``folder``."""
     idx = split["indices"]
@@ -122,7 +122,7 @@ class ClassifierHead(nn.Module):
 
 
 @torch.inference_mode()
-def classify(model: nn.Module, head: nn.Module, data: LabelledImages, transform: EvalTransform,
+def classify(model: nn.Module, head: nn.Module, data: Labelled, transform: EvalTransform,
              device: torch.device, batch_size: int = 256) -> list[float]:
     """Top-1 / top-5 (percent) of backbone + head on ``data`` with the eval transform."""
     model.eval()
@@ -135,7 +135,7 @@ def classify(model: nn.Module, head: nn.Module, data: LabelledImages, transform:
     return ranked_accuracy(torch.cat(ranked), data.labels)
 
 
-def finetune(backbone: nn.Module | None, arch: str, train: LabelledImages, test: LabelledImages,
+def finetune(backbone: nn.Module | None, arch: str, train: Labelled, test: Labelled,
              transform: EvalTransform, n_classes: int, settings: FinetuneSettings, seed: int = 0,
              device: str | torch.device = "cpu", progress: bool = True, desc: str = "fine-tune",
              stem_stride: int = 0) -> dict:

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import Config, build_config, config_from_dict
 from ..data.batches import count_reasons, data_state, iterate_batches, prepare_stream
-from ..data.sources import FolderSource, open_source
+from ..data.collection import open_collection
 from ..data.takedown import record_provenance
 from ..device import resolve_device
 from ..model.backbone import BackboneError, build_backbone, feature_dim
@@ -276,7 +276,7 @@ def distill(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_st
     _prepare_run_dir(run_dir, cfg, resume, True, write=False)  # a bad --out is refused before any work
     teacher = Teacher(cfg.distill.teacher, cfg.distill.teacher_arch, list(cfg.crops.mean), list(cfg.crops.std),
                       device, need_prototypes=cfg.distill.loss == "swav")
-    source = open_source(cfg.data.source, cfg.data.limit, data_cfg=cfg.data)
+    source = open_collection(cfg.data.source, limit=cfg.data.limit, data_cfg=cfg.data)
     sched = schedule(cfg, len(source), 1)
 
     torch.manual_seed(cfg.seed)
@@ -330,9 +330,8 @@ def distill(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_st
 
     batches = iterate_batches(source, cfg, 0, 1, step, stop)
     prepare_stream(batches, run_dir, state if resume else None, True)
-    folder = getattr(source, "base", source)
-    if isinstance(folder, FolderSource):
-        record_provenance(run_dir, folder.provenance(), step, folder.deny)
+    if source.kind == "files":
+        record_provenance(run_dir, source.provenance(), step, source.deny)
     last_ckpt_step = step
     window = {"loss": 0.0, "cos": 0.0, "steps": 0, "images": 0, "t": time.perf_counter(), "data": 0.0}
     preempted = None

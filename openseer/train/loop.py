@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..config import Config, ConfigError, config_from_dict, load_config, save_config, to_dict
 from ..data.batches import Batch, count_reasons, data_state, iterate_batches, prepare_stream, steps_per_epoch
-from ..data.sources import FolderSource, open_source
+from ..data.collection import open_collection
 from ..data.takedown import record_provenance
 from ..device import resolve_device
 from ..fileio import atomic_write_text
@@ -93,7 +93,7 @@ def _unwrap(model) -> SwAV:
 def _state(step: int, model, optimizer, queue: SwAVQueue | None, cfg: Config, sched: dict, counters: dict,
            data: dict | None = None) -> dict:
     """Everything needed to continue bit for bit. The queue is gathered from all ranks; ``data`` is the
-    stream position of tar-shard sources (data/stream_batches.py), gathered from all ranks."""
+    stream position of tar-shard sources (data/batches.py's StreamBatches), gathered from all ranks."""
     net = _unwrap(model)
     state = {
         "format": "openseer.pretrain.v1",
@@ -379,7 +379,7 @@ def _setup(cfg: Config, run_dir: Path, resume: bool | str, max_steps: int | None
         device = torch.device("cuda", cuda_index(env))
         torch.backends.cudnn.benchmark = True  # crop sizes are fixed: let cuDNN pick each conv's fastest kernel
     _prepare_run_dir(run_dir, cfg, resume, env.is_main, write=False)  # refuse a bad --out before any work
-    source = open_source(cfg.data.source, cfg.data.limit, data_cfg=cfg.data)
+    source = open_collection(cfg.data.source, limit=cfg.data.limit, data_cfg=cfg.data)
     sched = schedule(cfg, len(source), env.world_size)
 
     torch.manual_seed(cfg.seed)
@@ -441,9 +441,8 @@ def _setup(cfg: Config, run_dir: Path, resume: bool | str, max_steps: int | None
 
     batches = iterate_batches(source, cfg, env.rank, env.world_size, step, stop)
     prepare_stream(batches, run_dir, state if resume else None, env.is_main)  # tar shards: position, provenance
-    folder = getattr(source, "base", source)
-    if env.is_main and isinstance(folder, FolderSource):  # folders: what was read, deny-list in force
-        record_provenance(run_dir, folder.provenance(), step, folder.deny)
+    if env.is_main and source.kind == "files":  # folders: what was read, deny-list in force
+        record_provenance(run_dir, source.provenance(), step, source.deny)
     run = Run(cfg=cfg, device=device, env=env, sched=sched, method=method, optimizer=optimizer,
               scaler=torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None,
               step=step, counters=counters, spent_s=spent, t_loop=time.perf_counter() - spent,  # the clock of the whole run

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.sources import DataError
+from ..data.decode import DataError
 from ..fileio import atomic_write_json, atomic_write_text, csv_text, text_to_name, write_list
 
 FORMAT = "openseer.curate.v1"
@@ -477,10 +477,10 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
 
     # ---- files (each written atomically)
     kept_paths = [paths[i] for i in np.flatnonzero(kept)]
-    from ..data.sources import open_denylist
+    from ..data.collection import open_denylist
 
     pile_root = Path(pile) if Path(pile).is_dir() else None
-    pile_deny = getattr(coll, "deny", None) or open_denylist("", pile_root)
+    pile_deny = open_denylist("", pile_root) if coll.kind == "files" else coll.deny
     excluded = [keys[i] for i in range(n) if not kept[i]] + [b["key"] for b in bad]
     listable = [k for k in excluded if "\n" not in k and "\r" not in k and "\t" not in k]
     summary["unlistable"] = len(excluded) - len(listable)  # a deny-list line cannot hold these names
@@ -532,7 +532,7 @@ def _thumb(coll, row: dict, side: int = 64) -> str:
             from ..data.decode import load_image
 
             img = load_image(row["path"], draft_size=side)
-        elif coll.kind == "fashion-mnist":
+        elif coll.in_memory:
             img = Image.fromarray(coll.images[int(row["key"].rsplit(":", 1)[-1]), 0].numpy())
         else:
             return ""

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.collection import Chunk, Collection, CollectionError, open_collection
+from ..data.collection import Chunk, Collection, open_collection
+from ..data.decode import DataError
 from ..eval.common import draft_size
 from ..eval.layers import describe_layer
 from ..fileio import atomic_write_json, atomic_write_text, csv_text, read_csv_rows
@@ -43,7 +44,7 @@ FINAL = "embeddings.npy"
 DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
-class EmbedError(CollectionError):
+class EmbedError(DataError):
     """An embedding job that cannot run as asked (what and how to fix it)."""
 
 
@@ -80,7 +81,7 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
     if batch_size < 1 or chunk_size < 1:
         raise EmbedError("--batch-size and --chunk-size must be >= 1")
     out = Path(out).expanduser()
-    coll = open_collection(data, chunk_size, limit)
+    coll = open_collection(data, limit=limit, chunk_size=chunk_size)
     dim = model.feature_dim
     params = {"format": "openseer.embeddings.v1", "data": str(data), "data_fingerprint": coll.fingerprint(),
               "n": coll.n, "chunks": len(coll.chunks), "chunk_size": chunk_size if coll.kind != "shards" else None,
@@ -173,7 +174,7 @@ def _embed_chunk(model, coll: Collection, chunk: Chunk, arr: np.ndarray, batch_s
         batch.clear()
         rows.clear()
 
-    for row, key, path, item in coll.read(chunk, draft_size(t.crop), workers):
+    for row, key, path, item in coll.read_chunk(chunk, draft_size(t.crop), workers):
         if isinstance(item, str):
             bad.append([row, key, path, item])
             bar.update(1)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.sources import DataError
+from ..data.decode import DataError
 from ..eval.common import EvalTransform
 from ..model.checkpoint_file import CheckpointError
 from .export import file_metadata, save_onnx
@@ -56,7 +56,7 @@ def calibration_batch(spec: str, n: int, info: dict) -> tuple[torch.Tensor, dict
         rows = np.unique(np.linspace(0, coll.n - 1, num=min(n, coll.n)).round().astype(int)) if coll.n else []
         chunks = [Chunk(i, int(r), int(r) + 1) for i, r in enumerate(rows)]
     for chunk in chunks:
-        for _, _, _, item in coll.read(chunk, draft_size(crop)):
+        for _, _, _, item in coll.read_chunk(chunk, draft_size(crop)):
             if isinstance(item, str):
                 reason = item.split(":", 1)[0]
                 bad[reason] = bad.get(reason, 0) + 1

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.sources import DataError
+from ..data.decode import DataError
 
 TILE = 64
 
@@ -170,20 +170,19 @@ class Sample:
     classes: list[str] | None
     keys: list[str]
     description: str
-    skipped: dict[str, int] = field(default_factory=dict)  # files passed over, by reason (data/reader.py)
+    skipped: dict[str, int] = field(default_factory=dict)  # files passed over, by reason (data/collection.py)
 
 
 def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sample:
     """A seeded sample of ``n`` images of the source, through the eval geometry (crop x crop)."""
+    from ..data.collection import FASHION_MNIST_CLASSES, SkipCounts, open_collection
     from ..data.decode import BadImage, decode_bytes
-    from ..data.reader import SkipCounts
-    from ..data.sources import FASHION_MNIST_CLASSES, open_source
     from ..eval.common import EvalTransform
     from ..fileio import name_to_text
     from .api import draft_size, image_tensor
 
     geometry = EvalTransform(crop, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    src = open_source(spec, data_cfg=data_cfg)
+    src = open_collection(spec, data_cfg=data_cfg)
     rng = np.random.default_rng(seed)
     if src.in_memory:
         idx = np.sort(rng.choice(len(src), size=min(n, len(src)), replace=False))
@@ -191,7 +190,7 @@ def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sampl
         labels = getattr(src, "labels", None)
         lab = labels[torch.from_numpy(idx)].numpy() if labels is not None else None
         classes = list(FASHION_MNIST_CLASSES) if lab is not None and getattr(src, "name", "") == "fashion-mnist" else None
-        return Sample(geometry.geometry(images), lab, classes, [src.key(int(i)) for i in idx],
+        return Sample(geometry.geometry(images), lab, classes, [src.batch_key(int(i)) for i in idx],
                       f"{len(idx)} images drawn (seed {seed}) from {src.description}")
     tiles, keys = [], []
     skips = SkipCounts()
@@ -221,14 +220,14 @@ def load_sample(spec: str, n: int, crop: int, seed: int, data_cfg=None) -> Sampl
         for i in order:
             if len(tiles) >= n:
                 break
-            try:  # listed and read by data/reader.py: bounded reads, the deny-list applied
-                x = image_tensor(src.collection.load(int(i), draft_size=draft_size(crop)), crop)  # type: ignore[attr-defined]
+            try:  # listed and read by data/collection.py: bounded reads, the deny-list applied
+                x = image_tensor(src.load(int(i), draft_size=draft_size(crop)), crop)
             except BadImage as e:
-                skips.skip(e.reason, name_to_text(src.key(int(i))))
+                skips.skip(e.reason, name_to_text(src.batch_key(int(i))))
                 continue
             skips.good()
             tiles.append(geometry.geometry(x.unsqueeze(0)))
-            keys.append(name_to_text(src.key(int(i))))
+            keys.append(name_to_text(src.batch_key(int(i))))
         how = f"{len(tiles)} images drawn (seed {seed}) from {src.description}"
     if skips.skipped:
         how += f"; {skips.summary()}"

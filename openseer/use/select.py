@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.sources import DataError
+from ..data.decode import DataError
 from ..fileio import atomic_write_json, atomic_write_text, csv_text
 from .curate import DUP_THRESHOLD, _thumb, group_representatives, kmeans, pile_duplicate_groups, water_fill
 
@@ -117,11 +117,11 @@ def choose(x: np.ndarray, budget: int, candidates: np.ndarray | None = None,
 def _labelled_paths(spec: str) -> list[str]:
     """The image paths (or pile keys) of an already-labelled set: a CSV of path,label (relative paths
     against the CSV's folder) or a folder of class folders."""
-    from ..data.sources import list_images
+    from ..data.collection import list_folder
 
     path = Path(spec).expanduser()
     if path.is_dir():
-        return [str(p.resolve()) for p in list_images(path)]
+        return [str((path / n).resolve()) for n in list_folder(path)]
     if not path.is_file():
         raise SelectError(f"--labelled {spec!r} does not exist: give a CSV of path,label or a folder of class folders")
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:

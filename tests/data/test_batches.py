@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from openseer.data.batches import count_reasons, epoch_permutation, iterate_batches, step_indices
-from openseer.data.sources import DataError, FolderSource, TensorSource
+from openseer.data.collection import TensorCollection, open_collection
+from openseer.data.decode import DataError
 from tests.conftest import png_bytes, tiny_config, write_pngs
 
 
@@ -45,9 +46,9 @@ def test_fewer_images_than_a_batch_is_a_clear_error():
         step_indices(0, 5, 8, 0, 1, 0)
 
 
-def _in_memory_source(n: int = 40) -> TensorSource:
+def _in_memory_source(n: int = 40) -> TensorCollection:
     g = torch.Generator().manual_seed(0)
-    return TensorSource(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), "rand")
+    return TensorCollection(torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=g), "rand")
 
 
 def test_in_memory_batches_depend_only_on_the_step():
@@ -84,7 +85,7 @@ def _bad_folder(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_bad_files_are_skipped_and_counted_by_reason(tmp_path, workers):
     folder = _bad_folder(tmp_path)
-    src = FolderSource(folder)
+    src = open_collection(str(folder))
     assert len(src) == 13
     cfg = tiny_config("data.batch_size=13", f"data.num_workers={workers}")
     batches = list(iterate_batches(src, cfg, 0, 1, 0, 2))  # two epochs of one step each
@@ -100,7 +101,7 @@ def test_bad_files_are_skipped_and_counted_by_reason(tmp_path, workers):
 def test_decoded_batches_do_not_depend_on_the_number_of_workers(tmp_path):
     folder = tmp_path / "pngs"
     write_pngs(folder, 8)
-    src = FolderSource(folder)
+    src = open_collection(str(folder))
     out = []
     for workers in (0, 2):
         cfg = tiny_config("data.batch_size=4", f"data.num_workers={workers}")
@@ -117,4 +118,4 @@ def test_a_folder_of_only_bad_files_stops_with_a_data_error(tmp_path):
         (folder / f"x{i:03d}.jpg").write_text("not an image")
     cfg = tiny_config("data.batch_size=2")
     with pytest.raises(DataError, match="unreadable images in a row"):
-        next(iterate_batches(FolderSource(folder), cfg, 0, 1, 0, 1))
+        next(iterate_batches(open_collection(str(folder)), cfg, 0, 1, 0, 1))

@@ -13,9 +13,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from openseer.data.batches import iterate_batches
+from openseer.data.collection import open_collection
 from openseer.data.decode import BadImage, decode_bytes, draft_scale, load_image, reduced_decode_pixels
 from openseer.data.multicrop import FastMultiCrop, _blur_one, adjust_hue
-from openseer.data.sources import FolderSource
 from tests.conftest import tiny_config
 from tests.data.corpus import _enc, write_corpus
 
@@ -55,8 +55,8 @@ def test_each_unusual_file_loads_as_it_should(corpus, min_pixels):
 
 def test_folder_batches_skip_every_bad_file_with_its_reason_and_never_crash(corpus):
     folder, bad, good = corpus
-    src = FolderSource(folder)
-    listed = {src.key(i) for i in range(len(src))}
+    src = open_collection(str(folder))
+    listed = {src.batch_key(i) for i in range(len(src))}
     assert set(bad) | set(good) == listed  # odd names and special files are all listed
     n = len(src)
     cfg = tiny_config(f"data.batch_size={n}", "data.num_workers=0")
@@ -124,7 +124,7 @@ def test_folder_fast_and_classic_paths_are_both_deterministic(tmp_path):
     from tests.conftest import write_pngs
 
     write_pngs(tmp_path / "p", 8, size=(40, 30))
-    src = FolderSource(tmp_path / "p")
+    src = open_collection(str(tmp_path / "p"))
     for fast in ("true", "false"):
         cfg = tiny_config("data.batch_size=4", f"data.fast_decode={fast}")
         one = list(iterate_batches(src, cfg, 0, 1, 0, 2))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from openseer.commands import main
-from openseer.data.reader import SkipCounts, open_collection
+from openseer.data.collection import SkipCounts, open_collection
 from openseer.fileio import name_to_text, write_list
 from tests.conftest import FAST
 from tests.data.hostile import write_hostile

@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from openseer.commands import main
 from openseer.data import nearcopy as nc
 from openseer.data.batches import iterate_batches
+from openseer.data.collection import open_collection
 from openseer.data.pile import load_photographs, photograph_paths
-from openseer.data.sources import open_source
 from openseer.data.takedown import DenyList
 from tests.conftest import tiny_config
 
@@ -103,7 +103,7 @@ def test_near_takedown_keeps_every_copy_out_of_every_batch(tmp_path, capsys):
     assert "near copy of photo.jpg" in lst.read_text()
     # the reader honours it: no copy in any batch of three epochs, every unrelated image in
     cfg = tiny_config("data.batch_size=4", "data.num_workers=0")
-    src = open_source(str(pile), data_cfg=cfg.data)
+    src = open_collection(str(pile), data_cfg=cfg.data)
     seen: set[str] = set()
     for batch in iterate_batches(src, cfg, 0, 1, 0, 12):
         seen |= set(batch.keys)
@@ -158,7 +158,7 @@ def test_near_takedown_on_shards_keeps_copies_out_of_the_stream(tmp_path, capsys
     assert f"{len(copies(target))} near copies" in capsys.readouterr().out
     cfg = tiny_config("data.batch_size=4", "data.num_workers=0", "data.shuffle_buffer=4")
     seen: set[str] = set()
-    for batch in iterate_batches(open_source(str(tmp_path / "shards"), data_cfg=cfg.data), cfg, 0, 1, 0, 8):
+    for batch in iterate_batches(open_collection(str(tmp_path / "shards"), data_cfg=cfg.data), cfg, 0, 1, 0, 8):
         seen |= set(batch.keys)
     import csv
 

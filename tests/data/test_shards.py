@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from openseer.commands import main
+from openseer.data.decode import DataError
 from openseer.data.shards import report, write_shards
-from openseer.data.sources import DataError
 from tests.data.corpus import write_corpus
 
 

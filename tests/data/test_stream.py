@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from openseer.data.batches import data_state, iterate_batches, prepare_stream
+from openseer.data.collection import ShardCollection, open_collection
+from openseer.data.decode import DataError
 from openseer.data.shards import write_shards
-from openseer.data.sources import DataError, ShardSource, open_source
 from openseer.data.stream import SlotStream, expand_spec, iter_shard, redeal, slot_shards
 from openseer.data.takedown import DenyList, saw_sample
 from tests.conftest import tiny_config
@@ -53,16 +54,16 @@ def test_spec_forms_expand_to_the_same_shards(shards):
     assert expand_spec(f"pipe:cat {shards}/{{000000..000001}}.tar") == [f"pipe:cat {n}" for n in names[:2]]
     with pytest.raises(DataError, match="do not exist"):
         expand_spec(str(shards / "{000000..000009}.tar"))
-    src = open_source(str(shards / "{000000..000007}.tar"))
-    assert isinstance(src, ShardSource) and len(src) == 48  # from index.json
-    assert len(open_source(str(shards / "00000[01].tar"))) == 12
+    src = open_collection(str(shards / "{000000..000007}.tar"))
+    assert isinstance(src, ShardCollection) and len(src) == 48  # from index.json
+    assert len(open_collection(str(shards / "00000[01].tar"))) == 12
     with pytest.raises(DataError, match="epoch_samples"):
-        open_source(f"pipe:cat {shards}/000000.tar")
+        len(open_collection(f"pipe:cat {shards}/000000.tar"))  # the epoch size is worked out when asked for
 
 
 def test_every_sample_exactly_once_per_virtual_epoch_across_2_ranks_x_2_workers(shards):
     cfg = _cfg("data.batch_size=6", "data.num_workers=2", "data.shuffle_buffer=4")
-    src = open_source(str(shards), data_cfg=cfg.data)
+    src = open_collection(str(shards), data_cfg=cfg.data)
     all_keys = {r.split(",")[0] for r in (shards / "manifest.csv").read_text().splitlines()[1:]}
     per_epoch = 48 // 6
     seen: list[list[str]] = [[], []]  # per virtual epoch
@@ -78,7 +79,7 @@ def test_every_sample_exactly_once_per_virtual_epoch_across_2_ranks_x_2_workers(
 @pytest.mark.parametrize("resume_workers", [0, 2])
 def test_mid_stream_resume_neither_repeats_nor_skips(shards, resume_workers):
     cfg = _cfg("data.batch_size=5", "data.num_workers=2", "data.shuffle_buffer=7")
-    src = open_source(str(shards), data_cfg=cfg.data)
+    src = open_collection(str(shards), data_cfg=cfg.data)
     full = list(iterate_batches(src, cfg, 0, 1, 0, 14))  # 70 samples: crosses a pass boundary
     first = iterate_batches(src, cfg, 0, 1, 0, 14)
     head = []
@@ -88,7 +89,7 @@ def test_mid_stream_resume_neither_repeats_nor_skips(shards, resume_workers):
             break
     state = data_state(first)
     again_cfg = _cfg("data.batch_size=5", f"data.num_workers={resume_workers}", "data.shuffle_buffer=7")
-    rest = iterate_batches(open_source(str(shards), data_cfg=again_cfg.data), again_cfg, 0, 1, 6, 14)
+    rest = iterate_batches(open_collection(str(shards), data_cfg=again_cfg.data), again_cfg, 0, 1, 6, 14)
     rest.load_state_dict(state)
     tail = list(rest)
     assert [b.step for b in head + tail] == list(range(14))
@@ -182,7 +183,7 @@ def test_resume_on_another_world_size_through_the_batch_iterator(shards, capsys)
     """2 ranks x 2 loader slots -> 1 rank: the checkpointed positions of both ranks are re-dealt, the
     old state is kept for takedown checks, and the stream goes on."""
     cfg = _cfg("data.batch_size=6", "data.num_workers=2", "data.shuffle_buffer=4")
-    src = open_source(str(shards), data_cfg=cfg.data)
+    src = open_collection(str(shards), data_cfg=cfg.data)
     ranks, seen = [], Counter()
     for rank in range(2):
         it = iterate_batches(src, cfg, rank, 2, 0, 20)
@@ -193,7 +194,7 @@ def test_resume_on_another_world_size_through_the_batch_iterator(shards, capsys)
         ranks.append(data_state(it)["ranks"][rank])
     state = {**data_state(it), "ranks": ranks}
     one = _cfg("data.batch_size=6", "data.num_workers=0", "data.shuffle_buffer=4")
-    alone = iterate_batches(open_source(str(shards), data_cfg=one.data), one, 0, 1, 10, 14)
+    alone = iterate_batches(open_collection(str(shards), data_cfg=one.data), one, 0, 1, 10, 14)
     prepare_stream(alone, "unused", {"data": state}, is_main=False)
     assert "world size changed from 2 to 1" in alone.note and "pass 2 starts" in alone.note
     rest = list(alone)
@@ -231,7 +232,7 @@ def test_bad_samples_in_shards_are_counted_by_reason_and_good_ones_load(tmp_path
     n_good = len(good)
     cfg = _cfg(f"data.batch_size={n_good + 1}", "data.num_workers=0", "data.epoch_samples=100",
                "data.shuffle_buffer=0")
-    src = open_source(str(tmp_path / "*.tar"), data_cfg=cfg.data)
+    src = open_collection(str(tmp_path / "*.tar"), data_cfg=cfg.data)
     it = iterate_batches(src, cfg, 0, 1, 0, 1)
     batch = next(iter(it))
     assert data_state(it)["ranks"][0][0]["pass"] == 0 and not data_state(it)["ranks"][0][0]["buffer"]

@@ -15,8 +15,8 @@ from PIL import Image
 
 from openseer.commands import main
 from openseer.data.batches import iterate_batches
+from openseer.data.collection import open_collection
 from openseer.data.shards import write_shards
-from openseer.data.sources import open_source
 from openseer.data.takedown import DenyList, add_to_denylist, content_key, list_version, read_entries
 from openseer.train.checkpoint import list_checkpoints, load_checkpoint
 from openseer.train.loop import pretrain
@@ -43,7 +43,7 @@ RUN = ["data.batch_size=4", "data.num_workers=0", "optim.epochs=1", "checkpoint.
 
 def _order(shards: Path, *extra: str) -> list[list[str]]:
     cfg = tiny_config(*RUN, *extra)
-    return [b.keys for b in iterate_batches(open_source(str(shards), data_cfg=cfg.data), cfg, 0, 1, 0, 6)]
+    return [b.keys for b in iterate_batches(open_collection(str(shards), data_cfg=cfg.data), cfg, 0, 1, 0, 6)]
 
 
 def test_denylist_normalises_versions_and_appends(tmp_path):
@@ -74,7 +74,7 @@ def test_denylisted_images_never_appear_in_a_batch(pile, tmp_path):
     deny = tmp_path / "takedowns.txt"
     assert main(["takedown", "add", str(hashes), "--image", str(files[victims[3]]), "--list", str(deny)]) == 0
     cfg = tiny_config(*RUN, f"data.denylist={deny}", "data.num_workers=2")
-    src = open_source(str(shards), data_cfg=cfg.data)
+    src = open_collection(str(shards), data_cfg=cfg.data)
     seen, denied = [], []
     for batch in iterate_batches(src, cfg, 0, 1, 0, 15):  # three virtual epochs' worth
         seen += batch.keys
@@ -165,7 +165,7 @@ def test_folder_runs_honour_the_denylist_and_takedown_check_replays_their_order(
     (tmp_path / "keys.txt").write_text("sub/f03.png\n")  # sub/f03.png by its relative path
     assert main(["takedown", "add", str(tmp_path / "keys.txt"), "--image", str(victim_a), "--list", str(deny)]) == 0
     cfg = tiny_config(*run_args, f"data.denylist={deny}")
-    src = open_source(str(folder), data_cfg=cfg.data)
+    src = open_collection(str(folder), data_cfg=cfg.data)
     assert "deny-list" in src.description
     seen, denied = [], []
     for batch in iterate_batches(src, cfg, 0, 1, 0, 9):  # three epochs of 3 steps
@@ -180,7 +180,7 @@ def test_folder_runs_honour_the_denylist_and_takedown_check_replays_their_order(
     pretrain(cfg, runs / "r")
     prov = json.loads((runs / "r" / "data_provenance.json").read_text())
     assert prov["folder"]["files"] == 13 and prov["source"] == str(folder)
-    order = [b.keys for b in iterate_batches(open_source(str(folder), data_cfg=cfg.data), cfg, 0, 1, 0, 6)]
+    order = [b.keys for b in iterate_batches(open_collection(str(folder), data_cfg=cfg.data), cfg, 0, 1, 0, 6)]
     first = {}
     for step, keys in enumerate(order):
         for k in keys:

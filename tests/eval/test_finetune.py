@@ -5,17 +5,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from openseer.eval.common import EvalTransform, LabelledImages
+from openseer.eval.common import EvalTransform, Labelled
 from openseer.eval.lowshot import FinetuneSettings, auto_epochs, finetune
 from openseer.model.load import load_backbone
 
 
-def _blobs(n: int, seed: int) -> LabelledImages:
+def _blobs(n: int, seed: int) -> Labelled:
     """Two classes of 20x20 grayscale images: dark or bright, with noise."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % 2
     x = (60 + 120 * labels[:, None, None, None] + torch.randn(n, 1, 20, 20, generator=g) * 15).clamp(0, 255)
-    return LabelledImages(labels.numpy(), [f"blob:{seed}:{i}" for i in range(n)], images=x.to(torch.uint8))
+    return Labelled.from_tensors(x.to(torch.uint8), labels.numpy(), [f"blob:{seed}:{i}" for i in range(n)])
 
 
 def test_finetune_and_scratch_run_end_to_end():

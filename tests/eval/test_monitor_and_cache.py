@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from openseer.config import build_config
-from openseer.eval.common import EvalTransform, LabelledImages
+from openseer.eval.common import EvalTransform, Labelled
 from openseer.eval.features import backbone_features, cache_dir
 from openseer.eval.monitor import knn_monitor
 from openseer.model.backbone import build_backbone
@@ -32,7 +32,7 @@ def test_features_are_cached_and_reused(tmp_path, monkeypatch):
     assert cache_dir(tmp_path / "x") == tmp_path / "x"
     model, info = load_backbone("regnety_002", random_init=True)
     imgs = torch.randint(0, 255, (40, 1, 28, 28), dtype=torch.uint8)
-    data = LabelledImages(np.arange(40) % 4, [f"r:{i}" for i in range(40)], images=imgs)
+    data = Labelled.from_tensors(imgs, np.arange(40) % 4, [f"r:{i}" for i in range(40)])
     t = EvalTransform(32, (0.5,) * 3, (0.25,) * 3)
     a, bad, hit = backbone_features(model, info["weights_hash"], data, t, cache_dir(), batch_size=16, progress=False)
     assert not hit and not bad and a.shape == (40, 368)

@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from openseer.eval.common import EvalError, LabelledImages, open_labelled
+from openseer.eval.common import EvalError, Labelled, open_labelled
 from openseer.eval.lowshot import lowshot_splits, save_split
 
 from ..conftest import fmnist_available
 from .conftest import write_class_folders
 
 
-def _toy(n_per_class: int = 50, classes: int = 4) -> LabelledImages:
+def _toy(n_per_class: int = 50, classes: int = 4) -> Labelled:
     labels = np.repeat(np.arange(classes), n_per_class)
     keys = [f"toy:{i}" for i in range(len(labels))]
-    return LabelledImages(labels, keys, images=torch.zeros(len(labels), 1, 4, 4, dtype=torch.uint8))
+    return Labelled.from_tensors(torch.zeros(len(labels), 1, 4, 4, dtype=torch.uint8), labels, keys)
 
 
 def test_splits_are_stratified_and_deterministic(tmp_path):

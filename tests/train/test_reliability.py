@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from openseer.data.sources import FASHION_MNIST_DIR
+from openseer.data.collection import FASHION_MNIST_DIR
 from openseer.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, save_checkpoint
 from tests.conftest import EAGER_FP32
 
