@@ -183,16 +183,8 @@ def write_schedule(run_dir: Path, schedule: dict) -> None:
     (Path(run_dir) / SCHEDULE).write_text(json.dumps(schedule, indent=1))
 
 
-def read_schedule(run_dir: str | Path) -> dict | None:
-    """The run's schedule, or None when it is missing or unreadable."""
-    try:
-        return json.loads((Path(run_dir) / SCHEDULE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of ``metrics.jsonl`` in order; lines torn by a crash are skipped."""
+    """The rows of ``metrics.jsonl`` in order; lines torn by a crash (and anything without a step) are skipped."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
@@ -202,7 +194,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(row, dict):
+        if isinstance(row, dict) and "step" in row:
             rows.append(row)
     return rows
 
@@ -235,6 +227,14 @@ def read_bad_images(run_dir: str | Path) -> list[tuple[str, str]]:
     if not path.is_file():
         return []
     return [tuple(line.split("\t", 1)) for line in path.read_text().splitlines() if "\t" in line]  # type: ignore[misc]
+
+
+def read_json(run_dir: str | Path, name: str) -> dict | None:
+    """A JSON file of the run (``EVAL``, ``SCHEDULE``, ...): None when absent; ValueError when it is not JSON."""
+    path = Path(run_dir) / name
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())
 
 
 def diagnostic_path(run_dir: str | Path, step: int, rank: int) -> Path:

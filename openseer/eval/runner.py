@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..model.load import load_backbone
+from ..rundir import EVAL
 from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
 from .common import EvalError, EvalTransform, LabelledData, open_labelled, warn
 from .features import backbone_features, cache_dir
@@ -77,7 +78,7 @@ def resolve_device(name: str) -> torch.device:
 def default_out(opts: EvalOptions) -> Path:
     """RUN/eval.json for a run dir; <file>-eval/eval.json beside a file; ./eval-<arch>/eval.json for a name."""
     if opts.weights and Path(opts.weights).is_dir():
-        return Path(opts.weights) / "eval.json"
+        return Path(opts.weights) / EVAL
     if opts.weights and Path(opts.weights).is_file():
         p = Path(opts.weights)
         return p.parent / f"{p.stem}-eval" / "eval.json"
