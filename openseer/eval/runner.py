@@ -81,9 +81,9 @@ def default_out(opts: EvalOptions) -> Path:
         return Path(opts.weights) / EVAL
     if opts.weights and Path(opts.weights).is_file():
         p = Path(opts.weights)
-        return p.parent / f"{p.stem}-eval" / "eval.json"
+        return p.parent / f"{p.stem}-eval" / EVAL
     name = opts.weights or opts.backbone or "model"
-    return Path(f"eval-{name}{'-random' if opts.random_init else ''}") / "eval.json"
+    return Path(f"eval-{name}{'-random' if opts.random_init else ''}") / EVAL
 
 
 def _check_writable(folder: Path) -> None:

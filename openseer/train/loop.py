@@ -29,12 +29,10 @@ from ..config import Config, config_from_dict, to_dict
 from ..data.batches import Batch, count_reasons, data_state, iterate_batches, prepare_stream, steps_per_epoch
 from ..data.sources import FolderSource, open_source
 from ..data.takedown import record_provenance
-from ..rundir import (  # noqa: F401  (callers import them here)
+from ..rundir import (  # noqa: F401  (RunError, resume_config: callers import them from here)
     BAD_IMAGES,
-    RESUMABLE_KEYS,
     RunError,
     append_bad_images,
-    check_writable,
     config_diff,
     prepare_run_dir,
     resume_config,

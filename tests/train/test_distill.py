@@ -111,18 +111,16 @@ def test_export_embed_and_report_take_a_distill_run(teacher, pile, tmp_path):
     assert "prototypes receive at least one image" in html  # the student through the teacher's prototypes
 
 
-def test_distill_runs_in_the_one_loop_and_labels_its_lines_distill(teacher, pile, tmp_path, capsys):
+def test_distill_runs_in_the_one_loop_and_labels_its_lines_distill(teacher, pile, tmp_path, capsys, monkeypatch):
     """The same loop as pretrain (train/loop.py's ``train``), with the distill method: its progress and
     start lines say distill, its metrics rows carry the loop's columns and the method's own."""
     from openseer.train import loop
 
     calls = []
     real = loop.train_step
-    loop.train_step = lambda run, batch: (calls.append(type(run.method).__name__), real(run, batch))[1]
-    try:
-        assert _distill(teacher, pile, tmp_path / "s", "--max-steps", "2", "log.progress=true") == 0
-    finally:
-        loop.train_step = real
+    monkeypatch.setattr(loop, "train_step", lambda run, batch: (calls.append(type(run.method).__name__),
+                                                                real(run, batch))[1])
+    assert _distill(teacher, pile, tmp_path / "s", "--max-steps", "2", "log.progress=true") == 0
     out = capsys.readouterr()
     assert calls == ["DistillMethod", "DistillMethod"]
     text = out.out + out.err
