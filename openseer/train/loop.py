@@ -305,17 +305,9 @@ def _setup(cfg: Config, run_dir: Path, builder, resume: bool | str, max_steps: i
     step = 0
     counters = {"bad_images": {}, "skipped_steps": 0, "images_seen": 0}
     train_state = TrainState(model, optimizer, method, cfg, sched, counters, env)
-    state = None
-    if resume:
-        path, state = latest_checkpoint(run_dir, shallow=True)  # .dcp: tensors are loaded by load_state_dict
-        diff = config_diff(config_from_dict(state["config"]), cfg)
-        if diff:
-            raise CheckpointError(f"checkpoint {path} was trained with a different config ({diff})")
-        train_state.load_state_dict(state, path)
+    state = _resume(train_state, run_dir) if resume else None
+    if state is not None:
         step = int(state["step"])
-        counters.update(state.get("counters", {}))
-        if env.is_main:
-            truncate_metrics(run_dir, step)
     stop = sched["total_steps"] if max_steps is None else min(max_steps, sched["total_steps"])
     budget_s = cfg.optim.minutes * 60
     spent = float(counters.get("train_seconds", 0.0))  # wall-clock seconds of training so far (resumes too)
@@ -325,14 +317,8 @@ def _setup(cfg: Config, run_dir: Path, builder, resume: bool | str, max_steps: i
 
     log = MetricsLog(run_dir, cfg, step, stop, env.is_main, label=build.name)
     if env.is_main:
-        log.message(
-            f"openseer: {build.describe()}{source.description}; world {env.world_size}, global batch "
-            f"{sched['global_batch']} ({sched['batch_per_rank']}/rank), peak LR {sched['peak_lr']:.4g}, "
-            f"{sched['total_steps']} steps ({sched['steps_per_epoch']}/epoch)"
-            f"{f' or {cfg.optim.minutes:g} minutes, whichever comes first' if budget_s else ''}, "
-            f"{'resuming at step ' + str(step) if resume else 'from scratch'}"
-            f"{', stopping at step ' + str(stop) if stop < sched['total_steps'] else ''} -> {run_dir}"
-        )
+        log.message(f"openseer: {build.describe()}{source.description}; {_plan(cfg, sched, step, stop, resume)} "
+                    f"-> {run_dir}")
         for note in auto_notes:
             log.message(f"openseer: {note}")
         write_schedule(run_dir, sched)
@@ -347,6 +333,29 @@ def _setup(cfg: Config, run_dir: Path, builder, resume: bool | str, max_steps: i
               scaler=torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None,
               step=step, counters=counters, spent_s=spent, t_loop=time.perf_counter() - spent)  # the run's clock
     return _SetUp(run, train_state, run_dir, net, log, health, batches, stop, time_up)
+
+
+def _resume(train_state: TrainState, run_dir: Path) -> dict:
+    """Restore the latest checkpoint of ``run_dir`` into ``train_state`` (it must have the same config,
+    resumable keys aside); drop the metrics logged after it. Returns the checkpoint's (shallow) state."""
+    path, state = latest_checkpoint(run_dir, shallow=True)  # .dcp: tensors are loaded by load_state_dict
+    diff = config_diff(config_from_dict(state["config"]), train_state.cfg)
+    if diff:
+        raise CheckpointError(f"checkpoint {path} was trained with a different config ({diff})")
+    train_state.load_state_dict(state, path)
+    train_state.counters.update(state.get("counters", {}))
+    if train_state.env.is_main:
+        truncate_metrics(run_dir, int(state["step"]))
+    return state
+
+
+def _plan(cfg: Config, sched: dict, step: int, stop: int, resume: bool) -> str:
+    """The run's first line after the data: world, batch, LR, length, where it starts and stops."""
+    budget = f" or {cfg.optim.minutes:g} minutes, whichever comes first" if cfg.optim.minutes else ""
+    return (f"world {sched['world_size']}, global batch {sched['global_batch']} ({sched['batch_per_rank']}/rank), "
+            f"peak LR {sched['peak_lr']:.4g}, {sched['total_steps']} steps ({sched['steps_per_epoch']}/epoch)"
+            f"{budget}, {'resuming at step ' + str(step) if resume else 'from scratch'}"
+            f"{', stopping at step ' + str(stop) if stop < sched['total_steps'] else ''}")
 
 
 def _count_bad_images(batch: Batch, run: Run, run_dir: Path) -> None:
