@@ -15,6 +15,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,7 +189,11 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: bool | str = False, max_s
     return train(cfg, run_dir, SwAVTraining, resume=resume, max_steps=max_steps)
 
 
-def train(cfg: Config, run_dir: str | Path, builder, resume: bool | str = False, max_steps: int | None = None) -> dict:
+Builder = Callable[[Config, DistEnv, torch.device], Any]  # a method's builder class (train/methods/__init__.py)
+
+
+def train(cfg: Config, run_dir: str | Path, builder: Builder, resume: bool | str = False,
+          max_steps: int | None = None) -> dict:
     """Run (or continue) the method that ``builder`` builds (train/methods/__init__.py); a summary dict
     (final step, counters, ``preempted``: the stop signal's name when one ended the run, else None).
 
@@ -270,7 +275,7 @@ class _SetUp:
     time_up: bool
 
 
-def _setup(cfg: Config, run_dir: Path, builder, resume: bool | str, max_steps: int | None) -> _SetUp:
+def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max_steps: int | None) -> _SetUp:
     """Device, process group, data, model, method, optimiser and (on resume) their saved state."""
     device = resolve_device(cfg.device)
     cfg, auto_notes = resolve_auto(cfg, device)  # the saved config says what ran
