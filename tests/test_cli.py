@@ -171,3 +171,36 @@ def test_overrides_may_stand_anywhere(capsys, images, tmp_path):
     with pytest.raises(SystemExit) as e:  # a stray option is still argparse's usage error
         main(["pretrain", "--data", str(images), "--out", str(tmp_path / "r2"), "--no-such-flag"])
     assert e.value.code == 2
+
+
+def test_sigterm_to_a_running_pretrain_says_a_checkpoint_was_written(images, tmp_path):
+    """SIGTERM: the loop checkpoints at the next step boundary, the CLI says why it stopped, exit 0."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "openseer", "pretrain", *_args(images, "optim.epochs=10000", "log.every=1",
+                                                               "log.progress=false", "checkpoint.every=100000"),
+            "--out", str(run)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "openseer: SIGTERM received: checkpointing at step" in out
+    assert "(SIGTERM: checkpoint written, resume with --resume)" in out, out
+    step = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert f"stopped at step {step}/" in out
+    assert (run / "checkpoints" / f"step_{step:08d}.pt").is_file()

@@ -1,5 +1,5 @@
 """Import layers: loading, exporting and distilling weights never import upward (lazy imports included)
-or in a circle. Layers: config -> data, model -> train, eval -> use (export, embed, api, ...) -> commands;
+or in a circle. Layers: config, rundir -> data -> model -> train, eval -> use (export, embed, api, ...) -> commands;
 nothing imports the commands."""
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ def _imports(rel: str) -> set[str]:
 
 def test_model_layer_reads_weights_without_reaching_up():
     for rel in ("model/load.py", "model/checkpoint_file.py", "model/backbone.py", "model/swav.py"):
-        up = {m for m in _imports(rel) if not m.startswith(("openseer.model.", "openseer.config", "openseer.fileio"))}
+        up = {m for m in _imports(rel) if not m.startswith(("openseer.model.", "openseer.config", "openseer.fileio",
+                                                            "openseer.rundir"))}
         assert not up, f"openseer/{rel} imports {sorted(up)}"
 
 
@@ -35,6 +36,7 @@ def test_export_vissl_quantize_and_distill_import_only_downward():
     use = {"openseer.use.export", "openseer.use.vissl", "openseer.use.quantize", "openseer.use.api",
            "openseer.use.embed", "openseer.commands", "openseer.commands.weights", "openseer.use.run_report"}
     assert not _imports("train/distill.py") & use  # distill is a training method: below every use
+    assert not _imports("train/methods/distill.py") & use
     assert "openseer.use.export" not in _imports("use/vissl.py")  # export -> vissl, never back
     assert not _imports("use/export.py") & (use - {"openseer.use.vissl"})
     assert not _imports("use/quantize.py") & {"openseer.use.api", "openseer.commands", "openseer.commands.weights",
@@ -45,11 +47,14 @@ def test_export_vissl_quantize_and_distill_import_only_downward():
 # Every module's layer (the longest matching name wins): a module imports only from its own layer or
 # below, and no two modules import each other, even through others or lazily inside a function.
 LAYERS = (
-    ("config", "fileio", "progress", "device"),  # 0: typed config (+ OpenseerError), atomic files, progress, device
-    ("data", "model"),  # 1: image sources -> batches; backbone, head, prototypes, checkpoint files
-    ("train", "eval"),  # 2: the methods that fit weights (pretrain, distill) and measure them
-    ("use",),  # 3: using the features: export, quantize, vissl, embed, api, run_report, plan, doctor, curate
-    ("commands", "__main__", ""),  # 4: the command line (and the package root)
+    # 0: typed config (+ OpenseerError), files written atomically, the progress helper, the run directory's
+    # layout, the device resolver
+    ("config", "fileio", "progress", "rundir", "device"),
+    ("data",),  # 1: a pile of images -> batches (never the model)
+    ("model",),  # 2: backbone, head, prototypes, checkpoint files
+    ("train", "eval"),  # 3: the one loop and its methods (pretrain, distill) that fit weights, and measuring them
+    ("use",),  # 4: using the features: export, quantize, vissl, embed, api, run_report, plan, doctor, curate, select
+    ("commands", "__main__", ""),  # 5: the command line (and the package root)
 )
 
 

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from ..config import OpenseerError
 from ..fileio import atomic_write_json, atomic_write_text
+from ..rundir import PROVENANCE  # noqa: F401  (the run directory names its files; re-exported)
 
 KEY_HEX = 32  # content keys: the first 128 bits of SHA-256
-PROVENANCE = "data_provenance.json"
 _HEX = re.compile(r"^[0-9a-f]+$")
 
 

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError
+from ..rundir import CONFIG, META, checkpoint_step, list_checkpoints, load_run_config, read_bad_images
 from .batches import MAX_BAD_IN_A_ROW, epoch_permutation, steps_per_epoch
 from .collection import open_collection
 from .decode import BadImage, DataError, read_bytes
@@ -118,7 +119,7 @@ def _data_state(checkpoint: Path) -> dict | None:
 
     try:
         if checkpoint.is_dir():  # a sharded (.dcp) checkpoint: the data state is in meta.pt
-            state = torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=True)
+            state = torch.load(checkpoint / META, map_location="cpu", weights_only=True)
         else:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
@@ -197,10 +198,6 @@ def _denied_from_start(key: str, record: dict) -> bool:
     return list_version(current.keys[:n]) == first.get("version") and key in current.keys[:n]
 
 
-def _checkpoint_step(path: Path) -> int:
-    return int(path.name.split("_")[1].split(".")[0])
-
-
 def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | None = None) -> Sighting:
     """A folder run: find the file by content key, then replay the run's deterministic order.
 
@@ -209,12 +206,11 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
     stand in for them (``bad_images.txt`` of the run says which were). A checkpoint at step S saw
     the file when one of those slots fell in a step < S.
     """
-    from ..model.checkpoint_file import list_checkpoints
     folder = Path(record["folder"]["path"])
     try:
-        cfg = load_config(run / "config.yaml")
+        cfg = load_run_config(run)
     except (ConfigError, OSError) as e:
-        return Sighting(str(run), note=f"cannot read {run / 'config.yaml'}: {e}")
+        return Sighting(str(run), note=f"cannot read {run / CONFIG}: {e}")
     try:  # listed and read as the run read it (bounded reads; unreadable files are not it)
         coll = open_collection(str(folder), read_timeout=read_timeout, shards=False)
     except DataError:
@@ -236,9 +232,7 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
         return Sighting(str(run), note=f"not among the {len(files)} files now under {folder}")
     rel = lambda i: entries[i].key  # noqa: E731
     s = Sighting(str(run), shard=str(folder), position=hit)
-    bad = set()
-    if (run / "bad_images.txt").is_file():
-        bad = {line.split("\t", 1)[1] for line in (run / "bad_images.txt").read_text().splitlines() if "\t" in line}
+    bad = {key for _, key in read_bad_images(run)}
     if _denied_from_start(key, record) or _denied_from_start(rel(hit), record):
         for ckpt in list_checkpoints(run):
             s.checkpoints[ckpt.name] = False
@@ -252,7 +246,7 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
     n, gb = len(files), cfg.data.batch_size
     spe = steps_per_epoch(n, gb)
     ckpts = list_checkpoints(run)
-    last = max((_checkpoint_step(c) for c in ckpts), default=0)
+    last = max((checkpoint_step(c) for c in ckpts), default=0)
     first = None
     for epoch in range(0, last // spe + 1):
         inverse = np.empty(n, dtype=np.int64)
@@ -262,7 +256,7 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
             first = min(steps)
             break
     for ckpt in ckpts:
-        s.checkpoints[ckpt.name] = first is not None and first < _checkpoint_step(ckpt)
+        s.checkpoints[ckpt.name] = first is not None and first < checkpoint_step(ckpt)
     versions = {sess["denylist"]["version"] for sess in record.get("sessions", [])}
     if len(versions) > 1:
         s.note = "the deny-list changed during the run: 'saw' counts every read (conservative)"
@@ -272,8 +266,6 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
 def check_image(target: str, runs_root: str | Path, read_timeout: float | None = None) -> tuple[str, list[Sighting]]:
     """The content key of ``target`` (an image file, or a key/hash) and what every run under
     ``runs_root`` did with it."""
-    from ..model.checkpoint_file import list_checkpoints
-
     p = Path(target)
     if p.is_file():
         try:

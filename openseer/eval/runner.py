@@ -18,6 +18,7 @@ import torch
 
 from ..device import resolve_device
 from ..model.load import load_backbone
+from ..rundir import EVAL
 from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
 from .common import EvalError, EvalTransform, LabelledData, open_labelled, warn
 from .features import backbone_features, cache_dir
@@ -70,12 +71,12 @@ class EvalOptions:
 def default_out(opts: EvalOptions) -> Path:
     """RUN/eval.json for a run dir; <file>-eval/eval.json beside a file; ./eval-<arch>/eval.json for a name."""
     if opts.weights and Path(opts.weights).is_dir():
-        return Path(opts.weights) / "eval.json"
+        return Path(opts.weights) / EVAL
     if opts.weights and Path(opts.weights).is_file():
         p = Path(opts.weights)
-        return p.parent / f"{p.stem}-eval" / "eval.json"
+        return p.parent / f"{p.stem}-eval" / EVAL
     name = opts.weights or opts.backbone or "model"
-    return Path(f"eval-{name}{'-random' if opts.random_init else ''}") / "eval.json"
+    return Path(f"eval-{name}{'-random' if opts.random_init else ''}") / EVAL
 
 
 def _check_writable(folder: Path) -> None:

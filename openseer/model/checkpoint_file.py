@@ -9,7 +9,6 @@ when unpickled is refused. A sharded ``.dcp`` directory (FSDP, DCP) is read in o
 from __future__ import annotations
 
 import pickle
-import re
 import warnings
 from pathlib import Path
 
@@ -17,31 +16,14 @@ import torch
 
 from ..config import OpenseerError
 
-CKPT_DIR = "checkpoints"
-_NAME = re.compile(r"^step_(\d{8,})\.(pt|dcp)$")
-META = "meta.pt"  # the non-tensor part of a sharded (.dcp) checkpoint
+# the names and listing of a run's checkpoints belong to the run directory (openseer/rundir.py)
+from ..rundir import CKPT_DIR, META, checkpoint_path, list_checkpoints  # noqa: F401
+
 PREFIX = "backbone."  # the backbone's tensors inside a SwAV model's state dict
 
 
 class CheckpointError(OpenseerError, RuntimeError):
     """A checkpoint that is missing, unreadable, unsafe or does not fit the run."""
-
-
-
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / CKPT_DIR / f"step_{step:08d}.pt"
-
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary files are never listed)."""
-    folder = Path(run_dir) / CKPT_DIR
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if (m := _NAME.match(p.name)) and (p.suffix == ".pt" or (p / META).is_file())]
-    return [p for _, p in sorted(found)]
-
 
 
 def sharded_keys(path: str | Path) -> set[str]:

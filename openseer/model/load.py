@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, build_config, config_from_dict, recipe_names, recipe_values
+from ..rundir import CKPT_DIR, CONFIG, is_run
 from .backbone import BackboneError, build_backbone, feature_dim
 from .checkpoint_file import CheckpointError, backbone_tensors, latest_checkpoint, load_checkpoint
 
@@ -158,8 +159,8 @@ def load_backbone(spec: str | None, random_init: bool = False, arch: str | None 
         tensors, about = _checkpoint(path, load_checkpoint(path, shallow=True))
         kind, where = "checkpoint", str(path)
     elif path is not None and path.is_dir():
-        if not (path / "config.yaml").is_file() and not (path / "checkpoints").is_dir():
-            raise CheckpointError(f"{path} is not a run directory (no config.yaml or checkpoints/)")
+        if not is_run(path):
+            raise CheckpointError(f"{path} is not a run directory (no {CONFIG} or {CKPT_DIR}/)")
         ckpt, state = latest_checkpoint(path, shallow=True)
         tensors, about = _checkpoint(ckpt, state)
         kind, where = "run", str(ckpt)

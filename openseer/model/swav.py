@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbone import build_backbone, feature_dim, narrow_group_convs_in_fp32, pointwise_convs_as_matmul
+from .checkpoint_file import CheckpointError
 
 
 class ProjectionHead(nn.Module):
@@ -115,6 +116,19 @@ def build_swav(cfg, device: str | torch.device = "cpu") -> SwAV:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _gather_cat(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """All ranks' tensors concatenated along ``dim`` in rank order (collective under torchrun)."""
+    if _world() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(_world())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=dim)
 
 
 def _all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
@@ -221,6 +235,29 @@ class SwAVQueue(nn.Module):
         self._filled, self._pos = int(self.filled), int(self.pos)
 
 
+def load_queue(saved: dict, queue: SwAVQueue, rank: int, world_size: int, path) -> None:
+    """This rank's share of a saved queue. Same world size: the ring as it was (bit-exact resume).
+    Another world size, or a checkpoint from before the ring buffer (no ``pos``: each rank's share
+    stored newest first, shifted every step): every saved share is put oldest-first, the whole queue
+    re-dealt, and writing starts over the oldest rows again, as the old queue would have dropped them."""
+    full = saved["embeddings"]
+    share = queue.length
+    if full.shape[1] != share * world_size or full.shape[2] != queue.embeddings.shape[2]:
+        raise CheckpointError(f"checkpoint {path} queue shape {tuple(full.shape)} does not fit swav.queue_length")
+    filled = min(int(saved["filled"]) // world_size, share)
+    saved_world = int(saved.get("world_size", 0))
+    if "pos" in saved and saved_world == world_size:
+        queue.load(full[:, rank * share:(rank + 1) * share], filled, int(saved["pos"]))
+        return
+    old_share = full.shape[1] // saved_world if saved_world else share
+    parts = []
+    for r in range(full.shape[1] // old_share):
+        part = full[:, r * old_share:(r + 1) * old_share]
+        parts.append(part.roll(-int(saved["pos"]), dims=1) if "pos" in saved else part.flip(1))
+    oldest_first = torch.cat(parts, dim=1)
+    queue.load(oldest_first[:, rank * share:(rank + 1) * share], filled, 0)
+
+
 class SwAVLoss:
     """Swapped prediction: each target crop's Sinkhorn codes predicted from every other crop."""
 
@@ -318,9 +355,11 @@ class SwAVMethod:
     maps crops to ``(z, scores)``. ``forward_backward`` runs forward, Sinkhorn targets (with the
     queue, whose scores need the WHOLE prototypes: gathered under FSDP only then), the swapped loss and
     backward, and drops the prototype gradient while they are frozen; ``after_step`` re-normalises
-    the prototypes after an optimiser step that updated them. The loop never touches prototypes.
+    the prototypes after an optimiser step that updated them. The loop never touches prototypes, and
+    saves and restores the queue through ``state_dict``/``load_state_dict`` without knowing it is there.
     """
 
+    name = "pretrain"  # the label of the run's progress and log lines
     phases = ("forward", "sinkhorn", "backward")
 
     def __init__(self, model: nn.Module, cfg, queue: SwAVQueue | None = None, autocast=nullcontext):
@@ -331,6 +370,35 @@ class SwAVMethod:
         self.autocast = autocast
         self.loss = SwAVLoss(cfg.n_crops, cfg.swav.crops_for_assign, cfg.swav.temperature, cfg.swav.epsilon,
                              cfg.swav.sinkhorn_iters, queue, cfg.swav.queue_start_step)
+        self.collapse_loss = ln_k(cfg.swav.n_prototypes)  # a loss stuck near ln K: collapse (train/health.py)
+        self.freeze_prototypes_steps = cfg.swav.freeze_prototypes_steps
+
+    def row(self, means: dict) -> dict:
+        """This method's columns of a metrics row, from the log window's means of ``stats``."""
+        return {"prototypes_used": means.get("prototypes_used", 0.0),
+                "assign_entropy": means.get("assign_entropy", 0.0), "ln_k": self.collapse_loss}
+
+    def state_dict(self) -> dict:
+        """What a checkpoint holds of this method besides the model and optimiser: the queue, saved whole
+        (all ranks' shares in rank order, so a run can resume on another world size). A ring buffer:
+        every rank's write position is the same (same per-rank batch every step). Collective under torchrun."""
+        if self.queue is None:
+            return {}
+        world = _world()
+        q = self.queue
+        return {"queue": {"embeddings": _gather_cat(q.embeddings, dim=1), "filled": q.n_filled * world,
+                          "pos": q.write_pos, "world_size": world}}
+
+    def load_state_dict(self, state: dict, path="the checkpoint") -> None:
+        """Restore this rank's share of the queue from a checkpoint's state (as ``state_dict`` wrote it,
+        or an older layout; see ``load_queue``)."""
+        if self.queue is None:
+            return
+        saved = state.get("queue")
+        if saved is None:
+            raise CheckpointError(f"checkpoint {path} has no queue but swav.queue_length > 0")
+        world = saved.get("world_size") or state.get("schedule", {}).get("world_size", 0)
+        load_queue({**saved, "world_size": world}, self.queue, _rank(), _world(), path)
 
     def forward_backward(self, crops: list[torch.Tensor], step: int,
                          scale: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -23,17 +23,10 @@ from pathlib import Path
 
 import torch
 
-# reading lives below the model layer (model/checkpoint_file.py); re-exported here for training
-from ..model.checkpoint_file import (  # noqa: F401
-    CKPT_DIR,
-    META,
-    CheckpointError,
-    checkpoint_path,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    sharded_keys,
-)
+# reading lives below the model layer (model/checkpoint_file.py), the names and listing in the run
+# directory's owner (openseer/rundir.py); re-exported here for training
+from ..model.checkpoint_file import CheckpointError, latest_checkpoint, load_checkpoint, sharded_keys  # noqa: F401
+from ..rundir import CKPT_DIR, META, checkpoint_path, list_checkpoints  # noqa: F401
 from .distributed import reduce_device
 
 

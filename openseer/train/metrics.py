@@ -14,6 +14,7 @@ import torch
 
 from ..config import Config
 from ..progress import Progress, progress
+from ..rundir import METRICS, TENSORBOARD
 from .step import StepStats
 
 PHASES = ("forward", "sinkhorn", "backward", "optimizer")  # always in a row (0 when a method has none)
@@ -73,9 +74,10 @@ class Window:
 class MetricsLog:
     """metrics.jsonl, TensorBoard scalars and the progress line (``log.progress=false``: none)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, start_step: int, stop_step: int, main: bool):
+    def __init__(self, run_dir: Path, cfg: Config, start_step: int, stop_step: int, main: bool,
+                 label: str = "pretrain"):
         self.main = main
-        self.path = run_dir / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         self.tb = None
         self.bar: Progress | None = None
         self.by_time = cfg.optim.minutes > 0  # under a time budget the line counts seconds: steps are not known
@@ -85,14 +87,14 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tb"))
+                self.tb = SummaryWriter(str(Path(run_dir) / TENSORBOARD))
             except ImportError:
                 warnings.warn("tensorboard is not installed: TensorBoard scalars are off", stacklevel=1)
         if cfg.log.progress:
             if self.by_time:
-                self.bar = progress("pretrain", round(cfg.optim.minutes * 60), "s")
+                self.bar = progress(label, round(cfg.optim.minutes * 60), "s")
             else:
-                self.bar = progress("pretrain", stop_step, "step", initial=start_step)
+                self.bar = progress(label, stop_step, "step", initial=start_step)
 
     def write(self, row: dict) -> None:
         if not self.main:

@@ -1,6 +1,7 @@
 """One training step: ``train_step(run, batch) -> StepStats``.
 
-The step is method-agnostic: the method object (``SwAVMethod`` in model/swav.py) owns its forward,
+The step is method-agnostic: the method object (``SwAVMethod`` in model/swav.py, ``DistillMethod``
+in train/methods/distill.py) owns its forward,
 targets, loss and backward; the step sets the LR, checks the gradients once (their norms are kept
 for LARC), agrees with every rank in ONE all-reduce on whether the step is good, whether anyone was
 asked to stop and how long the run has been going (the time budget), then steps the optimiser or
@@ -13,6 +14,8 @@ A method object provides (see docs/distributed.md, "The step and the method obje
   ``forward_backward(crops, step, scale=None, mark=None) -> MethodOutput`` forward + loss + backward
   ``after_step(step)`` after an optimiser step that was taken (e.g. re-normalise, EMA teacher)
   ``diagnose(out) -> dict`` JSON-ready facts for a non-finite step
+(and, for the loop around the step, ``state_dict``/``load_state_dict``, ``row`` and ``collapse_loss``:
+see train/methods/__init__.py). Test-only fault injection wraps the method (train/faults.py).
 """
 
 from __future__ import annotations
@@ -49,7 +52,6 @@ class Run:
     spent_s: float = 0.0  # wall-clock seconds of training so far, the slowest rank's (resumes too)
     t_loop: float = 0.0  # perf_counter() at which the run's clock reads 0
     stop_requested: Any = None  # () -> bool: a signal asked this rank to stop
-    fault_nan_steps: set[int] = field(default_factory=set)
 
     @property
     def budget_s(self) -> float:
@@ -111,20 +113,11 @@ def train_step(run: Run, batch: Batch) -> StepStats:
     for g in optimizer.param_groups:
         g["lr"] = lr
 
-    poison = step in run.fault_nan_steps  # fault injection for the reliability tests
-
-    def scale(loss: torch.Tensor) -> torch.Tensor:
-        if poison:
-            loss = loss * float("nan")
-        return run.scaler.scale(loss) if run.scaler else loss
-
     optimizer.zero_grad(set_to_none=True)
-    out = run.method.forward_backward(crops, step, scale=scale, mark=timer.mark)
+    out = run.method.forward_backward(crops, step, scale=run.scaler.scale if run.scaler else None, mark=timer.mark)
     if run.scaler:
         run.scaler.unscale_(optimizer.optim)
     finite = torch.isfinite(out.loss) & optimizer.check_grads()
-    if poison:
-        finite = finite & False
     stop = bool(run.stop_requested()) if run.stop_requested else False
     bad, stop_signalled, spent = step_verdict(~finite, stop, time.perf_counter() - run.t_loop, run.device)
     if bad:

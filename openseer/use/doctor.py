@@ -7,8 +7,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, load_config
-from ..train.checkpoint import CKPT_DIR, CheckpointError, list_checkpoints, load_checkpoint
+from ..config import ConfigError
+from ..model.checkpoint_file import CheckpointError, load_checkpoint
+from ..rundir import (
+    BAD_IMAGES,
+    CONFIG,
+    DIAGNOSTICS,
+    METRICS,
+    PROVENANCE,
+    checkpoint_step,
+    leftover_temporaries,
+    list_checkpoints,
+    load_run_config,
+)
 
 
 @dataclass
@@ -31,14 +42,14 @@ def diagnose(run_dir: str | Path) -> list[Finding]:
 
     cfg = None
     try:
-        cfg = load_config(run / "config.yaml")
-        out.append(Finding("ok", f"config.yaml loads (recipe {cfg.recipe}, backbone {cfg.model.arch})"))
-    except ConfigError as e:
-        out.append(Finding("error", f"config.yaml: {e}", "restore config.yaml from a checkpoint's 'config' entry"))
+        cfg = load_run_config(run)
+        out.append(Finding("ok", f"{CONFIG} loads (recipe {cfg.recipe}, backbone {cfg.model.arch})"))
+    except (ConfigError, OSError) as e:
+        out.append(Finding("error", f"{CONFIG}: {e}", f"restore {CONFIG} from a checkpoint's 'config' entry"))
 
     ckpts = list_checkpoints(run)
-    leftovers = sorted((run / CKPT_DIR).glob("*.tmp")) if (run / CKPT_DIR).is_dir() else []
-    for t in leftovers:
+    last_state = None
+    for t in leftover_temporaries(run):
         out.append(Finding("warn", f"{t.name}: an unfinished checkpoint write (the process died while saving)",
                            f"safe to delete: rm {t}"))
     if not ckpts:
@@ -51,7 +62,7 @@ def diagnose(run_dir: str | Path) -> list[Finding]:
             out.append(Finding("error", str(e), f"delete {path}; --resume will use the previous checkpoint"))
             continue
         step = int(state.get("step", -1))
-        expected = int(path.stem.split("_")[1])
+        expected = checkpoint_step(path)
         missing = [k for k in ("model", "optimizer", "step", "config") if k not in state]
         if missing:
             out.append(Finding("error", f"{path.name} lacks {', '.join(missing)}", f"delete {path}"))
@@ -64,16 +75,17 @@ def diagnose(run_dir: str | Path) -> list[Finding]:
                                    f"delete {path} and resume from an earlier checkpoint"))
             else:
                 out.append(Finding("ok", f"{path.name} loads safely (weights_only) at step {step}"))
-                good_step = step if good_step is None else good_step
+                if good_step is None:
+                    good_step, last_state = step, state
 
-    metrics = run / "metrics.jsonl"
+    metrics = run / METRICS
     if metrics.is_file() and metrics.stat().st_size:
         last = None
         for line in metrics.read_text().splitlines():
             try:
                 last = json.loads(line)
             except json.JSONDecodeError:
-                out.append(Finding("warn", "metrics.jsonl has a torn line (written while the process died)",
+                out.append(Finding("warn", f"{METRICS} has a torn line (written while the process died)",
                                    "harmless; new lines are appended after it"))
         if last:
             loss = last.get("loss", float("nan"))
@@ -89,24 +101,40 @@ def diagnose(run_dir: str | Path) -> list[Finding]:
                 out.append(Finding("ok", f"resuming repeats steps {good_step + 1}..{last['step']} "
                                          f"(logged after the last checkpoint); this is expected"))
     else:
-        out.append(Finding("warn", "no metrics.jsonl yet", "the run stopped before its first logged step"))
+        out.append(Finding("warn", f"no {METRICS} yet", "the run stopped before its first logged step"))
 
-    diag = run / "diagnostics"
+    diag = run / DIAGNOSTICS
     if diag.is_dir() and any(diag.iterdir()):
-        out.append(Finding("warn", f"{len(list(diag.iterdir()))} skipped non-finite steps (diagnostics/)",
+        out.append(Finding("warn", f"{len(list(diag.iterdir()))} skipped non-finite steps ({DIAGNOSTICS}/)",
                            "inspect the JSON files: scores, assignments and the batch's sample keys"))
-    bad_images = run / "bad_images.txt"
+    bad_images = run / BAD_IMAGES
     if bad_images.is_file():
         n = len(bad_images.read_text().splitlines())
-        out.append(Finding("ok", f"{n} unreadable images were skipped (bad_images.txt)"))
-    denylist = run / "data_provenance.json"
+        out.append(Finding("ok", f"{n} unreadable images were skipped ({BAD_IMAGES})"))
+    denylist = run / PROVENANCE
     if denylist.is_file():
         out.append(Finding("ok", f"data provenance recorded: {denylist.name}"))
     else:
         out.append(Finding("ok", "no deny-list recorded (the run read no tar shards)"))
-    if good_step is not None:
-        out.append(Finding("ok", f"resume with: openseer pretrain --resume {run}"))
+    if last_state is not None:
+        out.append(_where_it_stopped(last_state, cfg))
+        command = "distill" if cfg is not None and cfg.distill.teacher else "pretrain"
+        out.append(Finding("ok", f"resume with: openseer {command} --resume {run}"))
     return out
+
+
+def _where_it_stopped(state: dict, cfg) -> Finding:
+    """Whether the latest good checkpoint ends the run (its steps or its time budget) or there is more to do."""
+    step = int(state["step"])
+    total = (state.get("schedule") or {}).get("total_steps")
+    seconds = float((state.get("counters") or {}).get("train_seconds", 0.0))
+    minutes = cfg.optim.minutes if cfg is not None else 0
+    if minutes and seconds >= minutes * 60:
+        return Finding("ok", f"finished: stopped on its time budget of {minutes:g} minutes at step {step}",
+                       "resuming does nothing; to train longer, start a run with a larger optim.minutes")
+    if total and step >= total:
+        return Finding("ok", f"finished: all {total} steps done")
+    return Finding("ok", f"stopped at step {step}" + (f" of {total}" if total else "") + ": resuming continues it")
 
 
 def run_doctor(run_dir: str | Path) -> int:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.decode import DataError
+from ..rundir import CONFIG, EVAL, METRICS, REPORT, SCHEDULE, load_run_config, read_json, read_metrics
 
 TILE = 64
 
@@ -74,20 +75,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            if isinstance(row, dict) and "step" in row:
-                rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------- sections
@@ -442,7 +429,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
                  neighbours: int = 9, map_method: str = "pca", seed: int = 0, device: str = "cpu",
                  batch_size: int = 256) -> dict:
     """Write ``RUN_DIR/report.html`` (or ``out``); returns {"path", "seconds", "sections": {...}}."""
-    from ..config import ConfigError, config_from_dict, load_config
+    from ..config import ConfigError, config_from_dict
     from ..model.swav import build_swav
     from ..train.checkpoint import CheckpointError, latest_checkpoint
 
@@ -450,7 +437,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory (give a run directory from `openseer pretrain`)")
-    out = Path(out) if out else run_dir / "report.html"
+    out = Path(out) if out else run_dir / REPORT
     metrics = read_metrics(run_dir)
     cfg = None
     notes: list[str] = []
@@ -462,24 +449,21 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, data: str |
     try:
         if state is not None and isinstance(state.get("config"), dict):
             cfg = config_from_dict(state["config"])
-        elif (run_dir / "config.yaml").is_file():
-            cfg = load_config(run_dir / "config.yaml")
+        elif (run_dir / CONFIG).is_file():
+            cfg = load_run_config(run_dir)
     except ConfigError as e:
         notes.append(f"the run's config is not readable: {e}")
     if cfg is None and not metrics and state is None:
-        raise ReportError(f"{run_dir} has no metrics.jsonl, config.yaml or checkpoint: not a run directory")
-    schedule = {}
-    if (run_dir / "schedule.json").is_file():
-        try:
-            schedule = json.loads((run_dir / "schedule.json").read_text())
-        except json.JSONDecodeError:
-            pass
+        raise ReportError(f"{run_dir} has no {METRICS}, {CONFIG} or checkpoint: not a run directory")
+    try:
+        schedule = read_json(run_dir, SCHEDULE) or {}
+    except json.JSONDecodeError:
+        schedule = {}
     eval_doc = None
-    if (run_dir / "eval.json").is_file():
-        try:
-            eval_doc = json.loads((run_dir / "eval.json").read_text())
-        except json.JSONDecodeError as e:
-            notes.append(f"eval.json is not valid JSON ({e}); the table is skipped")
+    try:
+        eval_doc = read_json(run_dir, EVAL)
+    except json.JSONDecodeError as e:
+        notes.append(f"{EVAL} is not valid JSON ({e}); the table is skipped")
     timings: dict[str, float] = {}
     sections: dict[str, str] = {}
 
@@ -559,14 +543,12 @@ def run_summary(run_dir: str | Path, report_path: str | Path | None = None) -> s
         epoch = f" ({last['epoch']:.2f} epochs)" if isinstance(last.get("epoch"), (int, float)) else ""
         loss = f", final loss {last['loss']:.3f}" if isinstance(last.get("loss"), (int, float)) else ""
         lines.append(f"trained: {last['step']} steps{epoch}{loss}")
-    doc = None
-    if (run_dir / "eval.json").is_file():
-        try:
-            doc = json.loads((run_dir / "eval.json").read_text())
-        except json.JSONDecodeError:
-            doc = None
+    try:
+        doc = read_json(run_dir, EVAL)
+    except json.JSONDecodeError:
+        doc = None
     if doc is None:
-        lines.append("eval:   no eval.json (run `openseer eval RUN_DIR`)")
+        lines.append(f"eval:   no {EVAL} (run `openseer eval RUN_DIR`)")
     else:
         layer = doc.get("feature_layer", "pooled last stage")
         lines.append(f"eval:   top-1 % on the test split; frozen features: {layer}")

@@ -326,3 +326,31 @@ def test_assignment_stats_counts_used_prototypes():
     used, entropy = assignment_stats(scores)
     assert used == 2
     assert entropy == pytest.approx(math.log(2))
+
+
+def test_the_method_owns_its_queue_state_under_the_checkpoints_own_keys():
+    """``SwAVMethod.state_dict`` is what the loop merges into a checkpoint: the ``queue`` entry with the
+    keys checkpoints have always had; ``load_state_dict`` restores it (and reads older checkpoints whose
+    queue has no world size from their schedule); without a queue it is empty."""
+    from openseer.model.checkpoint_file import CheckpointError
+    from openseer.model.swav import SwAVMethod, SwAVQueue, build_swav
+
+    cfg = tiny_config()
+    model = build_swav(cfg)
+    queue = SwAVQueue(2, 4, cfg.model.head_out)
+    for v in range(1, 4):
+        queue.push_all(torch.full((2, 2, cfg.model.head_out), float(v)))
+    state = SwAVMethod(model, cfg, queue).state_dict()
+    assert set(state) == {"queue"} and set(state["queue"]) == {"embeddings", "filled", "pos", "world_size"}
+    assert state["queue"]["filled"] == 4 and state["queue"]["pos"] == 2 and state["queue"]["world_size"] == 1
+    again = SwAVQueue(2, 4, cfg.model.head_out)
+    SwAVMethod(model, cfg, again).load_state_dict(state, "ckpt")
+    assert torch.equal(again.embeddings, queue.embeddings) and again.write_pos == 2 and again.full
+    old = {"queue": {k: v for k, v in state["queue"].items() if k != "world_size"}, "schedule": {"world_size": 1}}
+    older = SwAVQueue(2, 4, cfg.model.head_out)
+    SwAVMethod(model, cfg, older).load_state_dict(old, "ckpt")
+    assert torch.equal(older.embeddings, queue.embeddings) and older.write_pos == 2
+    with pytest.raises(CheckpointError, match="ckpt has no queue but swav.queue_length > 0"):
+        SwAVMethod(model, cfg, SwAVQueue(2, 4, cfg.model.head_out)).load_state_dict({}, "ckpt")
+    assert SwAVMethod(model, cfg).state_dict() == {}
+    SwAVMethod(model, cfg).load_state_dict(state, "ckpt")  # a queue in the checkpoint, none configured: ignored

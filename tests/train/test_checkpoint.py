@@ -119,15 +119,13 @@ def _rows(q) -> list[float]:
 
 
 def test_a_queue_saved_before_the_ring_buffer_loads_and_drops_its_oldest_rows_first():
-    from openseer.model.swav import SwAVQueue
-    from openseer.train.distributed import DistEnv
-    from openseer.train.loop import _restore_queue
+    from openseer.model.swav import SwAVQueue, load_queue
 
     length = 6
     # the old layout: newest first, shifted every step; row value = its age (0 = newest)
     old = torch.arange(length, dtype=torch.float32).view(1, length, 1).repeat(1, 1, 2)
     q = SwAVQueue(1, length, 2)
-    _restore_queue({"embeddings": old, "filled": length, "world_size": 1}, q, DistEnv(), "ckpt")
+    load_queue({"embeddings": old, "filled": length, "world_size": 1}, q, 0, 1, "ckpt")
     assert q.full and _rows(q) == list(range(length))
     q.push_all(torch.full((1, 2, 2), -1.0))  # the old queue would now have dropped ages 4 and 5
     assert _rows(q) == [-1, -1, 0, 1, 2, 3]
@@ -136,19 +134,17 @@ def test_a_queue_saved_before_the_ring_buffer_loads_and_drops_its_oldest_rows_fi
 
 
 def test_a_ring_queue_resumes_as_it_was_or_re_dealt_oldest_first_on_another_world_size():
-    from openseer.model.swav import SwAVQueue
-    from openseer.train.distributed import DistEnv
-    from openseer.train.loop import _restore_queue
+    from openseer.model.swav import SwAVQueue, load_queue
 
     q = SwAVQueue(1, 4, 1)
     for v in range(1, 7):  # six pushes of one row into four: 3, 4 | 5, 6 with the write position at 2
         q.push_all(torch.full((1, 1, 1), float(v)))
     saved = {"embeddings": q.embeddings.clone(), "filled": 4, "pos": q.write_pos, "world_size": 1}
     same = SwAVQueue(1, 4, 1)
-    _restore_queue(saved, same, DistEnv(), "ckpt")
+    load_queue(saved, same, 0, 1, "ckpt")
     assert torch.equal(same.embeddings, q.embeddings) and same.write_pos == q.write_pos == 2
     halves = [SwAVQueue(1, 2, 1) for _ in range(2)]
     for rank, h in enumerate(halves):
-        _restore_queue({**saved, "filled": 4}, h, DistEnv(rank, 2, rank), "ckpt")
+        load_queue({**saved, "filled": 4}, h, rank, 2, "ckpt")
     assert [h.embeddings[0, :, 0].tolist() for h in halves] == [[3, 4], [5, 6]]  # oldest first, re-dealt
     assert all(h.full and h.write_pos == 0 for h in halves)

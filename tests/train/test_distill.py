@@ -109,3 +109,40 @@ def test_export_embed_and_report_take_a_distill_run(teacher, pile, tmp_path):
     assert main(["report", str(run), "--sample", "32", "--queries", "2", "--neighbours", "3"]) == 0
     html = (run / "report.html").read_text()
     assert "prototypes receive at least one image" in html  # the student through the teacher's prototypes
+
+
+def test_distill_runs_in_the_one_loop_and_labels_its_lines_distill(teacher, pile, tmp_path, capsys, monkeypatch):
+    """The same loop as pretrain (train/loop.py's ``train``), with the distill method: its progress and
+    start lines say distill, its metrics rows carry the loop's columns and the method's own."""
+    from openseer.train import loop
+
+    calls = []
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda run, batch: (calls.append(type(run.method).__name__),
+                                                                real(run, batch))[1])
+    assert _distill(teacher, pile, tmp_path / "s", "--max-steps", "2", "log.progress=true") == 0
+    out = capsys.readouterr()
+    assert calls == ["DistillMethod", "DistillMethod"]
+    text = out.out + out.err
+    assert "distill:" in text and "pretrain:" not in text, text
+    row = _metrics(tmp_path / "s")[-1]
+    assert {"loss", "cosine_to_teacher", "lr", "imgs_per_s", "forward_s", "backward_s", "skipped_steps"} <= set(row)
+    assert "collapse_warning" not in row and "prototypes_used" not in row  # SwAV's columns only for SwAV
+
+
+@pytest.mark.slow
+def test_torchrun_distills_on_two_gloo_ranks_and_resumes_in_one_process(teacher, pile, tmp_path):
+    """Distillation gains torchrun: 2 DDP ranks (gloo) train the student, one process resumes it."""
+    from tests.train.test_distributed import _openseer
+
+    run = tmp_path / "student"
+    args = [*SMALL, "threads=1", "dist.strategy=ddp"]
+    r = _openseer(2, "distill", str(teacher), "--student", "test_resnet", "--data", str(pile), "--out", str(run),
+                  "--max-steps", "2", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "world 2, global batch 32 (16/rank)" in r.stdout
+    assert latest_checkpoint(run)[1]["step"] == 2 and latest_checkpoint(run)[1]["schedule"]["world_size"] == 2
+    r = _openseer(1, "distill", "--resume", str(run), "--max-steps", "4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = _metrics(run)
+    assert [x["step"] for x in rows] == [1, 2, 3, 4] and all(x["loss"] == x["loss"] for x in rows)

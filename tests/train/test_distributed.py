@@ -29,7 +29,7 @@ from openseer.config import build_config
 from openseer.model.swav import SwAVLoss, build_swav, sinkhorn
 from openseer.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from openseer.train.distributed import DistEnv, DistError, check_dist
-from openseer.train.loop import _state, _unwrap
+from openseer.train.loop import TrainState, _unwrap
 from openseer.train.optim import build_optimizer
 from openseer.train.parallel import checkpoint_blocks, full_tensor, prepare_model
 from openseer.train.sharded import restore_state, save_sharded
@@ -130,7 +130,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         results[f"{name}.state"] = _snapshot(net, optimizer)
         if name == "fsdp":
             # sharded checkpoint written by 2 FSDP ranks (the loop's own state and DCP code)
-            save_sharded(_state(1, model, optimizer, None, cfg, {}, {}), net, optimizer, out / "run2", 1, keep=2)
+            save_sharded(TrainState(model, optimizer, None, cfg, {}, {}, DistEnv()).state_dict(1), net, optimizer, out / "run2", 1, keep=2)
             # and the reverse: the 1-process .pt written by the parent, restored into the 2 FSDP ranks
             torch.manual_seed(123)
             model2 = prepare_model(build_swav(cfg), cfg, env, torch.device("cpu"))
@@ -167,7 +167,7 @@ def spawned(tmp_path_factory):
         cfg = build_config("tiny-cpu", [*STEP_ARGS, *extra])
         refs[name] = _reference(cfg, data["crops"])
     _, _, _, model, optimizer = refs["fsdp"]
-    save_checkpoint(_state(1, model, optimizer, None, cfg, {}, {}), out / "run1", 1, keep=2)
+    save_checkpoint(TrainState(model, optimizer, None, cfg, {}, {}, DistEnv()).state_dict(1), out / "run1", 1, keep=2)
     mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
     return {"out": out, "data": data, "refs": refs, "results": torch.load(out / "results.pt")}
 

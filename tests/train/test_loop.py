@@ -231,7 +231,7 @@ def test_resume_trims_metrics_past_the_checkpoint_in_one_atomic_replace(tmp_path
     because the kept lines are written aside and swapped in with one rename."""
     import os
 
-    from openseer.train import loop
+    from openseer import rundir
 
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
@@ -239,7 +239,7 @@ def test_resume_trims_metrics_past_the_checkpoint_in_one_atomic_replace(tmp_path
     real_replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: (renamed.append((Path(a).name, Path(b).name)),
                                                      real_replace(a, b)))
-    loop._truncate_metrics(tmp_path, 4)
+    rundir.truncate_metrics(tmp_path, 4)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3, 4]
     assert [b for _, b in renamed] == ["metrics.jsonl"] and renamed[0][0].startswith(".metrics.jsonl.")
     assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]

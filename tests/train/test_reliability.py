@@ -141,6 +141,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     assert "SIGTERM" in out
+    assert "(SIGTERM: checkpoint written, resume with --resume)" in out  # the CLI says why it stopped
     last = list_checkpoints(run)[-1]
     step = load_checkpoint(last)["step"]
     assert 2 <= step < TOTAL_STEPS
