@@ -25,7 +25,16 @@ import os
 import re
 from pathlib import Path
 
-from .config import Config, ConfigError, OpenseerError, load_config, merge, parse_override, save_config, to_dict
+from .config import (
+    Config,
+    ConfigError,
+    OpenseerError,
+    load_config,
+    merge,
+    parse_override,
+    save_config,
+    to_dict,
+)
 from .fileio import atomic_write_text
 
 CONFIG = "config.yaml"
