@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import OpenseerError
 from .knn import TEMPERATURE
 
 KNN_K = 20
@@ -36,7 +37,7 @@ FOLDS = 5
 PSEUDO_MAX = 20000  # spread: pile rows the final linear head is fitted to
 
 
-class FewLabelsError(ValueError):
+class FewLabelsError(OpenseerError, ValueError):
     """Labels a classifier cannot be chosen from (what, and how to fix it)."""
 
 
