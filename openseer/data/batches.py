@@ -397,29 +397,38 @@ class StreamBatches:
     def __iter__(self) -> Iterator[Batch]:
         """One pass over the steps (iterating again continues the same pass, like a generator)."""
         if self._gen is None:
-            self._gen = self._generate()
+            workers = self._workers()
+            dataset = _SlotBatches(self.source, self.cfg, self.rank, self.world, self.layout,
+                                   copy.deepcopy(self.slot_states), self.start, self.stop, workers)
+            # the generator holds the slot states, not self: dropping this object frees it at once (no
+            # reference cycle), so its loader workers stop then, not at some later garbage collection
+            self._gen = _in_step_order(dataset, workers, self.start, self.stop, self.slot_states)
         return self._gen
 
     def __next__(self) -> Batch:
         return next(iter(self))
 
-    def _generate(self) -> Iterator[Batch]:
-        if self.start >= self.stop:
-            return
-        workers = self._workers()
-        dataset = _SlotBatches(self.source, self.cfg, self.rank, self.world, self.layout,
-                               copy.deepcopy(self.slot_states), self.start, self.stop, workers)
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=2 if workers else None, persistent_workers=False,
-                            pin_memory=torch.cuda.is_available())
-        pending: dict[int, tuple] = {}
-        expected = self.start
-        for item in loader:
-            if item[0] == "error":
-                raise DataError(item[1])
-            pending[item[0]] = item
-            while expected in pending:
-                t, local, crops, keys, bad, state = pending.pop(expected)
-                self.slot_states[local] = state
-                expected += 1
-                yield Batch(t, crops, keys, bad)
+    def close(self) -> None:
+        """Stop the pass: its loader workers shut down now."""
+        if self._gen is not None:
+            self._gen.close()
+
+
+def _in_step_order(dataset: _SlotBatches, workers: int, start: int, stop: int,
+                   slot_states: list[dict | None]) -> Iterator[Batch]:
+    """The loader's batches in step order; each handed-out batch's slot position goes into ``slot_states``."""
+    if start >= stop:
+        return
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None,
+                        persistent_workers=False, pin_memory=torch.cuda.is_available())
+    pending: dict[int, tuple] = {}
+    expected = start
+    for item in loader:
+        if item[0] == "error":
+            raise DataError(item[1])
+        pending[item[0]] = item
+        while expected in pending:
+            t, local, crops, keys, bad, state = pending.pop(expected)
+            slot_states[local] = state
+            expected += 1
+            yield Batch(t, crops, keys, bad)

@@ -242,6 +242,8 @@ def train(cfg: Config, run_dir: str | Path, builder: Builder, resume: bool | str
     finally:
         stop_request.__exit__()
         log.close()
+        if hasattr(batches, "close"):  # loader workers stop now (a generator or StreamBatches)
+            batches.close()
     _flush_health(window, health)
     step = run.step
     if step != last_ckpt_step or not list_checkpoints(s.run_dir):
