@@ -20,6 +20,7 @@ from tests.conftest import fmnist_available
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.heavy  # the whole `make demo` path in small: 30 s (.ci/run runs it; `make demo` is timed itself)
 @fmnist_available
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_demo_prints_a_summary_and_no_carriage_returns(tmp_path):

@@ -6,8 +6,8 @@ Protocols (each fits on labelled features and returns class probabilities for an
 - ``linear``: multinomial logistic regression on L2-normalised, standardised features, each class
   weighted inversely to its count (imbalanced labels), full-batch L-BFGS; one candidate per L2 weight.
 - ``spread``: label spreading (Zhou et al. 2004) over the cosine kNN graph of the labelled images and
-  the unlabelled pile, then a linear head fitted to the pile's spread labels, so that it predicts for
-  any image. Needs the pile's features; the unlabelled pile is what few labels lack.
+  the unlabelled pile, then a kNN head over the pile's spread labels, so that it predicts for any
+  image. Needs the pile's features; the unlabelled pile is what few labels lack.
 
 ``choose_protocol`` estimates each candidate by cross-validation on the labels alone (stratified
 k-fold when every class has enough images, else leave-one-out), keeps the best, and reports its
@@ -19,6 +19,7 @@ little; the interval is over the held-out predictions.)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,9 +33,9 @@ KNN_K = 20
 L2_GRID = (1e-4, 1e-2, 1.0)
 GRAPH_K = 10  # label spreading: neighbours per node
 ALPHA = 0.99  # label spreading: weight of the graph against the given labels
-SPREAD_ITERS = 20
+SPREAD_ITERS = 200  # at most; a long chain of look-alikes needs many steps to be reached
 FOLDS = 5
-PSEUDO_MAX = 20000  # spread: pile rows the final linear head is fitted to
+PSEUDO_MAX = 20000  # spread: the most confident pile rows the kNN head keeps
 
 
 class FewLabelsError(OpenseerError, ValueError):
@@ -130,12 +131,13 @@ class Graph:
         sims, ids = index.search(self.x, k + 1)
         rows = np.repeat(np.arange(n), k)
         cols, vals = ids[:, 1:].ravel(), np.maximum(sims[:, 1:].ravel(), 0.0) ** 3
-        a = torch.sparse_coo_tensor(np.stack([np.concatenate([rows, cols]), np.concatenate([cols, rows])]),
-                                    np.concatenate([vals, vals]).astype(np.float32), (n, n)).coalesce()
+        ij = torch.from_numpy(np.stack([np.concatenate([rows, cols]), np.concatenate([cols, rows])]))
+        a = torch.sparse_coo_tensor(ij, torch.from_numpy(np.concatenate([vals, vals]).astype(np.float32)), (n, n),
+                                    check_invariants=False).coalesce()  # faiss' ids: valid by construction
         deg = torch.sparse.sum(a, dim=1).to_dense().clamp_min(1e-12)
         d = deg.rsqrt()
         i = a.indices()
-        self.s = torch.sparse_coo_tensor(i, a.values() * d[i[0]] * d[i[1]], (n, n)).coalesce()
+        self.s = torch.sparse_coo_tensor(i, a.values() * d[i[0]] * d[i[1]], (n, n), check_invariants=False).coalesce()
 
     def spread(self, rows: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
         """Class scores of every node after spreading the labels ``y`` of nodes ``rows``."""
@@ -144,24 +146,25 @@ class Graph:
         y0[torch.from_numpy(rows), torch.from_numpy(y)] = torch.from_numpy(1.0 / counts[y]).float()  # balanced
         f = y0.clone()
         for _ in range(SPREAD_ITERS):
-            f = ALPHA * torch.sparse.mm(self.s, f) + (1 - ALPHA) * y0
+            nxt = ALPHA * torch.sparse.mm(self.s, f) + (1 - ALPHA) * y0
+            done = bool((nxt - f).abs().max() <= 1e-6 * nxt.abs().max())
+            f = nxt
+            if done:
+                break
         return f.numpy()
 
 
-def fit_spread(graph: Graph, rows: np.ndarray, y: np.ndarray, n_classes: int, l2: float = 1e-4,
-               seed: int = 0) -> LinearHead:
-    """Spread the labels over the pile, then fit a linear head to the spread labels (the most
-    confident ``PSEUDO_MAX`` rows, weighted by confidence) plus the given labels."""
+def fit_spread(graph: Graph, rows: np.ndarray, y: np.ndarray, n_classes: int) -> KnnHead:
+    """Spread the labels over the pile, then a kNN head over the pile's most confident spread labels
+    (at most ``PSEUDO_MAX`` rows) and the given ones: it follows the pile's shape, which a linear head
+    on the same labels cannot (two interleaved classes)."""
     f = graph.spread(rows, y, n_classes)
     p = f / np.maximum(f.sum(1, keepdims=True), 1e-30)
     conf = p.max(1)
-    pseudo = p.argmax(1)
     reached = np.flatnonzero(f.sum(1) > 0)
-    keep = reached[np.argsort(-conf[reached], kind="stable")[:PSEUDO_MAX]]
-    x = np.concatenate([graph.x[keep], graph.x[rows]])
-    yy = np.concatenate([pseudo[keep], y])
-    w = np.concatenate([conf[keep], np.full(len(rows), 1.0)])
-    return fit_linear(x, yy, n_classes, l2, stats=graph.x, sample_weight=w)
+    keep = np.setdiff1d(reached[np.argsort(-conf[reached], kind="stable")[:PSEUDO_MAX]], rows)
+    bank = np.concatenate([graph.x[keep], graph.x[rows]])
+    return KnnHead(bank, np.concatenate([p.argmax(1)[keep], y]), n_classes)
 
 
 # ---------------------------------------------------------------- the choice
@@ -176,17 +179,20 @@ class Estimate:
     balanced: float  # mean per-class recall, percent
     low: float  # Wilson 95% interval, percent
     high: float
-    n: int
+    n: int  # held-out predictions
     scheme: str
 
 
 @dataclass
 class Choice:
-    """The candidates' estimates, the best, and what could not be tried (with the reason)."""
+    """The candidates' estimates, the protocol chosen (``best`` is None when the labels allow no
+    estimate: ``note`` says why and what was chosen), and what could not be tried (with the reason)."""
 
-    best: Estimate
+    protocol: str
+    best: Estimate | None
     estimates: list[Estimate]
     skipped: dict[str, str] = field(default_factory=dict)
+    note: str = ""
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -201,7 +207,8 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 def folds(y: np.ndarray, seed: int = 0, k: int = FOLDS) -> tuple[list[np.ndarray], str]:
     """Held-out index sets: stratified k-fold when every class has at least k images, else
-    leave-one-out (each image held out once)."""
+    leave-one-out. An image that is the only one of its class is never held out (its class would
+    have no example left); a set of such images only gives no folds at all."""
     counts = np.bincount(y)
     if counts[counts > 0].min() >= k:
         rng = np.random.default_rng(seed)
@@ -210,28 +217,45 @@ def folds(y: np.ndarray, seed: int = 0, k: int = FOLDS) -> tuple[list[np.ndarray
             members = rng.permutation(np.flatnonzero(y == c))
             fold_of[members] = (np.arange(len(members)) + rng.integers(k)) % k
         return [np.flatnonzero(fold_of == f) for f in range(k)], f"stratified {k}-fold"
-    return [np.array([i]) for i in range(len(y))], "leave-one-out"
+    return [np.array([i]) for i in range(len(y)) if counts[y[i]] >= 2], "leave-one-out"
 
 
-def candidates(n_classes: int, stats: np.ndarray | None = None, graph: Graph | None = None,
-               ) -> tuple[dict, dict[str, str]]:
-    """name -> fit(x, y, rows) -> head; and the protocols left out, with why. ``stats``: the rows
-    that standardise linear features (the pile's); ``graph``: the pile's graph, for spreading."""
-    out: dict = {"knn": lambda x, y, rows: KnnHead(_unit(x), y, n_classes)}
+@dataclass
+class Protocol:
+    """A candidate: ``fit(x, y, rows)`` -> a head with ``proba``; ``held_out(train, test)`` ->
+    predictions for the held-out images (by default: fit on ``train``, predict ``test``)."""
+
+    name: str
+    fit: Callable
+    held_out: Callable | None = None
+
+
+def candidates(x: np.ndarray, y: np.ndarray, n_classes: int, stats: np.ndarray | None = None,
+               graph: Graph | None = None, rows: np.ndarray | None = None) -> tuple[list[Protocol], dict[str, str]]:
+    """The protocols that fit these labels, and those left out with why. ``stats``: the rows that
+    standardise linear features (the pile's); ``graph``/``rows``: the pile's graph and each labelled
+    image's node in it, for spreading (held out by spreading the other labels: no refit per fold)."""
+    out = [Protocol("knn", lambda x, y, rows: KnnHead(_unit(x), y, n_classes))]
     for l2 in L2_GRID:
-        out[f"linear(l2={l2:g})"] = lambda x, y, rows, l2=l2: fit_linear(x, y, n_classes, l2, stats=stats)
+        out.append(Protocol(f"linear(l2={l2:g})", lambda x, y, rows, l2=l2: fit_linear(x, y, n_classes, l2, stats=stats)))
     skipped = {"finetune": "a full fine-tune cannot be cross-validated on cached features; with few labels "
                            "the frozen-feature protocols are the fair comparison"}
     if graph is not None:
-        out["spread"] = lambda x, y, rows: fit_spread(graph, rows, y, n_classes)
+        def spread_held_out(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+            return graph.spread(rows[train], y[train], n_classes)[rows[test]].argmax(1)
+
+        out.append(Protocol("spread", lambda x, y, rows: fit_spread(graph, rows, y, n_classes), spread_held_out))
     else:
         skipped["spread"] = "needs the unlabelled pile's features"
     return out, skipped
 
 
+DEFAULT_PROTOCOL = "linear(l2=0.01)"
+
+
 def choose_protocol(x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarray | None = None,
                     pile_rows: np.ndarray | None = None, seed: int = 0) -> Choice:
-    """Cross-validate every candidate on (x, y) and return the best.
+    """Cross-validate every candidate on (x, y) and return the choice.
 
     ``pile``: the unlabelled pile's features (spreading uses them); ``pile_rows``: for each labelled
     image, its row in ``pile`` (-1 when it is not there: it is then added to the graph).
@@ -241,24 +265,35 @@ def choose_protocol(x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarr
         raise FewLabelsError(f"a classifier needs at least 2 labelled images of 2 classes; got {len(y)} "
                              f"image(s) of {len(np.unique(y))} class(es)")
     graph, rows = _graph(x, pile, pile_rows) if pile is not None else (None, None)
-    fits, skipped = candidates(n_classes, graph.x if graph else None, graph)
+    protocols, skipped = candidates(x, y, n_classes, graph.x if graph else None, graph, rows)
     held, scheme = folds(y, seed)
+    if not held:
+        pick = "spread" if graph is not None else DEFAULT_PROTOCOL
+        return Choice(pick, None, [], skipped,
+                      note=f"no estimate: every class has one labelled image, so none can be held out; chose "
+                           f"{pick} without one. Label a second image of some classes for an estimate")
+    tested = np.concatenate(held)
     estimates = []
-    for name, fit in fits.items():
-        pred = np.empty(len(y), dtype=np.int64)
+    for p in protocols:
+        pred = np.full(len(y), -1, dtype=np.int64)
         for test in held:
             train = np.setdiff1d(np.arange(len(y)), test)
-            if len(np.unique(y[train])) < 2:
-                pred[test] = y[train][0]
-                continue
-            head = fit(x[train], y[train], rows[train] if rows is not None else None)
-            pred[test] = head.proba(x[test]).argmax(1)
-        right = int((pred == y).sum())
-        recalls = [float((pred[y == c] == c).mean()) for c in np.unique(y)]
-        lo, hi = wilson(right, len(y))
-        estimates.append(Estimate(name, 100 * right / len(y), 100 * float(np.mean(recalls)), lo, hi, len(y), scheme))
-    best = max(estimates, key=lambda e: (e.balanced, e.accuracy))
-    return Choice(best, estimates, skipped)
+            if p.held_out is not None:
+                pred[test] = p.held_out(train, test)
+            else:
+                pred[test] = p.fit(x[train], y[train], rows[train] if rows is not None else None).proba(x[test]).argmax(1)
+        right = int((pred[tested] == y[tested]).sum())
+        recalls = [float((pred[tested][y[tested] == c] == c).mean()) for c in np.unique(y[tested])]
+        lo, hi = wilson(right, len(tested))
+        estimates.append(Estimate(p.name, 100 * right / len(tested), 100 * float(np.mean(recalls)), lo, hi,
+                                  len(tested), scheme))
+    # ties (common with a few labels: every protocol right on every held-out image) go to the protocol
+    # that uses the most: spreading (the pile), then the linear heads (most regularised first), then kNN
+    order = {p.name: i for i, p in enumerate(reversed(protocols))}
+    best = max(estimates, key=lambda e: (round(e.balanced, 6), round(e.accuracy, 6), -order[e.protocol]))
+    note = "" if len(tested) == len(y) else (f"{len(y) - len(tested)} images are the only ones of their class and "
+                                            f"were never held out")
+    return Choice(best.protocol, best, estimates, skipped, note)
 
 
 def _graph(x: np.ndarray, pile: np.ndarray, pile_rows: np.ndarray | None) -> tuple[Graph, np.ndarray]:
@@ -273,8 +308,10 @@ def _graph(x: np.ndarray, pile: np.ndarray, pile_rows: np.ndarray | None) -> tup
 def fit_protocol(name: str, x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarray | None = None,
                  pile_rows: np.ndarray | None = None):
     """The head of protocol ``name`` fitted on all the labels (what ``choose_protocol`` chose)."""
+    y = np.asarray(y, dtype=np.int64)
     graph, rows = _graph(x, pile, pile_rows) if name == "spread" and pile is not None else (None, None)
-    fits, _ = candidates(n_classes, _unit(pile) if pile is not None else None, graph)
-    if name not in fits:
-        raise FewLabelsError(f"protocol {name!r} is not available here; choose from {', '.join(fits)}")
-    return fits[name](x, np.asarray(y, dtype=np.int64), rows)
+    protocols, _ = candidates(x, y, n_classes, _unit(pile) if pile is not None else None, graph, rows)
+    found = {p.name: p for p in protocols}
+    if name not in found:
+        raise FewLabelsError(f"protocol {name!r} is not available here; choose from {', '.join(found)}")
+    return found[name].fit(x, y, rows)

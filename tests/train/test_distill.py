@@ -131,6 +131,7 @@ def test_distill_runs_in_the_one_loop_and_labels_its_lines_distill(teacher, pile
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # two torchrun launches: 11 s
 def test_torchrun_distills_on_two_gloo_ranks_and_resumes_in_one_process(teacher, pile, tmp_path):
     """Distillation gains torchrun: 2 DDP ranks (gloo) train the student, one process resumes it."""
     from tests.train.test_distributed import _openseer

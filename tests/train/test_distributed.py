@@ -275,6 +275,7 @@ def _openseer(nproc: int, *args: str, timeout: float = 240) -> subprocess.Comple
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # three torchrun launches: 18 s
 @fmnist_available
 def test_torchrun_run_resumes_on_other_world_sizes_and_exports(tmp_path):
     run = tmp_path / "run"
@@ -342,6 +343,7 @@ def test_pretrain_leaves_the_process_group_open_and_the_cli_closes_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # a timed torchrun run: 14 s
 @fmnist_available
 def test_torchrun_ranks_agree_on_when_a_time_budget_ends(tmp_path):
     """optim.minutes under 2 ranks: each rank's clock differs, the slowest decides, both stop together."""
