@@ -49,7 +49,7 @@ class DataConfig:
 
 @dataclass
 class CropsConfig:
-    """SwAV/SEER multi-crop (SEER.md §3): one entry per resolution group, large first."""
+    """SwAV/SEER multi-crop (docs/method.md §3): one entry per resolution group, large first."""
 
     sizes: list[int] = field(default_factory=lambda: [224, 96])
     counts: list[int] = field(default_factory=lambda: [2, 6])
@@ -83,7 +83,7 @@ class ModelConfig:
 
 @dataclass
 class SwAVConfig:
-    """Prototypes, Sinkhorn-Knopp and the swapped-prediction loss (SEER.md §5)."""
+    """Prototypes, Sinkhorn-Knopp and the swapped-prediction loss (docs/method.md §5)."""
 
     n_prototypes: int = 3000
     temperature: float = 0.1
@@ -97,7 +97,7 @@ class SwAVConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD + LARC (scaling mode), linear warmup then cosine (SEER.md §4)."""
+    """SGD + LARC (scaling mode), linear warmup then cosine (docs/method.md §4)."""
 
     base_lr: float = 0.3  # per 256 images of global batch
     warmup_start_ratio: float = 0.0  # warmup starts at this fraction of the peak LR

@@ -37,7 +37,7 @@ def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 def test_every_command_is_in_the_table():
     names = {words[0] for words, _ in _parsers(build_parser())}
     assert names == {"recipes", "plan", "shard", "data", "curate", "takedown", "pretrain", "distill", "doctor",
-                     "eval", "report", "embed", "export", "import-seer"}
+                     "eval", "report", "embed", "export", "import-seer", "select"}
     subs = {words for words, _ in _parsers(build_parser()) if len(words) > 1}
     assert subs == {("data", "report"), ("takedown", "add"), ("takedown", "check")}
 
@@ -224,3 +224,12 @@ def test_every_example_parses(line):
     args, extra = build_parser().parse_known_args(argv)
     assert all("=" in x and not x.startswith("-") for x in extra), extra
     assert callable(args.func)
+
+
+def test_nothing_users_get_cites_a_file_outside_the_repo():
+    """Code, help texts, recipes, README and docs cite docs/ or the papers (docs/history/ keeps old notes)."""
+    files = [*ROOT.glob("openseer/**/*.py"), *ROOT.glob("openseer/recipes/*.yaml"), ROOT / "README.md",
+             *(p for p in ROOT.glob("docs/**/*.md") if "history" not in p.parts), *ROOT.glob("examples/*.py")]
+    assert len(files) > 50
+    citing = [str(p.relative_to(ROOT)) for p in files if "SEER.md" in p.read_text(encoding="utf-8")]
+    assert citing == []

@@ -160,7 +160,7 @@ def test_all_builtin_recipes_build_and_validate():
 @pytest.mark.parametrize(("name", "arch"), [("seer-rg32", "regnety_320"), ("seer-rg64", "regnety_640"),
                                             ("seer-rg128", "regnety_1280"), ("seer-rg256", "regnety_2560")])
 def test_seer_recipes_follow_the_reference(name, arch):
-    """SEER.md §2-§4: timm RegNetY, 16000 prototypes, no-BN head to 256, LARC trust 0.001, wd 1e-5."""
+    """docs/method.md §2-§4: timm RegNetY, 16000 prototypes, no-BN head to 256, LARC trust 0.001, wd 1e-5."""
     cfg = build_config(name)
     assert cfg.model.arch == arch
     assert cfg.swav.n_prototypes == 16000

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from ..config import OpenseerError
-from . import data, evaluate, train, weights
+from . import data, evaluate, labels, train, weights
 
 # Every command, in the order ``openseer --help`` lists them: the user's path through a job.
 COMMANDS = (
@@ -24,6 +24,7 @@ COMMANDS = (
     data.add_curate,  # curate: deduplicate and rebalance a pile
     data.add_takedown,  # takedown add|check: deny-list images, audit which runs saw one
     train.add_pretrain,  # pretrain: SwAV
+    labels.add_select,  # select: which images to label first
     train.add_distill,  # distill: a small student of a teacher
     train.add_doctor,  # doctor: a run directory's health and how to recover
     evaluate.add_eval,  # eval: kNN, linear probes, low-shot, baselines

@@ -1,4 +1,4 @@
-"""Weighted kNN on frozen features (SEER.md §6): cosine similarity, votes exp(sim / T), T = 0.07.
+"""Weighted kNN on frozen features (docs/method.md §6): cosine similarity, votes exp(sim / T), T = 0.07.
 
 Several k are scored from one top-k search. Memory stays bounded for large banks: queries are taken
 in chunks, and the bank (which may be a memory-mapped array) is streamed in chunks too, keeping a

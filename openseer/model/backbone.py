@@ -1,6 +1,6 @@
 """The trunk: any timm model by name (pooled features out), including SEER's RegNetYs.
 
-SEER's architectures are timm's ``regnety_320/640/1280/2560`` (SEER.md §2) and the 2022 RegNet-10B,
+SEER's architectures are timm's ``regnety_320/640/1280/2560`` (docs/method.md §2) and the 2022 RegNet-10B,
 which timm lacks: ``seer_regnet_10b`` is built here from its pycls numbers with timm's ``RegNetCfg``
 and registered with timm, so ``timm.create_model('seer_regnet_10b')`` works once openseer is
 imported. Large ones can be built on the meta device (no memory) for planning. ``channels_last`` is applied where it is
@@ -26,7 +26,7 @@ SEER_ARCHS = {
     "seer_regnet_10b": "RG-10B",
 }
 
-# SEER 2022 RegNet-10B (SEER.md §2): depth 27, w0 1744, wa 620.83, wm 2.52, group width 1010, SE 0.25,
+# SEER 2022 RegNet-10B (docs/method.md §2): depth 27, w0 1744, wa 620.83, wm 2.52, group width 1010, SE 0.25,
 # stem 32 -> stage widths 2020, 4040, 11110, 28280, depths 2, 7, 17, 1; 9.32B trunk parameters.
 SEER_10B_CFG = RegNetCfg(depth=27, w0=1744, wa=620.83, wm=2.52, group_size=1010, bottle_ratio=1.0,
                          se_ratio=0.25, stem_width=32)

@@ -1,4 +1,4 @@
-"""SwAV as SEER trained it (SEER.md §5): head, prototypes, Sinkhorn-Knopp, swapped prediction, queue.
+"""SwAV as SEER trained it (docs/method.md §5): head, prototypes, Sinkhorn-Knopp, swapped prediction, queue.
 
 Read top-down: ``SwAV.forward`` runs each resolution group of crops through the trunk in one pass,
 projects and L2-normalises, and scores against the prototypes. ``SwAVLoss`` turns the scores of the
@@ -61,7 +61,7 @@ class Prototypes(nn.Module):
         w.copy_(F.normalize(w.float(), dim=1, p=2).to(w.dtype))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        # the prototype layer stays in fp32 even under autocast (SEER.md §4)
+        # the prototype layer stays in fp32 even under autocast (docs/method.md §4)
         with torch.autocast(device_type=z.device.type, enabled=False):
             return F.linear(z.float(), self.layer.weight.float())
 

@@ -1,4 +1,4 @@
-"""SGD wrapped in LARC (scaling mode) and the LR schedule of SEER.md §4.
+"""SGD wrapped in LARC (scaling mode) and the LR schedule of docs/method.md §4.
 
 LARC, per parameter p with weight decay wd and trust coefficient eta:
     local_lr = eta * ||w|| / (||g|| + wd * ||w|| + eps)      (skipped when ||w|| or ||g|| is 0)
@@ -7,7 +7,7 @@ then a plain SGD-momentum step with lr and no further weight decay. Parameters w
 None (e.g. frozen prototypes) are skipped entirely: no momentum, no decay.
 
 Under FSDP the parameters and gradients are DTensor shards; ||w|| and ||g|| must be the norms of
-the WHOLE parameters (SEER.md §4), so the squared norms of the local shards are summed over the
+the WHOLE parameters (docs/method.md §4), so the squared norms of the local shards are summed over the
 shard group (one all-reduce per step for all parameters) before the trust ratio is formed.
 """
 

@@ -271,6 +271,6 @@ def shard_model(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     for unit in fsdp_units(model.backbone, cfg.dist.fsdp_wrap):
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model.head, mesh=mesh, mp_policy=mp)
-    fully_shard(model.prototypes, mesh=mesh, mp_policy=fp32)  # SEER.md §4: the prototype layer stays fp32
+    fully_shard(model.prototypes, mesh=mesh, mp_policy=fp32)  # docs/method.md §4: the prototype layer stays fp32
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model

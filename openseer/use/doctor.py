@@ -94,7 +94,7 @@ def diagnose(run_dir: str | Path) -> list[Finding]:
                 out.append(Finding("error", msg + " (non-finite)", "lower optim.base_lr or use optim.precision=fp32"))
             elif last.get("collapse_warning") or (last.get("ln_k") and loss > 0.9 * last["ln_k"]):
                 out.append(Finding("warn", msg + f" (near ln K = {last.get('ln_k', 0):.2f}: collapse?)",
-                                   "see SEER.md §5.7: swav.epsilon=0.03, longer freeze, model.head_bn=false"))
+                                   "see docs/method.md §5.7: swav.epsilon=0.03, longer freeze, model.head_bn=false"))
             else:
                 out.append(Finding("ok", msg))
             if good_step is not None and last.get("step", 0) > good_step:

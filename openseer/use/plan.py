@@ -126,7 +126,7 @@ def activation_bytes(cfg, batch_per_rank: int, model: nn.Module | None = None) -
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             z = F.normalize(model.head(model.features(crops)).float(), dim=1)
-            scores = F.linear(z, protos.float())  # the prototype layer runs in fp32 (SEER.md §4)
+            scores = F.linear(z, protos.float())  # the prototype layer runs in fp32 (docs/method.md §4)
             logp = F.log_softmax(scores / cfg.swav.temperature, dim=1)
             (logp * torch.empty_like(logp)).sum()
     finally:

@@ -44,7 +44,7 @@ import torch
 from ..fileio import usual_mode
 from ..model.backbone import BackboneError, build_backbone
 
-# SEER weights are RGB with ImageNet mean/std (SEER.md §2) at 224 px.
+# SEER weights are RGB with ImageNet mean/std (docs/method.md §2) at 224 px.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SEER_INPUT = 224

@@ -52,7 +52,7 @@ def test_sinkhorn_balances_more_with_more_iterations():
 
 
 def test_sinkhorn_matches_a_plain_reference():
-    """The textbook algorithm (SEER.md §5.4) in float64, written out without the implementation."""
+    """The textbook algorithm (docs/method.md §5.4) in float64, written out without the implementation."""
     scores = _scores(10, 4, seed=2)
     eps, iters = 0.05, 3
     q = torch.exp(scores.double() / eps).t()
@@ -97,7 +97,7 @@ def test_sinkhorn_is_fp32_and_gradient_free_for_half_inputs():
 
 def _hand_loss(scores: list[list[float]], targets: dict[int, list[list[float]]], n_crops: int,
                tau: float) -> float:
-    """SEER.md §5.5 with plain Python loops."""
+    """docs/method.md §5.5 with plain Python loops."""
     bs = len(scores) // n_crops
     total = 0.0
     for i, q in targets.items():
@@ -256,7 +256,7 @@ def test_unknown_backbone_is_a_clear_error():
 
 
 def test_seer_backbones_build_on_the_meta_device():
-    """SEER.md §2: timm's RegNetY-32GF trunk has about 141M parameters."""
+    """docs/method.md §2: timm's RegNetY-32GF trunk has about 141M parameters."""
     net = build_backbone("regnety_320", device="meta")
     assert 135e6 < count_parameters(net) < 150e6
     assert feature_dim(net) == 3712

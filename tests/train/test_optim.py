@@ -1,4 +1,4 @@
-"""LARC (SEER.md §4) against a hand computation, and the warmup + cosine LR schedule."""
+"""LARC (docs/method.md §4) against a hand computation, and the warmup + cosine LR schedule."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def test_build_optimizer_uses_the_config():
 
 def test_peak_lr_scales_linearly_with_batch():
     assert peak_lr(0.3, 256) == pytest.approx(0.3)
-    assert peak_lr(0.3, 8192) == pytest.approx(9.6)  # SEER.md §4
+    assert peak_lr(0.3, 8192) == pytest.approx(9.6)  # docs/method.md §4
 
 
 @pytest.mark.parametrize(("total", "warmup", "start_ratio"), [(100, 10, 0.0), (1000, 80, 0.015625), (50, 0, 0.5),
@@ -180,7 +180,7 @@ def test_lr_schedule_endpoints_and_monotone_parts(total, warmup, start_ratio):
 
 
 def test_lr_schedule_seer_numbers():
-    """SEER.md §4: warmup from 0.15 to 9.6 over 8K iterations, cosine to 1/1000 of the peak."""
+    """docs/method.md §4: warmup from 0.15 to 9.6 over 8K iterations, cosine to 1/1000 of the peak."""
     total, warmup, peak = 122_000, 8000, 9.6
     assert lr_at(0, total, peak, warmup, 0.15 / 9.6, 0.001) == pytest.approx(0.15)
     assert lr_at(4000, total, peak, warmup, 0.15 / 9.6, 0.001) == pytest.approx((0.15 + 9.6) / 2)

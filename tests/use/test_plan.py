@@ -13,7 +13,7 @@ from openseer.model.backbone import build_backbone, count_parameters
 from openseer.model.swav import build_swav
 from openseer.use.plan import PlanError, activation_bytes, make_plan, parameter_counts
 
-# SEER.md §2: trunk parameters of the SEER architectures (rounded there; exact here)
+# docs/method.md §2: trunk parameters of the SEER architectures (rounded there; exact here)
 SEER_TRUNKS = {"regnety_320": 141e6, "regnety_640": 277e6, "regnety_1280": 637e6, "regnety_2560": 1.27e9,
                "seer_regnet_10b": 9.32e9}
 
