@@ -48,6 +48,8 @@ DIAGNOSTICS = "diagnostics"
 TENSORBOARD = "tb"
 EVAL = "eval.json"
 REPORT = "report.html"
+CLASSIFIER = "classifier.safetensors"  # a few-label classifier (openseer finetune): backbone + head + classes
+FINETUNE = "finetune.json"  # how it was chosen: protocols, cross-validated estimates, baselines
 
 _CKPT_NAME = re.compile(r"^step_(\d{8,})\.(pt|dcp)$")
 

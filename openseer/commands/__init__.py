@@ -25,6 +25,8 @@ COMMANDS = (
     data.add_takedown,  # takedown add|check: deny-list images, audit which runs saw one
     train.add_pretrain,  # pretrain: SwAV
     labels.add_select,  # select: which images to label first
+    labels.add_finetune,  # finetune: a classifier from those labels
+    labels.add_predict,  # predict: its classes for a folder
     train.add_distill,  # distill: a small student of a teacher
     train.add_doctor,  # doctor: a run directory's health and how to recover
     evaluate.add_eval,  # eval: kNN, linear probes, low-shot, baselines

@@ -1,7 +1,8 @@
-"""Label commands: ``select`` (which images of a pile to label first).
+"""Label commands: ``select`` (which images of a pile to label first), ``finetune`` (a classifier from
+those labels) and ``predict`` (its classes for a folder).
 
-Thin: parse, call the package (openseer/use/select.py), print; the heavy modules are imported inside
-the functions.
+Thin: parse, call the package (openseer/use/select.py, finetune.py, predict.py), print; the heavy
+modules are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -61,4 +62,91 @@ def cmd_select(args: argparse.Namespace) -> int:
           f"contact sheet {r['files']['to_label.html']}")
     if r.get("note"):
         print(f"openseer: note: {r['note']}", file=sys.stderr)
+    return 0
+
+
+FINETUNE_EXAMPLES = """examples:
+  openseer finetune runs/a --data labels.csv --out clf/                   # CSV of path,label
+  openseer finetune runs/a --data labelled/ --pile /pile --out clf/       # class folders; spread over the pile
+  openseer predict clf/ --data /new-images --out preds.csv
+output: clf/classifier.safetensors (backbone + head + class names), clf/finetune.json (every protocol's
+        cross-validated estimate with a 95% interval, and raw pixels' on the same labels)
+"""
+
+
+def add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "finetune", "a classifier from a handful of labels, chosen by cross-validation",
+                   FINETUNE_EXAMPLES,
+                   description="Embed the labelled images, cross-validate kNN, linear heads and (with --pile) "
+                               "label spreading on the labels alone, fit the best on all of them, and write "
+                               "backbone + head + class names. Frozen features: the backbone is not trained.")
+    p.add_argument("weights", metavar="WEIGHTS", help="a run directory, checkpoint, exported file or timm name")
+    p.add_argument("--data", required=True, metavar="LABELLED",
+                   help="a CSV of path,label, a folder of class folders, or fashion-mnist")
+    p.add_argument("--out", required=True, help="output folder (the classifier)")
+    p.add_argument("--pile", metavar="PILE", help="the unlabelled pile (folder, list or shards): label spreading uses it")
+    p.add_argument("--layer", default="last", metavar="STAGES", help="features to classify ('last', 's3', 's3+s4')")
+    p.add_argument("--limit-train", type=int, default=0, metavar="N", help="a seeded stratified subset of N labels")
+    p.add_argument("--skip-missing", action="store_true", help="skip CSV rows whose file does not exist")
+    p.add_argument("--cache-dir", help="feature cache (default $OPENSEER_CACHE or ~/.cache/openseer/features)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="decoding processes for --pile (default 0)")
+    add_device(p)
+    add_threads(p)
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Choose, fit and write a few-label classifier; print the choice against raw pixels."""
+    check_pile(args.pile)
+    from ..use.finetune import finetune, summary_lines
+
+    set_threads(args.threads)
+    r = finetune(args.weights, args.data, args.out, pile=args.pile or "", layer=args.layer, seed=args.seed,
+                 limit_train=args.limit_train, skip_missing=args.skip_missing, device=device(args.device),
+                 batch_size=args.batch_size, workers=args.workers, cache=args.cache_dir, progress=not args.quiet,
+                 log=(lambda t: None) if args.quiet else print)
+    for line in summary_lines(r):
+        print(f"openseer: {line}")
+    if r["bad"]:
+        print(f"openseer: skipped {r['bad']} unreadable labelled images ({r['bad_by_reason']})", file=sys.stderr)
+    print(f"openseer: classifier -> {r['files']['classifier']} ({len(r['classes'])} classes); "
+          f"report {r['files']['report']}")
+    return 0
+
+
+PREDICT_EXAMPLES = """examples:
+  openseer predict clf/ --data /new-images --out preds.csv               # top-5 classes per image
+  openseer predict clf/ --data 'shards/{000000..000009}.tar' --out preds.csv --top 1
+output: preds.csv (path, key, class1, prob1, ...), preds.bad.csv (skipped files and why)
+"""
+
+
+def add_predict(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "predict", "a classifier's top classes for every image of a folder, list or shards",
+                   PREDICT_EXAMPLES)
+    p.add_argument("classifier", metavar="CLF", help="a classifier folder (openseer finetune --out) or its file")
+    p.add_argument("--data", required=True, metavar="IMAGES", help="a folder of images, a .txt list or tar shards")
+    p.add_argument("--out", required=True, help="the predictions, a .csv file")
+    p.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in-process)")
+    add_device(p)
+    add_threads(p)
+    p.add_argument("--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict the classes of a collection's images; resumable, bad files listed."""
+    check_pile(args.data)
+    from ..use.predict import predict
+
+    set_threads(args.threads)
+    r = predict(args.classifier, args.data, args.out, top=args.top, batch_size=args.batch_size, workers=args.workers,
+                device=device(args.device), progress=not args.quiet)
+    skipped = f"; skipped {r['bad']} ({r['bad_by_reason']}), listed in {r['files']['bad']}" if r["bad"] else ""
+    print(f"openseer: {r['predicted']} images predicted -> {r['files']['predictions']}{skipped}")
     return 0

@@ -188,7 +188,10 @@ def _limit(split: Labelled, n: int, seed: int) -> Labelled:
 
 def open_labelled(spec: str, seed: int = 0, test_fraction: float = 0.2, skip_missing: bool = False,
                   limit_train: int = 0, limit_test: int = 0) -> LabelledData:
-    """Open ``--data``: 'fashion-mnist', a folder of class folders, or a CSV of path,label."""
+    """Open ``--data``: 'fashion-mnist', a folder of class folders, or a CSV of path,label.
+
+    ``test_fraction=0``: no test split is carved out (every labelled image is for training); an
+    explicit split (fashion-mnist's, train/ + val/ folders, a CSV split column) is still kept."""
     if not spec:
         raise EvalError("no labelled data given: pass --data fashion-mnist, a folder of class folders, or a CSV")
     path = Path(spec).expanduser()
@@ -208,7 +211,7 @@ def open_labelled(spec: str, seed: int = 0, test_fraction: float = 0.2, skip_mis
         data.test = _limit(data.test, limit_test, seed)
         data.notes.append(f"restricted to a seeded stratified subset: {len(data.train)} train, {len(data.test)} test")
     for split_name, split in (("train", data.train), ("test", data.test)):
-        if len(split) == 0:
+        if len(split) == 0 and not (split_name == "test" and test_fraction <= 0):
             raise EvalError(f"{data.name}: the {split_name} split is empty")
     if data.n_classes < 2:
         raise EvalError(f"{data.name}: found {data.n_classes} class; evaluation needs at least 2")
@@ -282,6 +285,8 @@ def _class_folders(root: Path, seed: int, test_fraction: float) -> LabelledData:
 
 def _stratified_split(full: Labelled, classes: list[str], seed: int,
                       test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    if test_fraction <= 0:  # every labelled image trains (openseer finetune: estimates come from cross-validation)
+        return np.arange(len(full)), np.zeros(0, dtype=np.int64)
     counts = np.bincount(full.labels, minlength=len(classes))
     small = [f"{classes[c]!r} ({counts[c]})" for c in range(len(classes)) if counts[c] < 2]
     if small:

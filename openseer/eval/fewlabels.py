@@ -3,8 +3,9 @@
 Protocols (each fits on labelled features and returns class probabilities for any features):
 
 - ``knn``: the weighted cosine kNN vote of ``eval/knn.py`` (votes exp(sim / 0.07)), k = min(20, n).
-- ``linear``: multinomial logistic regression on L2-normalised, standardised features, each class
-  weighted inversely to its count (imbalanced labels), full-batch L-BFGS; one candidate per L2 weight.
+- ``linear``: multinomial logistic regression on standardised features (the pile's statistics when
+  there is a pile), each class weighted inversely to its count (imbalanced labels), full-batch L-BFGS;
+  one candidate per L2 weight. It folds into one plain linear layer (timm's classifier).
 - ``spread``: label spreading (Zhou et al. 2004) over the cosine kNN graph of the labelled images and
   the unlabelled pile, then a kNN head over the pile's spread labels, so that it predicts for any
   image. Needs the pile's features; the unlabelled pile is what few labels lack.
@@ -52,7 +53,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class LinearHead:
-    """Class probabilities softmax(W @ ((unit(x) - mean) / std) + b)."""
+    """Class probabilities softmax(W @ ((x - mean) / std) + b) on the raw features."""
 
     weight: np.ndarray  # C x D
     bias: np.ndarray  # C
@@ -60,11 +61,12 @@ class LinearHead:
     std: np.ndarray  # D
 
     def proba(self, x: np.ndarray) -> np.ndarray:
-        z = (_unit(x) - self.mean) / self.std
-        return torch.softmax(torch.from_numpy(z @ self.weight.T + self.bias), dim=1).numpy()
+        w, b = self.folded()
+        return torch.softmax(torch.from_numpy(np.asarray(x, np.float32) @ w.T + b), dim=1).numpy()
 
     def folded(self) -> tuple[np.ndarray, np.ndarray]:
-        """(W', b') acting on unit features directly: W' = W / std, b' = b - W' mean."""
+        """(W', b') acting on the raw features directly (a plain linear layer, as timm's classifier):
+        W' = W / std, b' = b - W' mean."""
         w = self.weight / self.std
         return w.astype(np.float32), (self.bias - w @ self.mean).astype(np.float32)
 
@@ -90,13 +92,13 @@ class KnnHead:
 
 def fit_linear(x: np.ndarray, y: np.ndarray, n_classes: int, l2: float, stats: np.ndarray | None = None,
                sample_weight: np.ndarray | None = None, iters: int = 100) -> LinearHead:
-    """Class-balanced multinomial logistic regression (L-BFGS); ``stats``: rows whose mean/std
-    standardise the features (the pile's, when there is one: 10 labels give a poor std)."""
-    u = _unit(x)
-    ref = _unit(stats) if stats is not None and len(stats) > 1 else u
+    """Class-balanced multinomial logistic regression (L-BFGS) on standardised features; ``stats``:
+    rows whose mean/std standardise them (the pile's, when there is one: 10 labels give a poor std)."""
+    x = np.asarray(x, dtype=np.float32)
+    ref = np.asarray(stats, dtype=np.float32) if stats is not None and len(stats) > 1 else x
     mean = ref.mean(0)
     std = ref.std(0) + 1e-6
-    z = torch.from_numpy((u - mean) / std)
+    z = torch.from_numpy((x - mean) / std)
     yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     cw = torch.tensor(np.where(counts > 0, len(y) / (n_classes * np.maximum(counts, 1)), 0.0), dtype=torch.float32)
@@ -254,18 +256,19 @@ DEFAULT_PROTOCOL = "linear(l2=0.01)"
 
 
 def choose_protocol(x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarray | None = None,
-                    pile_rows: np.ndarray | None = None, seed: int = 0) -> Choice:
+                    pile_rows: np.ndarray | None = None, seed: int = 0, graph: Graph | None = None) -> Choice:
     """Cross-validate every candidate on (x, y) and return the choice.
 
     ``pile``: the unlabelled pile's features (spreading uses them); ``pile_rows``: for each labelled
-    image, its row in ``pile`` (-1 when it is not there: it is then added to the graph).
+    image, its row in ``pile`` (-1 when it is not there: it is then added to the graph); ``graph``:
+    the pile's ``Graph`` when it is already built (every labelled image then in the pile).
     """
     y = np.asarray(y, dtype=np.int64)
     if len(y) < 2 or len(np.unique(y)) < 2:
         raise FewLabelsError(f"a classifier needs at least 2 labelled images of 2 classes; got {len(y)} "
                              f"image(s) of {len(np.unique(y))} class(es)")
-    graph, rows = _graph(x, pile, pile_rows) if pile is not None else (None, None)
-    protocols, skipped = candidates(x, y, n_classes, graph.x if graph else None, graph, rows)
+    graph, rows = pile_graph(x, pile, pile_rows, graph) if pile is not None else (None, None)
+    protocols, skipped = candidates(x, y, n_classes, pile, graph, rows)
     held, scheme = folds(y, seed)
     if not held:
         pick = "spread" if graph is not None else DEFAULT_PROTOCOL
@@ -296,21 +299,25 @@ def choose_protocol(x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarr
     return Choice(best.protocol, best, estimates, skipped, note)
 
 
-def _graph(x: np.ndarray, pile: np.ndarray, pile_rows: np.ndarray | None) -> tuple[Graph, np.ndarray]:
-    """The graph of the pile plus the labelled images not in it, and each labelled image's node."""
+def pile_graph(x: np.ndarray, pile: np.ndarray, pile_rows: np.ndarray | None,
+           built: Graph | None = None) -> tuple[Graph, np.ndarray]:
+    """The graph of the pile plus the labelled images not in it, and each labelled image's node
+    (``built``: the pile's graph, reused when every labelled image is in the pile)."""
     pile_rows = np.full(len(x), -1) if pile_rows is None else np.asarray(pile_rows)
     extra = np.flatnonzero(pile_rows < 0)
+    if built is not None and not len(extra):
+        return built, pile_rows
     rows = pile_rows.copy()
     rows[extra] = len(pile) + np.arange(len(extra))
     return Graph(np.concatenate([pile, x[extra]]) if len(extra) else pile), rows
 
 
 def fit_protocol(name: str, x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarray | None = None,
-                 pile_rows: np.ndarray | None = None):
+                 pile_rows: np.ndarray | None = None, graph: Graph | None = None):
     """The head of protocol ``name`` fitted on all the labels (what ``choose_protocol`` chose)."""
     y = np.asarray(y, dtype=np.int64)
-    graph, rows = _graph(x, pile, pile_rows) if name == "spread" and pile is not None else (None, None)
-    protocols, _ = candidates(x, y, n_classes, _unit(pile) if pile is not None else None, graph, rows)
+    graph, rows = pile_graph(x, pile, pile_rows, graph) if name == "spread" and pile is not None else (None, None)
+    protocols, _ = candidates(x, y, n_classes, pile, graph, rows)
     found = {p.name: p for p in protocols}
     if name not in found:
         raise FewLabelsError(f"protocol {name!r} is not available here; choose from {', '.join(found)}")

@@ -16,9 +16,11 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, build_config, config_from_dict, recipe_names, recipe_values
-from ..rundir import CKPT_DIR, CONFIG, is_run
+from ..rundir import CKPT_DIR, CLASSIFIER, CONFIG, is_run
 from .backbone import BackboneError, build_backbone, feature_dim
 from .checkpoint_file import CheckpointError, backbone_tensors, latest_checkpoint, load_checkpoint
+
+CLASSIFIER_FORMAT = "openseer.classifier.v1"
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -130,6 +132,10 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
         for key in ("mean", "std"):
             if key in meta:
                 about[key] = [float(v) for v in json.loads(meta[key])]
+        if meta.get("format") == CLASSIFIER_FORMAT:  # a classifier: its head is read by use/classifier.py
+            head = set(json.loads(meta.get("head_keys", "[]")))
+            tensors = {k: v for k, v in tensors.items() if k not in head}
+            about["classifier"] = str(path)
         return _backbone_state(tensors), about, "safetensors"
     state = load_checkpoint(path, shallow=True)
     if isinstance(state.get("model"), dict):
@@ -158,6 +164,9 @@ def load_backbone(spec: str | None, random_init: bool = False, arch: str | None 
     elif path is not None and path.is_dir() and path.suffix == ".dcp":  # one sharded checkpoint
         tensors, about = _checkpoint(path, load_checkpoint(path, shallow=True))
         kind, where = "checkpoint", str(path)
+    elif path is not None and path.is_dir() and (path / CLASSIFIER).is_file():  # openseer finetune's output
+        tensors, about, kind = _read_file(path / CLASSIFIER)
+        kind, where = "classifier", str(path / CLASSIFIER)
     elif path is not None and path.is_dir():
         if not is_run(path):
             raise CheckpointError(f"{path} is not a run directory (no {CONFIG} or {CKPT_DIR}/)")
@@ -211,4 +220,6 @@ def load_backbone(spec: str | None, random_init: bool = False, arch: str | None 
         info["step"] = about["step"]
     if "config" in about:
         info["config"] = about["config"]
+    if "classifier" in about:
+        info["classifier"] = about["classifier"]
     return model, info

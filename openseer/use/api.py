@@ -3,6 +3,8 @@
     import openseer
     model = openseer.load("runs/a")              # run dir, checkpoint, exported file, or timm name
     emb = model.embed(["img1.jpg", "img2.png"])  # numpy (N, D) float32, one row per image
+    clf = openseer.load("clf/")                  # a classifier from `openseer finetune`
+    probs = clf.predict(["img1.jpg"])            # (N, C) class probabilities, columns clf.classes
     net = model.backbone                         # the plain timm nn.Module: images -> pooled features
     mid = openseer.load("runs/a", layer="s3+s4") # earlier stages, each pooled and L2-normalised, joined
 
@@ -139,6 +141,33 @@ class Model:
             f = self.features(x.to(self.device, non_blocking=True))
         return f.float().cpu().numpy()
 
+    @property
+    def classes(self) -> list[str] | None:
+        """The class names of a classifier (``openseer finetune``'s output), in the order of
+        ``predict``'s columns; None for a plain backbone."""
+        return self._head()[1] if self.info.get("classifier") else None
+
+    def _head(self):
+        if not hasattr(self, "_classifier"):
+            from .classifier import read_head
+
+            head, classes, meta = read_head(self.info["classifier"])
+            self._classifier = (head.to(self.device), classes, meta)
+        return self._classifier
+
+    def predict(self, images: Any, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities (N, C) float32 of a classifier, one row per image (columns: ``classes``).
+        ``images`` as for ``embed``."""
+        if not self.info.get("classifier"):
+            raise ValueError(f"{self.spec} is a backbone, not a classifier: train one with `openseer finetune`")
+        return self.probabilities(self.embed(images, batch_size=batch_size))
+
+    def probabilities(self, features: np.ndarray) -> np.ndarray:
+        """A classifier's class probabilities from features ``embed`` returned (N, D)."""
+        head = self._head()[0]
+        with torch.inference_mode():
+            return head(torch.from_numpy(np.array(features, np.float32)).to(self.device)).float().cpu().numpy()
+
     def embed_collection(self, data: str, out: str | Path, **options) -> dict:
         """``openseer embed``: a folder, file list or shards -> .npy + index.csv (resumable)."""
         from .embed import embed_collection
@@ -186,6 +215,10 @@ def load(spec: str | Path, arch: str | None = None, device: str = "cpu", random_
     from ..model.load import load_backbone
 
     backbone, info = load_backbone(str(spec), random_init=random_init, arch=arch, seed=seed)
+    if info.get("classifier"):  # its head reads the features it was fitted on
+        from .classifier import read_head
+
+        layer = read_head(info["classifier"])[2].get("layer", LAST)
     return Model(backbone, info, spec=str(spec), device=device, layer=layer)
 
 

@@ -1,0 +1,68 @@
+"""``openseer predict``: a classifier's top classes for every image of a collection.
+
+The images are embedded as ``openseer embed`` embeds them (any collection; resumable chunk by chunk in
+``OUT.parts/``, which a second run after an interruption continues; bad files skipped and listed with
+their reason), then the classifier's head turns each row into class probabilities. Output:
+``OUT`` (a CSV: path, key, then ``top`` pairs of class and probability, best first) and, beside it,
+``OUT`` with ``.bad.csv`` for the skipped files.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..fileio import atomic_write_text, csv_text
+from ..model.checkpoint_file import CheckpointError
+
+CHUNK_ROWS = 65536  # rows of probabilities computed at once
+
+
+def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_size: int = 64, workers: int = 0,
+            device: str = "cpu", progress: bool = True) -> dict:
+    """Write ``out`` (see the module docstring); returns counts and file names."""
+    from .api import load
+    from .embed import load_embeddings
+
+    t0 = time.perf_counter()
+    out = Path(out).expanduser()
+    if out.suffix.lower() != ".csv":
+        raise CheckpointError(f"--out {out}: predictions are written as a .csv file")
+    model = load(classifier, device=device)
+    if not model.info.get("classifier"):
+        raise CheckpointError(f"{classifier} is a backbone, not a classifier: make one with `openseer finetune`")
+    classes = model.classes or []
+    top = max(1, min(top, len(classes)))
+    work = out.with_name(out.name + ".parts")
+    meta = model.embed_collection(data, work, dtype="float32", batch_size=batch_size, workers=workers,
+                                  normalize=False, progress=progress)
+    if not meta.get("complete", True):
+        raise CheckpointError(f"predicting {data} stopped early; run the same command again to continue")
+    emb, rows = load_embeddings(work)
+    table: list[list] = []
+    for s in range(0, len(rows), CHUNK_ROWS):
+        p = model.probabilities(np.asarray(emb[s:s + CHUNK_ROWS], np.float32))
+        best = np.argsort(-p, axis=1, kind="stable")[:, :top]
+        for i, (r, idx) in enumerate(zip(rows[s:s + CHUNK_ROWS], best)):
+            cells = [r["path"], r["key"]]
+            for j in idx:
+                cells += [classes[j], f"{p[i, j]:.4f}"]
+            table.append(cells)
+    header = ["path", "key"] + [h for k in range(1, top + 1) for h in (f"class{k}", f"prob{k}")]
+    atomic_write_text(out, csv_text(table, header))
+    with open(work / "bad.csv", newline="", encoding="utf-8") as f:
+        bad = list(csv.DictReader(f))
+    bad_out = out.with_name(out.stem + ".bad.csv")
+    atomic_write_text(bad_out, csv_text([[b["path"], b["key"], b["reason"]] for b in bad], ["path", "key", "reason"]))
+    reasons: dict[str, int] = {}
+    for b in bad:
+        r = b["reason"].split(":")[0]
+        reasons[r] = reasons.get(r, 0) + 1
+    shutil.rmtree(work, ignore_errors=True)
+    return {"predicted": len(table), "bad": len(bad), "bad_by_reason": reasons, "classes": classes,
+            "files": {"predictions": str(out), "bad": str(bad_out)}, "seconds": round(time.perf_counter() - t0, 1),
+            "images_per_s": round(len(table) / max(time.perf_counter() - t0, 1e-9), 1)}
