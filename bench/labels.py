@@ -1,7 +1,7 @@
 """The label-efficiency curve: accuracy on Fashion-MNIST's test set from 10 to 600 labels.
 
-    .venv/bin/python bench/labels.py --model runs/demo
-    .venv/bin/python bench/labels.py --model runs/a --budgets 10,20,50,100 --seeds 5 --pile 20000
+    .venv/bin/python bench/labels.py --model runs/demo --pile 20000
+    .venv/bin/python bench/labels.py --model runs/a --budgets 10,20,50,100 --seeds 5 --sets openseer,pixels
 
 For each feature set (openseer's model, the same architecture with random weights, raw pixels), each
 budget and each seed, the labels are chosen two ways from the unlabelled pile (the first ``--pile``
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--pile", type=int, default=60000, help="unlabelled pile: the first N train images")
     p.add_argument("--sets", default="openseer,random_init,pixels", help="feature sets to measure")
+    p.add_argument("--layer", default="s3+s4", help="openseer's features (as eval --layer; the demo's: s3+s4)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             pile = xtr.flatten(1).float().numpy() / 255
             test = xte.flatten(1).float().numpy() / 255
         else:
-            model = load(args.model, random_init=name == "random_init")
+            model = load(args.model, random_init=name == "random_init", layer=args.layer)
             pile, test = _features(model, xtr), _features(model, xte)
         graph = Graph(pile)
         unit = _unit(pile)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"bench: {name} {strategy} {budget}: {cells[f'{strategy}_{budget}']}", file=sys.stderr, flush=True)
         results[name] = cells
         seconds[name] = {"features_and_graph": round(features_s, 1), "total": round(time.perf_counter() - t1, 1)}
-    print(json.dumps({"bench": "labels", "model": args.model, "pile": args.pile, "budgets": budgets,
+    print(json.dumps({"bench": "labels", "model": args.model, "layer": args.layer, "pile": args.pile, "budgets": budgets,
                       "seeds": args.seeds, "results": results, "seconds": seconds,
                       "total_s": round(time.perf_counter() - t0, 1)}))
     return 0

@@ -110,15 +110,16 @@ def load_run_config(run_dir: str | Path) -> Config:
     return load_config(Path(run_dir) / CONFIG)
 
 
-def check_writable(run_dir: Path) -> None:
-    """Refuse an output directory we cannot write, before any training."""
+def check_writable(run_dir: Path, error: type[Exception] = RunError,
+                   what: str = "cannot write to output directory {}") -> None:
+    """Refuse an output directory we cannot write, before any work: ``error(what.format(dir) + why)``."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as e:
-        raise RunError(f"cannot write to output directory {run_dir}: {e.strerror or e}") from None
+        raise error(f"{what.format(run_dir)}: {e.strerror or e}") from None
 
 
 def config_diff(a: Config, b: Config) -> str:

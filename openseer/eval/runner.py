@@ -7,7 +7,6 @@ probe and a full fine-tune; the same for the baselines; eval.json + eval.md.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -18,7 +17,7 @@ import torch
 
 from ..device import resolve_device
 from ..model.load import load_backbone
-from ..rundir import EVAL
+from ..rundir import EVAL, check_writable
 from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
 from .common import EvalError, EvalTransform, LabelledData, open_labelled, warn
 from .features import backbone_features, cache_dir
@@ -80,13 +79,7 @@ def default_out(opts: EvalOptions) -> Path:
 
 
 def _check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise EvalError(f"cannot write the report to {folder}: {e.strerror or e}") from None
+    check_writable(folder, EvalError, "cannot write the report to {}")
 
 
 class _Run:

@@ -377,15 +377,6 @@ def _flush_health(window: Window, health: Health) -> Window:
     return window
 
 
-def _flush_health(window: Window, health: Health) -> Window:
-    """Run the spike/collapse checks over the window's losses so far (one wait for the device)."""
-    if window.history:
-        _, history = window.read()
-        health.observe(history)
-        window.history = []
-    return window
-
-
 def _log_row(window: Window, stats: StepStats, run: Run, health: Health, log: MetricsLog, monitor: dict) -> None:
     """One metrics row for the window that ends at this step (all ranks: the loss is averaged); the
     method adds its own columns (``row``), e.g. SwAV's prototypes in use."""

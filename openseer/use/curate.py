@@ -34,7 +34,6 @@ the pile's own takedowns), ``decisions.csv``, ``curate.json`` (counts, settings,
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import math
@@ -326,7 +325,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     anything is written.
     """
     from ..data.collection import open_collection
-    from .embed import load_embeddings
+    from .embed import embed_pile, load_embeddings
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -362,15 +361,9 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
 
     log(f"openseer: curating {coll.description} with {model.arch} ({model.feature_dim}-d): keep {budget} images")
     t_embed = time.perf_counter()
-    meta = model.embed_collection(pile, out / "embed", dtype="float32", batch_size=batch_size, workers=workers,
-                                  normalize=True, progress=progress)
-    if not meta.get("complete", True):
-        raise CurateError(f"embedding {pile} stopped early; run the same command again to continue")
-    emb, index_rows = load_embeddings(out / "embed")
-    x = np.asarray(emb, dtype=np.float32)
+    x, index_rows, bad = embed_pile(model, pile, out / "embed", batch_size=batch_size, workers=workers,
+                                    progress=progress)
     embed_s = time.perf_counter() - t_embed
-    with open(out / "embed" / "bad.csv", newline="") as f:
-        bad = list(csv.DictReader(f))
     n = len(x)
     if n == 0:
         raise CurateError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")

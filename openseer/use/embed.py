@@ -230,6 +230,20 @@ def _finish(out: Path, coll: Collection, dim: int, np_dtype) -> dict:
             "files": {"embeddings": str(out / FINAL), "index": str(out / "index.csv"), "bad": str(out / "bad.csv")}}
 
 
+def embed_pile(model, data: str, folder: str | Path, normalize: bool = True, **options) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """Embed ``data`` into ``folder`` (resumable: ``embed_collection``) and read it back: (float32
+    embeddings, index rows, bad rows with their reasons), for the commands that work on a whole pile
+    (curate, select, finetune --pile, predict)."""
+    folder = Path(folder)
+    meta = model.embed_collection(data, folder, dtype="float32", normalize=normalize, **options)
+    if not meta.get("complete", True):
+        raise EmbedError(f"embedding {data} stopped early; run the same command again to continue")
+    emb, rows = load_embeddings(folder)
+    with open(folder / "bad.csv", newline="", encoding="utf-8") as f:
+        bad = list(csv.DictReader(f))
+    return np.asarray(emb, dtype=np.float32), rows, bad
+
+
 def load_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
     """(memory-mapped embeddings, index rows as dicts) of a finished ``openseer embed`` folder."""
     folder = Path(folder)

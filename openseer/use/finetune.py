@@ -69,7 +69,7 @@ def finetune(weights: str, data: str, out: str | Path, pile: str = "", layer: st
     from ..eval.features import backbone_features, cache_dir, pixel_features
     from .api import load
     from .classifier import head_module, save_classifier
-    from .embed import load_embeddings
+    from .embed import embed_pile
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -97,12 +97,8 @@ def finetune(weights: str, data: str, out: str | Path, pile: str = "", layer: st
     pile_x = rows = None
     pile_info: dict = {"given": False}
     if pile:
-        meta = model.embed_collection(pile, out / "pile", dtype="float32", batch_size=batch_size, workers=workers,
-                                      normalize=False, progress=progress)
-        if not meta.get("complete", True):
-            raise EvalError(f"embedding --pile {pile} stopped early; run the same command again to continue")
-        emb, index = load_embeddings(out / "pile")
-        pile_x = np.asarray(emb, np.float32)
+        pile_x, index, _ = embed_pile(model, pile, out / "pile", normalize=False, batch_size=batch_size,
+                                      workers=workers, progress=progress)
         rows = _pile_rows(index, keys, paths)
         pile_info = {"given": True, "spec": pile, "images": len(pile_x), "labelled_in_pile": int((rows >= 0).sum())}
     graph = None

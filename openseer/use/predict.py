@@ -9,7 +9,6 @@ their reason), then the classifier's head turns each row into class probabilitie
 
 from __future__ import annotations
 
-import csv
 import shutil
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_siz
             device: str = "cpu", progress: bool = True) -> dict:
     """Write ``out`` (see the module docstring); returns counts and file names."""
     from .api import load
-    from .embed import load_embeddings
+    from .embed import embed_pile
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -38,14 +37,11 @@ def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_siz
     classes = model.classes or []
     top = max(1, min(top, len(classes)))
     work = out.with_name(out.name + ".parts")
-    meta = model.embed_collection(data, work, dtype="float32", batch_size=batch_size, workers=workers,
-                                  normalize=False, progress=progress)
-    if not meta.get("complete", True):
-        raise CheckpointError(f"predicting {data} stopped early; run the same command again to continue")
-    emb, rows = load_embeddings(work)
+    emb, rows, bad = embed_pile(model, data, work, normalize=False, batch_size=batch_size, workers=workers,
+                                progress=progress)
     table: list[list] = []
     for s in range(0, len(rows), CHUNK_ROWS):
-        p = model.probabilities(np.asarray(emb[s:s + CHUNK_ROWS], np.float32))
+        p = model.probabilities(emb[s:s + CHUNK_ROWS])
         best = np.argsort(-p, axis=1, kind="stable")[:, :top]
         for i, (r, idx) in enumerate(zip(rows[s:s + CHUNK_ROWS], best)):
             cells = [r["path"], r["key"]]
@@ -54,8 +50,6 @@ def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_siz
             table.append(cells)
     header = ["path", "key"] + [h for k in range(1, top + 1) for h in (f"class{k}", f"prob{k}")]
     atomic_write_text(out, csv_text(table, header))
-    with open(work / "bad.csv", newline="", encoding="utf-8") as f:
-        bad = list(csv.DictReader(f))
     bad_out = out.with_name(out.stem + ".bad.csv")
     atomic_write_text(bad_out, csv_text([[b["path"], b["key"], b["reason"]] for b in bad], ["path", "key", "reason"]))
     reasons: dict[str, int] = {}

@@ -563,8 +563,8 @@ def run_summary(run_dir: str | Path, report_path: str | Path | None = None) -> s
             names = " and ".join(MODELS[b].rstrip("*") for b in baselines)
             lines.append(f"        pretrained model above {names} on {len(ahead)} of {len(compared)} rows")
             if len(ahead) < len(compared):
-                lines.append("        (rows under a baseline: pretrain longer; docs/benchmarks.md, 'The ten-minute "
-                             "demo', has the steps it takes on Fashion-MNIST)")
+                lines.append("        (rows under a baseline: pretrain longer; docs/benchmarks.md, 'Fashion-MNIST', "
+                             "has the steps it takes)")
     if report_path:
         lines.append(f"report: {report_path}")
     return "\n".join(lines)

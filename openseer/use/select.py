@@ -151,7 +151,7 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
     """Choose ``budget`` images of ``pile`` to label (see the module docstring); returns ``select.json``."""
     from ..data.collection import open_collection
     from .api import load
-    from .embed import load_embeddings
+    from .embed import embed_pile
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -167,14 +167,7 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
     model = load(model_spec, device=device, layer=layer)
     log(f"openseer select: {budget} images to label from {coll.description} with {model.arch} "
         f"({model.feature_dim}-d)" + (f", {len(known)} already labelled" if labelled else ""))
-    meta = model.embed_collection(pile, out / "embed", dtype="float32", batch_size=batch_size, workers=workers,
-                                  normalize=True, progress=progress)
-    if not meta.get("complete", True):
-        raise SelectError(f"embedding {pile} stopped early; run the same command again to continue")
-    emb, rows = load_embeddings(out / "embed")
-    x = np.asarray(emb, dtype=np.float32)
-    with open(out / "embed" / "bad.csv", newline="") as f:
-        bad = list(csv.DictReader(f))
+    x, rows, bad = embed_pile(model, pile, out / "embed", batch_size=batch_size, workers=workers, progress=progress)
     if len(x) == 0:
         raise SelectError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")
 
@@ -193,9 +186,8 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
         parts = [x[hit]]
         if outside:  # labelled images that are not in the pile: embedded on their own
             atomic_write_text(out / "labelled.txt", "".join(f"{p}\n" for p in outside))
-            model.embed_collection(str(out / "labelled.txt"), out / "labelled", dtype="float32",
-                                   batch_size=batch_size, workers=workers, normalize=True, progress=progress)
-            parts.append(np.asarray(load_embeddings(out / "labelled")[0], dtype=np.float32))
+            parts.append(embed_pile(model, str(out / "labelled.txt"), out / "labelled", batch_size=batch_size,
+                                    workers=workers, progress=progress)[0])
         lab_x = np.concatenate(parts)
         candidates &= ~np.isin(groups, groups[hit])  # labelled images and their near-copies
     picks = choose(x, budget, candidates, lab_x, seed=seed)
