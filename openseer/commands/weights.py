@@ -12,13 +12,14 @@ from pathlib import Path
 from ..config import ConfigError
 from .options import add_device, add_parser, add_threads, check_pile, device, set_threads
 
-FORMATS = ("safetensors", "torchscript", "onnx", "vissl")  # openseer.use.export.FORMATS, without importing torch
+FORMATS = ("safetensors", "torchscript", "onnx", "vissl", "timm")  # openseer.use.export.FORMATS, without importing torch
 
 EXPORT_EXAMPLES = """examples:
   openseer export runs/a --format safetensors --out backbone.safetensors   # timm key names + metadata
   openseer export runs/a --format torchscript --out backbone.pt            # checked against PyTorch
   openseer export runs/a --format onnx --out backbone.onnx                 # checked with onnxruntime (CPU)
   openseer export rg32.safetensors --format vissl --out rg32.torch         # back to VISSL's layout
+  openseer export runs/a --out exported/    # timm's hub layout: timm.create_model('local-dir:exported', pretrained=True)
   openseer export runs/a --format onnx --int8 --calibrate /pile --out a-int8.onnx   # static int8, calibrated
   openseer export runs/a backbone.safetensors                              # (older form: OUT positional)
 
@@ -36,7 +37,7 @@ def add_export(sub: argparse._SubParsersAction) -> None:
                                                      "exported/imported file, or a timm name")
     p.add_argument("out_pos", nargs="?", metavar="OUT", help=argparse.SUPPRESS)
     p.add_argument("--out", help="output file")
-    p.add_argument("--format", choices=FORMATS, help="default: from the file name (.safetensors, .pt/.ts, .onnx, .torch)")
+    p.add_argument("--format", choices=FORMATS, help="default: from the file name (.safetensors, .pt/.ts, .onnx, .torch; a folder/: timm)")
     p.add_argument("--backbone", metavar="NAME", help="architecture of a file that does not record it")
     p.add_argument("--no-check", action="store_true", help="do not compare TorchScript/ONNX outputs with PyTorch")
     p.add_argument("--tolerance", type=float, default=1e-3,
@@ -72,6 +73,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     r = export(args.source, out, args.format, arch=args.backbone, check=not args.no_check, opset=args.opset)
     print(f"openseer: backbone of {args.source} -> {r['path']} ({r['format']})")
+    if r.get("note"):
+        print(f"openseer: note: {r['note']}")
     diff = r.get("max_abs_diff")
     if diff is not None:
         scale = max(1.0, r.get("max_abs_ref", 1.0))

@@ -19,12 +19,14 @@ metadata, a TorchScript extra file ``openseer.json``, ONNX ``metadata_props``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from ..config import config_from_dict
-from ..fileio import usual_mode
+from ..eval.common import RESIZE_RATIO
+from ..fileio import atomic_write_text, usual_mode
 from ..model.checkpoint_file import (  # noqa: F401
     PREFIX,
     CheckpointError,
@@ -67,7 +69,7 @@ def export_backbone(source: str | Path, out_path: str | Path) -> Path:
 
 # ---------------------------------------------------------------- every format
 
-FORMATS = ("safetensors", "torchscript", "onnx", "vissl")
+FORMATS = ("safetensors", "torchscript", "onnx", "vissl", "timm")
 _SUFFIXES = {".safetensors": "safetensors", ".pt": "torchscript", ".ts": "torchscript", ".torchscript": "torchscript",
              ".jit": "torchscript", ".onnx": "onnx", ".torch": "vissl", ".pth": "vissl"}
 
@@ -79,9 +81,11 @@ def format_for(out_path: str | Path, fmt: str | None = None) -> str:
             raise CheckpointError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
         return fmt
     suffix = Path(out_path).suffix.lower()
+    if not suffix and (str(out_path).endswith("/") or Path(out_path).is_dir()):
+        return "timm"  # a folder: timm's hub layout
     if suffix not in _SUFFIXES:
         raise CheckpointError(f"cannot tell the export format from {out_path}: pass --format "
-                              f"({', '.join(FORMATS)}) or name the file .safetensors/.pt/.onnx/.torch")
+                              f"({', '.join(FORMATS)}) or name the file .safetensors/.pt/.onnx/.torch (or a folder/ for timm's layout)")
     return _SUFFIXES[suffix]
 
 
@@ -99,6 +103,39 @@ def file_metadata(info: dict) -> dict[str, str]:
     if info.get("stem_stride"):
         meta["stem_stride"] = str(info["stem_stride"])  # not timm's default: build with this stem stride
     return meta
+
+
+def timm_config(model: torch.nn.Module, info: dict) -> dict:
+    """``config.json`` in timm's hub layout: the architecture and the ``pretrained_cfg`` that
+    ``timm.data.resolve_data_config`` reads, so timm's own ``create_transform`` reproduces openseer's
+    eval transform (shorter side to 1.14 x crop, centre crop, the training mean/std)."""
+    crop = int(info["crop_size"])
+    short = int(math.floor(crop * RESIZE_RATIO + 0.5))
+    base = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg = {"input_size": [3, crop, crop], "fixed_input_size": False, "interpolation": "bilinear",
+           "crop_pct": round(crop / (short + 0.25), 6),  # timm resizes to floor(crop / crop_pct) = short
+           "crop_mode": "center", "mean": list(info["mean"]), "std": list(info["std"]), "num_classes": 0,
+           "first_conv": base.get("first_conv"), "classifier": base.get("classifier")}
+    doc = {"architecture": info["arch"], "num_classes": 0, "num_features": int(info.get("feature_dim") or 0),
+           "pretrained_cfg": {k: v for k, v in cfg.items() if v is not None}}
+    stride = int(info.get("stem_stride") or 0)
+    if stride:
+        doc["openseer"] = {"stem_stride": stride,
+                           "note": f"trained with the stem convolution at stride {stride}: after "
+                                   f"timm.create_model, set the first Conv2d's stride to ({stride}, {stride})"}
+    return doc
+
+
+def save_timm_folder(model: torch.nn.Module, info: dict, out_dir: str | Path) -> str:
+    """``model.safetensors`` + ``config.json`` in timm's hub layout: ``timm.create_model(
+    'local-dir:OUT', pretrained=True)`` builds the model with openseer's input size and mean/std (the
+    Hugging Face Hub takes the folder unchanged). Returns a note for a stem timm cannot express."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model, info, out_dir / "model.safetensors")
+    doc = timm_config(model, info)
+    atomic_write_text(out_dir / "config.json", json.dumps(doc, indent=2) + "\n")
+    return doc.get("openseer", {}).get("note", "")
 
 
 def _atomic(out_path: Path, write) -> Path:
@@ -220,8 +257,8 @@ def export(source: str | Path, out_path: str | Path, fmt: str | None = None, arc
     Returns ``{"path", "format", "arch", "max_abs_diff", "max_abs_ref", ...}``; ``max_abs_diff`` is
     the largest difference from the PyTorch backbone for TorchScript and ONNX (None when not checked).
     """
+    fmt = format_for(out_path, fmt)  # before Path() drops a folder's trailing slash
     out_path = Path(out_path)
-    fmt = format_for(out_path, fmt)
     src = Path(str(source)).expanduser()
     if fmt == "safetensors" and not arch and src.is_dir():
         path = export_backbone(src, out_path)  # straight from the checkpoint (also sharded .dcp)
@@ -235,12 +272,14 @@ def export(source: str | Path, out_path: str | Path, fmt: str | None = None, arc
 def export_model(model: torch.nn.Module, info: dict, out_path: str | Path, fmt: str | None = None,
                  check: bool = True, opset: int | None = None) -> dict:
     """Export an in-memory backbone with its ``load_backbone`` info (see ``export``)."""
-    out_path = Path(out_path)
     fmt = format_for(out_path, fmt)
+    out_path = Path(out_path)
     model = model.float().cpu().eval()
     result: dict = {"path": str(out_path), "format": fmt, "arch": info["arch"], "max_abs_diff": None}
     if fmt == "safetensors":
         save_safetensors(model, info, out_path)
+    elif fmt == "timm":
+        result["note"] = save_timm_folder(model, info, out_path)
     elif fmt == "vissl":
         save_vissl(model, info, out_path)
     elif fmt == "torchscript":

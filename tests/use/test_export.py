@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import ImageFilter
 from safetensors import safe_open
 
 from openseer.commands import main
@@ -180,3 +182,38 @@ def test_int8_empty_calibration_set_or_wrong_format_one_message(small_run, tmp_p
     code = main(["export", str(small_run), "--int8", "--calibrate", str(empty), "--out", str(tmp_path / "c.pt")])
     assert code != 0 and "ONNX only" in capsys.readouterr().err
     assert not any(tmp_path.glob("*.onnx")) and not any(tmp_path.glob("*.pt"))
+
+
+def test_a_timm_folder_export_gives_timm_the_right_input_size_mean_std_and_features(tmp_path):
+    """openseer export RUN --out DIR/: timm's hub layout (config.json + model.safetensors); a model built
+    through timm ('local-dir:') and fed by timm's own resolve_data_config + create_transform gives
+    openseer's features."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    import openseer
+
+    run = make_run(tmp_path / "run", arch="regnety_002")  # 24-px crops, timm's own stem
+    out = tmp_path / "exported"
+    assert main(["export", str(run), "--out", f"{out}/"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architecture"] == "regnety_002" and cfg["pretrained_cfg"]["input_size"] == [3, 24, 24]
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    data_cfg = resolve_data_config({}, model=model)
+    ours = openseer.load(run)
+    assert tuple(data_cfg["input_size"]) == (3, 24, 24)
+    assert list(data_cfg["mean"]) == pytest.approx(list(ours.transform.mean))
+    assert list(data_cfg["std"]) == pytest.approx(list(ours.transform.std))
+    transform = create_transform(**data_cfg)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(2))
+              for _ in range(4)]
+    with torch.no_grad():
+        theirs = model(torch.stack([transform(im) for im in images])).numpy()
+    mine = ours.embed(images)
+    cos = (theirs * mine).sum(1) / (np.linalg.norm(theirs, axis=1) * np.linalg.norm(mine, axis=1))
+    assert cos.min() > 0.99, cos
+    # a stem timm cannot express is named where the export is written, and in config.json
+    run1 = make_run(tmp_path / "run1", arch="regnety_002", overrides=("model.stem_stride=1",))
+    r = export(run1, tmp_path / "exported1", "timm")
+    assert "stride" in r["note"] and json.loads((tmp_path / "exported1" / "config.json").read_text())["openseer"]
