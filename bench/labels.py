@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pile", type=int, default=60000, help="unlabelled pile: the first N train images")
     p.add_argument("--sets", default="openseer,random_init,pixels", help="feature sets to measure")
     p.add_argument("--layer", default="s3+s4", help="openseer's features (as eval --layer; the demo's: s3+s4)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (1 suits the small fits; default torch's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

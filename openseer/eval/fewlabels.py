@@ -11,7 +11,8 @@ Protocols (each fits on labelled features and returns class probabilities for an
   image. Needs the pile's features; the unlabelled pile is what few labels lack.
 
 ``choose_protocol`` estimates each candidate by cross-validation on the labels alone (stratified
-k-fold when every class has enough images, else leave-one-out), keeps the best, and reports its
+k-fold, k up to 5 and at most the smallest class's count, when every class has 2 images or more;
+else leave-one-out), keeps the best, and reports its
 held-out accuracy with a Wilson 95% interval: with 20 labels an estimate is worth +-20 points, and the
 interval says so. (Picking the best of several candidates on the same folds flatters the winner a
 little; the interval is over the held-out predictions.)
@@ -225,11 +226,13 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def folds(y: np.ndarray, seed: int = 0, k: int = FOLDS) -> tuple[list[np.ndarray], str]:
-    """Held-out index sets: stratified k-fold when every class has at least k images, else
-    leave-one-out. An image that is the only one of its class is never held out (its class would
-    have no example left); a set of such images only gives no folds at all."""
+    """Held-out index sets: stratified k-fold, with k = min(``k``, the smallest class's count), when
+    every class has at least 2 images; else leave-one-out. An image that is the only one of its class
+    is never held out (its class would have no example left); a set of such images only gives no folds."""
     counts = np.bincount(y)
-    if counts[counts > 0].min() >= k:
+    smallest = int(counts[counts > 0].min())
+    if smallest >= 2:
+        k = min(k, smallest)
         rng = np.random.default_rng(seed)
         fold_of = np.empty(len(y), dtype=np.int64)
         for c in np.flatnonzero(counts):

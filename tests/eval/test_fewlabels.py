@@ -21,6 +21,8 @@ def test_folds_stratify_and_never_hold_out_a_class_s_only_image():
     held, scheme = folds(y)
     assert scheme == "stratified 5-fold" and sorted(np.concatenate(held).tolist()) == list(range(30))
     assert all(np.bincount(y[h], minlength=3).tolist() == [2, 2, 2] for h in held)
+    held, scheme = folds(np.repeat(np.arange(3), [2, 3, 4]))  # the smallest class decides k
+    assert scheme == "stratified 2-fold" and len(held) == 2
     y = np.array([0, 0, 0, 1, 2, 2])  # class 1 has one image
     held, scheme = folds(y)
     assert scheme == "leave-one-out" and 3 not in np.concatenate(held)
@@ -81,7 +83,7 @@ def test_label_spreading_follows_the_pile_where_the_labels_alone_mislead():
     n = len(pile) // 2
     labelled = np.array([0, 3, n, n + 3])  # the tip of each moon that points at the other moon
     choice = choose_protocol(pile[labelled], truth[labelled], 2, pile=pile, pile_rows=labelled)
-    assert choice.best is not None and choice.best.scheme == "leave-one-out"
+    assert choice.best is not None and choice.best.scheme == "stratified 2-fold"
     test, test_y = _moons(seed=1)
     acc = {}
     for name in ("knn", "linear(l2=0.01)", "spread"):
