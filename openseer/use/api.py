@@ -216,9 +216,9 @@ def load(spec: str | Path, arch: str | None = None, device: str = "cpu", random_
 
     backbone, info = load_backbone(str(spec), random_init=random_init, arch=arch, seed=seed)
     if info.get("classifier"):  # its head reads the features it was fitted on
-        from .classifier import read_head
+        from .classifier import classifier_meta
 
-        layer = read_head(info["classifier"])[2].get("layer", LAST)
+        layer = classifier_meta(info["classifier"]).get("layer", LAST)
     return Model(backbone, info, spec=str(spec), device=device, layer=layer)
 
 

@@ -110,26 +110,16 @@ def save_classifier(out: str | Path, backbone: nn.Module, info: dict, head: nn.M
     return path
 
 
-def classifier_file(spec: str | Path) -> Path | None:
-    """The classifier file of ``spec`` (a folder holding one, or the file), or None."""
-    p = Path(spec).expanduser()
-    if p.is_dir() and (p / CLASSIFIER).is_file():
-        p = p / CLASSIFIER
-    if p.is_file() and p.suffix == ".safetensors":
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                if (f.metadata() or {}).get("format") == CLASSIFIER_FORMAT:
-                    return p
-        except Exception:  # not a readable safetensors file: not a classifier either
-            return None
-    return None
+def classifier_meta(path: str | Path) -> dict:
+    """A classifier file's metadata (no tensors read)."""
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def read_head(path: str | Path) -> tuple[nn.Module, list[str], dict]:
     """(head module, class names, metadata) of a classifier file."""
     path = Path(path)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = classifier_meta(path)
     if meta.get("format") != CLASSIFIER_FORMAT:
         raise CheckpointError(f"{path} is not an openseer classifier (no {CLASSIFIER_FORMAT} metadata)")
     tensors = load_file(str(path))

@@ -325,7 +325,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     anything is written.
     """
     from ..data.collection import open_collection
-    from .embed import embed_pile, load_embeddings
+    from .embed import embed_pile, reason_counts
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -377,11 +377,8 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     ref_info: dict = {"given": False}
     ref_sim = np.full(n, np.nan, dtype=np.float32)
     if reference:
-        ref_meta = model.embed_collection(reference, out / "reference", dtype="float32", batch_size=batch_size,
-                                          workers=workers, normalize=True, progress=progress)
-        if not ref_meta.get("complete", True):
-            raise CurateError("embedding --reference stopped early; run the same command again")
-        ref = np.asarray(load_embeddings(out / "reference")[0], dtype=np.float32)
+        ref = embed_pile(model, reference, out / "reference", batch_size=batch_size, workers=workers,
+                         progress=progress)[0]
         th = reference_threshold(ref)
         ref_sim = nearest_similarity(x, ref)
         offdomain = ref_sim < th
@@ -436,11 +433,9 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         decisions.append([keys[i], paths[i], g if sizes[g] > 1 else "", keys[group_rep[g]] if why == "duplicate" else "",
                           int(assign_all[i]), "yes" if kept[i] else "no", why,
                           "" if np.isnan(ref_sim[i]) else f"{ref_sim[i]:.4f}", "yes" if offdomain[i] else ""])
-    bad_reasons: dict[str, int] = {}
+    bad_reasons = reason_counts(b["reason"] for b in bad)
     for b in bad:
-        r = b["reason"].split(":")[0]
-        bad_reasons[r] = bad_reasons.get(r, 0) + 1
-        decisions.append([b["key"], b["path"], "", "", "", "no", f"bad:{r}", "", ""])
+        decisions.append([b["key"], b["path"], "", "", "", "no", f"bad:{b['reason'].split(':')[0]}", "", ""])
     n_kept = int(kept.sum())
 
     before = np.bincount(assign_all[assign_all >= 0], minlength=k) if n else np.zeros(k, int)

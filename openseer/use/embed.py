@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -215,19 +216,20 @@ def _finish(out: Path, coll: Collection, dim: int, np_dtype) -> dict:
     atomic_write_text(out / "bad.csv", _csv([[k, p, r] for _, k, p, r in bad], ["key", "path", "reason"]))
     shutil.rmtree(parts, ignore_errors=True)
     if not good:
-        reasons_n: dict[str, int] = {}
-        for *_, r in bad:
-            reasons_n[r.split(":")[0]] = reasons_n.get(r.split(":")[0], 0) + 1
+        reasons_n = reason_counts(r for *_, r in bad)
         raise EmbedError(f"no usable image in {coll.description}: all {len(bad)} were skipped "
                          f"({', '.join(f'{k} {v}' for k, v in sorted(reasons_n.items()))}); see {out / 'bad.csv'}")
     if bad:
-        reasons: dict[str, int] = {}
-        for *_, r in bad:
-            reasons[r.split(":")[0]] = reasons.get(r.split(":")[0], 0) + 1
+        reasons = reason_counts(r for *_, r in bad)
         print(f"openseer: skipped {len(bad)} images ({', '.join(f'{k} {v}' for k, v in reasons.items())}); "
               f"listed in {out / 'bad.csv'}", file=sys.stderr)
     return {"n": int(len(good_rows)), "n_bad": len(bad),
             "files": {"embeddings": str(out / FINAL), "index": str(out / "index.csv"), "bad": str(out / "bad.csv")}}
+
+
+def reason_counts(reasons) -> dict[str, int]:
+    """How many skips of each kind: a reason's kind is the part before its first ':'."""
+    return dict(Counter(str(r).split(":")[0] for r in reasons))
 
 
 def embed_pile(model, data: str, folder: str | Path, normalize: bool = True, **options) -> tuple[np.ndarray, list[dict], list[dict]]:

@@ -32,14 +32,6 @@ from ..rundir import CLASSIFIER, FINETUNE
 PIXEL_SIZE = 32  # raw-pixel baseline: the eval geometry at this side (at most the crop)
 
 
-def _bad_reasons(bad: list) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for _, reason in bad:
-        r = str(reason).split(":")[0]
-        out[r] = out.get(r, 0) + 1
-    return out
-
-
 def _choice_dict(c: Choice) -> dict:
     return {"protocol": c.protocol, "note": c.note, "skipped": c.skipped,
             "estimate": None if c.best is None else vars(c.best), "candidates": [vars(e) for e in c.estimates]}
@@ -69,7 +61,7 @@ def finetune(weights: str, data: str, out: str | Path, pile: str = "", layer: st
     from ..eval.features import backbone_features, cache_dir, pixel_features
     from .api import load
     from .classifier import head_module, save_classifier
-    from .embed import embed_pile
+    from .embed import embed_pile, reason_counts
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -115,7 +107,7 @@ def finetune(weights: str, data: str, out: str | Path, pile: str = "", layer: st
         "format": "openseer.finetune.v1", "weights": weights, "arch": model.arch, "layer": model.layer or "last",
         "data": labelled.describe() | {"split": labelled.split}, "classes": labelled.classes,
         "labelled": len(y), "per_class": np.bincount(y, minlength=labelled.n_classes).tolist(),
-        "bad": len(bad), "bad_by_reason": _bad_reasons(bad), "pile": pile_info, "seed": seed,
+        "bad": len(bad), "bad_by_reason": reason_counts(r for _, r in bad), "pile": pile_info, "seed": seed,
         "choice": _choice_dict(choice), "pixels": _choice_dict(pixels) | {"side": size},
         "trained": "frozen features: the backbone is not trained, the head is fitted on every label",
     }

@@ -25,7 +25,7 @@ def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_siz
             device: str = "cpu", progress: bool = True) -> dict:
     """Write ``out`` (see the module docstring); returns counts and file names."""
     from .api import load
-    from .embed import embed_pile
+    from .embed import embed_pile, reason_counts
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -52,10 +52,7 @@ def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_siz
     atomic_write_text(out, csv_text(table, header))
     bad_out = out.with_name(out.stem + ".bad.csv")
     atomic_write_text(bad_out, csv_text([[b["path"], b["key"], b["reason"]] for b in bad], ["path", "key", "reason"]))
-    reasons: dict[str, int] = {}
-    for b in bad:
-        r = b["reason"].split(":")[0]
-        reasons[r] = reasons.get(r, 0) + 1
+    reasons = reason_counts(b["reason"] for b in bad)
     shutil.rmtree(work, ignore_errors=True)
     return {"predicted": len(table), "bad": len(bad), "bad_by_reason": reasons, "classes": classes,
             "files": {"predictions": str(out), "bad": str(bad_out)}, "seconds": round(time.perf_counter() - t0, 1),

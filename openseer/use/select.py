@@ -151,7 +151,7 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
     """Choose ``budget`` images of ``pile`` to label (see the module docstring); returns ``select.json``."""
     from ..data.collection import open_collection
     from .api import load
-    from .embed import embed_pile
+    from .embed import embed_pile, reason_counts
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -173,6 +173,7 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
 
     groups = pile_duplicate_groups(pile, x, rows, dup_by, dup_threshold, progress)
     candidates = group_representatives(x, groups)
+    distinct = int(candidates.sum())  # one per near-copy group
     lab_x = np.zeros((0, x.shape[1]), np.float32)
     in_pile = 0
     if known:
@@ -196,15 +197,12 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
     table = [[rows[p.row]["path"] or rows[p.row]["key"], "", rows[p.row]["key"], p.cluster, p.cluster_size,
               f"{p.typicality:.4f}", i + 1] for i, p in enumerate(picks)]
     atomic_write_text(out / "to_label.csv", csv_text(table, header))
-    reasons: dict[str, int] = {}
-    for b in bad:
-        r = b["reason"].split(":")[0]
-        reasons[r] = reasons.get(r, 0) + 1
+    reasons = reason_counts(b["reason"] for b in bad)
     summary = {
         "format": FORMAT, "pile": coll.description, "pile_spec": pile, "model": model_spec, "arch": model.arch,
         "feature_dim": model.feature_dim, "layer": model.layer, "budget": budget, "chosen": len(picks),
         "inputs": coll.n, "decoded": len(x), "bad": len(bad), "bad_by_reason": reasons,
-        "candidates": int(candidates.sum()), "duplicates_left_out": int(len(x) - group_representatives(x, groups).sum()),
+        "candidates": int(candidates.sum()), "duplicates_left_out": len(x) - distinct,
         "dup_by": dup_by, "dup_threshold": dup_threshold, "labelled": labelled or None,
         "labelled_images": len(known), "labelled_in_pile": in_pile, "clusters": len(lab_x) + budget,
         "method": "typical member of each of the largest uncovered k-means clusters (TypiClust)",
