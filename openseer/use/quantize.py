@@ -16,6 +16,7 @@ PyTorch backbone: the largest absolute feature difference and the per-image cosi
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from ..data.decode import DataError
 from ..eval.common import EvalTransform
 from ..model.checkpoint_file import CheckpointError
-from .export import file_metadata, save_onnx
+from .export import file_metadata, output_name, save_onnx
 
 CALIBRATION_BATCH = 32
 
@@ -70,7 +71,8 @@ def calibration_batch(spec: str, n: int, info: dict) -> tuple[torch.Tensor, dict
         skipped = f" ({sum(bad.values())} unreadable: {bad})" if bad else ""
         raise QuantizeError(f"no calibration images could be read from {spec}{skipped}: give --calibrate a "
                             f"folder, file list or shards holding images")
-    return torch.cat(images), {"images": len(images), "skipped": bad, "source": coll.description}
+    return torch.cat(images), {"images": len(images), "skipped": bad, "source": coll.description,
+                               "available": int(coll.n)}
 
 
 def _session(path: Path, threads: int = 0):
@@ -95,6 +97,24 @@ def compare(ref: np.ndarray, got: np.ndarray) -> dict:
             "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
 
 
+def top1_agreement(ref: np.ndarray, got: np.ndarray) -> float:
+    """The share of rows whose highest-scoring class is the same in ``got`` as in ``ref``."""
+    return float((ref.argmax(1) == got.argmax(1)).mean())
+
+
+def refusal_advice(calibration: dict, n: int, threshold: str) -> str:
+    """What can still help when an int8 export is refused: more of the pile's images only when the
+    calibration did not use them all (``calibration_batch``'s counts), else another pile, a looser
+    ``threshold`` (the option that refused it) or the fp32 export."""
+    used, available = int(calibration["images"]), int(calibration.get("available") or 0)
+    if used >= n and available > used:
+        more = f"calibrate on more of its {available} images (--calibrate-n {min(available, max(4 * n, 256))}), "
+    else:
+        more = (f"all {used} readable calibration images were used: calibrate on a larger pile of the images "
+                f"the model will see (--calibrate), ")
+    return f"{more}accept a looser {threshold} if that is close enough for you, or keep the fp32 ONNX export (drop --int8)"
+
+
 def _count_ops(path: Path, op: str) -> int:
     import onnx
 
@@ -106,7 +126,8 @@ def export_int8(model: torch.nn.Module, info: dict, out_path: str | Path, calibr
     """Write a static int8 (QDQ) ONNX model of ``model`` calibrated on ``n`` images of ``calibrate``.
 
     Returns sizes (fp32 and int8 bytes), the calibration counts, and ``compare``'s numbers for the
-    int8 model (onnxruntime, CPU) against the fp32 PyTorch backbone on the calibration sample.
+    int8 model (onnxruntime, CPU) against the fp32 PyTorch model on the calibration sample; for a
+    classifier (``info['head_meta']``, ``model`` the whole classifier) also ``top1_agreement``.
     ``reduce_range=False`` gives the weights the full int8 range (see the module docstring).
     """
     try:
@@ -156,14 +177,17 @@ def export_int8(model: torch.nn.Module, info: dict, out_path: str | Path, calibr
     result = {"path": str(out_path), "format": "onnx", "int8": True, "arch": info["arch"],
               "bytes": out_path.stat().st_size, "fp32_bytes": fp32_bytes, "calibration": counts,
               "batchnorm_left": bn_left, **compare(ref, got)}
+    if info.get("head_meta"):
+        result["top1_agreement"] = top1_agreement(ref, got)
     return result
 
 
 def export_quantized(source: str, out_path: str | Path, calibrate: str | None, n: int = 256, fmt: str | None = None,
-                     arch: str | None = None, opset: int | None = None) -> dict:
-    """``openseer export SOURCE --int8 --calibrate PILE``: load the weights, then ``export_int8``."""
+                     arch: str | None = None, opset: int | None = None, backbone_only: bool = False) -> dict:
+    """``openseer export SOURCE --int8 --calibrate PILE``: load the weights, then ``export_int8`` (of
+    the whole classifier when SOURCE is one, unless ``backbone_only``)."""
     from ..model.load import load_backbone
-    from .export import format_for
+    from .export import classifier_parts, format_for
 
     if not calibrate:
         raise QuantizeError("--int8 needs calibration images: --calibrate PILE (a folder, file list, shards "
@@ -173,7 +197,13 @@ def export_quantized(source: str, out_path: str | Path, calibrate: str | None, n
         raise QuantizeError(f"--int8 is offered for ONNX only (--format onnx); not {fmt}: torch's int8 "
                             f"(torch.ao) did not run faster than fp32 on the CPUs measured (docs/benchmarks.md)")
     model, info = load_backbone(str(source), arch=arch)
+    if info.get("classifier") and not backbone_only:
+        model, info, _ = classifier_parts(model, info)
+        result = export_int8(model, info, out_path, calibrate, n=n, opset=opset)
+        classes = json.loads(info["head_meta"]["classes"])
+        return result | {"classifier": True, "classes": classes, "output": output_name(info)}
     return export_int8(model, info, out_path, calibrate, n=n, opset=opset)
 
 
-__all__ = ["QuantizeError", "calibration_batch", "compare", "export_int8", "export_quantized", "run_onnx"]
+__all__ = ["QuantizeError", "calibration_batch", "compare", "export_int8", "export_quantized", "refusal_advice",
+           "run_onnx", "top1_agreement"]
