@@ -184,3 +184,12 @@ def classifier_net(backbone: nn.Module, head: nn.Module, layer: str, arch: str =
                 return net.eval(), "logits"
         return Classify(feature_model(backbone, names), copy.deepcopy(head.fc)).eval(), "logits"
     return Classify(feature_model(backbone, names), head).eval(), "probabilities"
+
+
+def head_names(net: nn.Module) -> set[str]:
+    """The state-dict names of the head's tensors in a ``classifier_net`` module (timm's classifier
+    weights, or the ``Classify`` head's): what an exporter finds as the head's initializers."""
+    if isinstance(net, Classify):
+        return {f"head.{k}" for k in net.head.state_dict()}
+    prefix = _classifier_name(net) + "."
+    return {k for k in net.state_dict() if k.startswith(prefix)}

@@ -168,7 +168,9 @@ def test_int8_export_refused_past_the_tolerance(small_run, calib, tmp_path, caps
     code = main(["export", str(small_run), "--format", "onnx", "--int8", "--calibrate", str(calib),
                  "--calibrate-n", "8", "--min-cosine", "1.01", "--out", str(out)])
     assert code == 1 and not out.exists()
-    assert "below --min-cosine 1.01" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "below --min-cosine 1.01" in err
+    assert "more of its 24 images (--calibrate-n 24)" in err  # 8 of 24 used: more can help
 
 
 def test_int8_empty_calibration_set_or_wrong_format_one_message(small_run, tmp_path, capsys):
