@@ -365,6 +365,8 @@ def classifier_parts(backbone: torch.nn.Module, info: dict) -> tuple[torch.nn.Mo
     net, _ = classifier_net(backbone, head, layer, info["arch"])
     tensors, kind = head_tensors(backbone, head, layer)
     fields = head_fields(classes, layer, meta.get("protocol", ""), kind)
+    if meta.get("about"):  # finetune's estimate travels with the classifier
+        fields["about"] = meta["about"]
     return net, {**info, "head_meta": fields}, tensors
 
 

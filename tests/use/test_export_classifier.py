@@ -52,7 +52,8 @@ def _classifiers(root: Path, arch: str, paths: list[Path], mid_layer: str) -> di
     last = openseer.load(run)
     x = last.embed(paths)
     linear = head_module(fit_linear(x, y, 3, l2=0.01))
-    save_classifier(root / "clf", last.backbone, last.info, linear, CLASSES, "last", "linear(l2=0.01)")
+    save_classifier(root / "clf", last.backbone, last.info, linear, CLASSES, "last", "linear(l2=0.01)",
+                    extra={"labelled": len(y)})
     mid = openseer.load(run, layer=mid_layer)
     xm = mid.embed(paths)
     knn = head_module(KnnHead(xm / np.linalg.norm(xm, axis=1, keepdims=True), y, 3, k=5))
@@ -95,12 +96,15 @@ def test_safetensors_and_timm_folder_hold_the_whole_classifier_and_load_back(mad
     assert {"head.fc.weight", "head.fc.bias"} <= keys  # timm's classifier keys for RegNet
     assert json.loads(meta["classes"]) == CLASSES and meta["num_classes"] == "3" and meta["head"] == "linear"
     assert meta["format"] == "openseer.classifier.v1" and json.loads(meta["input_size"]) == [3, 24, 24]
+    assert meta["protocol"] == "linear(l2=0.01)" and json.loads(meta["about"]) == {"labelled": 24}
     net = timm.create_model("regnety_002", num_classes=3).eval()
     net.load_state_dict(_tensors(out), strict=True)  # timm's own model with num_classes=3 takes it as is
     with torch.no_grad():
         assert np.abs(net(prepare(made["new"], clf.transform)).numpy() - _logits(clf, made["new"])).max() < 1e-4
     again = openseer.load(out)  # the exported file reads back as a classifier
     assert again.classes == CLASSES and np.allclose(again.predict(made["new"]), probs, atol=1e-6)
+    r = clf.export(tmp_path / "api.safetensors")  # the Python API exports the classifier whole too
+    assert r["classifier"] and openseer.load(r["path"]).classes == CLASSES
 
     folder = tmp_path / "timm"
     assert main(["export", str(made["clf"]), "--out", f"{folder}/"]) == 0
