@@ -32,6 +32,7 @@ from ..fileio import usual_mode
 from ..model.checkpoint_file import CheckpointError
 from ..model.load import CLASSIFIER_FORMAT
 from ..rundir import CLASSIFIER
+from .metadata import file_metadata
 
 
 class LinearProbs(nn.Module):
@@ -96,7 +97,7 @@ def head_tensors(backbone: nn.Module, head: nn.Module, layer: str) -> tuple[dict
 
 
 def head_fields(classes: list[str], layer: str, protocol: str, kind: dict[str, str]) -> dict[str, str]:
-    """The classifier's part of the one export metadata schema (``export.file_metadata`` adds it to
+    """The classifier's part of the one export metadata schema (``metadata.file_metadata`` adds it to
     the backbone's): class names in column order, their number, the feature layer, the protocol and
     the head's kind and keys."""
     return {"classes": json.dumps(list(classes)), "num_classes": str(len(classes)), "layer": layer,
@@ -106,8 +107,6 @@ def head_fields(classes: list[str], layer: str, protocol: str, kind: dict[str, s
 def save_classifier(out: str | Path, backbone: nn.Module, info: dict, head: nn.Module, classes: list[str],
                     layer: str, protocol: str, extra: dict | None = None) -> Path:
     """Write ``out`` (a folder: ``classifier.safetensors`` inside it) atomically."""
-    from .export import file_metadata
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}

@@ -34,6 +34,7 @@ from ..model.checkpoint_file import (  # noqa: F401
     latest_checkpoint,
     load_checkpoint,
 )
+from .metadata import file_metadata, output_name  # noqa: F401  (the one schema; re-exported)
 
 
 def export_backbone(source: str | Path, out_path: str | Path) -> Path:
@@ -87,39 +88,6 @@ def format_for(out_path: str | Path, fmt: str | None = None) -> str:
         raise CheckpointError(f"cannot tell the export format from {out_path}: pass --format "
                               f"({', '.join(FORMATS)}) or name the file .safetensors/.pt/.onnx/.torch (or a folder/ for timm's layout)")
     return _SUFFIXES[suffix]
-
-
-def file_metadata(info: dict) -> dict[str, str]:
-    """String metadata for an exported file: architecture, input size, normalisation, config."""
-    crop = int(info["crop_size"])
-    meta = {"format": "openseer.backbone.v1", "arch": str(info["arch"]), "crop_size": str(crop),
-            "input_size": json.dumps([3, crop, crop]), "mean": json.dumps(list(info["mean"])),
-            "std": json.dumps(list(info["std"])), "feature_dim": str(info.get("feature_dim", "")),
-            "source": str(info.get("source", "")), "weights_hash": str(info.get("weights_hash", "")),
-            "step": str(info.get("step", "")), "input": "float32 (B, 3, H, W), RGB in [0, 1] then "
-                                                       "(x - mean) / std", "output": "pooled features (B, D)"}
-    if isinstance(info.get("config"), dict):
-        meta["config"] = json.dumps(info["config"])
-    if info.get("stem_stride"):
-        meta["stem_stride"] = str(info["stem_stride"])  # not timm's default: build with this stem stride
-    head = info.get("head_meta")
-    if head:  # a classifier: backbone + head + class names (use/classifier.py head_fields)
-        from ..model.load import CLASSIFIER_FORMAT
-
-        meta.update({k: str(v) for k, v in head.items()})
-        meta["format"] = CLASSIFIER_FORMAT
-        meta["output"] = ("class probabilities (B, C) of the kNN vote, columns in `classes` order"
-                          if head.get("head") == "knn" else
-                          "logits (B, C), columns in `classes` order; softmax gives predict's probabilities")
-    return meta
-
-
-def output_name(info: dict) -> str:
-    """What a TorchScript/ONNX export outputs: 'features', or a classifier's 'logits' / 'probabilities'."""
-    head = info.get("head_meta")
-    if not head:
-        return "features"
-    return "probabilities" if head.get("head") == "knn" else "logits"
 
 
 def timm_config(model: torch.nn.Module, info: dict) -> dict:
