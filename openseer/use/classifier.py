@@ -9,8 +9,9 @@ file's tensors as they are. A kNN head (the few-label
 vote, or label spreading's pseudo-labelled pile) is stored as ``knn.bank`` (unit rows) and
 ``knn.labels``.
 
-``Head`` is the head as a torch module, features -> class probabilities, so the whole classifier can
-be exported (TorchScript, ONNX) like a backbone.
+``head_module`` gives the head as a torch module (features -> class probabilities, what ``predict``
+returns); ``classifier_net`` the whole classifier as one module (images -> logits, or a kNN head's
+probabilities), which ``openseer export CLF`` writes in every format (``use/export.py``).
 """
 
 from __future__ import annotations

@@ -12,8 +12,13 @@ dir, checkpoint, exported file, timm name). TorchScript and ONNX files map norma
 (B, 3, H, W) float32 to pooled features (B, D), with a dynamic batch; after writing, each is run
 again (``torch.jit.load``; onnxruntime on CPU) on a batch of a different size and compared with
 the PyTorch backbone: the maximum absolute difference is returned. The metadata (architecture,
-input size, mean/std, feature width, training config) travels inside each file: safetensors
-metadata, a TorchScript extra file ``openseer.json``, ONNX ``metadata_props``.
+input size, mean/std, feature width, training config; ``use/metadata.py``) travels inside each
+file: safetensors metadata, a TorchScript extra file ``openseer.json``, ONNX ``metadata_props``.
+
+A classifier from ``openseer finetune`` (``export_classifier``) is exported whole: backbone, head and
+class names. safetensors and timm's folder hold timm's classifier (``num_classes``, ``label_names``
+in ``config.json``); TorchScript and ONNX output its logits (a kNN head: the vote's probabilities,
+the bank inside), checked against PyTorch with the top-1 agreement beside the max difference.
 """
 
 from __future__ import annotations

@@ -178,7 +178,10 @@ def export_int8(model: torch.nn.Module, info: dict, out_path: str | Path, calibr
     with tempfile.TemporaryDirectory(prefix="openseer-int8-") as tmp:
         fp32, pre = Path(tmp) / "fp32.onnx", Path(tmp) / "pre.onnx"
         save_onnx(model, info, fp32, opset)
-        quant_pre_process(str(fp32), str(pre))
+        try:
+            quant_pre_process(str(fp32), str(pre))
+        except Exception:  # ONNX Runtime's symbolic shape inference fails on a kNN head's Expand: ONNX's own
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
         bn_left = _count_ops(pre, "BatchNormalization")
         staged = Path(tmp) / "int8.onnx"
         keep = downstream_of(pre, fp32_after) if fp32_after else []
