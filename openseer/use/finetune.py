@@ -92,6 +92,10 @@ def finetune(weights: str, data: str, out: str | Path, pile: str = "", layer: st
     ours = (FINETUNE, "pile", TRIAL, "config.yaml")
     if out.is_dir() and any(out.iterdir()) and not any((out / name).exists() for name in ours):
         raise EvalError(f"--out {out} is not empty and holds no openseer classifier; choose another folder")
+    runs = [d for d in (out, out / TRIAL) if (d / "config.yaml").is_file()]
+    if runs and not resume and full != "no":
+        raise EvalError(f"--out {out} holds a fine-tune run already ({runs[-1]}); continue it with --resume "
+                        f"or choose another --out")
     labelled = open_labelled(data, seed=seed, test_fraction=0.0, skip_missing=skip_missing, limit_train=limit_train)
     model = load(weights, device=device, layer=layer)
     folder = cache_dir(cache) if cache != "" else None

@@ -178,6 +178,6 @@ def test_full_finetune_writes_a_run_directory_and_a_classifier_that_predicts(tmp
     assert probs.shape == (len(paths), 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
     # a second run into the same folder is refused; --resume continues (here: nothing left to do)
     assert main(args) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "holds a fine-tune run already" in capsys.readouterr().err and not list(clf.glob("*.tmp"))
     assert main([*args, "--resume"]) == 0
     assert latest_checkpoint(clf)[1]["step"] == state["step"]
