@@ -299,10 +299,12 @@ def _full(full: str, minutes: float, epochs: float, resume: bool, overrides: tup
             "frozen": {"protocol": choice.protocol, "accuracy": 100 * frozen / n},
             "start": None if began is None else {"protocol": start, "accuracy": 100 * began / n},
             "steps": summary["step"], "time_budget_reached": summary["time_budget_reached"]}
-        wins = right > frozen
+        wins = right > frozen  # a tie keeps the frozen protocol: as good, cheaper, and its estimate is wider-based
+        outcome = ("the fine-tuned weights are kept" if wins else
+                   "fine-tuned anyway (--full yes)" if full == "yes" else
+                   f"the frozen {choice.protocol} is kept (the fine-tune does not beat it)")
         report["verdict"] = (f"fine-tuned {right}/{n} against {choice.protocol}'s {frozen}/{n} on the same "
-                             f"held-out fold: {'kept' if wins else 'frozen kept'}"
-                             + ("" if wins or full != "yes" else " (--full yes: fine-tuned anyway)"))
+                             f"held-out fold: {outcome}")
         if not wins and full != "yes":
             return Full(report)
     else:

@@ -181,3 +181,22 @@ def test_full_finetune_writes_a_run_directory_and_a_classifier_that_predicts(tmp
     assert "holds a fine-tune run already" in capsys.readouterr().err and not list(clf.glob("*.tmp"))
     assert main([*args, "--resume"]) == 0
     assert latest_checkpoint(clf)[1]["step"] == state["step"]
+
+
+def test_full_finetune_is_judged_only_on_a_held_out_fold_big_enough():
+    from openseer.eval.fewlabels import folds
+    from openseer.use.finetune import _full_skip
+
+    y = np.repeat(np.arange(3), 15)  # 5 folds of 9
+    held, scheme = folds(y)
+    assert _full_skip("auto", 10, "last", y, held, scheme) == ""
+    assert _full_skip("no", 10, "last", y, held, scheme) == "--full no"
+    assert _full_skip("auto", 0, "last", y, held, scheme) == "no time budget (--minutes 0)"
+    assert "--layer is s3" in _full_skip("yes", 10, "s3", y, held, scheme)
+    small = np.repeat(np.arange(3), [10, 10, 3])  # one class of 3: a held-out fold too thin to judge
+    held, scheme = folds(small)
+    assert "smallest class has 3" in _full_skip("auto", 10, "last", small, held, scheme)
+    assert _full_skip("yes", 10, "last", small, held, scheme) == ""  # --full yes: fine-tune without a trial
+    four = np.repeat(np.arange(2), 4)  # 4 per class, 4 folds of 2 images: fewer than 8 held out
+    held, scheme = folds(four)
+    assert "8 held-out images" in _full_skip("auto", 10, "last", four, held, scheme)
