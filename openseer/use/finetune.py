@@ -318,7 +318,8 @@ def _full(full: str, minutes: float, epochs: float, resume: bool, overrides: tup
 
 
 def summary_lines(report: dict) -> list[str]:
-    """What ``openseer finetune`` prints: the choice with its interval, against raw pixels."""
+    """What ``openseer finetune`` prints: the choice with its interval, against raw pixels; the full
+    fine-tune's verdict; the data's own test split when it has one."""
     c, p = report["choice"], report["pixels"]
 
     def est(d: dict) -> str:
@@ -329,10 +330,6 @@ def summary_lines(report: dict) -> list[str]:
     if c["note"]:
         lines.append(f"note: {c['note']}")
     lines.append(f"raw pixels on the same labels ({p['protocol']}): {est(p)}")
-    if "test" in report:
-        t = report["test"]
-        lines.append(f"on the data's own test split ({t['images']} images): {t['accuracy']:.1f}% "
-                     f"[{t['low']:.1f}, {t['high']:.1f}]; raw pixels {t['pixels']['accuracy']:.1f}%")
     f = report.get("full")
     skipped = dict(c["skipped"])
     if f and f["tried"]:
@@ -344,6 +341,12 @@ def summary_lines(report: dict) -> list[str]:
                          f"{t['high']:.1f}] on {t['held_out']} labels ({t['scheme']}); run {f['final']['run_dir']}")
     elif f:
         skipped["finetune"] = f"full fine-tune: {f['reason']}"
+    if "test" in report:
+        t = report["test"]
+        frozen = f"; frozen {c['protocol']} {t['frozen']['accuracy']:.1f}%" if "frozen" in t else ""
+        lines.append(f"on the data's own test split ({t['images']} images): {'fine-tuned ' if frozen else ''}"
+                     f"{t['accuracy']:.1f}% [{t['low']:.1f}, {t['high']:.1f}]{frozen}; raw pixels "
+                     f"{t['pixels']['accuracy']:.1f}%")
     lines.append(f"not tried: {'; '.join(f'{k}: {v}' for k, v in skipped.items())}")
     return lines
 
