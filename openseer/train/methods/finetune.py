@@ -162,9 +162,11 @@ class FinetuneStart:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if len(self.labels) != len(self.images):
             raise RunError(f"finetune: {len(self.images)} images but {len(self.labels)} labels")
-        self.label_of = {self.images.batch_key(i): int(c) for i, c in enumerate(self.labels)}
-        if len(self.label_of) != len(self.labels):
-            raise RunError("finetune: two labelled images share a key; each image must be labelled once")
+        self.label_of: dict[str, int] = {}
+        for i, c in enumerate(self.labels):
+            key = self.images.batch_key(i)
+            if self.label_of.setdefault(key, int(c)) != int(c):
+                raise RunError(f"finetune: {key!r} is labelled twice, with different classes; label it once")
 
     def builder(self) -> Callable[[Config, DistEnv, torch.device], FinetuneTraining]:
         """The builder ``train(cfg, run_dir, builder)`` takes (train/loop.py)."""
