@@ -144,6 +144,7 @@ def test_auto_skips_full_finetune_with_its_reason_on_a_small_set(tmp_path, tiny_
         assert json.loads((out / "finetune.json").read_text())["full"]["reason"] == why
 
 
+@pytest.mark.slow
 def test_full_finetune_writes_a_run_directory_and_a_classifier_that_predicts(tmp_path, tiny_model, capsys):
     pile = _pile(tmp_path / "pile", per_class=16)
     labels = _labels_csv(pile, tmp_path / "labels.csv")
