@@ -5,6 +5,10 @@ The images are embedded as ``openseer embed`` embeds them (any collection; resum
 their reason), then the classifier's head turns each row into class probabilities. Output:
 ``OUT`` (a CSV: path, key, then ``top`` pairs of class and probability, best first) and, beside it,
 ``OUT`` with ``.bad.csv`` for the skipped files.
+
+Under ``torchrun --nproc_per_node N`` the ranks share the embedding chunks (``openseer.use.ranks``, the
+runner ``openseer embed`` uses) and rank 0 alone applies the head and writes the CSVs: the same
+files as one process.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ CHUNK_ROWS = 65536  # rows of probabilities computed at once
 
 
 def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_size: int = 64, workers: int = 0,
-            device: str = "cpu", progress: bool = True) -> dict:
-    """Write ``out`` (see the module docstring); returns counts and file names."""
+            device: str = "cpu", progress: bool = True, chunk_size: int = 4096) -> dict:
+    """Write ``out`` (see the module docstring); returns counts and file names (under torchrun, on
+    rank 0; the other ranks get ``{"rank": r}``)."""
     from .api import load
     from .embed import embed_pile, reason_counts
 
@@ -37,8 +42,13 @@ def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_siz
     classes = model.classes or []
     top = max(1, min(top, len(classes)))
     work = out.with_name(out.name + ".parts")
-    emb, rows, bad = embed_pile(model, data, work, normalize=False, batch_size=batch_size, workers=workers,
-                                progress=progress)
+    pile = embed_pile(model, data, work, normalize=False, every_rank=False, batch_size=batch_size,
+                      workers=workers, progress=progress, chunk_size=chunk_size)
+    if pile is None:  # another rank's share is done; rank 0 writes the predictions
+        from .ranks import open_ranks
+
+        return {"rank": open_ranks(model.device).rank}
+    emb, rows, bad = pile
     table: list[list] = []
     for s in range(0, len(rows), CHUNK_ROWS):
         p = model.probabilities(emb[s:s + CHUNK_ROWS])

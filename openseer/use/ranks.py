@@ -131,6 +131,8 @@ def rank_session(device: str | torch.device = "cpu") -> Iterator[Ranks]:
             dist.destroy_process_group()
         _GROUP.clear()
         raise
+    if ranks.group is not None:
+        dist.barrier(group=ranks.group)  # rank 0's last work (packing, predictions) may take long
     close_distributed()
     _GROUP.clear()
 
