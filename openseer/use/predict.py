@@ -13,6 +13,7 @@ files as one process.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_siz
     if out.suffix.lower() != ".csv":
         raise CheckpointError(f"--out {out}: predictions are written as a .csv file")
     model = load(classifier, device=device)
+    t1 = time.perf_counter()  # images/s as embed counts them: the work after the model is loaded
     if not model.info.get("classifier"):
         raise CheckpointError(f"{classifier} is a backbone, not a classifier: make one with `openseer finetune`")
     classes = model.classes or []
@@ -49,21 +51,37 @@ def predict(classifier: str, data: str, out: str | Path, top: int = 5, batch_siz
 
         return {"rank": open_ranks(model.device).rank}
     emb, rows, bad = pile
-    table: list[list] = []
-    for s in range(0, len(rows), CHUNK_ROWS):
-        p = model.probabilities(emb[s:s + CHUNK_ROWS])
-        best = np.argsort(-p, axis=1, kind="stable")[:, :top]
-        for i, (r, idx) in enumerate(zip(rows[s:s + CHUNK_ROWS], best)):
-            cells = [r["path"], r["key"]]
-            for j in idx:
-                cells += [classes[j], f"{p[i, j]:.4f}"]
-            table.append(cells)
     header = ["path", "key"] + [h for k in range(1, top + 1) for h in (f"class{k}", f"prob{k}")]
-    atomic_write_text(out, csv_text(table, header))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:  # block by block into a hidden file, renamed whole: memory stays one block's, a reader sees all or nothing
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(csv_text([], header))
+            for s in range(0, len(rows), CHUNK_ROWS):
+                f.write(csv_text(_top_rows(model.probabilities(emb[s:s + CHUNK_ROWS]), rows[s:s + CHUNK_ROWS],
+                                           classes, top)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     bad_out = out.with_name(out.stem + ".bad.csv")
     atomic_write_text(bad_out, csv_text([[b["path"], b["key"], b["reason"]] for b in bad], ["path", "key", "reason"]))
     reasons = reason_counts(b["reason"] for b in bad)
     shutil.rmtree(work, ignore_errors=True)
-    return {"predicted": len(table), "bad": len(bad), "bad_by_reason": reasons, "classes": classes,
-            "files": {"predictions": str(out), "bad": str(bad_out)}, "seconds": round(time.perf_counter() - t0, 1),
-            "images_per_s": round(len(table) / max(time.perf_counter() - t0, 1e-9), 1)}
+    now = time.perf_counter()
+    return {"predicted": len(rows), "bad": len(bad), "bad_by_reason": reasons, "classes": classes,
+            "files": {"predictions": str(out), "bad": str(bad_out)}, "seconds": round(now - t0, 1),
+            "images_per_s": round(len(rows) / max(now - t1, 1e-9), 1)}
+
+
+def _top_rows(p: np.ndarray, rows: list[dict], classes: list[str], top: int) -> list[list]:
+    """CSV rows of one block: path, key, then the ``top`` best classes and their probabilities."""
+    best = np.argsort(-p, axis=1, kind="stable")[:, :top]
+    chosen = np.take_along_axis(p, best, axis=1)
+    table = []
+    for r, idx, probs in zip(rows, best.tolist(), chosen.tolist()):
+        cells = [r["path"], r["key"]]
+        for j, q in zip(idx, probs):
+            cells += [classes[j], f"{q:.4f}"]
+        table.append(cells)
+    return table
