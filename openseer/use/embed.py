@@ -178,7 +178,9 @@ def _prepare(out: Path, params: dict, overwrite: bool, coll: Collection, np_dtyp
         if arr.shape != shape or arr.dtype != np_dtype:
             raise EmbedError(f"{partial} has shape {arr.shape} {arr.dtype}, expected {shape} {params['dtype']}; "
                              f"pass --overwrite")
-    else:
+    else:  # the rows of any chunk marked done are lost with the array: those chunks are redone
+        for f in parts.iterdir():
+            f.unlink()
         arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np_dtype, shape=shape)
         arr.flush()
     del arr

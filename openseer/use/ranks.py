@@ -39,6 +39,10 @@ T = TypeVar("T")
 _GROUP: dict[str, Any] = {}  # the long-timeout gloo group of the open default group
 
 
+class RankZeroError(DistError):
+    """Rank 0's error, as the other ranks see it (rank 0 says it; ``rank_session`` keeps them quiet)."""
+
+
 @dataclass
 class Ranks:
     """This process's place in a rank-chunked job; a single process is rank 0 of 1."""
@@ -80,7 +84,7 @@ class Ranks:
         if error is not None:
             raise error
         if box[1] is not None:
-            raise DistError(f"rank 0 stopped: {box[1]}")
+            raise RankZeroError(box[1])
         return box[0]
 
     def gather(self, value: Any) -> list:
@@ -122,14 +126,18 @@ def rank_device(device: str | torch.device, ranks: Ranks) -> torch.device:
 def rank_session(device: str | torch.device = "cpu") -> Iterator[Ranks]:
     """The ranks of one command: opened before it, closed after it. On success every rank waits for
     the others and the group is closed (gloo's threads joined, so no rank dies of SIGABRT at exit); on
-    an error the group is dropped without waiting, the process ends and torchrun stops the rest."""
+    an error the group is dropped without waiting, the process ends and torchrun stops the rest; an
+    error of rank 0's that every rank got (``on_main``) is printed by rank 0 alone, and every rank
+    exits with 2."""
     ranks = open_ranks(device)
     try:
         yield ranks
-    except BaseException:
+    except BaseException as e:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         _GROUP.clear()
+        if isinstance(e, RankZeroError) and not ranks.is_main:
+            raise SystemExit(2) from e  # rank 0 prints the message once, every rank exits 2
         raise
     if ranks.group is not None:
         dist.barrier(group=ranks.group)  # rank 0's last work (packing, predictions) may take long
@@ -137,4 +145,4 @@ def rank_session(device: str | torch.device = "cpu") -> Iterator[Ranks]:
     _GROUP.clear()
 
 
-__all__ = ["WAIT", "Ranks", "open_ranks", "rank_device", "rank_session"]
+__all__ = ["WAIT", "RankZeroError", "Ranks", "open_ranks", "rank_device", "rank_session"]

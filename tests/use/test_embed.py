@@ -144,3 +144,14 @@ def test_max_chunks_stops_early_with_exit_1_and_the_same_command_finishes(run, f
     assert main(args) == 0
     assert "(1 chunks were already done)" in capsys.readouterr().out
     assert json.loads((out / "meta.json").read_text())["images_this_run"] == 9
+
+
+def test_chunks_marked_done_are_redone_when_the_partial_array_is_gone(model, folder, tmp_path):
+    whole = tmp_path / "whole"
+    embed_collection(model, str(folder), whole, dtype="float32", chunk_size=4, progress=False)
+    out = tmp_path / "emb"
+    embed_collection(model, str(folder), out, dtype="float32", chunk_size=4, progress=False, max_chunks=2)
+    (out / "embeddings.partial.npy").unlink()  # the rows of the 2 finished chunks went with it
+    done = embed_collection(model, str(folder), out, dtype="float32", chunk_size=4, progress=False)
+    assert done["complete"] and done["chunks_skipped"] == 0 and done["images_this_run"] == 17
+    np.testing.assert_array_equal(np.asarray(load_embeddings(out)[0]), np.asarray(load_embeddings(whole)[0]))
