@@ -113,9 +113,13 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
     if max_chunks:
         mine = mine[:max_chunks]
     partial, parts = out / PARTIAL, out / "parts"
-    rows_out = _RowWriter(partial, coll.n, dim, np_dtype)
-    bar = progress_bar("embed" if ranks.world == 1 else f"embed (rank 0 of {ranks.world})",
-                       total=sum(c.stop - c.start for c in mine), unit="img", enabled=progress and ranks.is_main)
+    rows_out = _RowWriter(partial, dim, np_dtype)
+    if ranks.world == 1:  # the whole job, the chunks already done counted in
+        bar = progress_bar("embed", total=coll.n, unit="img", enabled=progress,
+                           initial=sum(c.stop - c.start for c in coll.chunks if c.index in done))
+    else:  # rank 0's share
+        bar = progress_bar(f"embed (rank 0 of {ranks.world})", total=sum(c.stop - c.start for c in mine),
+                           unit="img", enabled=progress and ranks.is_main)
     n_new, finished = 0, []
     try:
         for chunk in mine:
@@ -192,7 +196,7 @@ class _RowWriter:
     several machines may share the file (each writes only its own rows' bytes, which a memory map
     on a network file system does not promise)."""
 
-    def __init__(self, path: Path, n: int, dim: int, np_dtype):
+    def __init__(self, path: Path, dim: int, np_dtype):
         head = np.load(path, mmap_mode="r")
         self.offset, self.row_bytes, self.dtype = int(head.offset), dim * np.dtype(np_dtype).itemsize, np_dtype
         del head
