@@ -183,3 +183,29 @@ def test_two_rank_predict_writes_the_same_csv_as_one(classifier, folder, tmp_pat
     assert (tmp_path / "one.bad.csv").read_text() == (tmp_path / "two.bad.csv").read_text()
     assert len((tmp_path / "two.bad.csv").read_text().splitlines()) == 3
     assert not (tmp_path / "two.csv.parts").exists()
+
+
+def test_an_interrupted_predict_continues_from_its_chunks(classifier, folder, tmp_path, monkeypatch, capsys):
+    import openseer.use.embed as embed
+
+    args = ["--data", str(folder), "--chunk-size", "4", "--top", "2", "--quiet"]
+    assert main(["predict", str(classifier), "--out", str(tmp_path / "whole.csv"), *args]) == 0
+    real, calls, stop = embed._embed_chunk, [], [3]
+
+    def interrupted_on_the_third_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == stop[0]:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of a chunk
+        return real(*a, **k)
+
+    monkeypatch.setattr(embed, "_embed_chunk", interrupted_on_the_third_chunk)
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(classifier), "--out", str(out), *args]) == 130
+    assert not out.exists() and len(list((tmp_path / "preds.csv.parts" / "parts").glob("*[0-9].csv"))) == 2
+    calls.clear()
+    stop[0] = 0
+    assert main(["predict", str(classifier), "--out", str(out), *args]) == 0
+    assert len(calls) == 3  # only the 3 chunks not done were embedded
+    assert out.read_text() == (tmp_path / "whole.csv").read_text()
+    assert (tmp_path / "preds.bad.csv").read_text() == (tmp_path / "whole.bad.csv").read_text()
+    assert not (tmp_path / "preds.csv.parts").exists()
