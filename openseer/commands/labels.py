@@ -136,6 +136,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 PREDICT_EXAMPLES = """examples:
   openseer predict clf/ --data /new-images --out preds.csv               # top-5 classes per image
   openseer predict clf/ --data 'shards/{000000..000009}.tar' --out preds.csv --top 1
+  torchrun --nproc_per_node 4 -m openseer predict clf/ --data /pile --out preds.csv --device cuda  # 4 ranks
+  (interrupted? run the same command again: the embedded chunks in preds.csv.parts/ are kept)
 output: preds.csv (path, key, class1, prob1, ...), preds.bad.csv (skipped files and why)
 """
 
@@ -148,6 +150,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the predictions, a .csv file")
     p.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="images per resumable chunk, the unit ranks share (default 4096; tar shards: one per shard)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in-process)")
     add_device(p)
     add_threads(p)
@@ -156,13 +160,19 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Predict the classes of a collection's images; resumable, bad files listed."""
+    """Predict the classes of a collection's images; resumable, bad files listed; under torchrun the
+    ranks share the embedding and rank 0 writes and prints."""
     check_pile(args.data)
     from ..use.predict import predict
+    from ..use.ranks import rank_session
 
     set_threads(args.threads)
-    r = predict(args.classifier, args.data, args.out, top=args.top, batch_size=args.batch_size, workers=args.workers,
-                device=device(args.device), progress=not args.quiet)
+    with rank_session(device(args.device)) as ranks:  # before the model: each rank takes its own GPU
+        r = predict(args.classifier, args.data, args.out, top=args.top, batch_size=args.batch_size,
+                    workers=args.workers, device=device(args.device), progress=not args.quiet,
+                    chunk_size=args.chunk_size)
+    if not ranks.is_main:
+        return 0
     skipped = f"; skipped {r['bad']} ({r['bad_by_reason']}), listed in {r['files']['bad']}" if r["bad"] else ""
     print(f"openseer: {r['predicted']} images predicted -> {r['files']['predictions']}{skipped}")
     return 0
