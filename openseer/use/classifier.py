@@ -31,7 +31,7 @@ from ..eval.knn import TEMPERATURE
 from ..eval.layers import LAST, feature_model, parse_layer
 from ..fileio import usual_mode
 from ..model.checkpoint_file import CheckpointError
-from ..model.load import CLASSIFIER_FORMAT
+from ..model.load import CLASSIFIER_FORMAT, weights_hash
 from ..rundir import CLASSIFIER
 from .metadata import file_metadata
 
@@ -113,7 +113,8 @@ def save_classifier(out: str | Path, backbone: nn.Module, info: dict, head: nn.M
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     extra_tensors, kind = head_tensors(backbone, head, layer)
     tensors.update(extra_tensors)
-    meta = file_metadata({**info, "head_meta": head_fields(classes, layer, protocol, kind)})
+    about = {**info, "weights_hash": weights_hash(backbone)}  # the backbone saved (a full fine-tune trained it)
+    meta = file_metadata({**about, "head_meta": head_fields(classes, layer, protocol, kind)})
     meta["stem_stride"] = str(int(info.get("stem_stride", 0)))
     if extra:
         meta["about"] = json.dumps(extra)
