@@ -97,6 +97,9 @@ def test_safetensors_and_timm_folder_hold_the_whole_classifier_and_load_back(mad
     assert json.loads(meta["classes"]) == CLASSES and meta["num_classes"] == "3" and meta["head"] == "linear"
     assert meta["format"] == "openseer.classifier.v1" and json.loads(meta["input_size"]) == [3, 24, 24]
     assert meta["protocol"] == "linear(l2=0.01)" and json.loads(meta["about"]) == {"labelled": 24}
+    assert meta["weights_hash"] == clf.info["weights_hash"]  # the backbone it holds
+    with safe_open(str(made["clf"] / "classifier.safetensors"), framework="pt") as f:
+        assert f.metadata()["weights_hash"] == clf.info["weights_hash"]
     net = timm.create_model("regnety_002", num_classes=3).eval()
     net.load_state_dict(_tensors(out), strict=True)  # timm's own model with num_classes=3 takes it as is
     with torch.no_grad():
