@@ -169,8 +169,7 @@ def load_init(model: nn.Module, src: InitSource, cfg) -> dict:
         _load_part(model.prototypes, protos, "prototypes.", src, "prototypes",
                    f"Set swav.n_prototypes={widths.get('n_prototypes')} or start them from k-means of the new pile: "
                    f"model.init_parts=[backbone,head]")
-        model.prototypes.normalize_()
-        loaded["prototypes"] = 1
+        loaded["prototypes"] = 1  # as saved (SwAV saves unit rows): the first step's codes use exactly these
     else:
         why = ("not in model.init_parts" if has_protos and "prototypes" not in parts else
                "the head they belong to starts fresh" if has_protos else "the source has none")
