@@ -199,3 +199,14 @@ def test_the_file_hash_is_recorded_and_checked(tmp_path):
         check_hash(cfg, src)
     with pytest.raises(InitError, match="does not exist"):
         read_init(str(tmp_path / "nope.torch"))
+
+
+def test_a_run_with_one_input_channel_loads_as_a_one_channel_backbone(tmp_path):
+    import openseer
+    from tests.use.kit import make_run
+
+    run = make_run(tmp_path / "gray", overrides=("model.in_chans=1",))
+    model = openseer.load(run)
+    assert model.backbone.stem.conv.weight.shape[1] == 1
+    with torch.no_grad():
+        assert model.backbone(torch.rand(2, 1, 32, 32)).shape == (2, 368)
