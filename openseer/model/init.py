@@ -221,7 +221,8 @@ def kmeans_centroids(features: torch.Tensor, k: int, seed: int, niter: int = 20)
         raise InitError(f"k-means of the prototypes needs at least {k} features (swav.n_prototypes); the pile gave "
                         f"{x.shape[0]}")
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=int(seed), spherical=True, verbose=False,
-                      max_points_per_centroid=max(256, math.ceil(x.shape[0] / k)))
+                      max_points_per_centroid=max(256, math.ceil(x.shape[0] / k)),
+                      min_points_per_centroid=1)  # a sample of the pile, chosen small on purpose: no warning
     km.train(x)
     return F.normalize(torch.from_numpy(np.array(km.centroids, dtype=np.float32)), dim=1)
 
