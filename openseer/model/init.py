@@ -39,7 +39,15 @@ from ..rundir import CLASSIFIER, is_run
 from .backbone import BackboneError, adapt_stem
 from .checkpoint_file import latest_checkpoint, load_checkpoint
 from .load import CLASSIFIER_FORMAT
-from .vissl_layout import SWAV_HEAD_PREFIXES, _clean, mismatch, read_weights, swav_head_shape, vissl_to_timm
+from .vissl_layout import (
+    SWAV_HEAD_PREFIXES,
+    _clean,
+    guess_arch,
+    mismatch,
+    read_weights,
+    swav_head_shape,
+    vissl_to_timm,
+)
 
 INIT_FORMAT = "openseer.init.v1"
 
@@ -149,9 +157,11 @@ def load_init(model: nn.Module, src: InitSource, cfg) -> dict:
     note = adapt_stem(backbone, model.backbone)
     if note:
         adapted.append(note)
-    arch_hint = (f"the file holds {src.about['arch']}, model.arch is {m.arch}"
-                 if src.about.get("arch") and src.about["arch"] != m.arch else
-                 f"set model.arch (now {m.arch}) to the architecture the weights were trained with")
+    arch_hint = f"Set model.arch (now {m.arch}) to the architecture the weights were trained with"
+    if mismatch(backbone, _shapes(model.backbone), src.origin):  # said before the error: which one that is
+        held = src.about.get("arch") or guess_arch(src.backbone)
+        if held and held != m.arch:
+            arch_hint = f"The file holds {held}: set model.arch={held}"
     _load_part(model.backbone, backbone, "", src, f"backbone (for {m.arch})", arch_hint)
     loaded["backbone"] = len(backbone)
     head = {k: v for k, v in src.head.items() if k.startswith("head.")}

@@ -137,6 +137,7 @@ def test_another_architecture_is_refused_naming_the_first_differing_key(tmp_path
     assert "backbone (for regnety_004) does not fit" in msg
     assert ("first mismatched key s1.b1.conv1.conv.weight (file key _feature_blocks.res2.block1-0.f.a.0.weight): "
             "file (24, 32, 1, 1), expected (48, 32, 1, 1)") in msg
+    assert "The file holds regnety_002: set model.arch=regnety_002" in msg
 
 
 def test_prototypes_of_another_count_are_refused_and_can_start_from_k_means(tmp_path):
