@@ -211,3 +211,17 @@ def test_a_run_with_one_input_channel_loads_as_a_one_channel_backbone(tmp_path):
     assert model.backbone.stem.conv.weight.shape[1] == 1
     with torch.no_grad():
         assert model.backbone(torch.rand(2, 1, 32, 32)).shape == (2, 368)
+
+
+def test_a_finetuned_classifier_folder_gives_its_backbone_without_the_class_head(tmp_path):
+    from openseer.use.classifier import LinearProbs, save_classifier
+
+    source, _ = _model(seed=1)
+    info = {"arch": "regnety_002", "crop_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3}
+    save_classifier(tmp_path / "clf", source.backbone, info, LinearProbs(torch.randn(5, 368), torch.zeros(5)),
+                    [str(i) for i in range(5)], "last", "linear")
+    src = read_init(str(tmp_path / "clf"))
+    assert src.file.name == "classifier.safetensors" and not src.head
+    model, cfg = _model(seed=2)
+    assert load_init(model, src, cfg)["loaded"] == {"backbone": len(source.backbone.state_dict())}
+    assert _equal_states(model.backbone, source.backbone)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,8 @@ def test_the_first_step_uses_the_prototypes_of_the_run_it_starts_from(tmp_path):
     model = build.build_model()
     build.start_from(model, open_collection("fashion-mnist", limit=256))
     assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+    method = build.build_method(model, nullcontext)  # what the first step's Sinkhorn codes are scored against
+    assert torch.equal(method.net.prototypes.weight, source["prototypes.layer.weight"])
     assert cfg.model.init_loaded == ["backbone", "head", "prototypes"] and cfg.model.init_fresh == []
     # a run: the prototypes are frozen for the first 4 steps, so after step 2 they are still A's (the
     # Sinkhorn codes of the first steps were computed with them); the backbone has moved (the LR warms
