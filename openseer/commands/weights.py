@@ -169,7 +169,8 @@ EMBED_EXAMPLES = """examples:
   openseer embed runs/a --data paths.txt --out emb/ --dtype float32
   openseer embed runs/a --data 'shards/{000000..000099}.tar' --out emb/ --workers 2
   openseer embed runs/a --data /images --out emb-s3s4/ --layer s3+s4   # two stages, each pooled, joined
-  (interrupted? run the same command again: finished chunks are skipped)
+  torchrun --nproc_per_node 4 -m openseer embed runs/a --data /images --out emb/ --device cuda  # 4 ranks share the chunks
+  (interrupted? run the same command again, on any number of ranks: finished chunks are skipped)
 
 output: emb/embeddings.npy (np.load(..., mmap_mode='r')), emb/index.csv (row,key,path),
         emb/bad.csv (key,path,reason), emb/meta.json
@@ -196,6 +197,8 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, help="decoding processes for files (default 0: in-process)")
     p.add_argument("--limit", type=int, default=0, help="only the first N images")
     p.add_argument("--overwrite", action="store_true", help="discard what --out holds and start again")
+    p.add_argument("--max-chunks", type=int, default=0, metavar="N",
+                   help="stop after N new chunks (per rank under torchrun); the same command continues")
     add_device(p)
     add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -203,18 +206,34 @@ def add_embed(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    """Embed every image of a pile (resumable); exit 1 when stopped early."""
+    """Embed every image of a pile (resumable; under torchrun the ranks share the chunks and rank 0
+    prints); exit 1 when stopped early."""
     check_pile(args.data)
     from ..use.api import load
+    from ..use.ranks import rank_session
 
     set_threads(args.threads)
-    model = load(args.weights, arch=args.backbone, device=device(args.device), layer=args.layer)
-    meta = model.embed_collection(args.data, args.out, dtype=args.dtype, batch_size=args.batch_size,
-                                  chunk_size=args.chunk_size, workers=args.workers, limit=args.limit,
-                                  normalize=args.normalize, overwrite=args.overwrite, progress=not args.quiet)
+    with rank_session(device(args.device)) as ranks:  # before the model: each rank takes its own GPU
+        model = load(args.weights, arch=args.backbone, device=device(args.device), layer=args.layer)
+        meta = model.embed_collection(args.data, args.out, dtype=args.dtype, batch_size=args.batch_size,
+                                      chunk_size=args.chunk_size, workers=args.workers, limit=args.limit,
+                                      normalize=args.normalize, overwrite=args.overwrite, progress=not args.quiet,
+                                      max_chunks=args.max_chunks)
+    if not meta["complete"]:
+        if ranks.is_main:
+            print(f"openseer: stopped early; {meta['resume']}")
+        return 1
+    if not ranks.is_main:
+        return 0
     if meta.get("resumed") == "already complete":
         print(f"openseer: {args.out} is already complete ({meta['n']} embeddings); --overwrite to redo it")
         return 0
+    rate = f", {meta['images_per_s']} img/s" if meta.get("images_per_s") else ""
+    on = f" on {meta['ranks']} ranks" if meta.get("ranks", 1) > 1 else ""
+    skipped = f" ({meta['chunks_skipped']} chunks were already done)" if meta["chunks_skipped"] else ""
+    print(f"openseer: {meta['n']} embeddings of {meta['dim']} {meta['dtype']} -> {meta['files']['embeddings']}, "
+          f"index {meta['files']['index']}; {meta['n_bad']} skipped (bad.csv){skipped}{on}{rate}")
+    return 0
     if not meta["complete"]:
         print(f"openseer: stopped early; {meta['resume']}")
         return 1
