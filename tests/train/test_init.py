@@ -22,7 +22,7 @@ from openseer.config import build_config
 from openseer.data.collection import open_collection
 from openseer.model.init import kmeans_centroids, kmeans_sample_size, load_init, projected_features, read_init
 from openseer.model.swav import build_swav
-from openseer.train.checkpoint import latest_checkpoint
+from openseer.train.checkpoint import latest_checkpoint, load_checkpoint
 from openseer.train.distributed import DistEnv
 from openseer.train.methods.swav import SwAVTraining, _global_crops
 from tests.conftest import FAST, fmnist_available
@@ -139,3 +139,33 @@ def test_a_mismatched_part_is_refused_by_key_before_anything_is_written(tmp_path
         "prototypes.layer.weight: file (30, 32), expected (12, 32)"
     assert f"first mismatched key {key}" in err
     assert not (tmp_path / "B" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.heavy  # three torchrun/process launches on 2 cores
+def test_init_under_two_fsdp_ranks_and_from_their_sharded_checkpoint(tmp_path):
+    """Two FSDP ranks: the whole tensors load before sharding, k-means runs on rank 0 and is broadcast
+    (the prototypes equal one process's up to float summation order); a sharded .dcp of that run is
+    itself a starting point, read in one process."""
+    from tests.train.test_distributed import _openseer
+
+    a = _source_run(tmp_path)
+    exported = tmp_path / "a.safetensors"
+    assert main(["export", str(a), "--out", str(exported)]) == 0
+    common = ["--data", "fashion-mnist", "--init", str(exported), "--max-steps", "2", *RUN, "checkpoint.every=2",
+              "threads=1"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    r = _openseer(2, "pretrain", "--out", str(two), *common, "dist.strategy=fsdp")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = _openseer(1, "pretrain", "--out", str(one), *common)
+    assert r.returncode == 0, r.stdout + r.stderr
+    dcp = two / "checkpoints" / "step_00000002.dcp"
+    sharded = load_checkpoint(dcp)["model"]
+    whole = _state(one)
+    assert torch.allclose(sharded["prototypes.layer.weight"], whole["prototypes.layer.weight"], atol=1e-4)
+    assert json.loads((two / "init.json").read_text())["sha256"] == json.loads((one / "init.json").read_text())["sha256"]
+    c = tmp_path / "c"
+    _pretrain("--init", str(dcp), "--out", str(c), "--max-steps", "1")
+    record = json.loads((c / "init.json").read_text())
+    assert record["kind"] == "checkpoint" and set(record["loaded"]) == {"backbone", "head", "prototypes"}
+    assert torch.equal(_state(c)["prototypes.layer.weight"], sharded["prototypes.layer.weight"])
