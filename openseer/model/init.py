@@ -50,6 +50,7 @@ from .vissl_layout import (
 )
 
 INIT_FORMAT = "openseer.init.v1"
+TIMM_CLASSIFIER_PREFIXES = ("head.fc.", "fc.", "classifier.")  # as import-seer drops them
 
 
 class InitError(BackboneError):
@@ -125,6 +126,8 @@ def read_init(spec: str) -> InitSource:
             raw = {k: v for k, v in raw.items() if k not in drop}
     else:
         kind = "checkpoint" if head or Path(path).parent.name == "checkpoints" else "state_dict"
+    if kind in ("safetensors", "state_dict"):  # a timm classifier's own head is not part of the backbone
+        raw = {k: v for k, v in raw.items() if not k.startswith(TIMM_CLASSIFIER_PREFIXES)}
     for key in ("arch", "step"):
         if key in meta:
             about[key] = meta[key]

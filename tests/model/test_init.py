@@ -225,3 +225,18 @@ def test_a_finetuned_classifier_folder_gives_its_backbone_without_the_class_head
     model, cfg = _model(seed=2)
     assert load_init(model, src, cfg)["loaded"] == {"backbone": len(source.backbone.state_dict())}
     assert _equal_states(model.backbone, source.backbone)
+
+
+def test_a_timm_state_dict_with_its_classifier_gives_the_backbone(tmp_path):
+    import timm
+
+    torch.manual_seed(1)
+    full = timm.create_model("regnety_002", num_classes=10, zero_init_last=False)
+    torch.save(full.state_dict(), tmp_path / "timm.pth")
+    src = read_init(str(tmp_path / "timm.pth"))
+    assert src.kind == "state_dict" and not any(k.startswith("head.fc.") for k in src.backbone)
+    model, cfg = _model(seed=2)
+    load_init(model, src, cfg)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.backbone.eval()(x), full.eval().forward_head(full.forward_features(x), pre_logits=True))
