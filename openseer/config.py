@@ -79,6 +79,14 @@ class ModelConfig:
     stem_stride: int = 0  # 0 = the architecture's; 1 = no downsampling in the stem (small images, e.g. 28 px)
     pointwise_matmul: bool = True  # CPU + channels_last: 1x1 convs get a matmul backward (same math, faster)
     narrow_group_fp32: bool = True  # CPU + bf16: grouped convs of < 16 channels per group in fp32 (faster with AMX)
+    in_chans: int = 3  # image channels the stem takes; an RGB --init stem is adapted (timm's adapt_input_conv)
+    # pretrain --init: start from these weights (a run, checkpoint, exported/imported file, SEER/VISSL file)
+    init: str = ""
+    init_parts: list[str] = field(default_factory=lambda: ["backbone", "head", "prototypes"])  # taken when present
+    init_kmeans_images: int = 0  # prototypes the source lacks: k-means of this many features (0: max(4096, 4K))
+    init_sha256: str = ""  # the init file's SHA-256: filled in by the run; when given, the file must match
+    init_loaded: list[str] = field(default_factory=list)  # filled in by the run: the parts loaded from model.init
+    init_fresh: list[str] = field(default_factory=list)  # filled in by the run: the parts initialised fresh
 
 
 @dataclass
@@ -232,6 +240,15 @@ class Config:
             raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
         if self.model.stem_stride < 0:
             raise ConfigError(f"model.stem_stride must be >= 0 (0 = the architecture's own), got {self.model.stem_stride}")
+        if self.model.in_chans < 1:
+            raise ConfigError(f"model.in_chans must be >= 1, got {self.model.in_chans}")
+        parts = ("backbone", "head", "prototypes")
+        bad = [p for p in self.model.init_parts if p not in parts]
+        if bad or (self.model.init and "backbone" not in self.model.init_parts):
+            raise ConfigError(f"model.init_parts lists the parts of model.init to load, backbone always among them "
+                              f"(of {', '.join(parts)}); got {self.model.init_parts}")
+        if self.model.init_kmeans_images < 0:
+            raise ConfigError("model.init_kmeans_images must be >= 0 (0 = max(4096, 4 x swav.n_prototypes))")
         if self.log.every < 1:
             raise ConfigError("log.every must be >= 1")
         if self.optim.epochs <= 0:

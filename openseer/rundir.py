@@ -9,6 +9,7 @@ read, one folder::
       metrics.jsonl               one JSON object per logged step (METRICS)
       checkpoints/                step_XXXXXXXX.pt, or step_XXXXXXXX.dcp/ (sharded) (CKPT_DIR)
       data_provenance.json        what was read, the deny-list in force (PROVENANCE)
+      init.json                   what --init (model.init) loaded: file, SHA-256, parts loaded and fresh (INIT)
       bad_images.txt              "reason<TAB>key" per unreadable image (BAD_IMAGES)
       diagnostics/                step_XXXXXXXX_rankR.json per skipped step (DIAGNOSTICS)
       tb/                         TensorBoard scalars (TENSORBOARD)
@@ -43,6 +44,7 @@ METRICS = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
 META = "meta.pt"  # the non-tensor part of a sharded (.dcp) checkpoint
 PROVENANCE = "data_provenance.json"
+INIT = "init.json"  # the weights a run started from (pretrain --init): file, hash, parts loaded / fresh
 BAD_IMAGES = "bad_images.txt"
 DIAGNOSTICS = "diagnostics"
 TENSORBOARD = "tb"
@@ -57,7 +59,8 @@ _CKPT_NAME = re.compile(r"^step_(\d{8,})\.(pt|dcp)$")
 RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "threads", "device", "dist.backend",
                   "dist.strategy", "dist.fsdp_wrap", "dist.activation_checkpointing",
                   "model.compile", "model.pointwise_matmul",
-                  "model.narrow_group_fp32")  # speed, not the math (tests/train/test_levers.py)
+                  "model.narrow_group_fp32",  # speed, not the math (tests/train/test_levers.py)
+                  "model.init")  # the starting weights: a resumed run continues from its checkpoint instead
 
 
 class RunError(OpenseerError, RuntimeError):
@@ -193,6 +196,11 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool | str, main: bool, 
 
 def write_schedule(run_dir: Path, schedule: dict) -> None:
     (Path(run_dir) / SCHEDULE).write_text(json.dumps(schedule, indent=1))
+
+
+def write_init(run_dir: Path, record: dict) -> None:
+    """Write what a run's starting weights were (``INIT``: file, SHA-256, parts loaded and fresh)."""
+    atomic_write_text(Path(run_dir) / INIT, json.dumps(record, indent=1) + "\n")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -46,6 +46,8 @@ PRETRAIN_EXAMPLES = """examples:
   openseer pretrain --data 'shards/{000000..000099}.tar' --recipe seer-rg64 --out runs/rg64
   torchrun --nproc-per-node 8 -m openseer pretrain --data /pile --recipe seer-rg128 --out runs/b --auto-resume
   openseer pretrain --resume runs/a                 # continue from the latest checkpoint
+  openseer pretrain --data /scans --init runs/a --out runs/adapted optim.minutes=10   # adapt a run to a new pile
+  openseer pretrain --data /pile --recipe seer-rg32 --init seer_regnet32gf.torch --out runs/rg32-adapted
 
 every setting and recipe: docs/guide.md; the method: docs/method.md
 """
@@ -62,6 +64,11 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--auto-resume", action="store_true",
                    help="if --out already holds this run, continue it (for torchrun --max-restarts and requeued jobs)")
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="start a new run from these weights (model.init): a run directory, a checkpoint, an "
+                        "exported/imported file or a SEER/VISSL checkpoint; the backbone always loads, the SwAV "
+                        "head and prototypes when the file has them (else prototypes from k-means of the pile); "
+                        "a new schedule, unlike --resume")
     p.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is unchanged)")
     add_overrides(p)
     p.set_defaults(func=cmd_pretrain)
@@ -89,8 +96,9 @@ def _stopped(summary: dict) -> str:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Start or resume SwAV pretraining."""
     if args.resume:
-        if args.data or args.recipe or args.out:
-            raise ConfigError("--resume RUN_DIR continues a run with its saved config: drop --data/--recipe/--out")
+        if args.data or args.recipe or args.out or args.init:
+            raise ConfigError("--resume RUN_DIR continues a run with its saved config and weights: drop "
+                              "--data/--recipe/--out/--init (--init WEIGHTS starts a new run with --out)")
         run_dir = Path(args.resume)
         _check_saved_config(run_dir)
         from ..train.loop import pretrain, resume_config
@@ -100,8 +108,13 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     else:
         if not args.out:
             raise ConfigError("--out RUN_DIR is required (where the run's config, metrics and checkpoints go)")
-        base = {"data": {"source": args.data}} if args.data else None
-        cfg = build_config(args.recipe or "tiny-cpu", args.overrides, base=base)
+        base: dict = {"data": {"source": args.data}} if args.data else {}
+        if args.init:
+            base["model"] = {"init": args.init}
+        cfg = build_config(args.recipe or "tiny-cpu", args.overrides, base=base or None)
+        if cfg.model.init and missing(cfg.model.init):
+            raise ConfigError(f"model.init {cfg.model.init!r} does not exist (a run directory, checkpoint, exported "
+                              f"or imported file, or SEER/VISSL checkpoint)")
         _check_data_path(cfg.data.source)
         from ..train.loop import pretrain
 

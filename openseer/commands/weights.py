@@ -152,6 +152,8 @@ def _export_int8(args: argparse.Namespace, out: str) -> int:
 IMPORT_EXAMPLES = """examples:
   openseer import-seer seer_regnet32gf_model_iteration244000.torch --arch regnety_320 --out rg32.safetensors
   openseer import-seer timm_regnety_320.pth --out rg32.safetensors           # timm state dict; arch guessed
+  openseer import-seer seer_regnet32gf_model_iteration244000.torch --keep-head --out rg32-swav.safetensors
+  openseer pretrain --data /pile --recipe seer-rg32 --init rg32-swav.safetensors --out runs/adapted
   openseer eval rg32.safetensors --data /path/labelled                       # then use it like any export
 """
 
@@ -168,6 +170,8 @@ def add_import_seer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="OUT.safetensors")
     p.add_argument("--input-size", type=int, help="input size recorded in the metadata (default: what the file "
                                                    "records, else 224)")
+    p.add_argument("--keep-head", action="store_true",
+                   help="keep SEER's SwAV projection MLP and prototypes (for pretrain --init) instead of dropping them")
     p.set_defaults(func=cmd_import)
 
 
@@ -178,10 +182,19 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path} does not exist")
     from ..use.vissl import import_weights
 
-    r = import_weights(args.checkpoint, args.out, arch=args.arch, input_size=args.input_size)
+    r = import_weights(args.checkpoint, args.out, arch=args.arch, input_size=args.input_size,
+                       keep_head=args.keep_head)
     dropped = f"; dropped {len(r['dropped'])} non-backbone tensors (e.g. {r['dropped'][0]})" if r["dropped"] else ""
     print(f"openseer: {args.checkpoint} ({r['layout']} layout) -> {r['out']}: {r['arch']}, {r['tensors']} tensors"
           f"{dropped}")
+    h = r.get("head")
+    if h:
+        settings = [f"model.head_hidden={h['head_hidden']}".replace(" ", ""), f"model.head_out={h['head_out']}",
+                    f"model.head_bn={str(h['head_bn']).lower()}"]
+        if "n_prototypes" in h:
+            settings.append(f"swav.n_prototypes={h['n_prototypes']}")
+        print(f"openseer: kept the SwAV head and {h.get('n_prototypes', 0)} prototypes; to continue SwAV from them: "
+              f"openseer pretrain --init {r['out']} --data PILE --out RUN model.arch={r['arch']} {' '.join(settings)}")
     return 0
 
 

@@ -54,19 +54,20 @@ class BackboneError(OpenseerError, ValueError):
 
 
 def build_backbone(arch: str, zero_init_last: bool = True, device: str | torch.device = "cpu",
-                   stem_stride: int = 0) -> nn.Module:
+                   stem_stride: int = 0, in_chans: int = 3) -> nn.Module:
     """``timm.create_model(arch, num_classes=0)``: an nn.Module mapping images to pooled features.
 
     ``zero_init_last=False`` switches off timm's zero-init of each residual block's last norm, which
     otherwise makes a randomly initialised network's features nearly constant. ``stem_stride``
     (when > 0) replaces the stride of the first convolution: 1 keeps full resolution through the stem
     for small images (the usual CIFAR-style adaptation; same weights and keys, more compute).
+    ``in_chans``: the image channels the stem takes (1 for grayscale scans; timm's ``in_chans``).
     """
     if arch not in timm.list_models():
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:10]
         hint = f"; similar: {', '.join(close)}" if close else ""
         raise BackboneError(f"unknown backbone {arch!r} (any timm model name works){hint}")
-    kwargs = {"num_classes": 0, "pretrained": False}
+    kwargs = {"num_classes": 0, "pretrained": False, **({"in_chans": in_chans} if in_chans != 3 else {})}
     with torch.device(device):
         try:
             model = timm.create_model(arch, zero_init_last=zero_init_last, **kwargs)
@@ -76,6 +77,33 @@ def build_backbone(arch: str, zero_init_last: bool = True, device: str | torch.d
         set_stem_stride(model, stem_stride)
     guard_strided_convs_on_1x1_inputs(model)
     return model
+
+
+def stem_conv_key(model: nn.Module) -> str | None:
+    """State-dict key of the weight of the model's first convolution (the stem), or None."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            return f"{name}.weight"
+    return None
+
+
+def adapt_stem(state: dict[str, torch.Tensor], model: nn.Module) -> str:
+    """Adapt the stem convolution of ``state`` (weights for ``model``'s architecture) to the input
+    channels of ``model`` in place, as timm does for pretrained weights (``adapt_input_conv``: summed
+    RGB filters for 1 channel, repeated and rescaled ones for N); returns what was done ('' if nothing)."""
+    from timm.models import adapt_input_conv
+
+    key = stem_conv_key(model)
+    if key is None or key not in state:
+        return ""
+    want, have = model.state_dict()[key].shape, state[key].shape
+    if len(have) != 4 or len(want) != 4 or have[1] == want[1] or have[0] != want[0] or have[2:] != want[2:]:
+        return ""
+    try:
+        state[key] = adapt_input_conv(int(want[1]), state[key], base_chans=int(have[1]))
+    except (NotImplementedError, ValueError, AssertionError):
+        return ""
+    return f"{key}: {have[1]} -> {want[1]} input channels (timm adapt_input_conv)"
 
 
 def set_stem_stride(model: nn.Module, stride: int) -> nn.Conv2d:

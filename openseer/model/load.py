@@ -54,7 +54,8 @@ def _from_config(cfg_dict: dict) -> dict:
         cfg = config_from_dict(cfg_dict)
     except ConfigError as e:
         raise CheckpointError(f"the checkpoint's config is not valid: {e}") from None
-    return {"arch": cfg.model.arch, "stem_stride": cfg.model.stem_stride, "crop_size": cfg.crops.sizes[0],
+    return {"arch": cfg.model.arch, "stem_stride": cfg.model.stem_stride, "in_chans": cfg.model.in_chans,
+            "crop_size": cfg.crops.sizes[0],
             "mean": list(cfg.crops.mean),
             "std": list(cfg.crops.std), "transform_from": "training config", "config": cfg_dict}
 
@@ -210,10 +211,11 @@ def load_backbone(spec: str | None, random_init: bool = False, arch: str | None 
     if random_init or tensors is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = build_backbone(arch, zero_init_last=False, stem_stride=about.get("stem_stride", 0))
+            model = build_backbone(arch, zero_init_last=False, stem_stride=about.get("stem_stride", 0),
+                                   in_chans=about.get("in_chans", 3))
         random_init = True
     else:
-        model = build_backbone(arch, stem_stride=about.get("stem_stride", 0))
+        model = build_backbone(arch, stem_stride=about.get("stem_stride", 0), in_chans=about.get("in_chans", 3))
         _load_into(model, tensors, arch, where)
     model.eval()
     defaults = default_transform(model, arch, recipe)

@@ -97,7 +97,8 @@ class SwAV(nn.Module):
 def build_swav(cfg, device: str | torch.device = "cpu") -> SwAV:
     """The SwAV meta-architecture from a ``Config``."""
     m = cfg.model
-    backbone = build_backbone(m.arch, zero_init_last=m.zero_init_last, device=device, stem_stride=m.stem_stride)
+    backbone = build_backbone(m.arch, zero_init_last=m.zero_init_last, device=device, stem_stride=m.stem_stride,
+                              in_chans=m.in_chans)
     with torch.device(device):
         head = ProjectionHead(feature_dim(backbone), list(m.head_hidden), m.head_out, m.head_bn)
         protos = Prototypes(m.head_out, cfg.swav.n_prototypes)

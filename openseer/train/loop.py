@@ -39,6 +39,7 @@ from ..rundir import (  # noqa: F401  (RunError, resume_config: callers import t
     prepare_run_dir,
     resume_config,
     truncate_metrics,
+    write_init,
     write_schedule,
 )
 from . import faults
@@ -285,7 +286,7 @@ def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max
     if device.type == "cuda":
         device = torch.device("cuda", cuda_index(env))
         torch.backends.cudnn.benchmark = True  # crop sizes are fixed: let cuDNN pick each conv's fastest kernel
-    prepare_run_dir(run_dir, cfg, resume, env.is_main, write=False)  # refuse a bad --out before any work
+    starting = not prepare_run_dir(run_dir, cfg, resume, env.is_main, write=False)  # refuse a bad --out at once
     build = builder(cfg, env, device)  # what can fail early does (a teacher that does not load)
     # a builder may bring its own images (finetune: the labelled ones); else the config's pile
     source = build.collection() if hasattr(build, "collection") else open_collection(
@@ -294,8 +295,12 @@ def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max
 
     torch.manual_seed(cfg.seed)
     model = build.build_model()
+    if starting and hasattr(build, "start_from"):  # model.init (pretrain --init): a new run's starting weights
+        build.start_from(model, source)
     # written only now that the data and the model are known to work
     resume = on_main(env, prepare_run_dir, run_dir, cfg, resume, env.is_main)  # rank 0 decides, all follow
+    if env.is_main and not resume and getattr(build, "init_record", None):
+        write_init(run_dir, build.init_record)  # what --init loaded and what started fresh (init.json)
     model = prepare_model(model, cfg, env, device)  # one process: unchanged; else SyncBN, DDP or FSDP2
     net = _unwrap(model)
     if cfg.model.compile:
@@ -357,7 +362,7 @@ def _plan(cfg: Config, sched: dict, step: int, stop: int, resume: bool) -> str:
     budget = f" or {cfg.optim.minutes:g} minutes, whichever comes first" if cfg.optim.minutes else ""
     return (f"world {sched['world_size']}, global batch {sched['global_batch']} ({sched['batch_per_rank']}/rank), "
             f"peak LR {sched['peak_lr']:.4g}, {sched['total_steps']} steps ({sched['steps_per_epoch']}/epoch)"
-            f"{budget}, {'resuming at step ' + str(step) if resume else 'from scratch'}"
+            f"{budget}, {'resuming at step ' + str(step) if resume else 'from model.init' if cfg.model.init else 'from scratch'}"
             f"{', stopping at step ' + str(stop) if stop < sched['total_steps'] else ''}")
 
 

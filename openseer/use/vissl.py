@@ -1,278 +1,67 @@
-"""Official SEER weights: VISSL's checkpoint layout <-> timm's RegNet key names.
+"""``openseer import-seer``: official SEER (VISSL) or timm weights -> an openseer backbone file.
 
-SEER's released files are VISSL checkpoints (``seer_regnet32gf_model_iteration244000.torch``, ...)::
+The key mapping (VISSL's trunk and SwAV head <-> timm's RegNet and openseer's SwAV names) lives in
+the model layer, ``openseer/model/vissl_layout.py``, so that ``pretrain --init`` reads SEER's files
+with the same code; its names are re-exported here.
 
-    {"classy_state_dict": {"base_model": {"model": {"trunk": {...}, "heads": {...}}}}, ...}
-
-The trunk is ClassyVision's AnyNet/RegNet wrapped by VISSL's ``regnet`` trunk, which renames the
-stem to ``conv1`` and stage ``blockS`` to ``res{S+1}`` inside ``_feature_blocks``:
-
-=============================================================== ===================================
-VISSL trunk key                                                 timm key
-=============================================================== ===================================
-``_feature_blocks.conv1.stem.0.weight`` (3x3 s2 conv)           ``stem.conv.weight``
-``_feature_blocks.conv1.stem.1.*`` (BN)                         ``stem.bn.*``
-``_feature_blocks.res{S+1}.block{S}-{i}.proj.weight``           ``s{S}.b{i+1}.downsample.conv.weight``
-``....bn.*``                                                    ``s{S}.b{i+1}.downsample.bn.*``
-``....f.a.0.weight`` / ``f.a.1.*`` (1x1 conv, BN)               ``....conv1.conv.weight`` / ``conv1.bn.*``
-``....f.b.0.weight`` / ``f.b.1.*`` (3x3 group conv, BN)         ``....conv2.conv.weight`` / ``conv2.bn.*``
-``....f.se.excitation.0.*`` / ``f.se.excitation.2.*``           ``....se.fc1.*`` / ``se.fc2.*``
-``....f.c.weight`` / ``f.final_bn.*`` (1x1 conv, BN)            ``....conv3.conv.weight`` / ``conv3.bn.*``
-=============================================================== ===================================
-
-VISSL's FSDP trunk (``regnet_v2``/``regnet_fsdp``, the 10B model) adds a block-group level
-(``res2.block1-part0.block1-0...``) and FSDP wrapper names (``_fsdp_wrapped_module.``,
-``_fpw_module.``); both are accepted. The SwAV head (``heads``: projection MLP and prototypes)
-is not part of the backbone and is reported as dropped.
-
-``import_weights(path, arch, out)`` reads a VISSL, timm or openseer file (``torch.load`` with
-``weights_only=True`` or safetensors), maps it to timm names, checks every key and shape against
-``arch`` (a clear error names the first mismatch), and writes an openseer backbone
-(.safetensors with timm names and metadata). ``to_vissl`` is the inverse, for ``openseer export
---format vissl``.
+``import_weights(path, arch, out)`` reads a VISSL, timm or openseer file, maps it to timm names,
+checks every key and shape against ``arch`` (a clear error names the first mismatch), and writes an
+openseer backbone (.safetensors with timm names and metadata). With ``keep_head`` the SwAV
+projection MLP and prototypes are kept too (SEER's released files have them): the file then holds
+an openseer SwAV state (``backbone.*``, ``head.mlp.*``, ``prototypes.layer.weight``), which
+``openseer.load`` reads as a backbone and ``pretrain --init`` reads whole.
 """
 
 from __future__ import annotations
 
 import json
-import pickle
-import re
 from pathlib import Path
 
 import torch
 
 from ..fileio import usual_mode
 from ..model.backbone import BackboneError, build_backbone
+from ..model.vissl_layout import (  # noqa: F401  (re-exported: import-seer's names)
+    SWAV_HEAD_PREFIXES,
+    WeightsImportError,
+    _shapes,
+    candidate_archs,
+    guess_arch,
+    is_swav_head_key,
+    mismatch,
+    read_weights,
+    swav_head_shape,
+    timm_key_to_vissl,
+    to_vissl,
+    vissl_head_to_openseer,
+    vissl_key_to_timm,
+    vissl_to_timm,
+)
 
 # SEER weights are RGB with ImageNet mean/std (docs/method.md §2) at 224 px.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SEER_INPUT = 224
 
-_BLOCK_PARTS = [  # VISSL (ClassyVision) block-relative name -> timm block-relative name
-    ("proj.", "downsample.conv."),
-    ("bn.", "downsample.bn."),
-    ("f.a.0.", "conv1.conv."),
-    ("f.a.1.", "conv1.bn."),
-    ("f.b.0.", "conv2.conv."),
-    ("f.b.1.", "conv2.bn."),
-    ("f.se.excitation.0.", "se.fc1."),
-    ("f.se.excitation.2.", "se.fc2."),
-    ("f.c.", "conv3.conv."),
-    ("f.final_bn.", "conv3.bn."),
-]
-_STEM_PARTS = [("conv1.stem.0.", "stem.conv."), ("conv1.stem.1.", "stem.bn.")]
-_VISSL_BLOCK = re.compile(r"^res(\d+)\.(?:block\d+-part\d+\.)?block(\d+)-(\d+)\.(.+)$")
-_TIMM_BLOCK = re.compile(r"^s(\d+)\.b(\d+)\.(.+)$")
-_WRAPPERS = ("_fsdp_wrapped_module.", "_fpw_module.", "_checkpoint_wrapped_module.")
-_PREFIXES = ("module.", "_orig_mod.", "trunk.", "base_model.", "model.")
-
-
-class WeightsImportError(BackboneError):
-    """A weights file that cannot be imported: wrong layout, or not the architecture asked for."""
-
-
-# ---------------------------------------------------------------- reading
-
-
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], str, list[str], dict]:
-    """(tensors, layout, dropped keys, file metadata) of a VISSL, timm or openseer weights file.
-
-    ``layout`` is ``vissl`` (keys ``_feature_blocks.*``) or ``timm``. Tensors come back with the
-    layout's own names (VISSL trunk keys without the ``_feature_blocks.`` prefix), CPU, as stored.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise WeightsImportError(f"{path} does not exist")
-    meta: dict = {}
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-            state: dict = load_file(str(path))
-        except Exception as e:  # safetensors raises several types for a bad file
-            raise WeightsImportError(f"{path} is not a readable .safetensors file: {e}") from None
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise WeightsImportError(f"refused to load {path}: it holds objects that would run code when unpickled "
-                               f"(only tensors and plain data are allowed). Detail: {str(e).splitlines()[0]}") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise WeightsImportError(f"{path} is unreadable or truncated: {e}") from None
-    if not isinstance(state, dict):
-        raise WeightsImportError(f"{path} does not hold a dict of tensors")
-    dropped: list[str] = []
-    if isinstance(state.get("openseer"), dict):  # written by `openseer export --format vissl`
-        meta = {str(k): str(v) for k, v in state["openseer"].items()}
-    if "classy_state_dict" in state:  # VISSL / ClassyVision
-        try:
-            model = state["classy_state_dict"]["base_model"]["model"]
-        except (KeyError, TypeError):
-            raise WeightsImportError(f"{path} has a 'classy_state_dict' without base_model.model: not a VISSL "
-                               f"model checkpoint") from None
-        trunk, heads = model.get("trunk"), model.get("heads") or {}
-        if not isinstance(trunk, dict) or not trunk:
-            raise WeightsImportError(f"{path}: classy_state_dict.base_model.model has no 'trunk' tensors")
-        dropped = [f"heads.{k}" for k in heads]
-        state = trunk
-    elif isinstance(state.get("model"), dict) and any(isinstance(v, torch.Tensor) for v in state["model"].values()):
-        state = state["model"]  # an openseer training checkpoint or a {'model': state_dict} wrapper
-    elif isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise WeightsImportError(f"{path} holds no tensors")
-    if any(k.endswith("flat_param") or "flat_param_" in k for k in tensors):
-        raise WeightsImportError(f"{path} is a sharded FSDP checkpoint (flat_param tensors): consolidate it first "
-                           f"(VISSL's extra_scripts/convert_sharded_checkpoint.py), then import the result")
-    tensors = {_clean(k): v for k, v in tensors.items()}
-    if any(k.startswith("backbone.") for k in tensors):  # openseer SwAV state: keep the trunk
-        dropped += [k for k in tensors if not k.startswith("backbone.")]
-        tensors = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
-    if any(k.startswith("_feature_blocks.") for k in tensors):
-        dropped += [k for k in tensors if not k.startswith("_feature_blocks.")]
-        tensors = {k[len("_feature_blocks."):]: v for k, v in tensors.items() if k.startswith("_feature_blocks.")}
-        return tensors, "vissl", dropped, meta
-    return tensors, "timm", dropped, meta
-
-
-def _clean(key: str) -> str:
-    for w in _WRAPPERS:
-        key = key.replace(w, "")
-    changed = True
-    while changed:
-        changed = False
-        for p in _PREFIXES:
-            if key.startswith(p) and not key.startswith("_feature_blocks"):
-                key, changed = key[len(p):], True
-    return key
-
-
-# ---------------------------------------------------------------- key mapping
-
-
-def vissl_key_to_timm(key: str) -> str:
-    """One VISSL trunk key (without ``_feature_blocks.``) -> timm's name; WeightsImportError if unknown."""
-    for src, dst in _STEM_PARTS:
-        if key.startswith(src):
-            return dst + key[len(src):]
-    m = _VISSL_BLOCK.match(key)
-    if m:
-        res, stage, index, rest = int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4) + "."
-        if res != stage + 1:
-            raise WeightsImportError(f"VISSL key _feature_blocks.{key}: res{res} should hold block{res - 1}")
-        for src, dst in _BLOCK_PARTS:
-            if rest.startswith(src):
-                return f"s{stage}.b{index + 1}.{dst}{rest[len(src):]}".rstrip(".")
-    raise WeightsImportError(f"unknown VISSL RegNet trunk key _feature_blocks.{key} (expected conv1.stem.* or "
-                       f"resN.blockS-I.(proj|bn|f.a|f.b|f.se|f.c|f.final_bn).*)")
-
-
-def timm_key_to_vissl(key: str) -> str:
-    """One timm RegNet key -> VISSL's trunk key (with ``_feature_blocks.``)."""
-    for dst, src in _STEM_PARTS:
-        if key.startswith(src):
-            return "_feature_blocks." + dst + key[len(src):]
-    m = _TIMM_BLOCK.match(key)
-    if m:
-        stage, block, rest = int(m.group(1)), int(m.group(2)), m.group(3) + "."
-        for dst, src in _BLOCK_PARTS:
-            if rest.startswith(src):
-                return f"_feature_blocks.res{stage + 1}.block{stage}-{block - 1}.{dst}{rest[len(src):]}".rstrip(".")
-    raise WeightsImportError(f"timm key {key} has no VISSL RegNet equivalent: only RegNetX/RegNetY bottleneck "
-                       f"trunks (stem, s1..s4 of b1..bN with conv1/conv2/conv3/se/downsample) map to VISSL")
-
-
-def vissl_to_timm(trunk: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(timm state dict, timm key -> original VISSL key) for VISSL trunk tensors."""
-    out, origin = {}, {}
-    for k, v in trunk.items():
-        if k in ("avgpool", "flatten") or k.startswith(("avgpool.", "flatten.")):
-            continue
-        t = vissl_key_to_timm(k)
-        if t in out:
-            raise WeightsImportError(f"two VISSL keys map to {t}: _feature_blocks.{origin[t]} and _feature_blocks.{k}")
-        out[t], origin[t] = v, k
-    return out, origin
-
-
-def to_vissl(state: dict[str, torch.Tensor], arch: str = "") -> dict:
-    """A timm RegNet backbone state dict in VISSL's checkpoint layout (what SEER released)."""
-    trunk = {timm_key_to_vissl(k): v.detach().cpu().contiguous() for k, v in state.items()
-             if not k.startswith("head.")}
-    return {"classy_state_dict": {"base_model": {"model": {"trunk": trunk, "heads": {}}}},
-            "type": "openseer-export", "arch": arch}
-
-
-# ---------------------------------------------------------------- checking and importing
-
-
-def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
-
-
-def mismatch(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
-             origin: dict[str, str] | None = None) -> str:
-    """'' when ``state`` has exactly the keys and shapes of ``expected``, else what differs (first first)."""
-    origin = origin or {}
-
-    def name(k: str) -> str:
-        return f"{k} (file key {origin[k]})" if k in origin and origin[k] != k else k
-
-    order = list(expected)
-    for k in order:
-        if k not in state:
-            missing = [x for x in order if x not in state]
-            return f"first missing key {k} {expected[k]} ({len(missing)} missing in all)"
-        if tuple(state[k].shape) != expected[k]:
-            n = sum(1 for x in order if x in state and tuple(state[x].shape) != expected[x])
-            return (f"first mismatched key {name(k)}: file {tuple(state[k].shape)}, expected {expected[k]} "
-                    f"({n} tensors of the wrong shape in all)")
-    extra = [k for k in state if k not in expected]
-    if extra:
-        return f"first unexpected key {name(extra[0])} {tuple(state[extra[0]].shape)} ({len(extra)} unexpected in all)"
-    return ""
-
-
-def candidate_archs() -> list[str]:
-    import timm
-
-    return [n for n in timm.list_models("regnet*")] + ["seer_regnet_10b"]
-
-
-def guess_arch(state: dict[str, torch.Tensor]) -> str | None:
-    """The timm RegNet whose keys and shapes match ``state`` exactly (built on the meta device)."""
-    n_keys = len(state)
-    for arch in candidate_archs():
-        try:
-            model = build_backbone(arch, device="meta")
-        except Exception:
-            continue
-        shapes = _shapes(model)
-        if len(shapes) == n_keys and not mismatch(state, shapes):
-            return arch
-    return None
-
-
 def import_weights(path: str | Path, out: str | Path, arch: str | None = None,
                    input_size: int | None = None, mean: tuple[float, ...] | None = None,
-                   std: tuple[float, ...] | None = None) -> dict:
+                   std: tuple[float, ...] | None = None, keep_head: bool = False) -> dict:
     """Import a VISSL (SEER), timm or openseer weights file as an openseer backbone (.safetensors).
 
     The input size and mean/std recorded are the arguments, else what the file records (files
-    exported by openseer), else SEER's: 224 px, ImageNet mean/std. Returns a summary: arch, layout,
-    number of tensors, dropped keys and the output path.
+    exported by openseer), else SEER's: 224 px, ImageNet mean/std. ``keep_head``: keep the SwAV
+    projection MLP and prototypes (an error when the file has none). Returns a summary: arch,
+    layout, number of tensors, dropped keys, the head kept (its widths) and the output path.
     """
     from safetensors.torch import save_file
 
     path, out = Path(path).expanduser(), Path(out).expanduser()
     if out.suffix != ".safetensors":
         raise WeightsImportError(f"import-seer writes a .safetensors file; got {out}")
-    raw, layout, dropped, meta = read_weights(path)
+    raw, layout, dropped, meta, head = read_weights(path)
+    if keep_head and not head:
+        raise WeightsImportError(f"{path} has no SwAV head (projection MLP and prototypes) to keep; "
+                                 f"import it without --keep-head")
     if layout == "vissl":
         state, origin = vissl_to_timm(raw)
         origin = {k: f"_feature_blocks.{v}" for k, v in origin.items()}
@@ -300,13 +89,23 @@ def import_weights(path: str | Path, out: str | Path, arch: str | None = None,
     std = tuple(std or (json.loads(meta["std"]) if "std" in meta else IMAGENET_STD))
     tensors = {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                for k, v in state.items()}
+    kept: dict = {}
+    if keep_head:  # an openseer SwAV state: the backbone under backbone.*, the head under its own names
+        kept = swav_head_shape(head)
+        tensors = {**{f"backbone.{k}": v for k, v in tensors.items()},
+                   **{k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+                      for k, v in head.items()}}
+        dropped = [k for k in dropped if not is_swav_head_key(k)]
     info = {"format": "openseer.backbone.v1", "arch": arch, "crop_size": str(input_size),
             "input_size": json.dumps([3, input_size, input_size]), "mean": json.dumps(list(mean)),
             "std": json.dumps(list(std)), "source": str(path), "imported_from": layout,
             "dropped": json.dumps(dropped[:50])}
+    if keep_head:
+        info["swav_head"] = json.dumps(kept)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=info)
     usual_mode(tmp)
     tmp.replace(out)
-    return {"out": str(out), "arch": arch, "layout": layout, "tensors": len(tensors), "dropped": dropped}
+    return {"out": str(out), "arch": arch, "layout": layout, "tensors": len(tensors), "dropped": dropped,
+            "head": kept}
