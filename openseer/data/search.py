@@ -28,11 +28,15 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 256
 IVF_NPROBE = 32
 IVF_TRAIN_PER_LIST = 64  # training sample: this many vectors per list (faiss warns below 39)
+FLAT_WORK_MAX = 2e12  # multiply-adds an exact search may take (a few minutes on 2 cores), else approximate
 
 
-def choose_kind(n: int, exact_max: int = EXACT_MAX, hnsw_max: int = HNSW_MAX) -> str:
-    """``flat``, ``hnsw`` or ``ivf`` for ``n`` vectors."""
-    return "flat" if n < exact_max else "hnsw" if n < hnsw_max else "ivf"
+def choose_kind(n: int, exact_max: int = EXACT_MAX, hnsw_max: int = HNSW_MAX, queries: int = 0, dim: int = 0) -> str:
+    """``flat``, ``hnsw`` or ``ivf`` for ``n`` vectors; with ``queries`` (of ``dim`` floats) to
+    answer, exact search only while its work (queries x n x dim) stays under ``FLAT_WORK_MAX``."""
+    if n < exact_max and queries * n * dim <= FLAT_WORK_MAX:
+        return "flat"
+    return "hnsw" if n < hnsw_max else "ivf"
 
 
 def memory_bytes(n: int, d: int, kind: str) -> int:

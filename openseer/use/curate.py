@@ -67,7 +67,7 @@ class CurateError(DataError):
 
 
 def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = NEIGHBOURS,
-                     extra: tuple = (), search: str = "auto") -> np.ndarray:
+                     extra: tuple = (), search: str = "auto", info: dict | None = None) -> np.ndarray:
     """Group id per row: each row is linked to those of its ``k`` nearest neighbours (faiss
     inner-product search on the normalised rows: exact below ``search.EXACT_MAX`` rows, approximate
     beyond, data/search.py; ``search`` forces a kind) with cosine >= ``threshold``; the connected
@@ -76,12 +76,16 @@ def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = N
     chain of look-alikes (A ~ B ~ C, A !~ C) cannot sweep thousands of distinct images into one
     group. Rows of each ``extra`` matrix (e.g. the mirror images' descriptors, crop windows' descriptors;
     anything indexable by rows, converted a block at a time) query the same index for row i too. Ids
-    are 0..G-1 in order of first row; singletons get their own."""
-    from ..data.search import VectorSearch
+    are 0..G-1 in order of first row; singletons get their own. ``info`` (a dict) gets the search kind used."""
+    from ..data.search import VectorSearch, choose_kind
 
     n = len(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if search == "auto":
+        search = choose_kind(n, queries=n * (1 + len(extra)), dim=x.shape[1] if x.ndim == 2 else 0)
     index = VectorSearch(x, kind=search)
+    if info is not None:
+        info["search"] = index.kind
     k = max(1, min(k, n))
     src, dst = [], []
     for q in (x, *extra):
@@ -152,23 +156,27 @@ class _Mirrored:
 
 
 def pile_duplicate_groups(pile: str, x: np.ndarray, index_rows: list[dict], dup_by: str = "descriptor",
-                          threshold: float = DUP_THRESHOLD, progress: bool = False) -> np.ndarray:
+                          threshold: float = DUP_THRESHOLD, progress: bool = False,
+                          info: dict | None = None) -> np.ndarray:
     """``duplicate_groups`` of a pile's embedded rows (``x``, ``index_rows`` of an embed folder): by
     the near-copy descriptors of the pile's index (``descriptor``: data/index.py, built or brought up
     to date first; each image, its mirror image and its crop windows, so crops and flipped crops join
-    their original), by the embeddings (``embedding``), or none (``none``: every row its own group)."""
+    their original), by the embeddings (``embedding``), or none (``none``: every row its own group).
+    ``info`` (a dict) gets what was used: ``search`` (the faiss kind), ``windows`` (crop windows or not)."""
+    info = {} if info is None else info
     if dup_by == "none":
         return np.arange(len(x), dtype=np.int64)
     if dup_by == "embedding":
-        return duplicate_groups(x, threshold)
+        return duplicate_groups(x, threshold, info=info)
     d, f, w = pile_descriptors(pile, index_rows, progress)
     from ..data.nearcopy import SIDE
 
     extra: tuple = (f,)
+    info["windows"] = w is not None
     if w is not None:
         wins = [w[:, i] for i in range(w.shape[1])]
         extra = (f, *wins, *[_Mirrored(v, SIDE) for v in wins])
-    return duplicate_groups(d, threshold, extra=extra)
+    return duplicate_groups(d, threshold, extra=extra, info=info)
 
 
 def pile_descriptors(pile: str, index_rows: list[dict], progress: bool = False
@@ -471,7 +479,8 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         raise CurateError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")
 
     t1 = time.perf_counter()
-    groups = pile_duplicate_groups(pile, x, index_rows, dup_by, dup_threshold, progress)
+    dup_info: dict = {}
+    groups = pile_duplicate_groups(pile, x, index_rows, dup_by, dup_threshold, progress, info=dup_info)
     rep = group_representatives(x, groups, pile_quality(pile, index_rows))
     dup_s = time.perf_counter() - t1
 
@@ -554,7 +563,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         "off_domain": {**ref_info, "found": int(offdomain.sum()) if reference else None,
                        "share": round(float(offdomain.mean()), 4) if reference else None,
                        "dropped": bool(drop_off_domain and reference)},
-        "duplicate_method": duplicate_method(dup_by, dup_threshold, n), "memory_estimate_bytes": need, "seed": seed,
+        "duplicate_method": duplicate_method(dup_by, dup_threshold, dup_info), "memory_estimate_bytes": need, "seed": seed,
         "seconds": {"embed": round(embed_s, 1), "duplicates": round(dup_s, 1), "clusters": round(cluster_s, 1)},
     }
     if summary["largest_group"] > n / 2:
@@ -598,19 +607,22 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     return summary
 
 
-def duplicate_method(dup_by: str, threshold: float, n: int) -> str:
-    """How the duplicate groups were found and which member each keeps, in words (curate.json, report)."""
+def duplicate_method(dup_by: str, threshold: float, info: dict) -> str:
+    """How the duplicate groups were found and which member each keeps, in words (curate.json, report);
+    ``info``: what ``pile_duplicate_groups`` reported it used."""
     from ..data.nearcopy import WINDOWS
-    from ..data.search import choose_kind
 
-    search = {"flat": "exact", "hnsw": "approximate (HNSW)", "ivf": "approximate (IVF-flat)"}[choose_kind(n)]
+    search = {"flat": "exact", "hnsw": "approximate (HNSW)", "ivf": "approximate (IVF-flat)"}.get(
+        info.get("search", ""), "")
     if dup_by == "none":
         return "No duplicate search (--dup-by none): every image is its own group."
     if dup_by == "descriptor":
-        what = (f"By near-copy descriptor (--dup-by descriptor: 16 x 16 grey, from the pile index): an image is "
-                f"linked to another when the cosine of their descriptors, of its mirror image's or of one of its "
-                f"{len(WINDOWS)} crop windows' (and their mirror images') against the other's whole image is "
-                f">= {threshold}")
+        windows = (f", of its mirror image's or of one of its {len(WINDOWS)} crop windows' (and their mirror "
+                   f"images')" if info.get("windows") else " or of its mirror image's (no crop windows: a pile "
+                   "without an index)")
+        what = (f"By near-copy descriptor (--dup-by descriptor: 16 x 16 grey"
+                f"{', from the pile index' if info.get('windows') else ''}): an image is linked to another when the "
+                f"cosine of their descriptors{windows} against the other's whole image is >= {threshold}")
     else:
         what = (f"By embedding (--dup-by embedding): an image is linked to another when their normalised embeddings "
                 f"have a cosine >= {threshold}")
