@@ -66,6 +66,14 @@ def test_the_index_holds_what_the_scan_computes_and_answers_the_same(tmp_path, c
     assert main([*argv, "--no-index"]) == 0
     via_scan = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert via_index == via_scan and len(via_index["copies"]) == len(names)
+    # takedown add --near: the same keys deny-listed through the index as through the scan
+    lists = []
+    for extra in ([], ["--no-index"]):
+        lst = tmp_path / f"t{len(lists)}.txt"
+        assert main(["takedown", "add", str(tmp_path / "photo.png"), "--near", "--list", str(lst), "--pile", str(pile),
+                     "-q", *extra]) == 0
+        lists.append([line.split("\t")[0] for line in lst.read_text().splitlines() if not line.startswith("#")])
+    assert lists[0] == lists[1] and len(lists[0]) == len(names) + 1
 
 
 def test_takedown_via_the_index_decodes_only_its_candidates(tmp_path, monkeypatch):
@@ -191,3 +199,28 @@ def test_approximate_search_finds_what_exact_search_finds():
     exact = nc.find_copies(query, nc.CopyIndex(vecs), lambda r: pile[r])
     for kind in ("hnsw", "ivf"):
         assert nc.find_copies(query, nc.CopyIndex(vecs, kind=kind), lambda r: pile[r]) == exact
+
+
+def test_an_interrupted_build_keeps_its_finished_parts_and_resumes(tmp_path, monkeypatch):
+    pile, names = _pile(tmp_path / "pile")
+    monkeypatch.setattr(ix, "FILES_PER_PART", 4)
+    real, calls = ix._describe_bytes, []
+
+    def crash_on_the_tenth(data, where):
+        calls.append(where)
+        if len(calls) == 10:
+            raise KeyboardInterrupt
+        return real(data, where)
+
+    monkeypatch.setattr(ix, "_describe_bytes", crash_on_the_tenth)
+    with pytest.raises(KeyboardInterrupt):
+        ix.build_index(str(pile), progress=False, log=lambda t: None)
+    monkeypatch.setattr(ix, "_describe_bytes", real)
+    doc = json.loads((pile / ix.INDEX_DIR / ix.MANIFEST).read_text())
+    assert [p["rows"] for p in doc["parts"]] == [4, 4]  # two whole parts; the third was lost with the crash
+    r = ix.build_index(str(pile), progress=False, log=lambda t: None)
+    total = len(names) + 8 + 2
+    assert r["kept"] == 8 and r["described"] == total - 8 and r["rows"] == total
+    resumed = ix.open_index(str(pile))
+    ix.build_index(str(pile), index=tmp_path / "full", progress=False, log=lambda t: None)
+    _same_rows(resumed, ix.open_index(str(pile), index=tmp_path / "full"))
