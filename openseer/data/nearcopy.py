@@ -26,7 +26,7 @@ pretrained weights are needed, and none can be downloaded here), copy-detection 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -122,8 +122,25 @@ FINE_MIN = 1.5  # grey levels of high-pass spread: below it a window has no deta
 _K = np.array([1, 4, 6, 4, 1], np.float32) / 16
 
 
+def _blur_matrix(n: int) -> np.ndarray:
+    """B with ``B @ x`` = x blurred along its first axis by ``_K``, reflect-padded (as np.pad 'reflect')."""
+    b = np.zeros((n, n), np.float64)
+    for i in range(n):
+        for k in range(5):
+            j = i + k - 2
+            j = -j if j < 0 else 2 * (n - 1) - j if j >= n else j
+            b[i, j] += _K[k]
+    return b.astype(np.float32)
+
+
+_B = _blur_matrix(FINE)
+
+
 def _highpass(x: np.ndarray) -> np.ndarray:
-    """x minus a separable binomial blur of it (reflect-padded): the detail a copy keeps."""
+    """x minus a separable binomial blur of it (reflect-padded): the detail a copy keeps. Two small
+    matrix products (the blur and its padding baked into ``_B``): the verification's inner loop."""
+    if x.shape == (FINE, FINE):
+        return x - _B @ x @ _B.T
     p = np.pad(x, 2, mode="reflect")
     b = sum(_K[i] * p[:, i:i + x.shape[1]] for i in range(5))
     b = sum(_K[i] * b[i:i + x.shape[0], :] for i in range(5))
@@ -147,6 +164,9 @@ class Query:
     views: tuple[Image.Image, Image.Image]
     vectors: np.ndarray  # (M, SIDE*SIDE)
     windows: list[tuple[int, tuple[float, float, float, float]]]  # per row: (view, window)
+    # the descriptors of view boxes the local search visited, kept across candidates (the same box of
+    # the same view is described once per query, however many candidates visit it)
+    cache: dict = field(default_factory=dict, repr=False)
 
     def verify(self, row: int, candidate: Image.Image) -> tuple[float, bool]:
         """(score, flat) of a candidate against query window ``row``. The score is the best high-pass
@@ -174,7 +194,12 @@ class Query:
 
         def corr(b: tuple[float, float, float, float]) -> float:
             box = pixels(b)
-            v = None if box is None else describe(view, box)
+            if box is None:
+                return -1.0
+            key = (view_i, describe is fine, box)
+            if key not in self.cache:
+                self.cache[key] = describe(view, box)
+            v = self.cache[key]
             return -1.0 if v is None else float(v @ ref)
 
         return _local_search(corr, window), target is None
