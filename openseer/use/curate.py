@@ -7,7 +7,8 @@ Steps (each decision is written to ``decisions.csv``):
    images are skipped, counted by reason and listed).
 2. **Near-duplicates.** By default (``--dup-by descriptor``) the near-copy descriptors of the pile's
    index (data/index.py, built or brought up to date first: 16 x 16 grey, mean removed; each image,
-   its mirror image and a few crop windows, so crops and flipped crops are linked to their original),
+   its mirror image and a few crop windows (linked at cosine >= 0.98), so crops and flipped crops
+   are linked to their original),
    else (``--dup-by embedding``) the L2-normalised embeddings, go into a faiss inner-product index
    (exact, or approximate beyond ``search.EXACT_MAX`` images: data/search.py); each image is linked to
    those of its 64 nearest neighbours with cosine >= ``--dup-threshold``; the connected components of
