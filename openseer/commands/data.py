@@ -300,6 +300,8 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("pile", metavar="PILE", help="a folder of images, a .txt list of paths, or local tar shards")
     p.add_argument("--index", metavar="DIR", help="the index folder (default: ROOT/.openseer-index)")
     p.add_argument("--rebuild", action="store_true", help="describe everything again")
+    p.add_argument("--workers", type=int, default=0, help="processes reading and describing files (default 0: "
+                                                          "in this process)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_index)
 
@@ -310,7 +312,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from ..data.index import build_index
 
     r = build_index(args.pile, args.index or "", rebuild=args.rebuild, progress=not args.quiet,
-                    log=(lambda t: None) if args.quiet else print)
+                    log=(lambda t: None) if args.quiet else print, workers=args.workers)
     st = {k: v for k, v in sorted(r["statuses"].items()) if k != "described"}
     print(f"openseer: index {r['folder']}: {r['rows']} images; described now {r['described']} "
           f"({r['images_per_s']} img/s), kept {r['kept']}, dropped {r['dropped']}"

@@ -224,9 +224,10 @@ def _new_manifest() -> dict:
 
 
 def build_index(spec: str, index: str | Path = "", rebuild: bool = False, progress: bool = True,
-                log=print) -> dict:
+                log=print, workers: int = 0) -> dict:
     """Build or extend the index of the pile ``spec`` (see the module docstring); returns counts:
-    images described now, kept from before, dropped, the folder, the seconds taken."""
+    images described now, kept from before, dropped, the folder, the seconds taken. ``workers``:
+    processes reading and describing files (folders and lists; 0: in this process)."""
     from ..progress import progress as bar
 
     t0 = time.perf_counter()
@@ -253,7 +254,7 @@ def build_index(spec: str, index: str | Path = "", rebuild: bool = False, progre
         if isinstance(coll, ShardCollection):
             _extend_shards(coll, folder, root, doc, stats, p)
         else:
-            _extend_files(coll, folder, root, doc, stats, p)
+            _extend_files(coll, folder, root, doc, stats, p, workers)
     seconds = time.perf_counter() - t0
     total = sum(int(x["rows"]) for x in doc["parts"])
     return {"folder": str(folder), "described": stats["described"], "kept": stats["kept"],
@@ -360,16 +361,29 @@ def _extend_files(coll: FileCollection, folder: Path, root: Path, doc: dict, sta
     todo = [j for j, s in enumerate(srcs) if s not in have]
     todo = list(dict.fromkeys(todo))
     ds = _DescribeFiles([coll.entries[j] for j in todo], [srcs[j] for j in todo], coll.read_timeout)
-    for start in range(0, len(ds), FILES_PER_PART):
-        part = _Part()
-        for i in range(start, min(len(ds), start + FILES_PER_PART)):
-            part.add(*ds[i])
-            bar.update(1)
-        pid = _next_id(doc)
-        part.write(folder, pid)
-        doc["parts"].append({"id": pid, "kind": "files", "rows": len(part), "described": len(part.vecs)})
-        _save_manifest(folder, doc)
-        _count(stats, part)
+    if workers and len(ds):
+        import torch
+
+        described = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, shuffle=False,
+                                                     collate_fn=_as_is, prefetch_factor=16))
+    else:
+        described = (ds[i] for i in range(len(ds)))
+    part = _Part()
+    for i, (row, d) in enumerate(described):
+        part.add(row, d)
+        bar.update(1)
+        if len(part) == FILES_PER_PART or i == len(ds) - 1:  # a whole part: written, and the manifest
+            pid = _next_id(doc)
+            part.write(folder, pid)
+            doc["parts"].append({"id": pid, "kind": "files", "rows": len(part), "described": len(part.vecs)})
+            _save_manifest(folder, doc)
+            _count(stats, part)
+            part = _Part()
+
+
+def _as_is(sample):
+    """A loader's sample unchanged (no conversion of numpy arrays to tensors)."""
+    return sample
 
 
 def _rewrite_without(folder: Path, info: dict, rows: set[int], doc: dict) -> None:

@@ -104,7 +104,7 @@ def test_extending_equals_a_full_rebuild_and_redoes_only_what_changed(tmp_path):
     assert r["described"] == 2 and r["dropped"] == 2 and r["kept"] == len(names) + 8 + 2 - 2
     extended = ix.open_index(str(pile))
     full = tmp_path / "full"
-    ix.build_index(str(pile), index=full, progress=False, log=lambda t: None)
+    ix.build_index(str(pile), index=full, progress=False, log=lambda t: None, workers=2)  # 2 processes: the same
     rebuilt = ix.open_index(str(pile), index=full)
     _same_rows(extended, rebuilt)
     np.testing.assert_array_equal(extended.windows, rebuilt.windows)
