@@ -410,13 +410,18 @@ def available_memory() -> int:
 def memory_needed(n: int, dim: int, clusters: int) -> int:
     """Peak bytes the index steps need: the embeddings in RAM twice (float32 rows + the faiss copy),
     the duplicate links (up to NEIGHBOURS per image: two int64 ids), a BLOCK x N score block of the
-    exhaustive search, k-means' centroids and the per-row bookkeeping."""
+    exhaustive search, an approximate search's own structure (an HNSW graph, IVF lists: beyond
+    ``search.EXACT_MAX`` images), k-means' centroids and the per-row bookkeeping."""
     rows = n * dim * BYTES_PER_FLOAT
     from ..data.nearcopy import WINDOWS
+    from ..data.search import choose_kind
+    from ..data.search import memory_bytes as search_bytes
 
     # --dup-by descriptor: the pile's, its mirrors', the index's (float32) and its crop windows' (float16)
     descriptors = 3 * n * 256 * BYTES_PER_FLOAT + n * len(WINDOWS) * 256 * 2
-    return (2 * rows + descriptors + 2 * n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
+    d = max(dim, 256)
+    structure = search_bytes(n, d, choose_kind(n)) - n * d * BYTES_PER_FLOAT
+    return (2 * rows + descriptors + structure + 2 * n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
             + clusters * dim * BYTES_PER_FLOAT + 64 * n)
 
 
