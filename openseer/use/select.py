@@ -172,9 +172,7 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
         raise SelectError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")
 
     groups = pile_duplicate_groups(pile, x, rows, dup_by, dup_threshold, progress)
-    from .curate import pile_quality  # curate's member of a group: its largest copy
-
-    candidates = group_representatives(x, groups, pile_quality(pile, rows))
+    candidates = group_representatives(x, groups)
     distinct = int(candidates.sum())  # one per near-copy group
     lab_x = np.zeros((0, x.shape[1]), np.float32)
     in_pile = 0
