@@ -324,6 +324,7 @@ TAKEDOWN_ADD_EXAMPLES = """examples:
   openseer takedown add hashes.txt --list shards/takedowns.txt --note "ticket 123"
   openseer takedown add --image photo.jpg --list shards/takedowns.txt
   openseer takedown add photo.jpg --near --list shards/takedowns.txt    # and its near copies in shards/
+  (with `openseer index shards/` run once, --near answers from the index instead of scanning the pile)
 """
 
 TAKEDOWN_CHECK_EXAMPLES = """examples:
