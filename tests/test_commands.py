@@ -36,7 +36,7 @@ def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
 
 def test_every_command_is_in_the_table():
     names = {words[0] for words, _ in _parsers(build_parser())}
-    assert names == {"recipes", "plan", "shard", "data", "curate", "takedown", "pretrain", "distill", "doctor",
+    assert names == {"recipes", "plan", "shard", "data", "index", "curate", "takedown", "pretrain", "distill", "doctor",
                      "eval", "report", "embed", "export", "import-seer", "select", "finetune", "predict"}
     subs = {words for words, _ in _parsers(build_parser()) if len(words) > 1}
     assert subs == {("data", "report"), ("takedown", "add"), ("takedown", "check")}

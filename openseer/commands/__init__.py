@@ -21,6 +21,7 @@ COMMANDS = (
     train.add_plan,  # plan: does a recipe fit on N GPUs?
     data.add_shard,  # shard: a pile -> tar shards
     data.add_data,  # data report: what the shards hold
+    data.add_index,  # index: near-copy descriptors of a pile, stored beside it
     data.add_curate,  # curate: deduplicate and rebalance a pile
     data.add_takedown,  # takedown add|check: deny-list images, audit which runs saw one
     train.add_pretrain,  # pretrain: SwAV

@@ -1,4 +1,4 @@
-"""Data commands: ``shard``, ``data report``, ``takedown add|check`` and ``curate``.
+"""Data commands: ``shard``, ``data report``, ``index``, ``takedown add|check`` and ``curate``.
 
 Thin: parse, call the package (openseer/data/, openseer/use/curate.py), print; the heavy modules
 are imported inside the functions.
@@ -113,11 +113,14 @@ def _near_pile(args: argparse.Namespace) -> str:
     raise TakedownError("--near needs the pile to search: --pile FOLDER|LIST|SHARDS")
 
 
-def _near_copies(photos: list[str], pile: str, quiet: bool) -> list[tuple[str, str, str, float, float]]:
-    """(photo, key, path, similarity, verified) of every copy of each photo found in ``pile``."""
+def _near_copies(photos: list[str], pile: str, quiet: bool, index: str = "",
+                 no_index: bool = False) -> list[tuple[str, str, str, float, float]]:
+    """(photo, key, path, similarity, verified) of every copy of each photo found in ``pile``: from
+    the pile's index (``openseer index``) when it has one, else by a scan of the pile."""
     from pathlib import Path
 
     from ..data.decode import BadImage, load_image
+    from ..data.index import open_index
     from ..data.nearcopy import PileIndex
     from ..data.takedown import TakedownError
 
@@ -127,7 +130,12 @@ def _near_copies(photos: list[str], pile: str, quiet: bool) -> list[tuple[str, s
             imgs.append((ph, load_image(Path(ph))))
         except BadImage as e:
             raise TakedownError(f"cannot read photo {ph}: {e}") from None
-    index = PileIndex(pile, progress=not quiet)
+    index = None if no_index else open_index(pile, index)  # IndexMismatch (exit 2) when it is stale
+    if index is None:
+        if not quiet and not no_index:
+            print(f"openseer: {pile} has no index: scanning it (`openseer index {pile}` once makes --near "
+                  f"answer from the index)", file=sys.stderr)
+        index = PileIndex(pile, progress=not quiet)
     if index.skipped and not quiet:
         print(f"openseer: {sum(index.skipped.values())} pile images not searchable "
               f"({', '.join(f'{k} {v}' for k, v in sorted(index.skipped.items()))})", file=sys.stderr)
@@ -144,7 +152,7 @@ def _takedown_add_near(args: argparse.Namespace) -> int:
     photos = list(args.files) + list(args.image or [])
     if not photos:
         raise TakedownError("nothing to add: give the photo(s) to take down with --near")
-    found = _near_copies(photos, _near_pile(args), args.quiet)
+    found = _near_copies(photos, _near_pile(args), args.quiet, args.index or "", args.no_index)
     added = 0
     for ph in photos:
         note = f"{args.note + '; ' if args.note else ''}photo {Path(ph).name}"
@@ -198,7 +206,7 @@ def _takedown_check_near(args: argparse.Namespace) -> int:
     from ..data.takedown import DenyList, check_image
 
     pile = _near_pile(args)
-    found = _near_copies([args.image], pile, args.quiet)
+    found = _near_copies([args.image], pile, args.quiet, args.index or "", args.no_index)
     list_path = args.list or (str(Path(pile) / DEFAULT_DENYLIST) if Path(pile).is_dir() else "")
     deny = DenyList.load(list_path) if list_path else DenyList()
     seen_any = False
@@ -267,10 +275,56 @@ def add_data(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_data_report)
 
 
+def _add_index_options(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--index", metavar="DIR", help="with --near: the pile's index folder (default: "
+                                                  "ROOT/.openseer-index, written by `openseer index`)")
+    q.add_argument("--no-index", action="store_true", help="with --near: scan the pile, not its index")
+
+
+INDEX_EXAMPLES = """examples:
+  openseer index /pile                          # describe every image once: /pile/.openseer-index/
+  openseer index shards/                        # shards: one part per shard
+  openseer index /pile                          # again after adding images: only the new ones
+  openseer takedown add photo.jpg --near --list /pile/takedowns.txt   # answers from the index
+"""
+
+
+def add_index(sub: argparse._SubParsersAction) -> None:
+    p = add_parser(sub, "index", "store near-copy descriptors of a pile beside it (takedown --near, curate)",
+                   INDEX_EXAMPLES,
+                   description="Describe every image of a folder, a file list or local tar shards once and store "
+                               "the descriptors in ROOT/.openseer-index (resumable, part by part). Run it again "
+                               "after the pile changed: new images are described, unchanged ones kept, changed "
+                               "ones described again. takedown --near and curate read it and refuse an index "
+                               "that no longer matches the pile (docs/data.md, 'The pile index').")
+    p.add_argument("pile", metavar="PILE", help="a folder of images, a .txt list of paths, or local tar shards")
+    p.add_argument("--index", metavar="DIR", help="the index folder (default: ROOT/.openseer-index)")
+    p.add_argument("--rebuild", action="store_true", help="describe everything again")
+    p.add_argument("--workers", type=int, default=0, help="processes reading and describing files (default 0: "
+                                                          "in this process)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
+    p.set_defaults(func=cmd_index)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """Build or extend the pile's index."""
+    check_pile(args.pile)
+    from ..data.index import build_index
+
+    r = build_index(args.pile, args.index or "", rebuild=args.rebuild, progress=not args.quiet,
+                    log=(lambda t: None) if args.quiet else print, workers=args.workers)
+    st = {k: v for k, v in sorted(r["statuses"].items()) if k != "described"}
+    print(f"openseer: index {r['folder']}: {r['rows']} images; described now {r['described']} "
+          f"({r['images_per_s']} img/s), kept {r['kept']}, dropped {r['dropped']}"
+          + (f"; without a descriptor: {st}" if st else ""))
+    return 0
+
+
 TAKEDOWN_ADD_EXAMPLES = """examples:
   openseer takedown add hashes.txt --list shards/takedowns.txt --note "ticket 123"
   openseer takedown add --image photo.jpg --list shards/takedowns.txt
   openseer takedown add photo.jpg --near --list shards/takedowns.txt    # and its near copies in shards/
+  (with `openseer index shards/` run once, --near answers from the index instead of scanning the pile)
 """
 
 TAKEDOWN_CHECK_EXAMPLES = """examples:
@@ -302,6 +356,7 @@ def add_takedown(sub: argparse._SubParsersAction) -> None:
                         "of it found in the pile (docs/data.md, 'Near-copy takedowns')")
     q.add_argument("--pile", help="with --near: the folder, file list or shards to search (default: the folder "
                                   "holding --list)")
+    _add_index_options(q)
     q.add_argument("-q", "--quiet", action="store_true", help="no progress")
     q.set_defaults(func=cmd_takedown_add)
     q = add_parser(td, "check", "which runs and checkpoints saw an image (exit 1 if any)", TAKEDOWN_CHECK_EXAMPLES)
@@ -312,6 +367,7 @@ def add_takedown(sub: argparse._SubParsersAction) -> None:
                                                        "not) and, with --runs, which runs saw each")
     q.add_argument("--pile", help="with --near: the folder, file list or shards to search")
     q.add_argument("--list", help="with --near: the deny-list to check them against (default PILE/takedowns.txt)")
+    _add_index_options(q)
     q.add_argument("-q", "--quiet", action="store_true", help="no progress")
     add_read_timeout(q)
     q.set_defaults(func=cmd_takedown_check)

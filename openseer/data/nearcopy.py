@@ -26,7 +26,7 @@ pretrained weights are needed, and none can be downloaded here), copy-detection 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -36,6 +36,8 @@ MIN_STD = 0.5  # grey levels of 16 x 16 spread: flatter images (blank) are not d
 THRESHOLD = 0.80  # descriptor cosine similarity of a candidate (see bench/nearcopy.py)
 MIN_SIDE = 0.70  # the grid covers windows whose sides keep >= 70% (every crop keeping >= 70% of the area)
 CROP_STEP = 0.05  # grid step of window sides and positions, as a fraction of the image side
+# what a stored descriptor depends on (data/index.py refuses an index built with another)
+DESCRIPTOR_VERSION = "grey-box16-f32.v1+read292+prep256+win10"
 
 
 def _grey(img: Image.Image) -> Image.Image:
@@ -72,6 +74,31 @@ def describe(img: Image.Image) -> np.ndarray | None:
     return _vector(prepare_image(img))
 
 
+# windows of each pile image stored in the index beside its whole descriptor, so that ``curate``
+# links an image to its crops (centre 90%; 80% of each side at 3 x 3 positions): (left, top, w, h)
+WINDOWS = [(0.05, 0.05, 0.9, 0.9)] + [(x, y, 0.8, 0.8) for y in (0.0, 0.1, 0.2) for x in (0.0, 0.1, 0.2)]
+
+
+def describe_pile_image(img: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """What the index stores of a pile image: its descriptor, its mirror image's (the mirrored
+    vector where the mirror image is flat) and the descriptors of ``WINDOWS`` (zeros where flat),
+    or None when the image is flat."""
+    prep = prepare_image(img)
+    v = _vector(prep)
+    if v is None:
+        return None
+    fv = describe(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    if fv is None:  # a borderline-flat image can be flat one way round: then mirror the vector
+        fv = v.reshape(SIDE, SIDE)[:, ::-1].ravel().copy()
+    W, H = prep.size
+    wins = np.zeros((len(WINDOWS), SIDE * SIDE), np.float32)
+    for i, (x, y, w, h) in enumerate(WINDOWS):
+        wv = _vector(prep, (x * W, y * H, (x + w) * W, (y + h) * H))
+        if wv is not None:
+            wins[i] = wv
+    return v, fv, wins
+
+
 def _grid() -> list[tuple[float, float, float, float]]:
     """Windows (left, top, width, height) in fractions of the side: sides >= MIN_SIDE, on a CROP_STEP grid."""
     n = round((1 - MIN_SIDE) / CROP_STEP)
@@ -95,8 +122,25 @@ FINE_MIN = 1.5  # grey levels of high-pass spread: below it a window has no deta
 _K = np.array([1, 4, 6, 4, 1], np.float32) / 16
 
 
+def _blur_matrix(n: int) -> np.ndarray:
+    """B with ``B @ x`` = x blurred along its first axis by ``_K``, reflect-padded (as np.pad 'reflect')."""
+    b = np.zeros((n, n), np.float64)
+    for i in range(n):
+        for k in range(5):
+            j = i + k - 2
+            j = -j if j < 0 else 2 * (n - 1) - j if j >= n else j
+            b[i, j] += _K[k]
+    return b.astype(np.float32)
+
+
+_B = _blur_matrix(FINE)
+
+
 def _highpass(x: np.ndarray) -> np.ndarray:
-    """x minus a separable binomial blur of it (reflect-padded): the detail a copy keeps."""
+    """x minus a separable binomial blur of it (reflect-padded): the detail a copy keeps. Two small
+    matrix products (the blur and its padding baked into ``_B``): the verification's inner loop."""
+    if x.shape == (FINE, FINE):
+        return x - _B @ x @ _B.T
     p = np.pad(x, 2, mode="reflect")
     b = sum(_K[i] * p[:, i:i + x.shape[1]] for i in range(5))
     b = sum(_K[i] * b[i:i + x.shape[0], :] for i in range(5))
@@ -120,6 +164,9 @@ class Query:
     views: tuple[Image.Image, Image.Image]
     vectors: np.ndarray  # (M, SIDE*SIDE)
     windows: list[tuple[int, tuple[float, float, float, float]]]  # per row: (view, window)
+    # the descriptors of view boxes the local search visited, kept across candidates (the same box of
+    # the same view is described once per query, however many candidates visit it)
+    cache: dict = field(default_factory=dict, repr=False)
 
     def verify(self, row: int, candidate: Image.Image) -> tuple[float, bool]:
         """(score, flat) of a candidate against query window ``row``. The score is the best high-pass
@@ -147,7 +194,12 @@ class Query:
 
         def corr(b: tuple[float, float, float, float]) -> float:
             box = pixels(b)
-            v = None if box is None else describe(view, box)
+            if box is None:
+                return -1.0
+            key = (view_i, describe is fine, box)
+            if key not in self.cache:
+                self.cache[key] = describe(view, box)
+            v = self.cache[key]
             return -1.0 if v is None else float(v @ ref)
 
         return _local_search(corr, window), target is None
@@ -190,25 +242,26 @@ def describe_query(img: Image.Image) -> Query:
 
 
 class CopyIndex:
-    """The descriptors of a pile in a faiss inner-product index; ``matches(query)`` -> pile rows."""
+    """The descriptors of a pile in a faiss inner-product index; ``matches(query)`` -> pile rows.
 
-    def __init__(self, vectors: np.ndarray):
-        import faiss
+    The search is exact below ``search.EXACT_MAX`` descriptors and approximate above
+    (data/search.py); ``kind`` forces one."""
 
-        self.index = faiss.IndexFlatIP(SIDE * SIDE)
-        if len(vectors):
-            self.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    def __init__(self, vectors: np.ndarray, kind: str = "auto"):
+        from .search import VectorSearch
+
+        self.search = VectorSearch(np.asarray(vectors, np.float32).reshape(-1, SIDE * SIDE), kind=kind)
+        self.index = self.search.index
 
     def __len__(self) -> int:
-        return int(self.index.ntotal)
+        return len(self.search)
 
     def candidates(self, query: Query, threshold: float = THRESHOLD) -> dict[int, tuple[float, int]]:
         """Pile rows whose descriptor is within ``threshold`` of a query window: row -> (similarity,
         the query row that came closest)."""
         if not len(self) or not len(query.vectors):
             return {}
-        lims, sims, ids = self.index.range_search(np.ascontiguousarray(query.vectors, np.float32), threshold)
-        qrow = np.repeat(np.arange(len(query.vectors)), np.diff(lims.astype(np.int64)))
+        qrow, sims, ids = self.search.range(query.vectors, threshold)
         out: dict[int, tuple[float, int]] = {}
         for s, i, q in zip(sims.tolist(), ids.tolist(), qrow.tolist()):
             if i not in out or s > out[i][0]:

@@ -5,15 +5,19 @@ Steps (each decision is written to ``decisions.csv``):
 1. **Embed** every image of the pile with a backbone (a run, an exported file or a timm name) through
    ``openseer embed``'s machinery (``embed/`` inside ``--out``: resumable chunk by chunk; bad
    images are skipped, counted by reason and listed).
-2. **Near-duplicates.** By default (``--dup-by descriptor``) the near-copy descriptor of
-   data/nearcopy.py (16 x 16 grey, mean removed; each image and its mirror image), else
-   (``--dup-by embedding``) the L2-normalised embeddings, go into a faiss inner-product index; each
-   image is linked to those of its 64 nearest neighbours with cosine >= ``--dup-threshold``; the
-   connected components of the links are cut into stars around seeds (every member within the
-   threshold of its seed), so a chain of look-alike garments cannot become one group. (A short SwAV pretraining gives class-level
+2. **Near-duplicates.** By default (``--dup-by descriptor``) the near-copy descriptors of the pile's
+   index (data/index.py, built or brought up to date first: 16 x 16 grey, mean removed; each image,
+   its mirror image and a few crop windows (linked at cosine >= 0.98), so crops and flipped crops
+   are linked to their original),
+   else (``--dup-by embedding``) the L2-normalised embeddings, go into a faiss inner-product index
+   (exact, or approximate beyond ``search.EXACT_MAX`` images: data/search.py); each image is linked to
+   those of its 64 nearest neighbours with cosine >= ``--dup-threshold``; the connected components of
+   the links are cut into stars around seeds (every member within the threshold of its seed), so a
+   chain of look-alike garments cannot become one group. (A short SwAV pretraining gives class-level
    features: by embedding, 86% of the distinct images of the benchmark pile were grouped as
-   duplicates; by descriptor 18%, finding 81% of the true duplicates: docs/benchmarks.md.) Each group keeps one image, the one nearest the group's mean embedding
-   (the most typical copy), and the others are dropped as ``duplicate``.
+   duplicates; by descriptor 18%, finding 81% of the true duplicates: docs/benchmarks.md.) Each group
+   keeps its best copy, the largest (pixel count, then file size: the original over a thumbnail or a
+   re-encoding), and the others are dropped as ``duplicate``; the report says which method ran.
 3. **Off-domain** (with ``--reference DATA``, a small sample of the wanted domain): a pile image is
    off-domain when its best cosine similarity to the reference is below what 99% of reference images
    reach to their nearest other reference image (leave-one-out, so the threshold comes from the
@@ -49,6 +53,9 @@ from ..fileio import atomic_write_json, atomic_write_text, csv_text, text_to_nam
 FORMAT = "openseer.curate.v1"
 DUP_THRESHOLD = 0.95
 NEIGHBOURS = 64  # neighbours searched per image for duplicate links
+# a crop window links at no less than this cosine: on the bench's 28-pixel garments, windows at the
+# 0.95 of whole images linked 19% more distinct images for 4% more copies; at 0.98 5% and 2%
+WINDOW_THRESHOLD = 0.98
 BLOCK = 1024  # query rows per faiss search
 REFERENCE_QUANTILE = 0.01
 BYTES_PER_FLOAT = 4
@@ -64,28 +71,35 @@ class CurateError(DataError):
 
 
 def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = NEIGHBOURS,
-                     extra: tuple[np.ndarray, ...] = ()) -> np.ndarray:
+                     extra: tuple = (), search: str = "auto", info: dict | None = None,
+                     extra_thresholds: tuple | None = None) -> np.ndarray:
     """Group id per row: each row is linked to those of its ``k`` nearest neighbours (faiss
-    inner-product search on the normalised rows) with cosine >= ``threshold``; the connected
+    inner-product search on the normalised rows: exact below ``search.EXACT_MAX`` rows, approximate
+    beyond, data/search.py; ``search`` forces a kind) with cosine >= ``threshold``; the connected
     components of those links (a group larger than ``k`` is still found, through chains) are then cut
     into stars (``_stars``), so that every member is within ``threshold`` of its group's seed and a
     chain of look-alikes (A ~ B ~ C, A !~ C) cannot sweep thousands of distinct images into one
-    group. Rows of each ``extra`` matrix (e.g. the mirror images' descriptors) query the same index
-    for row i too. Ids are 0..G-1 in order of first row; singletons get their own."""
-    import faiss
+    group. Rows of each ``extra`` matrix (e.g. the mirror images' descriptors, crop windows' descriptors;
+    anything indexable by rows, converted a block at a time) query the same index for row i too. Ids
+    are 0..G-1 in order of first row; singletons get their own. ``extra_thresholds``: a threshold per
+    ``extra`` matrix (default ``threshold``). ``info`` (a dict) gets the search kind used."""
+    from ..data.search import VectorSearch, choose_kind
 
     n = len(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
+    if search == "auto":
+        search = choose_kind(n, queries=n * (1 + len(extra)), dim=x.shape[1] if x.ndim == 2 else 0)
+    index = VectorSearch(x, kind=search)
+    if info is not None:
+        info["search"] = index.kind
     k = max(1, min(k, n))
     src, dst = [], []
-    for q in (x, *extra):
-        q = np.ascontiguousarray(q, dtype=np.float32)
+    shifts = [0.0] + [threshold - t for t in (extra_thresholds or (threshold,) * len(extra))]
+    for q, shift in zip((x, *extra), shifts):
         for s in range(0, n, BLOCK):
-            sims, ids = index.search(q[s:s + BLOCK], k)
+            sims, ids = index.knn(np.ascontiguousarray(q[s:s + BLOCK], dtype=np.float32), k)
             rows = np.repeat(np.arange(s, s + len(ids)), k)
-            ok = (sims.ravel() >= threshold) & (ids.ravel() >= 0)
+            ok = (sims.ravel() + shift >= threshold) & (ids.ravel() >= 0)
             src.append(rows[ok])
             dst.append(ids.ravel()[ok])
     a = np.concatenate(src) if src else np.zeros(0, np.int64)
@@ -100,17 +114,20 @@ def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = N
         if np.array_equal(label, old):
             break
     degree = np.bincount(np.concatenate([a, b]), minlength=n) if len(a) else np.zeros(n, np.int64)
-    label = _stars(x, extra, label, degree, threshold)
+    label = _stars(x, extra, label, degree, threshold, shifts[1:])
     first: dict[int, int] = {}
     return np.array([first.setdefault(int(g), len(first)) for g in label], dtype=np.int64)
 
 
-def _stars(x: np.ndarray, extra: tuple[np.ndarray, ...], label: np.ndarray, degree: np.ndarray,
-           threshold: float) -> np.ndarray:
+def _stars(x: np.ndarray, extra: tuple, label: np.ndarray, degree: np.ndarray,
+           threshold: float, shifts: list[float] | None = None) -> np.ndarray:
     """Cut each connected component into stars: its best-linked member not yet taken is a seed, and
-    every untaken member whose cosine to the seed (or to one of the seed's ``extra`` rows, e.g. its
-    mirror image) is >= ``threshold`` joins it; repeat until the component is used up. Exact cosines
-    within the component, so a star is not limited to ``k`` neighbours."""
+    every untaken member whose cosine to the seed is >= ``threshold`` joins it (either way round
+    through the ``extra`` rows: the member's whole image against the seed's mirror image or crop
+    window, or the member's against the seed's whole image, so a crop joins its original's star and
+    an original its crop's); repeat until the component is used up. Exact cosines within the
+    component, so a star is not limited to ``k`` neighbours. ``shifts``: added to each extra's cosines
+    (a stricter threshold for it: ``threshold - its own``)."""
     out = label.copy()
     order = np.argsort(label, kind="stable")
     bounds = np.flatnonzero(np.diff(label[order])) + 1
@@ -121,8 +138,9 @@ def _stars(x: np.ndarray, extra: tuple[np.ndarray, ...], label: np.ndarray, degr
         while len(left):
             seed = left[0]
             sim = x[left] @ x[seed]
-            for e in extra:
-                sim = np.maximum(sim, x[left] @ e[seed])
+            for e, shift in zip(extra, shifts or [0.0] * len(extra)):
+                sim = np.maximum(sim, x[left] @ np.asarray(e[seed], np.float32) + shift)
+                sim = np.maximum(sim, np.asarray(e[left], np.float32) @ x[seed] + shift)
             take = sim >= threshold
             take[0] = True
             out[left[take]] = seed
@@ -130,30 +148,121 @@ def _stars(x: np.ndarray, extra: tuple[np.ndarray, ...], label: np.ndarray, degr
     return out
 
 
+class _Mirrored:
+    """Rows of a matrix of 16 x 16 descriptors, each mirrored left-right when read (the descriptor of
+    the mirror image of the same window, up to resampling)."""
+
+    def __init__(self, a: np.ndarray, side: int):
+        self.a, self.side = a, side
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, i):
+        v = np.asarray(self.a[i], np.float32)
+        return v.reshape(*v.shape[:-1], self.side, self.side)[..., ::-1].reshape(v.shape)
+
+
 def pile_duplicate_groups(pile: str, x: np.ndarray, index_rows: list[dict], dup_by: str = "descriptor",
-                          threshold: float = DUP_THRESHOLD, progress: bool = False) -> np.ndarray:
+                          threshold: float = DUP_THRESHOLD, progress: bool = False,
+                          info: dict | None = None) -> np.ndarray:
     """``duplicate_groups`` of a pile's embedded rows (``x``, ``index_rows`` of an embed folder): by
-    the near-copy descriptor of data/nearcopy.py with flips (``descriptor``), by the embeddings
-    (``embedding``), or none (``none``: every row its own group)."""
+    the near-copy descriptors of the pile's index (``descriptor``: data/index.py, built or brought up
+    to date first; each image, its mirror image and its crop windows, so crops and flipped crops join
+    their original), by the embeddings (``embedding``), or none (``none``: every row its own group).
+    ``info`` (a dict) gets what was used: ``search`` (the faiss kind), ``windows`` (crop windows or not)."""
+    info = {} if info is None else info
     if dup_by == "none":
         return np.arange(len(x), dtype=np.int64)
     if dup_by == "embedding":
-        return duplicate_groups(x, threshold)
-    from ..data.nearcopy import SIDE, PileIndex
+        return duplicate_groups(x, threshold, info=info)
+    d, f, w = pile_descriptors(pile, index_rows, progress)
+    from ..data.nearcopy import SIDE
 
-    pix = PileIndex(pile, progress=progress, flips=True)
+    extra: tuple = (f,)
+    info["windows"] = w is not None
+    if w is not None:
+        wins = [w[:, i] for i in range(w.shape[1])]
+        extra = (f, *wins, *[_Mirrored(v, SIDE) for v in wins])
+    wt = max(threshold, WINDOW_THRESHOLD)
+    return duplicate_groups(d, threshold, extra=extra, info=info,
+                            extra_thresholds=(threshold,) + (wt,) * (len(extra) - 1))
+
+
+def pile_descriptors(pile: str, index_rows: list[dict], progress: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(descriptors, mirror images' descriptors, crop windows' descriptors or None) of each embedded
+    row, from the pile's index (built or extended first); a pile that cannot have one (in memory,
+    pipe: shards) is scanned, without windows. Flat images get zeros: never a duplicate by them."""
+    from ..data.index import IndexMismatch, ensure_index
+    from ..data.nearcopy import SIDE, WINDOWS, PileIndex
+
+    try:
+        pix = ensure_index(pile, progress=progress, log=lambda t: None)
+        wins = pix.windows
+    except IndexMismatch:
+        pix = PileIndex(pile, progress=progress, flips=True)
+        wins = None
     where = {k: i for i, k in enumerate(pix.keys)}
-    d = np.zeros((len(x), SIDE * SIDE), np.float32)
-    f = np.zeros((len(x), SIDE * SIDE), np.float32)
+    d = np.zeros((len(index_rows), SIDE * SIDE), np.float32)
+    f = np.zeros((len(index_rows), SIDE * SIDE), np.float32)
+    w = np.zeros((len(index_rows), len(WINDOWS), SIDE * SIDE), np.float16) if wins is not None else None
     for i, r in enumerate(index_rows):
         j = where.get(r["key"])
-        if j is not None:  # flat images have no descriptor: never a duplicate by it
+        if j is not None:
             d[i], f[i] = pix.vectors[j], pix.flipped[j]
-    return duplicate_groups(d, threshold, extra=(f,))
+            if w is not None:
+                w[i] = wins[j]
+    return d, f, w
 
 
-def group_representatives(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Per row, whether it is its group's kept image: the member nearest the group's mean direction."""
+def pile_quality(pile: str, index_rows: list[dict]) -> np.ndarray:
+    """(pixel count, file bytes) of each embedded row, to keep the best copy of a duplicate group: from
+    the pile's index when it is up to date, else read from the files' headers (shards: their
+    manifest.csv); zeros where unknown (then the group keeps its most typical member)."""
+    import csv
+
+    from ..data.collection import open_collection
+    from ..data.index import IndexMismatch, open_index
+
+    q = np.zeros((len(index_rows), 2), np.int64)
+    try:
+        pix = open_index(pile)
+    except (IndexMismatch, DataError):
+        pix = None
+    if pix is not None:
+        where = {k: i for i, k in enumerate(pix.keys)}
+        for i, r in enumerate(index_rows):
+            j = where.get(r["key"])
+            if j is not None:
+                q[i] = pix.pixels[j], pix.nbytes[j]
+        return q
+    coll = open_collection(pile)
+    if coll.kind == "files":
+        from PIL import Image
+
+        from ..fileio import text_to_name
+
+        for i, r in enumerate(index_rows):
+            try:
+                path = text_to_name(r["path"])
+                with Image.open(path) as im:
+                    q[i] = im.width * im.height, os.stat(path).st_size
+            except Exception:  # unreadable now: unknown
+                continue
+    elif coll.kind == "shards" and getattr(coll, "manifest_path", None) is not None:
+        with open(coll.manifest_path, newline="", encoding="utf-8", errors="replace") as fh:
+            sizes = {row["key"]: (int(row["width"] or 0) * int(row["height"] or 0), int(row["bytes"] or 0))
+                     for row in csv.DictReader(fh)}
+        for i, r in enumerate(index_rows):
+            q[i] = sizes.get(r["key"], (0, 0))
+    return q
+
+
+def group_representatives(x: np.ndarray, groups: np.ndarray, quality: np.ndarray | None = None) -> np.ndarray:
+    """Per row, whether it is its group's kept image: the best copy by ``quality`` (rows of (pixel
+    count, file bytes): the largest, then the least compressed), ties (or no ``quality``) broken by
+    the member nearest the group's mean direction (the most typical copy)."""
     keep = np.zeros(len(groups), dtype=bool)
     order = np.argsort(groups, kind="stable")
     bounds = np.flatnonzero(np.diff(groups[order])) + 1
@@ -161,6 +270,14 @@ def group_representatives(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
         if len(members) == 1:
             keep[members[0]] = True
             continue
+        if quality is not None:
+            qm = quality[members]
+            best = (qm[:, 0] == qm[:, 0].max())
+            best &= qm[:, 1] == qm[best, 1].max()
+            members = members[best]
+            if len(members) == 1:
+                keep[members[0]] = True
+                continue
         mean = x[members].mean(axis=0)
         keep[members[int(np.argmax(x[members] @ mean))]] = True
     return keep
@@ -293,10 +410,18 @@ def available_memory() -> int:
 def memory_needed(n: int, dim: int, clusters: int) -> int:
     """Peak bytes the index steps need: the embeddings in RAM twice (float32 rows + the faiss copy),
     the duplicate links (up to NEIGHBOURS per image: two int64 ids), a BLOCK x N score block of the
-    exhaustive search, k-means' centroids and the per-row bookkeeping."""
+    exhaustive search, an approximate search's own structure (an HNSW graph, IVF lists: beyond
+    ``search.EXACT_MAX`` images), k-means' centroids and the per-row bookkeeping."""
     rows = n * dim * BYTES_PER_FLOAT
-    descriptors = 3 * n * 256 * BYTES_PER_FLOAT  # --dup-by descriptor: the pile's, its mirrors', the index's
-    return (2 * rows + descriptors + 2 * n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
+    from ..data.nearcopy import WINDOWS
+    from ..data.search import choose_kind
+    from ..data.search import memory_bytes as search_bytes
+
+    # --dup-by descriptor: the pile's, its mirrors', the index's (float32) and its crop windows' (float16)
+    descriptors = 3 * n * 256 * BYTES_PER_FLOAT + n * len(WINDOWS) * 256 * 2
+    d = max(dim, 256)
+    structure = search_bytes(n, d, choose_kind(n)) - n * d * BYTES_PER_FLOAT
+    return (2 * rows + descriptors + structure + 2 * n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
             + clusters * dim * BYTES_PER_FLOAT + 64 * n)
 
 
@@ -369,8 +494,9 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         raise CurateError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")
 
     t1 = time.perf_counter()
-    groups = pile_duplicate_groups(pile, x, index_rows, dup_by, dup_threshold, progress)
-    rep = group_representatives(x, groups)
+    dup_info: dict = {}
+    groups = pile_duplicate_groups(pile, x, index_rows, dup_by, dup_threshold, progress, info=dup_info)
+    rep = group_representatives(x, groups, pile_quality(pile, index_rows))
     dup_s = time.perf_counter() - t1
 
     offdomain = np.zeros(n, dtype=bool)
@@ -452,7 +578,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
         "off_domain": {**ref_info, "found": int(offdomain.sum()) if reference else None,
                        "share": round(float(offdomain.mean()), 4) if reference else None,
                        "dropped": bool(drop_off_domain and reference)},
-        "memory_estimate_bytes": need, "seed": seed,
+        "duplicate_method": duplicate_method(dup_by, dup_threshold, dup_info), "memory_estimate_bytes": need, "seed": seed,
         "seconds": {"embed": round(embed_s, 1), "duplicates": round(dup_s, 1), "clusters": round(cluster_s, 1)},
     }
     if summary["largest_group"] > n / 2:
@@ -494,6 +620,30 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     write_html(out / "report.html", summary, groups, sizes, paths, coll, index_rows, kept)
     atomic_write_json(out / "curate.json", summary)
     return summary
+
+
+def duplicate_method(dup_by: str, threshold: float, info: dict) -> str:
+    """How the duplicate groups were found and which member each keeps, in words (curate.json, report);
+    ``info``: what ``pile_duplicate_groups`` reported it used."""
+    from ..data.nearcopy import WINDOWS
+
+    search = {"flat": "exact", "hnsw": "approximate (HNSW)", "ivf": "approximate (IVF-flat)"}.get(
+        info.get("search", ""), "")
+    if dup_by == "none":
+        return "No duplicate search (--dup-by none): every image is its own group."
+    if dup_by == "descriptor":
+        windows = (f", of its mirror image's, or (at >= {max(threshold, WINDOW_THRESHOLD)}) of one of its "
+                   f"{len(WINDOWS)} crop windows' (and their mirror images')" if info.get("windows") else " or of its mirror image's (no crop windows: a pile "
+                   "without an index)")
+        what = (f"By near-copy descriptor (--dup-by descriptor: 16 x 16 grey"
+                f"{', from the pile index' if info.get('windows') else ''}): an image is linked to another when the "
+                f"cosine of their descriptors{windows} against the other's whole image is >= {threshold}")
+    else:
+        what = (f"By embedding (--dup-by embedding): an image is linked to another when their normalised embeddings "
+                f"have a cosine >= {threshold}")
+    return (f"{what}, among its {NEIGHBOURS} nearest neighbours ({search} faiss search); linked images are cut "
+            f"into stars around seeds, every member within the threshold of its seed. Each group keeps its "
+            f"largest copy (pixel count, then file size), the one nearest the group's mean on a tie.")
 
 
 def _leaf_centroids(x: np.ndarray, assign: np.ndarray) -> np.ndarray:
@@ -598,10 +748,9 @@ table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style
 (budget {summary['budget']}). {e(summary.get('note', ''))}</p>
 <table>{counts}{bads}</table>
 <h2>Near-duplicates</h2>
-<p>{summary['duplicate_groups']} groups holding {summary['images_in_duplicate_groups']} images (cosine &ge;
-{summary['dup_threshold']} between normalised embeddings, linked transitively); the largest has
-{summary['largest_group']}. Each keeps the member nearest its mean embedding. The largest groups (green
-border: kept by the final sampling):</p>
+<p>{summary['duplicate_groups']} groups holding {summary['images_in_duplicate_groups']} images; the largest has
+{summary['largest_group']}. {e(summary['duplicate_method'])} The largest groups (green border: kept by the
+final sampling):</p>
 <table><tr><th>size</th><th>members</th></tr>{''.join(rows_html)}</table>
 <h2>Clusters</h2>
 <p>{summary['clusters']} k-means clusters ({summary['levels']} level(s)); sizes before (grey: every decoded

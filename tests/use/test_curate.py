@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from html import unescape
 from pathlib import Path
 
 import numpy as np
@@ -229,3 +230,48 @@ def test_pile_images_do_not_carry_the_photographs_colour_profile():
     assert "icc_profile" in grey.info  # PIL keeps it through convert and resize
     for fmt in ("PNG", "JPEG"):
         assert "icc_profile" not in Image.open(io.BytesIO(_encode(grey, fmt))).info
+
+
+def test_a_duplicate_group_keeps_its_largest_copy_by_pixels_then_bytes():
+    x = np.eye(4, dtype=np.float32)[[0, 0, 0, 1, 1, 2]] + 0.01
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    groups = np.array([0, 0, 0, 1, 1, 2])
+    q = np.array([[100, 50], [400, 10], [400, 20], [9, 9], [9, 9], [1, 1]])
+    keep = group_representatives(x, groups, q)
+    assert keep.tolist() == [False, False, True, True, False, True]  # most pixels, then most bytes; a tie: typical
+
+
+def test_curate_links_crops_to_their_original_and_keeps_the_original(tmp_path):
+    from tests.data.test_nearcopy import photo
+
+    pile = tmp_path / "pile"
+    pile.mkdir()
+    orig = photo(5, (320, 240))
+    W, H = orig.size
+    orig.save(pile / "original.png")
+    orig.resize((W // 2, H // 2)).save(pile / "half.png")  # a thumbnail
+    orig.save(pile / "q30.jpg", quality=30)  # same size, fewer bytes
+    orig.crop((int(0.1 * W), int(0.1 * H), int(0.9 * W), int(0.9 * H))).save(pile / "centre80.png")
+    orig.crop((0, 0, int(0.8 * W), int(0.8 * H))).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(pile / "corner_flip.png")
+    orig.crop((int(0.05 * W), int(0.05 * H), int(0.95 * W), int(0.95 * H))).save(pile / "centre90.jpg", quality=60)
+    copies = ["original.png", "half.png", "q30.jpg", "centre80.png", "corner_flip.png", "centre90.jpg"]
+    for i in range(12):
+        photo(40 + i, (160, 120)).save(pile / f"other{i:02d}.png")
+    out = tmp_path / "cur"
+    assert main(["curate", str(pile), "--out", str(out), "--model", "test_resnet", "--keep", "1", "--clusters", "3",
+                 "--quiet", "--threads", "1"]) == 0
+    rows = {r["key"]: r for r in csv.DictReader(open(out / "decisions.csv", newline=""))}
+    assert len({rows[k]["group"] for k in copies}) == 1 and rows["original.png"]["group"] != ""
+    assert all(rows[f"other{i:02d}.png"]["group"] == "" for i in range(12))
+    assert rows["original.png"]["kept"] == "yes"
+    assert all(rows[k]["decision"] == "duplicate" and rows[k]["duplicate_of"] == "original.png" for k in copies[1:])
+    s = json.loads((out / "curate.json").read_text())
+    assert "--dup-by descriptor" in s["duplicate_method"] and "crop windows" in s["duplicate_method"]
+    assert "largest copy" in s["duplicate_method"] and "stars" in s["duplicate_method"]
+    assert s["duplicate_method"] in unescape((out / "report.html").read_text())
+    assert (pile / ".openseer-index" / "index.json").is_file()  # the descriptors were stored beside the pile
+    # by embedding, the report says so
+    out2 = tmp_path / "cur2"
+    assert main(["curate", str(pile), "--out", str(out2), "--model", "test_resnet", "--keep", "1", "--clusters", "3",
+                 "--dup-by", "embedding", "--dup-threshold", "0.99999", "--quiet", "--threads", "1"]) == 0
+    assert "--dup-by embedding" in json.loads((out2 / "curate.json").read_text())["duplicate_method"]

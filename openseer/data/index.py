@@ -1,0 +1,605 @@
+"""The persistent index of a pile: near-copy descriptors computed once per image, stored beside it.
+
+``openseer index PILE`` describes every image of a folder, a file list or local tar shards
+(data/nearcopy.py ``describe_pile_image``: the whole image, its mirror image and a few crop
+windows) and stores the result in ``ROOT/.openseer-index/`` (``ROOT``: the folder, the list's
+folder, the shards' folder; ``--index DIR`` puts it elsewhere)::
+
+    index.json            format, descriptor version, the parts and what each covers
+    parts/NNNNNN.json     one row per image: source, identity, key, content key, size, status, ...
+    parts/NNNNNN.npy      descriptors of its described rows (float32, N x 256)
+    parts/NNNNNN.flip.npy the mirror images' descriptors; parts/NNNNNN.win.npy the windows' (float16)
+
+A part is one shard (identified by its file's size and modification time) or up to
+``FILES_PER_PART`` files (each identified by its own size and modification time), written whole
+and atomically, its ``.json`` last: an interrupted build keeps its finished parts and the next run
+goes on from there. Running it again extends the index: new files or shards are described,
+unchanged ones are kept, changed ones described again and vanished ones dropped.
+
+``open_index`` is what ``takedown add|check --near`` and ``curate`` read. It checks the index
+against the pile as listed now and refuses, naming them, a source that changed since it was
+described, one that is not indexed yet, an indexed one that no longer exists, or another
+descriptor version: an index that no longer matches its pile is never used. A candidate found in
+it is decoded again for verification (a file is read, a shard sample read at its recorded offset),
+so a takedown decodes only its candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..fileio import atomic_write_json, name_to_text, text_to_name
+from .collection import Collection, FileCollection, ShardCollection, open_collection
+from .decode import BadImage, DataError, decode_bytes, open_bytes, read_bytes
+from .denylist import DenyList, content_key
+from .nearcopy import (
+    DESCRIPTOR_VERSION,
+    READ_SIDE,
+    SIDE,
+    THRESHOLD,
+    VERIFY,
+    WINDOWS,
+    CopyIndex,
+    describe_pile_image,
+    describe_query,
+    find_copies,
+)
+from .stream import SAMPLE_IMAGE_EXTS, iter_shard
+
+FORMAT = "openseer.index.v1"
+INDEX_DIR = ".openseer-index"
+MANIFEST = "index.json"
+FILES_PER_PART = 1024
+COLUMNS = ["source", "size", "mtime_ns", "name", "content_key", "position", "offset", "length", "width",
+           "height", "bytes", "status", "vec"]
+
+
+class IndexMismatch(DataError):
+    """A pile index that does not match its pile (or cannot be written): what, and how to fix it."""
+
+
+# ---------------------------------------------------------------- where, and what identifies a source
+
+
+def index_folder(coll: Collection, index: str | Path = "") -> Path:
+    """The index folder of a pile: ``index`` when given, else ``ROOT/.openseer-index``."""
+    if index:
+        return Path(index).expanduser()
+    if isinstance(coll, ShardCollection):
+        if coll.root is None or any(u.startswith("pipe:") for u in coll.urls):
+            raise IndexMismatch(f"{coll.spec}: pipe: shards cannot be indexed (no file to check the index "
+                                f"against); index local shards, or run --near without an index (--no-index)")
+        return coll.root / INDEX_DIR
+    if isinstance(coll, FileCollection) and coll.base is not None:
+        return coll.base / INDEX_DIR
+    raise IndexMismatch(f"{coll.spec} is held in memory: it has no folder to keep an index in "
+                        f"(--near scans it; write it out as image files to index it)")
+
+
+def _source(path: str | os.PathLike, root: Path) -> str:
+    """A source's name in the index: its path relative to the index's root folder, else absolute."""
+    p = os.path.abspath(os.fspath(path))
+    rel = os.path.relpath(p, os.path.abspath(root))
+    return name_to_text(p if rel.startswith("..") else rel)
+
+
+def _source_path(source: str, root: Path) -> str:
+    name = text_to_name(source)
+    return name if os.path.isabs(name) else os.path.join(os.fspath(root), name)
+
+
+def _identity(path: str | os.PathLike) -> tuple[int, int]:
+    """(bytes, modification time in ns) of a file; (-1, -1) when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
+def _root(folder: Path) -> Path:
+    """The folder sources are named relative to: the one holding the index folder."""
+    return folder.resolve().parent
+
+
+# ---------------------------------------------------------------- describing
+
+
+def _describe_bytes(data: bytes, where: str) -> tuple[dict, tuple | None]:
+    """Row fields and descriptors of one image's bytes (status says why there are none)."""
+    row = {"content_key": content_key(data), "bytes": len(data), "width": 0, "height": 0, "status": ""}
+    try:
+        head = open_bytes(data, where)
+        row["width"], row["height"] = int(head.width), int(head.height)
+        img = decode_bytes(data, where, draft_size=READ_SIDE)  # as the near-copy scan decodes it
+    except BadImage as e:
+        row["status"] = e.reason
+        return row, None
+    d = describe_pile_image(img)
+    if d is None:
+        row["status"] = "flat"
+    return row, d
+
+
+def _member_offsets(path: str) -> dict[str, dict[str, tuple[int, int]]]:
+    """Sample key -> extension -> (data offset, size) of a local tar, from its headers."""
+    from webdataset.tariterators import base_plus_ext
+
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if m.isreg():
+                    prefix, ext = base_plus_ext(m.name)
+                    if prefix is not None:
+                        out.setdefault(prefix, {})[ext] = (int(m.offset_data), int(m.size))
+    except (OSError, tarfile.TarError, EOFError):
+        pass  # a damaged shard: what could be read
+    return out
+
+
+class _Part:
+    """Rows and descriptors of one part being written."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = {c: [] for c in COLUMNS}
+        self.vecs: list[np.ndarray] = []
+        self.flips: list[np.ndarray] = []
+        self.wins: list[np.ndarray] = []
+
+    def add(self, row: dict, d: tuple | None) -> None:
+        row = dict(row)
+        row["vec"] = -1
+        if d is not None:
+            row["vec"] = len(self.vecs)
+            self.vecs.append(d[0])
+            self.flips.append(d[1])
+            self.wins.append(d[2].astype(np.float16))
+        for c in COLUMNS:
+            self.cols[c].append(row.get(c, -1 if c in ("position", "offset", "length") else ""))
+
+    def write(self, folder: Path, pid: str) -> None:
+        parts = folder / "parts"
+        parts.mkdir(parents=True, exist_ok=True)
+        n = len(self.vecs)
+        arrays = {"npy": (np.stack(self.vecs) if n else np.zeros((0, SIDE * SIDE), np.float32)),
+                  "flip.npy": (np.stack(self.flips) if n else np.zeros((0, SIDE * SIDE), np.float32)),
+                  "win.npy": (np.stack(self.wins) if n else np.zeros((0, len(WINDOWS), SIDE * SIDE), np.float16))}
+        for ext, a in arrays.items():
+            tmp = parts / f".{pid}.{ext}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, a)
+            os.replace(tmp, parts / f"{pid}.{ext}")
+        atomic_write_json(parts / f"{pid}.json", self.cols)  # last: marks the part done
+
+    def __len__(self) -> int:
+        return len(self.cols["source"])
+
+
+def _read_part(folder: Path, pid: str) -> dict[str, list]:
+    try:
+        return json.loads((folder / "parts" / f"{pid}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise IndexMismatch(f"the pile index {folder} is damaged: part {pid}: {e}; rebuild it with "
+                            f"`openseer index PILE --rebuild`") from None
+
+
+def _remove_part(folder: Path, pid: str) -> None:
+    for ext in ("json", "npy", "flip.npy", "win.npy"):
+        (folder / "parts" / f"{pid}.{ext}").unlink(missing_ok=True)
+
+
+def _load_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise IndexMismatch(f"the pile index {path} is unreadable ({e}); rebuild it with "
+                            f"`openseer index PILE --rebuild`") from None
+    if doc.get("format") != FORMAT:
+        raise IndexMismatch(f"{path} is not an openseer pile index ({doc.get('format')!r})")
+    return doc
+
+
+def _save_manifest(folder: Path, doc: dict) -> None:
+    doc["updated_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    atomic_write_json(folder / MANIFEST, doc)
+
+
+def _new_manifest() -> dict:
+    return {"format": FORMAT, "descriptor": DESCRIPTOR_VERSION, "windows": len(WINDOWS), "parts": [], "next": 0}
+
+
+# ---------------------------------------------------------------- building and extending
+
+
+def build_index(spec: str, index: str | Path = "", rebuild: bool = False, progress: bool = True,
+                log=print, workers: int = 0) -> dict:
+    """Build or extend the index of the pile ``spec`` (see the module docstring); returns counts:
+    images described now, kept from before, dropped, the folder, the seconds taken. ``workers``:
+    processes reading and describing files (folders and lists; 0: in this process)."""
+    from ..progress import progress as bar
+
+    t0 = time.perf_counter()
+    coll = open_collection(spec)
+    coll.deny = DenyList()  # every image is indexed, also deny-listed ones (check --near reports which are)
+    folder = index_folder(coll, index)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IndexMismatch(f"cannot write the pile index {folder}: {e.strerror or e}; give --index DIR") from None
+    doc = None if rebuild else _load_manifest(folder)
+    if doc is not None and doc.get("descriptor") != DESCRIPTOR_VERSION:
+        log(f"openseer: {folder} holds descriptors of version {doc.get('descriptor')}; this openseer uses "
+            f"{DESCRIPTOR_VERSION}: describing the pile again")
+        doc = None
+    if doc is None:
+        for p in (folder / "parts").glob("*") if (folder / "parts").is_dir() else []:
+            p.unlink()
+        doc = _new_manifest()
+        _save_manifest(folder, doc)
+    root = _root(folder)
+    stats = Counter()
+    with bar("index", total=coll.n, unit="img", enabled=progress) as p:
+        if isinstance(coll, ShardCollection):
+            _extend_shards(coll, folder, root, doc, stats, p)
+        else:
+            _extend_files(coll, folder, root, doc, stats, p, workers)
+    seconds = time.perf_counter() - t0
+    total = sum(int(x["rows"]) for x in doc["parts"])
+    return {"folder": str(folder), "described": stats["described"], "kept": stats["kept"],
+            "dropped": stats["dropped"], "rows": total, "statuses": dict(stats["statuses"] or {}),
+            "seconds": round(seconds, 2), "images_per_s": round(stats["described"] / seconds, 1) if seconds else 0.0}
+
+
+def _next_id(doc: dict) -> str:
+    pid = f"{int(doc.get('next', 0)):06d}"
+    doc["next"] = int(doc.get("next", 0)) + 1
+    return pid
+
+
+def _count(stats: Counter, part: _Part) -> None:
+    st = stats.setdefault("statuses", Counter())  # type: ignore[arg-type]
+    for s in part.cols["status"]:
+        st[s or "described"] += 1
+    stats["described"] += len(part)
+
+
+def _extend_shards(coll: ShardCollection, folder: Path, root: Path, doc: dict, stats: Counter, bar) -> None:
+    by_source = {x["source"]: x for x in doc["parts"] if x["kind"] == "shard"}
+    for url in coll.urls:
+        src = _source(url, root)
+        size, mtime = _identity(url)
+        old = by_source.get(src)
+        if old is not None and (old["size"], old["mtime_ns"]) == (size, mtime):
+            stats["kept"] += int(old["rows"])
+            bar.update(int(old["rows"]))
+            continue
+        part = _Part()
+        offsets = _member_offsets(url)
+        errors: list[str] = []
+        for s in iter_shard(url, 0, errors, coll.pipe_timeout):
+            base = {"source": src, "size": size, "mtime_ns": mtime, "name": s.key, "position": s.position}
+            if s.data is None:
+                part.add({**base, "status": s.reason or "no_image"}, None)
+            else:
+                row, d = _describe_bytes(s.data, f"{Path(url).name}:{s.key}")
+                ext = next((e for e in SAMPLE_IMAGE_EXTS if e in offsets.get(s.key, {})), None)
+                if ext is not None:
+                    row["offset"], row["length"] = offsets[s.key][ext]
+                part.add({**base, **row}, d)
+            bar.update(1)
+        if errors:
+            part.add({"source": src, "size": size, "mtime_ns": mtime, "name": f"{Path(url).name}#error",
+                      "status": "shard_error"}, None)
+        pid = _next_id(doc)
+        part.write(folder, pid)
+        if old is not None:
+            doc["parts"].remove(old)
+            _remove_part(folder, old["id"])
+            stats["dropped"] += int(old["rows"])
+        doc["parts"].append({"id": pid, "kind": "shard", "source": src, "size": size, "mtime_ns": mtime,
+                             "rows": len(part), "described": len(part.vecs)})
+        _save_manifest(folder, doc)
+        _count(stats, part)
+
+
+class _DescribeFiles:
+    """Files to describe (a map-style dataset: loader workers decode and describe in parallel)."""
+
+    def __init__(self, entries: list, srcs: list[str], read_timeout: float):
+        self.entries, self.srcs, self.read_timeout = entries, srcs, read_timeout
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int):
+        e = self.entries[i]
+        size, mtime = _identity(e.path)
+        base = {"source": self.srcs[i], "size": size, "mtime_ns": mtime, "name": e.key}
+        try:
+            data = read_bytes(e.path, self.read_timeout)
+        except BadImage as err:
+            return {**base, "status": err.reason}, None
+        row, d = _describe_bytes(data, name_to_text(e.path))
+        return {**base, **row}, d
+
+
+def _extend_files(coll: FileCollection, folder: Path, root: Path, doc: dict, stats: Counter, bar,
+                  workers: int = 0) -> None:
+    srcs = [_source(e.path, root) for e in coll.entries]
+    listed = dict(zip(srcs, range(len(srcs))))
+    drop: dict[str, list[int]] = {}  # part id -> rows to drop
+    have: set[str] = set()
+    for info in [x for x in doc["parts"] if x["kind"] == "files"]:
+        cols = _read_part(folder, info["id"])
+        for i, src in enumerate(cols["source"]):
+            j = listed.get(src)
+            if j is not None and src not in have:
+                if _identity(coll.entries[j].path) == (cols["size"][i], cols["mtime_ns"][i]):
+                    have.add(src)
+                    continue
+            elif j is None and os.path.lexists(_source_path(src, root)):
+                continue  # not in this listing, still there (another list sharing the index): kept
+            drop.setdefault(info["id"], []).append(i)
+    for info in [x for x in doc["parts"] if x["id"] in drop]:
+        _rewrite_without(folder, info, set(drop[info["id"]]), doc)
+        stats["dropped"] += len(drop[info["id"]])
+    _save_manifest(folder, doc)
+    stats["kept"] += len(have)
+    bar.update(len(have))
+    todo = [j for j, s in enumerate(srcs) if s not in have]
+    todo = list(dict.fromkeys(todo))
+    ds = _DescribeFiles([coll.entries[j] for j in todo], [srcs[j] for j in todo], coll.read_timeout)
+    if workers and len(ds):
+        import torch
+
+        described = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, shuffle=False,
+                                                     collate_fn=_as_is, prefetch_factor=16))
+    else:
+        described = (ds[i] for i in range(len(ds)))
+    part = _Part()
+    for i, (row, d) in enumerate(described):
+        part.add(row, d)
+        bar.update(1)
+        if len(part) == FILES_PER_PART or i == len(ds) - 1:  # a whole part: written, and the manifest
+            pid = _next_id(doc)
+            part.write(folder, pid)
+            doc["parts"].append({"id": pid, "kind": "files", "rows": len(part), "described": len(part.vecs)})
+            _save_manifest(folder, doc)
+            _count(stats, part)
+            part = _Part()
+
+
+def _as_is(sample):
+    """A loader's sample unchanged (no conversion of numpy arrays to tensors)."""
+    return sample
+
+
+def _rewrite_without(folder: Path, info: dict, rows: set[int], doc: dict) -> None:
+    """Part ``info`` without ``rows`` (its descriptors too), written under a new id."""
+    cols = _read_part(folder, info["id"])
+    arrs = _arrays(folder, info["id"])
+    part = _Part()
+    for i in range(len(cols["source"])):
+        if i in rows:
+            continue
+        v = cols["vec"][i]
+        row = {c: cols[c][i] for c in COLUMNS}
+        part.add(row, None if v < 0 else (arrs[0][v], arrs[1][v], arrs[2][v]))
+    doc["parts"].remove(info)
+    if len(part):
+        pid = _next_id(doc)
+        part.write(folder, pid)
+        doc["parts"].append({**info, "id": pid, "rows": len(part), "described": len(part.vecs)})
+    _save_manifest(folder, doc)
+    _remove_part(folder, info["id"])
+
+
+def _arrays(folder: Path, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p = folder / "parts"
+    try:
+        return (np.load(p / f"{pid}.npy", mmap_mode="r"), np.load(p / f"{pid}.flip.npy", mmap_mode="r"),
+                np.load(p / f"{pid}.win.npy", mmap_mode="r"))
+    except (OSError, ValueError) as e:
+        raise IndexMismatch(f"the pile index {folder} is damaged: part {pid}: {e}; rebuild it with "
+                            f"`openseer index PILE --rebuild`") from None
+
+
+# ---------------------------------------------------------------- reading (takedown --near, curate)
+
+
+def _names(items: list[str], n: int = 3) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+class StoredIndex:
+    """The index of a pile as listed now (rows in the pile's order), checked against it.
+
+    ``keys`` (the pile's keys: a file's name, a shard sample's key), ``paths``, ``content_keys``,
+    ``vectors`` / ``flipped`` / ``windows`` (the described rows), ``pixels`` and ``nbytes`` per
+    described row, and ``skipped`` (flat or unreadable images, by reason), as ``nearcopy.PileIndex``
+    has them; ``copies_of(photo)`` answers a takedown decoding only the candidates."""
+
+    def __init__(self, coll: Collection, folder: Path, doc: dict):
+        self.coll, self.folder, self.spec = coll, folder, coll.spec
+        root = _root(folder)
+        problems: dict[str, list[str]] = {"changed": [], "not indexed": [], "gone": []}
+        picked: list[tuple[str, int]] = []  # (part id, row) in pile order
+        where: list[object] = []
+        self.paths: list[str] = []
+        if isinstance(coll, ShardCollection):
+            by_source = {x["source"]: x for x in doc["parts"] if x["kind"] == "shard"}
+            listed = set()
+            for url in coll.urls:
+                src = _source(url, root)
+                listed.add(src)
+                info = by_source.get(src)
+                if info is None:
+                    problems["not indexed"].append(Path(url).name)
+                elif (info["size"], info["mtime_ns"]) != _identity(url):
+                    problems["changed"].append(Path(url).name)
+                else:
+                    cols = _read_part(folder, info["id"])
+                    for i in range(len(cols["source"])):
+                        picked.append((info["id"], i))
+                        where.append(url)
+            problems["gone"] = [Path(_source_path(s, root)).name for s in by_source
+                                if s not in listed and not os.path.exists(_source_path(s, root))]
+        else:
+            rows: dict[str, tuple[str, int]] = {}
+            idents: dict[str, tuple[int, int]] = {}
+            for info in [x for x in doc["parts"] if x["kind"] == "files"]:
+                cols = _read_part(folder, info["id"])
+                for i, src in enumerate(cols["source"]):
+                    rows[src] = (info["id"], i)
+                    idents[src] = (cols["size"][i], cols["mtime_ns"][i])
+            listed = set()
+            for e in coll.entries:  # type: ignore[attr-defined]
+                src = _source(e.path, root)
+                listed.add(src)
+                if src not in rows:
+                    problems["not indexed"].append(e.key)
+                elif idents[src] != _identity(e.path):
+                    problems["changed"].append(e.key)
+                else:
+                    picked.append(rows[src])
+                    where.append(e.path)
+            problems["gone"] = [s for s in rows if s not in listed and not os.path.lexists(_source_path(s, root))]
+        bad = {k: v for k, v in problems.items() if v}
+        if bad:
+            what = "; ".join(f"{len(v)} {k} ({_names(v)})" for k, v in bad.items())
+            raise IndexMismatch(f"the index {folder} no longer matches the pile {coll.spec}: {what}. Run "
+                                f"`openseer index {coll.spec}` to bring it up to date (only those are described "
+                                f"again), or pass --no-index to scan the pile")
+        self._assemble(folder, picked, where)
+
+    def _assemble(self, folder: Path, picked: list[tuple[str, int]], where: list[object]) -> None:
+        cols_of: dict[str, dict] = {}
+        arrs_of: dict[str, tuple] = {}
+        self.keys, self.content_keys, self.paths, self.loc = [], [], [], []
+        self.skipped: dict[str, int] = {}
+        vec_rows: list[tuple[str, int]] = []
+        pixels, nbytes = [], []
+        for (pid, i), w in zip(picked, where):
+            if pid not in cols_of:
+                cols_of[pid] = _read_part(folder, pid)
+            cols = cols_of[pid]
+            v = cols["vec"][i]
+            if v < 0:
+                status = cols["status"][i]
+                self.skipped[status] = self.skipped.get(status, 0) + 1
+                continue
+            name = cols["name"][i]
+            self.keys.append(name)
+            if isinstance(w, str):  # a shard url
+                self.paths.append(f"{w}#{name}")
+                self.loc.append((w, cols["offset"][i], cols["length"][i], cols["position"][i]))
+            else:
+                self.paths.append(name_to_text(w))
+                self.loc.append((w, -1, -1, -1))
+            self.content_keys.append(cols["content_key"][i])
+            pixels.append(int(cols["width"][i]) * int(cols["height"][i]))
+            nbytes.append(int(cols["bytes"][i]))
+            vec_rows.append((pid, v))
+        n = len(vec_rows)
+        self.vectors = np.zeros((n, SIDE * SIDE), np.float32)
+        self.flipped = np.zeros((n, SIDE * SIDE), np.float32)
+        self.windows = np.zeros((n, len(WINDOWS), SIDE * SIDE), np.float16)
+        by_part: dict[str, list[tuple[int, int]]] = {}
+        for r, (pid, v) in enumerate(vec_rows):
+            by_part.setdefault(pid, []).append((r, v))
+        for pid, pairs in by_part.items():
+            arrs_of[pid] = a = _arrays(folder, pid)
+            dst = np.array([r for r, _ in pairs])
+            src = np.array([v for _, v in pairs])
+            self.vectors[dst], self.flipped[dst], self.windows[dst] = a[0][src], a[1][src], a[2][src]
+        self.pixels = np.asarray(pixels, np.int64)
+        self.nbytes = np.asarray(nbytes, np.int64)
+        self.index = CopyIndex(self.vectors)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _read(self, r: int) -> bytes | None:
+        path, offset, length, position = self.loc[r]
+        try:
+            if offset >= 0:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(length)
+            elif isinstance(path, str) and position >= 0:  # a shard sample without a recorded offset
+                data = next((s.data for s in iter_shard(path, 0) if s.position == position), None)
+            else:
+                data = read_bytes(path, getattr(self.coll, "read_timeout", None))
+        except (OSError, BadImage):
+            return None
+        if data is None or content_key(data) != self.content_keys[r]:
+            return None  # changed under the index since it was checked: not a match
+        return data
+
+    def images(self, wanted: set[int]) -> dict[int, Image.Image]:
+        """Decode the pile images of descriptor rows ``wanted`` (only those), as the scan decodes them."""
+        out: dict[int, Image.Image] = {}
+        for r in sorted(wanted):
+            data = self._read(r)
+            if data is None:
+                continue
+            try:
+                out[r] = decode_bytes(data, self.paths[r], draft_size=READ_SIDE)
+            except BadImage:
+                continue
+        return out
+
+    def copies_of(self, photo: Image.Image, threshold: float = THRESHOLD,
+                  verify: float = VERIFY) -> list[tuple[str, str, float, float]]:
+        """(key, path, descriptor similarity, verified correlation) of every copy of ``photo``."""
+        query = describe_query(photo)
+        cands = self.index.candidates(query, threshold)
+        imgs = self.images(set(cands))
+        found = find_copies(query, self.index, imgs.get, threshold, verify)
+        return [(self.keys[r], self.paths[r], s, f) for r, s, f in found]
+
+
+def open_index(spec: str | Collection, index: str | Path = "") -> StoredIndex | None:
+    """The checked index of a pile, or None when it has none (``IndexMismatch`` when it does not match)."""
+    coll = open_collection(spec) if isinstance(spec, str) else spec
+    try:
+        folder = index_folder(coll, index)
+    except IndexMismatch:
+        if index:
+            raise
+        return None  # in memory or pipe: shards: no index, the caller scans
+    doc = _load_manifest(folder)
+    if doc is None:
+        if index:
+            raise IndexMismatch(f"{folder} holds no pile index (build one with `openseer index PILE --index {index}`)")
+        return None
+    if doc.get("descriptor") != DESCRIPTOR_VERSION:
+        raise IndexMismatch(f"the index {folder} holds descriptors of version {doc.get('descriptor')}; this "
+                            f"openseer uses {DESCRIPTOR_VERSION}: rebuild it with `openseer index {coll.spec}`")
+    return StoredIndex(coll, folder, doc)
+
+
+def ensure_index(spec: str, index: str | Path = "", progress: bool = False, log=print) -> StoredIndex:
+    """The index of a pile, built or brought up to date first where it is missing or stale."""
+    try:
+        found = open_index(spec, index)
+    except IndexMismatch:
+        found = None
+    if found is None:
+        build_index(spec, index, progress=progress, log=log)
+        found = open_index(spec, index)
+    assert found is not None
+    return found
