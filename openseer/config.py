@@ -45,6 +45,8 @@ class DataConfig:
     denylist: str = ""  # deny-list file ('' = takedowns.txt beside the shards or in the folder, if any)
     pipe_timeout: float = 300.0  # tar shards: a pipe: command silent this long (s) is stopped, its shard counted bad
     read_timeout: float = 60.0  # files: one taking longer than this (s) to open and read is skipped as 'timeout'
+    dicom_window: str = "auto"  # DICOM: auto (the file's WindowCenter/Width) | none (the stored bits' range) | C,W
+    dicom_frames: str = "middle"  # multi-frame DICOM: middle (one row per file) | all (a row per frame, key f.dcm#i)
 
 
 @dataclass
@@ -70,6 +72,7 @@ class ModelConfig:
     """Backbone (any timm model) and the SwAV projection head."""
 
     arch: str = "regnety_002"
+    in_chans: int = 3  # input channels: 3 (RGB, grey replicated) or 1 (grey at full depth: DICOM, 16-bit scans)
     head_hidden: list[int] = field(default_factory=lambda: [2048])  # hidden widths; [] = linear head
     head_out: int = 128
     head_bn: bool = True
@@ -194,8 +197,21 @@ class Config:
         for lo, hi in zip(c.min_scale, c.max_scale):
             if not 0 < lo <= hi <= 1:
                 raise ConfigError(f"crop scales must satisfy 0 < min_scale <= max_scale <= 1, got ({lo}, {hi})")
-        if len(c.mean) != 3 or len(c.std) != 3:
-            raise ConfigError("crops.mean and crops.std need 3 values (RGB)")
+        if len(c.mean) not in (1, 3) or len(c.std) not in (1, 3):
+            raise ConfigError("crops.mean and crops.std need 3 values (RGB) or 1 (grey; 3 are averaged for 1 channel)")
+        if self.model.in_chans not in (1, 3):
+            raise ConfigError(f"model.in_chans must be 1 (grey at full depth) or 3 (RGB); got {self.model.in_chans}")
+        if self.data.dicom_frames not in ("middle", "all"):
+            raise ConfigError(f"data.dicom_frames must be middle or all; got {self.data.dicom_frames!r}")
+        w = str(self.data.dicom_window).strip().lower()
+        if w not in ("auto", "none"):
+            try:
+                centre, width = (float(v) for v in w.split(","))
+            except ValueError:
+                raise ConfigError(f"data.dicom_window must be auto, none or CENTRE,WIDTH (e.g. 40,400); "
+                                  f"got {self.data.dicom_window!r}") from None
+            if not width > 0:
+                raise ConfigError(f"data.dicom_window: the width must be > 0; got {self.data.dicom_window!r}")
         n_crops = sum(c.counts)
         if n_crops < 2:
             raise ConfigError("SwAV needs at least 2 crops (crops.counts)")
