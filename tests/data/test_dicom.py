@@ -262,3 +262,43 @@ def test_shard_every_frame_and_refuses_another_window_on_resume(tmp_path, monkey
     monkeypatch.setenv("OPENSEER_DICOM_WINDOW", "40,400")
     with pytest.raises(DataError, match="dicom_window"):
         write_shards(root, out, workers=1)
+
+
+def test_a_folder_of_dicom_through_embed_and_shard_as_a_user_would(tmp_path, capsys, monkeypatch):
+    """`openseer embed` (a tiny model) and `openseer shard` on a folder of DICOM files, then embed on the shards."""
+    from openseer.commands import main
+    from openseer.use.embed import load_embeddings
+    from tests.use.kit import make_run
+
+    folder = tmp_path / "archive"
+    (folder / "ct").mkdir(parents=True)
+    (folder / "ct" / "CT_small.dcm").write_bytes(bundled("CT_small.dcm").read_bytes())
+    (folder / "MR_small.dcm").write_bytes(bundled("MR_small.dcm").read_bytes())
+    (folder / "jls.dcm").write_bytes(bundled("MR_small_jpeg_ls_lossless.dcm").read_bytes())
+    write_dicom(folder / "cr.dicom", RAMP, photometric="MONOCHROME1", bits_stored=12)
+    write_dicom(folder / "vol.dcm", np.stack([RAMP, RAMP[::-1], RAMP * 0 + 77]), bits_stored=12)
+    run = make_run(tmp_path / "run")
+    monkeypatch.setenv("OPENSEER_DICOM_FRAMES", "all")
+    assert main(["embed", str(run), "--data", str(folder), "--out", str(tmp_path / "emb"), "--quiet",
+                 "--dtype", "float32"]) == 0
+    assert "skipped 1 images (no_decoder 1)" in capsys.readouterr().err
+    arr, index = load_embeddings(tmp_path / "emb")
+    keys = [r["key"] for r in index]
+    assert keys == ["MR_small.dcm", "cr.dicom", "ct/CT_small.dcm", "vol.dcm#0", "vol.dcm#1", "vol.dcm#2"]
+    with open(tmp_path / "emb" / "bad.csv", newline="") as f:
+        assert [(r["key"], r["reason"].split(":")[0]) for r in csv.DictReader(f)] == [("jls.dcm", "no_decoder")]
+    assert np.isfinite(arr).all() and not np.allclose(arr[3], arr[5])  # the frames are different images
+
+    assert main(["shard", str(folder), "--out", str(tmp_path / "shards"), "-q", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "6 images in 1 shard(s)" in out and "no_decoder" in out
+    assert main(["embed", str(run), "--data", str(tmp_path / "shards"), "--out", str(tmp_path / "emb2"), "--quiet",
+                 "--dtype", "float32"]) == 0
+    arr2, index2 = load_embeddings(tmp_path / "emb2")
+    assert len(index2) == 6
+    with open(tmp_path / "shards" / "manifest.csv", newline="") as f:
+        source_of = {r["key"]: r["source"] for r in csv.DictReader(f)}
+    by_source = {source_of[r["key"]]: arr2[i] for i, r in enumerate(index2)}
+    for i, key in enumerate(keys):  # a 16-bit PNG of the same window: the same image to within rounding
+        a, b = arr[i], by_source[key]
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99, key
