@@ -67,6 +67,17 @@ class CropsConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
+def channel_stats(values: list[float], channels: int) -> list[float]:
+    """``crops.mean`` or ``crops.std`` for a backbone of ``channels`` inputs (``model.in_chans``): as
+    given when the lengths match, the average of the RGB values for 1 channel, one value repeated for 3."""
+    values = [float(v) for v in values]
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return [sum(values) / len(values)]
+    return values * channels if len(values) == 1 else values
+
+
 @dataclass
 class ModelConfig:
     """Backbone (any timm model) and the SwAV projection head."""

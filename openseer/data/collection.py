@@ -211,11 +211,14 @@ def _reason(e: BadImage, name: str) -> str:
     return f"{e.reason}: {detail}" if detail else e.reason
 
 
-def _tensor(img) -> torch.Tensor:
+def image_to_tensor(img) -> torch.Tensor:
     """A decoded image as a tensor: RGB as uint8 (3, H, W); full-depth grey (PIL ``F``) as float32 (1, H, W) in [0, 1]."""
     if img.mode == "F":
         return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).unsqueeze(0)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+_tensor = image_to_tensor
 
 
 def _split(n: int, chunk_size: int) -> list[Chunk]:
@@ -245,11 +248,21 @@ class Collection:
     chunk_size = CHUNK_SIZE
     description = ""  # one line for a person, set by each kind
 
-    decoding = Decoding()  # channels and DICOM window every read of this pile uses (open_collection sets it)
+    _decoding: Decoding | None = None
 
     def __init__(self, spec: str, deny: DenyList | None = None):
         self.spec = spec
         self.deny = deny if deny is not None else DenyList()
+
+    @property
+    def decoding(self) -> Decoding:
+        """The channels and DICOM window every read of this pile uses: set by ``open_collection``;
+        a collection made directly (eval's labelled files) reads RGB with ``$OPENSEER_DICOM_WINDOW``."""
+        return self._decoding if self._decoding is not None else Decoding(3, default_dicom()[0])
+
+    @decoding.setter
+    def decoding(self, value: Decoding) -> None:
+        self._decoding = value
 
     def __len__(self) -> int:
         raise NotImplementedError

@@ -39,7 +39,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-from ..config import CropsConfig
+from ..config import CropsConfig, channel_stats
 
 
 def blur_kernel_size(crop_size: int, sigma_max: float) -> int:
@@ -47,17 +47,6 @@ def blur_kernel_size(crop_size: int, sigma_max: float) -> int:
     k = 2 * math.ceil(3 * sigma_max) + 1
     k = min(k, crop_size if crop_size % 2 == 1 else crop_size - 1)
     return max(k, 3)
-
-
-def channel_stats(values: list[float], channels: int) -> list[float]:
-    """``crops.mean`` or ``crops.std`` for ``channels``: as given when the lengths match, the average
-    of RGB values for 1 channel, one value repeated for 3."""
-    values = [float(v) for v in values]
-    if len(values) == channels:
-        return values
-    if channels == 1:
-        return [sum(values) / len(values)]
-    return values * channels if len(values) == 1 else values
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:

@@ -302,3 +302,27 @@ def test_a_folder_of_dicom_through_embed_and_shard_as_a_user_would(tmp_path, cap
     for i, key in enumerate(keys):  # a 16-bit PNG of the same window: the same image to within rounding
         a, b = arr[i], by_source[key]
         assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99, key
+
+
+def test_eval_reads_full_depth_grey_for_a_one_value_mean(tmp_path):
+    """The eval transform of a one-channel backbone (a mean of one value): grey in, one channel out,
+    16-bit levels kept; with RGB statistics it replicates grey as before."""
+    from openseer.eval.common import EvalTransform, Labelled
+
+    root = tmp_path / "a"
+    root.mkdir()
+    arr = (np.arange(16 * 16).reshape(16, 16) * 2 + 30000).astype(np.uint16)  # 2/65535 steps
+    _png16(root / "x.png", arr)
+    coll = open_collection(str(root), channels=1)
+    x = Labelled(coll, np.zeros(1, np.int64)).load(0)
+    assert x.dtype == torch.float32 and x.shape == (1, 16, 16)
+    grey = EvalTransform(16, (0.5,), (0.25,))
+    y = grey(x.unsqueeze(0))
+    assert y.shape == (1, 1, 16, 16)
+    np.testing.assert_allclose((y[0, 0] * 0.25 + 0.5).numpy(), arr / 65535.0, rtol=1e-5)
+    assert len(torch.unique(y)) == arr.size
+    rgb = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)  # RGB to a grey backbone: luminance
+    lum = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]) / 255
+    np.testing.assert_allclose(grey.geometry(rgb).numpy(), lum.numpy(), atol=1e-6)
+    three = EvalTransform(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    assert three(x.unsqueeze(0)).shape == (1, 3, 16, 16)
