@@ -46,6 +46,7 @@ PRETRAIN_EXAMPLES = """examples:
   openseer pretrain --data 'shards/{000000..000099}.tar' --recipe seer-rg64 --out runs/rg64
   torchrun --nproc-per-node 8 -m openseer pretrain --data /pile --recipe seer-rg128 --out runs/b --auto-resume
   openseer pretrain --resume runs/a                 # continue from the latest checkpoint
+  openseer pretrain --data /dicom --out runs/ct data.dicom_window=40,400 data.dicom_frames=all   # DICOM scans
 
 every setting and recipe: docs/guide.md; the method: docs/method.md
 """
