@@ -196,8 +196,10 @@ def test_one_channel_multicrop_keeps_the_depth_and_uses_one_mean(tmp_path):
     assert len(torch.unique(values)) > 10  # 8 bits would leave one or two levels
     assert float(values.min()) >= 0.2 - 1e-6 and float(values.max()) <= 0.2 + 41 / 65535
     # the torchvision reference and the batched path: 1 channel, RGB means averaged to one value
-    mc = MultiCrop(tiny_config().crops, channels=1)
-    assert [tuple(c.shape[:1]) for c in mc(img)] == [(1,)] * sum(cfg.counts)
+    every_op = tiny_config("crops.jitter_p=1", "crops.grayscale_p=1", "crops.blur_p=1").crops
+    assert [tuple(c.shape[:1]) for c in MultiCrop(every_op, channels=1)(img)] == [(1,)] * sum(cfg.counts)
+    batch = BatchMultiCrop(every_op, channels=1)(torch.rand(3, 1, 28, 28), torch.Generator().manual_seed(2))
+    assert all(c.shape[:2] == (3, 1) and torch.isfinite(c).all() for c in batch)  # float input: used as is
     batch = BatchMultiCrop(tiny_config().crops, channels=1)(torch.randint(0, 255, (4, 1, 28, 28), dtype=torch.uint8),
                                                              torch.Generator().manual_seed(1))
     assert all(c.shape[:2] == (4, 1) for c in batch)
