@@ -68,9 +68,13 @@ def cmd_select(args: argparse.Namespace) -> int:
 FINETUNE_EXAMPLES = """examples:
   openseer finetune runs/a --data labels.csv --out clf/                   # CSV of path,label
   openseer finetune runs/a --data labelled/ --pile /pile --out clf/       # class folders; spread over the pile
+  openseer finetune runs/a --data labelled/ --out clf/ --full yes --minutes 30   # always fine-tune the backbone
+  openseer finetune runs/a --data labelled/ --out clf/ --resume           # continue a stopped fine-tune
   openseer predict clf/ --data /new-images --out preds.csv
 output: clf/classifier.safetensors (backbone + head + class names), clf/finetune.json (every protocol's
-        cross-validated estimate with a 95% interval, and raw pixels' on the same labels)
+        cross-validated estimate with a 95% interval, raw pixels' on the same labels, and the full
+        fine-tune's held-out trial); when the fine-tune is kept clf/ is also its run directory
+        (config.yaml, metrics.jsonl, checkpoints/), the trial's run is clf/trial/
 """
 
 
@@ -79,7 +83,9 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
                    FINETUNE_EXAMPLES,
                    description="Embed the labelled images, cross-validate kNN, linear heads and (with --pile) "
                                "label spreading on the labels alone, fit the best on all of them, and write "
-                               "backbone + head + class names. Frozen features: the backbone is not trained.")
+                               "backbone + head + class names. A full fine-tune (backbone + head, from the "
+                               "chosen linear probe) is tried on a held-out fold of the labels and kept only "
+                               "when it beats the frozen protocol there.")
     p.add_argument("weights", metavar="WEIGHTS", help="a run directory, checkpoint, exported file or timm name")
     p.add_argument("--data", required=True, metavar="LABELLED",
                    help="a CSV of path,label, a folder of class folders, or fashion-mnist")
@@ -91,10 +97,19 @@ def add_finetune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="feature cache (default $OPENSEER_CACHE or ~/.cache/openseer/features)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="decoding processes for --pile (default 0)")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes for --pile and fine-tuning (default 0)")
+    p.add_argument("--full", default="auto", choices=["auto", "yes", "no"],
+                   help="full fine-tune of backbone + head: auto (tried when a held-out fold fits, kept if it "
+                        "wins there), yes (always), no (frozen features only)")
+    p.add_argument("--minutes", type=float, default=10.0,
+                   help="time budget of the full fine-tune, trial and final run together (default 10; 0: none)")
+    p.add_argument("--epochs", type=float, default=0.0, help="full fine-tune length in epochs (default: ~200 steps)")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tune runs already in --out")
     add_device(p)
     add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides of the fine-tune runs, e.g. optim.base_lr=0.5 checkpoint.every=20")
     p.set_defaults(func=cmd_finetune)
 
 
@@ -107,7 +122,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     r = finetune(args.weights, args.data, args.out, pile=args.pile or "", layer=args.layer, seed=args.seed,
                  limit_train=args.limit_train, skip_missing=args.skip_missing, device=device(args.device),
                  batch_size=args.batch_size, workers=args.workers, cache=args.cache_dir, progress=not args.quiet,
-                 log=(lambda t: None) if args.quiet else print)
+                 log=(lambda t: None) if args.quiet else print, full=args.full, minutes=args.minutes,
+                 epochs=args.epochs, resume=args.resume, overrides=tuple(args.overrides))
     for line in summary_lines(r):
         print(f"openseer: {line}")
     if r["bad"]:
@@ -120,6 +136,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 PREDICT_EXAMPLES = """examples:
   openseer predict clf/ --data /new-images --out preds.csv               # top-5 classes per image
   openseer predict clf/ --data 'shards/{000000..000009}.tar' --out preds.csv --top 1
+  torchrun --nproc_per_node 4 -m openseer predict clf/ --data /pile --out preds.csv --device cuda  # 4 ranks
+  (interrupted? run the same command again: the embedded chunks in preds.csv.parts/ are kept)
 output: preds.csv (path, key, class1, prob1, ...), preds.bad.csv (skipped files and why)
 """
 
@@ -132,6 +150,8 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the predictions, a .csv file")
     p.add_argument("--top", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=4096,
+                   help="images per resumable chunk, the unit ranks share (default 4096; tar shards: one per shard)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: in-process)")
     add_device(p)
     add_threads(p)
@@ -140,13 +160,19 @@ def add_predict(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Predict the classes of a collection's images; resumable, bad files listed."""
+    """Predict the classes of a collection's images; resumable, bad files listed; under torchrun the
+    ranks share the embedding and rank 0 writes and prints."""
     check_pile(args.data)
     from ..use.predict import predict
+    from ..use.ranks import rank_session
 
     set_threads(args.threads)
-    r = predict(args.classifier, args.data, args.out, top=args.top, batch_size=args.batch_size, workers=args.workers,
-                device=device(args.device), progress=not args.quiet)
+    with rank_session(device(args.device)) as ranks:  # before the model: each rank takes its own GPU
+        r = predict(args.classifier, args.data, args.out, top=args.top, batch_size=args.batch_size,
+                    workers=args.workers, device=device(args.device), progress=not args.quiet,
+                    chunk_size=args.chunk_size)
+    if not ranks.is_main:
+        return 0
     skipped = f"; skipped {r['bad']} ({r['bad_by_reason']}), listed in {r['files']['bad']}" if r["bad"] else ""
     print(f"openseer: {r['predicted']} images predicted -> {r['files']['predictions']}{skipped}")
     return 0

@@ -213,6 +213,8 @@ class Choice:
     estimates: list[Estimate]
     skipped: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    held: list[np.ndarray] = field(default_factory=list)  # the held-out folds (index sets), in order
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)  # protocol -> held-out predictions (-1: never held out)
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -260,8 +262,8 @@ def candidates(x: np.ndarray, y: np.ndarray, n_classes: int, stats: np.ndarray |
     out = [Protocol("knn", lambda x, y, rows: KnnHead(_unit(x), y, n_classes))]
     for l2 in L2_GRID:
         out.append(Protocol(f"linear(l2={l2:g})", lambda x, y, rows, l2=l2: fit_linear(x, y, n_classes, l2, stats=stats)))
-    skipped = {"finetune": "a full fine-tune cannot be cross-validated on cached features; with few labels "
-                           "the frozen-feature protocols are the fair comparison"}
+    skipped = {"finetune": "a full fine-tune trains the backbone, so it cannot be cross-validated on cached "
+                           "features; openseer finetune judges it on a held-out fold of the labels instead"}
     if graph is not None:
         influence: list[np.ndarray] = []  # computed once, on the first fold
 
@@ -304,7 +306,7 @@ def choose_protocol(x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarr
                       note=f"no estimate: every class has one labelled image, so none can be held out; chose "
                            f"{pick} without one. Label a second image of some classes for an estimate")
     tested = np.concatenate(held)
-    estimates = []
+    estimates, predictions = [], {}
     for p in protocols:
         pred = np.full(len(y), -1, dtype=np.int64)
         for test in held:
@@ -313,6 +315,7 @@ def choose_protocol(x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarr
                 pred[test] = p.held_out(train, test)
             else:
                 pred[test] = p.fit(x[train], y[train], rows[train] if rows is not None else None).proba(x[test]).argmax(1)
+        predictions[p.name] = pred
         right = int((pred[tested] == y[tested]).sum())
         recalls = [float((pred[tested][y[tested] == c] == c).mean()) for c in np.unique(y[tested])]
         lo, hi = wilson(right, len(tested))
@@ -324,7 +327,7 @@ def choose_protocol(x: np.ndarray, y: np.ndarray, n_classes: int, pile: np.ndarr
     best = max(estimates, key=lambda e: (round(e.balanced, 6), round(e.accuracy, 6), -order[e.protocol]))
     note = "" if len(tested) == len(y) else (f"{len(y) - len(tested)} images are the only ones of their class and "
                                             f"were never held out")
-    return Choice(best.protocol, best, estimates, skipped, note)
+    return Choice(best.protocol, best, estimates, skipped, note, held, predictions)
 
 
 def pile_graph(x: np.ndarray, pile: np.ndarray, pile_rows: np.ndarray | None,
@@ -350,3 +353,14 @@ def fit_protocol(name: str, x: np.ndarray, y: np.ndarray, n_classes: int, pile: 
     if name not in found:
         raise FewLabelsError(f"protocol {name!r} is not available here; choose from {', '.join(found)}")
     return found[name].fit(x, y, rows)
+
+
+def best_linear(choice: Choice) -> str:
+    """The linear candidate with the best cross-validated estimate (the chosen one when it is linear;
+    the default without estimates): the head a full fine-tune starts from."""
+    if choice.protocol.startswith("linear"):
+        return choice.protocol
+    linear = [e for e in choice.estimates if e.protocol.startswith("linear")]
+    if not linear:
+        return DEFAULT_PROTOCOL
+    return max(linear, key=lambda e: (round(e.balanced, 6), round(e.accuracy, 6), e.protocol)).protocol

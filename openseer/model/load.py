@@ -1,4 +1,5 @@
-"""One entry point for "which weights": a run directory, a checkpoint, an exported backbone, or a timm name.
+"""One entry point for "which weights": a run directory, a checkpoint, an exported backbone (a file or
+timm's hub folder), or a timm name.
 
 ``load_backbone`` returns the backbone (a timm model with ``num_classes=0``, eval mode) and an info
 dict: the architecture, a hash of the weights (content, not file name, so a copied file is the
@@ -147,6 +148,18 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict, str]:
     return _backbone_state(state), {}, "state_dict"
 
 
+TIMM_WEIGHTS = "model.safetensors"  # timm's hub layout: config.json + model.safetensors
+
+
+def _timm_folder_arch(path: Path) -> str | None:
+    """The architecture a timm hub folder's ``config.json`` names (None when it names none)."""
+    try:
+        arch = json.loads((path / "config.json").read_text()).get("architecture")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return arch if isinstance(arch, str) else None
+
+
 def load_backbone(spec: str | None, random_init: bool = False, arch: str | None = None,
                   recipe: str | None = None, seed: int = 0) -> tuple[nn.Module, dict]:
     """(backbone in eval mode, info) for a run dir, checkpoint, exported file, or timm model name.
@@ -168,6 +181,11 @@ def load_backbone(spec: str | None, random_init: bool = False, arch: str | None 
     elif path is not None and path.is_dir() and (path / CLASSIFIER).is_file():  # openseer finetune's output
         tensors, about, kind = _read_file(path / CLASSIFIER)
         kind, where = "classifier", str(path / CLASSIFIER)
+    elif path is not None and path.is_dir() and (path / TIMM_WEIGHTS).is_file() and not is_run(path):
+        tensors, about, kind = _read_file(path / TIMM_WEIGHTS)  # timm's hub layout (openseer export --format timm)
+        if not about.get("arch"):
+            about["arch"] = _timm_folder_arch(path)
+        kind, where = "timm-folder", str(path / TIMM_WEIGHTS)
     elif path is not None and path.is_dir():
         if not is_run(path):
             raise CheckpointError(f"{path} is not a run directory (no {CONFIG} or {CKPT_DIR}/)")

@@ -24,15 +24,15 @@ class NanSteps:
     def __getattr__(self, name: str):
         return getattr(self.method, name)
 
-    def forward_backward(self, crops: list[torch.Tensor], step: int, scale=None, mark=None):
+    def forward_backward(self, crops: list[torch.Tensor], step: int, scale=None, mark=None, **kw):
         if step not in self.steps:
-            return self.method.forward_backward(crops, step, scale=scale, mark=mark)
+            return self.method.forward_backward(crops, step, scale=scale, mark=mark, **kw)
 
         def poisoned(loss: torch.Tensor) -> torch.Tensor:
             loss = loss * float("nan")
             return scale(loss) if scale else loss
 
-        return self.method.forward_backward(crops, step, scale=poisoned, mark=mark)
+        return self.method.forward_backward(crops, step, scale=poisoned, mark=mark, **kw)
 
 
 def from_env(method):

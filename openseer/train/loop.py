@@ -287,7 +287,9 @@ def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max
         torch.backends.cudnn.benchmark = True  # crop sizes are fixed: let cuDNN pick each conv's fastest kernel
     prepare_run_dir(run_dir, cfg, resume, env.is_main, write=False)  # refuse a bad --out before any work
     build = builder(cfg, env, device)  # what can fail early does (a teacher that does not load)
-    source = open_collection(cfg.data.source, limit=cfg.data.limit, data_cfg=cfg.data, channels=cfg.model.in_chans)
+    # a builder may bring its own images (finetune: the labelled ones); else the config's pile
+    source = build.collection() if hasattr(build, "collection") else open_collection(
+        cfg.data.source, limit=cfg.data.limit, data_cfg=cfg.data, channels=cfg.model.in_chans)
     sched = schedule(cfg, len(source), env.world_size)
 
     torch.manual_seed(cfg.seed)

@@ -139,7 +139,9 @@ def build_optimizer(model: torch.nn.Module, cfg) -> LARC:
     """SGD(momentum, no weight decay of its own) + LARC with the weight decay on all parameters, from
     ``cfg.optim``."""
     o = cfg.optim
-    sgd = torch.optim.SGD(model.parameters(), lr=0.0, momentum=o.momentum, weight_decay=0.0, foreach=True)
+    # a model may split its parameters into groups with an ``lr_scale`` (finetune: a slower backbone)
+    params = model.optim_groups() if hasattr(model, "optim_groups") else model.parameters()
+    sgd = torch.optim.SGD(params, lr=0.0, momentum=o.momentum, weight_decay=0.0, foreach=True)
     for group in sgd.param_groups:
         group["larc_weight_decay"] = o.weight_decay
     return LARC(sgd, trust_coefficient=o.lars_trust, clip=o.lars_clip)

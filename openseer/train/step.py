@@ -111,10 +111,12 @@ def train_step(run: Run, batch: Batch) -> StepStats:
                cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio,
                time_fraction=run.spent_s / budget if budget else 0.0)
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_scale", 1.0)  # a method's group may train slower (finetune: the backbone)
 
     optimizer.zero_grad(set_to_none=True)
-    out = run.method.forward_backward(crops, step, scale=run.scaler.scale if run.scaler else None, mark=timer.mark)
+    keys = {"keys": batch.keys} if getattr(run.method, "takes_keys", False) else {}  # supervised: labels by key
+    out = run.method.forward_backward(crops, step, scale=run.scaler.scale if run.scaler else None, mark=timer.mark,
+                                      **keys)
     if run.scaler:
         run.scaler.unscale_(optimizer.optim)
     finite = torch.isfinite(out.loss) & optimizer.check_grads()

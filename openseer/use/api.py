@@ -175,8 +175,8 @@ class Model:
         return embed_collection(self, data, out, **options)
 
     def export(self, out: str | Path, format: str | None = None, check: bool = True) -> dict:
-        """Write the backbone as safetensors / torchscript / onnx / vissl (see ``openseer.use.export``);
-        the whole backbone, whatever ``layer`` this Model embeds with."""
+        """Write the backbone as safetensors / torchscript / onnx / vissl / timm (see ``openseer.use.export``);
+        the whole backbone, whatever ``layer`` this Model embeds with; a classifier whole (head, class names)."""
         from .export import export_model
 
         return export_model(self.backbone, self.info, out, format, check=check)

@@ -9,8 +9,9 @@ file's tensors as they are. A kNN head (the few-label
 vote, or label spreading's pseudo-labelled pile) is stored as ``knn.bank`` (unit rows) and
 ``knn.labels``.
 
-``Head`` is the head as a torch module, features -> class probabilities, so the whole classifier can
-be exported (TorchScript, ONNX) like a backbone.
+``head_module`` gives the head as a torch module (features -> class probabilities, what ``predict``
+returns); ``classifier_net`` the whole classifier as one module (images -> logits, or a kNN head's
+probabilities), which ``openseer export CLF`` writes in every format (``use/export.py``).
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ from torch import nn
 
 from ..eval.fewlabels import KnnHead, LinearHead
 from ..eval.knn import TEMPERATURE
+from ..eval.layers import LAST, feature_model, parse_layer
 from ..fileio import usual_mode
 from ..model.checkpoint_file import CheckpointError
-from ..model.load import CLASSIFIER_FORMAT
+from ..model.load import CLASSIFIER_FORMAT, weights_hash
 from ..rundir import CLASSIFIER
+from .metadata import file_metadata
 
 
 class LinearProbs(nn.Module):
@@ -79,27 +82,40 @@ def _classifier_name(backbone: nn.Module) -> str:
     return name if isinstance(name, str) and name else "fc"
 
 
+def head_tensors(backbone: nn.Module, head: nn.Module, layer: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(the head's tensors under the names a classifier file uses, the metadata fields that say how to
+    read them): a linear head on the last stage under timm's classifier name (``head.fc``, ``fc``...),
+    on other stages as ``linear``; a kNN head as ``knn.bank`` / ``knn.labels``."""
+    if isinstance(head, LinearProbs):
+        prefix = _classifier_name(backbone) if layer == LAST else "linear"
+        tensors = {f"{prefix}.weight": head.fc.weight, f"{prefix}.bias": head.fc.bias}
+        kind = {"head": "linear", "head_prefix": prefix}
+    else:
+        tensors = {"knn.bank": head.bank, "knn.labels": head.labels}
+        kind = {"head": "knn", "k": str(head.k), "temperature": str(head.temperature)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return tensors, kind | {"head_keys": json.dumps(sorted(tensors))}
+
+
+def head_fields(classes: list[str], layer: str, protocol: str, kind: dict[str, str]) -> dict[str, str]:
+    """The classifier's part of the one export metadata schema (``metadata.file_metadata`` adds it to
+    the backbone's): class names in column order, their number, the feature layer, the protocol and
+    the head's kind and keys."""
+    return {"classes": json.dumps(list(classes)), "num_classes": str(len(classes)), "layer": layer,
+            "protocol": protocol, **kind}
+
+
 def save_classifier(out: str | Path, backbone: nn.Module, info: dict, head: nn.Module, classes: list[str],
                     layer: str, protocol: str, extra: dict | None = None) -> Path:
     """Write ``out`` (a folder: ``classifier.safetensors`` inside it) atomically."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    if isinstance(head, LinearProbs):
-        prefix = _classifier_name(backbone) if layer == "last" else "linear"
-        head_tensors = {f"{prefix}.weight": head.fc.weight, f"{prefix}.bias": head.fc.bias}
-        kind = {"head": "linear", "head_prefix": prefix}
-    else:
-        head_tensors = {"knn.bank": head.bank, "knn.labels": head.labels}
-        kind = {"head": "knn", "k": str(head.k), "temperature": str(head.temperature)}
-    tensors.update({k: v.detach().cpu().contiguous() for k, v in head_tensors.items()})
-    meta = {"format": CLASSIFIER_FORMAT, "arch": str(info["arch"]), "crop_size": str(int(info["crop_size"])),
-            "mean": json.dumps(list(info["mean"])), "std": json.dumps(list(info["std"])),
-            "stem_stride": str(int(info.get("stem_stride", 0))), "layer": layer, "classes": json.dumps(classes),
-            "protocol": protocol, "head_keys": json.dumps(sorted(head_tensors)),
-            "feature_dim": str(int(info.get("feature_dim", 0))), **kind}
-    if isinstance(info.get("config"), dict):
-        meta["config"] = json.dumps(info["config"])
+    extra_tensors, kind = head_tensors(backbone, head, layer)
+    tensors.update(extra_tensors)
+    about = {**info, "weights_hash": weights_hash(backbone)}  # the backbone saved (a full fine-tune trained it)
+    meta = file_metadata({**about, "head_meta": head_fields(classes, layer, protocol, kind)})
+    meta["stem_stride"] = str(int(info.get("stem_stride", 0)))
     if extra:
         meta["about"] = json.dumps(extra)
     path = out / CLASSIFIER
@@ -131,3 +147,50 @@ def read_head(path: str | Path) -> tuple[nn.Module, list[str], dict]:
         head = KnnProbs(tensors["knn.bank"], tensors["knn.labels"], len(classes), int(meta.get("k", 20)),
                         float(meta.get("temperature", TEMPERATURE)))
     return head.eval(), classes, meta
+
+
+class Classify(nn.Module):
+    """Features, then a head: normalised images (B, 3, H, W) -> the head's output (B, C)."""
+
+    def __init__(self, features: nn.Module, head: nn.Module):
+        super().__init__()
+        self.features = features
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def classifier_net(backbone: nn.Module, head: nn.Module, layer: str, arch: str = "the backbone") -> tuple[nn.Module, str]:
+    """(the whole classifier as one module, what it outputs: 'logits' or 'probabilities').
+
+    A linear head on the last stage becomes timm's own classifier (a copy of the backbone with
+    ``reset_classifier(C)`` and the head's weights), whose output is the logits and whose state dict
+    is what ``timm.create_model(arch, num_classes=C)`` holds. A linear head on other stages gives the
+    logits too; a kNN head gives the vote's class probabilities (there are no logits), with the
+    labelled bank inside the module. ``softmax(logits)`` is what ``predict`` returns.
+    """
+    import copy
+
+    names = parse_layer(layer, backbone, arch)
+    if isinstance(head, LinearProbs):
+        if not names and hasattr(backbone, "reset_classifier"):
+            net = copy.deepcopy(backbone)
+            net.reset_classifier(head.fc.out_features)
+            fc = net.get_classifier()
+            if isinstance(fc, nn.Linear) and tuple(fc.weight.shape) == tuple(head.fc.weight.shape):
+                with torch.no_grad():
+                    fc.weight.copy_(head.fc.weight)
+                    fc.bias.copy_(head.fc.bias)
+                return net.eval(), "logits"
+        return Classify(feature_model(backbone, names), copy.deepcopy(head.fc)).eval(), "logits"
+    return Classify(feature_model(backbone, names), head).eval(), "probabilities"
+
+
+def head_names(net: nn.Module) -> set[str]:
+    """The state-dict names of the head's tensors in a ``classifier_net`` module (timm's classifier
+    weights, or the ``Classify`` head's): what an exporter finds as the head's initializers."""
+    if isinstance(net, Classify):
+        return {f"head.{k}" for k in net.head.state_dict()}
+    prefix = _classifier_name(net) + "."
+    return {k for k in net.state_dict() if k.startswith(prefix)}

@@ -17,6 +17,11 @@ with one row per input) chunk by chunk; after each chunk the array is flushed an
 index and bad rows are written to ``parts/`` under their final name. Running the same command
 again after an interruption skips the chunks already there. At the end the good rows are packed
 into ``embeddings.npy`` (a rename when no image was bad) and ``parts/`` is removed.
+
+Under ``torchrun --nproc_per_node N`` (and across machines, with ``--out`` on a shared file system)
+the ranks split the chunks left to do and rank 0 packs the result (``openseer.use.ranks``): the same
+files as one process, whatever the number of ranks, and a crashed rank's chunks are redone by the next
+run.
 """
 
 from __future__ import annotations
@@ -73,14 +78,20 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
                      overwrite: bool = False, progress: bool = True, max_chunks: int = 0) -> dict:
     """Embed every image of ``data`` with ``model`` (an ``openseer.Model``) into ``out``; resumable.
 
-    ``max_chunks`` stops after that many new chunks (to test resuming). Returns meta.json's content.
+    Under torchrun the ranks share the chunks left to do and rank 0 finishes (``openseer.use.ranks``);
+    every rank returns the same meta. ``max_chunks`` stops each rank after that many new chunks (to
+    test resuming). Returns meta.json's content.
     """
     from ..progress import progress as progress_bar
+    from .ranks import open_ranks, rank_device
 
     if dtype not in DTYPES:
         raise EmbedError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     if batch_size < 1 or chunk_size < 1:
         raise EmbedError("--batch-size and --chunk-size must be >= 1")
+    ranks = open_ranks(model.device)
+    if rank_device(model.device, ranks) != model.device:
+        model.to(rank_device(model.device, ranks))  # each rank on its own GPU
     out = Path(out).expanduser()
     coll = open_collection(data, limit=limit, chunk_size=chunk_size, channels=1 if len(model.transform.mean) == 1 else 3)
     dim = model.feature_dim
@@ -88,6 +99,58 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
               "n": coll.n, "chunks": len(coll.chunks), "chunk_size": chunk_size if coll.kind != "shards" else None,
               "dtype": dtype, "dim": dim, "normalize": normalize, "weights_hash": model.info["weights_hash"],
               "transform": model.transform.ident(), "layer": model.layer}
+    seen = ranks.gather((params["data_fingerprint"], coll.n))
+    if len(set(seen)) > 1:
+        raise EmbedError(f"the ranks see different collections at {data} ({seen}): every rank must read the "
+                         f"same files (on several machines: the same paths on a shared file system)")
+    np_dtype = DTYPES[dtype]
+    t0 = time.perf_counter()
+    state = ranks.on_main(_prepare, out, params, overwrite, coll, np_dtype)
+    if state["complete"]:
+        return state["meta"]
+    done = set(state["done"])
+    mine = ranks.mine([c for c in coll.chunks if c.index not in done])
+    if max_chunks:
+        mine = mine[:max_chunks]
+    partial, parts = out / PARTIAL, out / "parts"
+    rows_out = _RowWriter(partial, dim, np_dtype)
+    if ranks.world == 1:  # the whole job, the chunks already done counted in
+        bar = progress_bar("embed", total=coll.n, unit="img", enabled=progress,
+                           initial=sum(c.stop - c.start for c in coll.chunks if c.index in done))
+    else:  # rank 0's share
+        bar = progress_bar(f"embed (rank 0 of {ranks.world})", total=sum(c.stop - c.start for c in mine),
+                           unit="img", enabled=progress and ranks.is_main)
+    n_new, finished = 0, []
+    try:
+        for chunk in mine:
+            good, bad = _embed_chunk(model, coll, chunk, rows_out, batch_size, workers, normalize, bar)
+            rows_out.sync()
+            atomic_write_text(parts / f"{chunk.index:06d}.bad.csv", _csv(bad, ["row", "key", "path", "reason"]))
+            atomic_write_text(parts / f"{chunk.index:06d}.csv", _csv(good, ["row", "key", "path"]))  # marks it done
+            n_new += chunk.stop - chunk.start
+            finished.append(chunk.index)
+    finally:
+        rows_out.close()
+        bar.close()
+    everyone = ranks.gather((n_new, finished))
+    seconds = time.perf_counter() - t0
+    n_new = sum(n for n, _ in everyone)
+    done_now = done.union(*(f for _, f in everyone))
+    meta = {"format": "openseer.embeddings.v1", "complete": len(done_now) == len(coll.chunks),
+            "data": coll.description, "n_inputs": coll.n, "dim": dim, "dtype": dtype, "normalized": normalize,
+            "feature_layer": describe_layer(model.stages),
+            "model": {k: v for k, v in model.info.items() if k != "config"},
+            "transform": model.transform.describe(), "chunks": len(coll.chunks), "chunks_skipped": len(done),
+            "ranks": ranks.world, "images_this_run": n_new, "seconds_this_run": round(seconds, 2),
+            "images_per_s": round(n_new / seconds, 1) if seconds > 0 and n_new else None}
+    if not meta["complete"]:
+        meta["resume"] = "run the same command again to continue"
+        return meta
+    return ranks.on_main(_finish_job, out, coll, dim, np_dtype, meta, params)
+
+
+def _prepare(out: Path, params: dict, overwrite: bool, coll: Collection, np_dtype) -> dict:
+    """Rank 0: check or make the output folder and the partial array; which chunks are done."""
     progress_path, partial, parts = out / PROGRESS, out / PARTIAL, out / "parts"
     if out.exists() and any(out.iterdir()):
         old = _read_progress(progress_path)
@@ -108,54 +171,59 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
             if old.get("complete"):
                 meta = json.loads((out / "meta.json").read_text())
                 meta["resumed"] = "already complete"
-                return meta
+                return {"complete": True, "meta": meta}
     out.mkdir(parents=True, exist_ok=True)
     parts.mkdir(exist_ok=True)
     if not progress_path.is_file():
         atomic_write_json(progress_path, {"params": params, "complete": False})
-    np_dtype = DTYPES[dtype]
+    shape = (coll.n, params["dim"])
     if partial.is_file():
-        arr = np.lib.format.open_memmap(partial, mode="r+")
-        if arr.shape != (coll.n, dim) or arr.dtype != np_dtype:
-            raise EmbedError(f"{partial} has shape {arr.shape} {arr.dtype}, expected {(coll.n, dim)} {dtype}; "
+        arr = np.load(partial, mmap_mode="r")
+        if arr.shape != shape or arr.dtype != np_dtype:
+            raise EmbedError(f"{partial} has shape {arr.shape} {arr.dtype}, expected {shape} {params['dtype']}; "
                              f"pass --overwrite")
-    else:
-        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np_dtype, shape=(coll.n, dim))
-    done = {c.index for c in coll.chunks if (parts / f"{c.index:06d}.csv").is_file()}
-    todo = [c for c in coll.chunks if c.index not in done]
-    t0 = time.perf_counter()
-    bar = progress_bar("embed", total=coll.n, unit="img", enabled=progress,
-                       initial=sum(c.stop - c.start for c in coll.chunks if c.index in done))
-    n_new = 0
-    for k, chunk in enumerate(todo):
-        if max_chunks and k >= max_chunks:
-            break
-        good, bad = _embed_chunk(model, coll, chunk, arr, batch_size, workers, normalize, bar)
+    else:  # the rows of any chunk marked done are lost with the array: those chunks are redone
+        for f in parts.iterdir():
+            f.unlink()
+        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np_dtype, shape=shape)
         arr.flush()
-        atomic_write_text(parts / f"{chunk.index:06d}.bad.csv", _csv(bad, ["row", "key", "path", "reason"]))
-        atomic_write_text(parts / f"{chunk.index:06d}.csv", _csv(good, ["row", "key", "path"]))  # marks it done
-        n_new += chunk.stop - chunk.start
-    bar.close()
     del arr
-    seconds = time.perf_counter() - t0
-    complete = all((parts / f"{c.index:06d}.csv").is_file() for c in coll.chunks)
-    meta = {"format": "openseer.embeddings.v1", "complete": complete, "data": coll.description,
-            "n_inputs": coll.n, "dim": dim, "dtype": dtype, "normalized": normalize,
-            "feature_layer": describe_layer(model.stages),
-            "model": {k: v for k, v in model.info.items() if k != "config"},
-            "transform": model.transform.describe(), "chunks": len(coll.chunks), "chunks_skipped": len(done),
-            "images_this_run": n_new, "seconds_this_run": round(seconds, 2),
-            "images_per_s": round(n_new / seconds, 1) if seconds > 0 and n_new else None}
-    if not complete:
-        meta["resume"] = "run the same command again to continue"
-        return meta
-    meta.update(_finish(out, coll, dim, np_dtype))
-    atomic_write_json(out / "meta.json", meta)
-    atomic_write_json(progress_path, {"params": params, "complete": True})
-    return meta
+    return {"complete": False, "done": [c.index for c in coll.chunks if (parts / f"{c.index:06d}.csv").is_file()]}
 
 
-def _embed_chunk(model, coll: Collection, chunk: Chunk, arr: np.ndarray, batch_size: int, workers: int,
+class _RowWriter:
+    """Rows written into the partial ``.npy`` at their place, with plain positioned writes: ranks on
+    several machines may share the file (each writes only its own rows' bytes, which a memory map
+    on a network file system does not promise)."""
+
+    def __init__(self, path: Path, dim: int, np_dtype):
+        head = np.load(path, mmap_mode="r")
+        self.offset, self.row_bytes, self.dtype = int(head.offset), dim * np.dtype(np_dtype).itemsize, np_dtype
+        del head
+        self.fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+
+    def write(self, rows: list[int], values: np.ndarray) -> None:
+        """Row ``rows[i]`` := ``values[i]``; runs of consecutive rows in one write each."""
+        values = np.ascontiguousarray(values, dtype=self.dtype)
+        i = 0
+        while i < len(rows):
+            j = i + 1
+            while j < len(rows) and rows[j] == rows[j - 1] + 1:
+                j += 1
+            data = values[i:j].tobytes()
+            pos, at = self.offset + rows[i] * self.row_bytes, 0
+            while at < len(data):
+                at += os.pwrite(self.fd, data[at:], pos + at)
+            i = j
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _embed_chunk(model, coll: Collection, chunk: Chunk, rows_out: _RowWriter, batch_size: int, workers: int,
                  normalize: bool, bar) -> tuple[list, list]:
     t = model.transform
     good: list[list] = []
@@ -170,7 +238,7 @@ def _embed_chunk(model, coll: Collection, chunk: Chunk, arr: np.ndarray, batch_s
         f = model.forward(x)
         if normalize:
             f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-        arr[np.asarray(rows)] = f.astype(arr.dtype)
+        rows_out.write(rows, f)
         bar.update(len(rows))
         batch.clear()
         rows.clear()
@@ -189,14 +257,34 @@ def _embed_chunk(model, coll: Collection, chunk: Chunk, arr: np.ndarray, batch_s
     return good, bad
 
 
+def _finish_job(out: Path, coll: Collection, dim: int, np_dtype, meta: dict, params: dict) -> dict:
+    """Rank 0, once every chunk is done: pack the result, write meta.json, mark the job complete."""
+    meta.update(_finish(out, coll, dim, np_dtype))
+    atomic_write_json(out / "meta.json", meta)
+    atomic_write_json(out / PROGRESS, {"params": params, "complete": True})
+    return meta
+
+
+def _part(path: Path, wait_s: float = 120.0) -> list[list[str]]:
+    """A chunk's part file, which another rank reported written: on a network file system this
+    machine may see it a little later, so wait for it (a while) before calling it missing."""
+    end = time.monotonic() + wait_s
+    while not path.is_file():
+        if time.monotonic() > end:
+            raise EmbedError(f"{path} was reported written by another rank but is not there: --out must be on "
+                             f"a file system every machine shares")
+        time.sleep(0.5)
+    return _read_csv(path)
+
+
 def _finish(out: Path, coll: Collection, dim: int, np_dtype) -> dict:
     """Pack the good rows into embeddings.npy, write index.csv and bad.csv, remove the parts."""
     parts = out / "parts"
     good: list[list[str]] = []
     bad: list[list[str]] = []
     for c in coll.chunks:
-        good += _read_csv(parts / f"{c.index:06d}.csv")
-        bad += _read_csv(parts / f"{c.index:06d}.bad.csv")
+        good += _part(parts / f"{c.index:06d}.csv")
+        bad += _part(parts / f"{c.index:06d}.bad.csv")
     good_rows = np.array([int(r[0]) for r in good], dtype=np.int64)
     partial = out / PARTIAL
     if len(good_rows) == coll.n:
@@ -232,14 +320,23 @@ def reason_counts(reasons) -> dict[str, int]:
     return dict(Counter(str(r).split(":")[0] for r in reasons))
 
 
-def embed_pile(model, data: str, folder: str | Path, normalize: bool = True, **options) -> tuple[np.ndarray, list[dict], list[dict]]:
+def embed_pile(model, data: str, folder: str | Path, normalize: bool = True, every_rank: bool = True,
+               **options) -> tuple[np.ndarray, list[dict], list[dict]] | None:
     """Embed ``data`` into ``folder`` (resumable: ``embed_collection``) and read it back: (float32
     embeddings, index rows, bad rows with their reasons), for the commands that work on a whole pile
-    (curate, select, finetune --pile, predict)."""
+    (curate, select, finetune --pile, predict).
+
+    Under torchrun the ranks share the embedding; afterwards every rank reads the result, or with
+    ``every_rank=False`` rank 0 only (the others get None: a command whose rest is rank 0's work)."""
     folder = Path(folder)
     meta = model.embed_collection(data, folder, dtype="float32", normalize=normalize, **options)
     if not meta.get("complete", True):
         raise EmbedError(f"embedding {data} stopped early; run the same command again to continue")
+    if not every_rank:
+        from .ranks import open_ranks
+
+        if not open_ranks(model.device).is_main:
+            return None
     emb, rows = load_embeddings(folder)
     with open(folder / "bad.csv", newline="", encoding="utf-8") as f:
         bad = list(csv.DictReader(f))

@@ -100,3 +100,23 @@ def test_one_label_per_class_gives_no_estimate_and_says_so():
     assert choice.best is None and choice.estimates == [] and choice.protocol == "spread"
     assert "no estimate" in choice.note
     assert choose_protocol(pile[labelled], truth[labelled], 2).protocol.startswith("linear")
+
+
+def test_the_choice_keeps_its_folds_and_held_out_predictions_and_the_best_linear_head():
+    from openseer.eval.fewlabels import best_linear
+
+    x, y = _xor_case()
+    choice = choose_protocol(x, y, 2)
+    assert choice.protocol == "knn" and len(choice.held) == 5
+    assert sorted(np.concatenate(choice.held).tolist()) == list(range(len(y)))
+    for e in choice.estimates:  # each estimate is its held-out predictions' accuracy
+        assert 100 * float((choice.predictions[e.protocol] == y).mean()) == pytest.approx(e.accuracy)
+    linear = max((e for e in choice.estimates if e.protocol.startswith("linear")),
+                 key=lambda e: (round(e.balanced, 6), round(e.accuracy, 6)))
+    assert best_linear(choice).startswith("linear") and best_linear(choice) != choice.protocol
+    assert {e.protocol: e.balanced for e in choice.estimates}[best_linear(choice)] == pytest.approx(linear.balanced)
+    x, y = _linear_case()
+    choice = choose_protocol(x, y, 2)
+    assert best_linear(choice) == choice.protocol
+    one = choose_protocol(x[:2], y[:2], 2)  # one image per class: no estimates, the default head
+    assert one.held == [] and best_linear(one) == "linear(l2=0.01)"

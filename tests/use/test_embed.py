@@ -133,3 +133,25 @@ def test_layer_embeds_the_named_stages_and_is_part_of_the_job(run, model, folder
     assert main(["embed", str(run), "--data", str(folder), "--out", str(tmp_path / "x"), "--layer", "res5"]) == 2
     err = capsys.readouterr().err
     assert "unknown stage 'res5'" in err and "s1, s2, s3, s4" in err
+
+
+def test_max_chunks_stops_early_with_exit_1_and_the_same_command_finishes(run, folder, tmp_path, capsys):
+    out = tmp_path / "emb"
+    args = ["embed", str(run), "--data", str(folder), "--out", str(out), "--quiet", "--chunk-size", "8"]
+    assert main([*args, "--max-chunks", "1"]) == 1
+    assert "stopped early" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["000000.bad.csv", "000000.csv"]
+    assert main(args) == 0
+    assert "(1 chunks were already done)" in capsys.readouterr().out
+    assert json.loads((out / "meta.json").read_text())["images_this_run"] == 9
+
+
+def test_chunks_marked_done_are_redone_when_the_partial_array_is_gone(model, folder, tmp_path):
+    whole = tmp_path / "whole"
+    embed_collection(model, str(folder), whole, dtype="float32", chunk_size=4, progress=False)
+    out = tmp_path / "emb"
+    embed_collection(model, str(folder), out, dtype="float32", chunk_size=4, progress=False, max_chunks=2)
+    (out / "embeddings.partial.npy").unlink()  # the rows of the 2 finished chunks went with it
+    done = embed_collection(model, str(folder), out, dtype="float32", chunk_size=4, progress=False)
+    assert done["complete"] and done["chunks_skipped"] == 0 and done["images_this_run"] == 17
+    np.testing.assert_array_equal(np.asarray(load_embeddings(out)[0]), np.asarray(load_embeddings(whole)[0]))

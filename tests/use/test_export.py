@@ -168,7 +168,9 @@ def test_int8_export_refused_past_the_tolerance(small_run, calib, tmp_path, caps
     code = main(["export", str(small_run), "--format", "onnx", "--int8", "--calibrate", str(calib),
                  "--calibrate-n", "8", "--min-cosine", "1.01", "--out", str(out)])
     assert code == 1 and not out.exists()
-    assert "below --min-cosine 1.01" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "below --min-cosine 1.01" in err
+    assert "more of its 24 images (--calibrate-n 24)" in err  # 8 of 24 used: more can help
 
 
 def test_int8_empty_calibration_set_or_wrong_format_one_message(small_run, tmp_path, capsys):
@@ -213,6 +215,8 @@ def test_a_timm_folder_export_gives_timm_the_right_input_size_mean_std_and_featu
     mine = ours.embed(images)
     cos = (theirs * mine).sum(1) / (np.linalg.norm(theirs, axis=1) * np.linalg.norm(mine, axis=1))
     assert cos.min() > 0.99, cos
+    back = openseer.load(out)  # openseer reads timm's folder back
+    assert back.classes is None and np.allclose(back.embed(images), mine, atol=1e-6)
     # a stem timm cannot express is named where the export is written, and in config.json
     run1 = make_run(tmp_path / "run1", arch="regnety_002", overrides=("model.stem_stride=1",))
     r = export(run1, tmp_path / "exported1", "timm")
