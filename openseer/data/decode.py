@@ -404,12 +404,14 @@ def dicom_frame_count(path: str | os.PathLike, timeout: float | None = None) -> 
     """The number of frames of a DICOM file, from its header (bounded time); 1 when it cannot be told
     (the file's problem is then reported when it is read)."""
     def count() -> int:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO named .dcm: never opened (it could block)
+            return 1
         ds = _read_dicom(os.fspath(path), os.fsdecode(path), header_only=True)
         return max(int(ds.get("NumberOfFrames") or 1), 1)
 
     try:
         return call_with_timeout(count, default_read_timeout() if timeout is None else timeout, os.fsdecode(path))
-    except (BadImage, ValueError, TypeError):
+    except (BadImage, OSError, ValueError, TypeError):
         return 1
 
 

@@ -328,3 +328,20 @@ def test_eval_reads_full_depth_grey_for_a_one_value_mean(tmp_path):
     np.testing.assert_allclose(grey.geometry(rgb).numpy(), lum.numpy(), atol=1e-6)
     three = EvalTransform(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert three(x.unsqueeze(0)).shape == (1, 3, 16, 16)
+
+
+def test_listing_every_frame_never_opens_a_fifo_and_tolerates_broken_headers(tmp_path, monkeypatch):
+    import os
+    import time
+
+    root = _frames(tmp_path)
+    os.mkfifo(root / "pipe.dcm")
+    (root / "junk.dcm").write_bytes(b"not dicom at all")
+    monkeypatch.setenv("OPENSEER_DICOM_FRAMES", "all")
+    t0 = time.perf_counter()
+    coll = open_collection(str(root), read_timeout=30)
+    assert time.perf_counter() - t0 < 10  # the FIFO was not opened (it would block until the timeout)
+    skips = SkipCounts()
+    keys = [it.key for it in coll.items(skips=skips) if it.ok]
+    assert keys == ["single.dcm", "vol.dcm#0", "vol.dcm#1", "vol.dcm#2"]
+    assert skips.by_reason() == {"not_a_file": 1, "not_an_image": 1}
