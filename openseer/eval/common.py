@@ -37,7 +37,7 @@ from ..data.collection import (
     load_fashion_mnist,
     open_denylist,
 )
-from ..data.decode import IMAGE_EXTENSIONS, BadImage, DataError, default_read_timeout
+from ..data.decode import IMAGE_EXTENSIONS, BadImage, DataError, Decoding, default_read_timeout
 from ..fileio import text_to_name
 
 RESIZE_RATIO = 1.14  # larger images: shorter side to 1.14 x crop, then a centre crop
@@ -403,6 +403,17 @@ class EvalTransform:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize(self.geometry(x))
+
+
+def read_for(data: LabelledData, transform: EvalTransform) -> LabelledData:
+    """The splits' files read as ``transform``'s backbone takes them: a one-channel backbone (a
+    one-value mean) gets full-depth grey (data/decode.py), never 8 bits; RGB otherwise (unchanged)."""
+    if len(transform.mean) == 1:
+        for split in (data.train, data.test):
+            coll = split.collection
+            if not coll.in_memory:
+                coll.decoding = Decoding(1, coll.decoding.dicom_window)
+    return data
 
 
 def load_batch(data: Labelled, idx: np.ndarray | list[int], transform: EvalTransform, size: int | None = None,

@@ -328,6 +328,19 @@ def test_eval_reads_full_depth_grey_for_a_one_value_mean(tmp_path):
     np.testing.assert_allclose(grey.geometry(rgb).numpy(), lum.numpy(), atol=1e-6)
     three = EvalTransform(16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     assert three(x.unsqueeze(0)).shape == (1, 3, 16, 16)
+    # `openseer eval`'s labelled class folders: read at full depth for a one-channel backbone only
+    from openseer.eval.common import open_labelled, read_for
+
+    for c in ("p", "q"):
+        (tmp_path / "lab" / c).mkdir(parents=True)
+        for i in range(3):
+            _png16(tmp_path / "lab" / c / f"{i}.png", arr + i)
+    data = open_labelled(str(tmp_path / "lab"), test_fraction=0.5)
+    assert data.train.load(0).dtype == torch.uint8
+    read_for(data, three)
+    assert data.train.load(0).dtype == torch.uint8
+    read_for(data, grey)
+    assert data.train.load(0).dtype == torch.float32 and data.test.load(0).shape == (1, 16, 16)
 
 
 def test_listing_every_frame_never_opens_a_fifo_and_tolerates_broken_headers(tmp_path, monkeypatch):
