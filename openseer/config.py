@@ -45,6 +45,8 @@ class DataConfig:
     denylist: str = ""  # deny-list file ('' = takedowns.txt beside the shards or in the folder, if any)
     pipe_timeout: float = 300.0  # tar shards: a pipe: command silent this long (s) is stopped, its shard counted bad
     read_timeout: float = 60.0  # files: one taking longer than this (s) to open and read is skipped as 'timeout'
+    dicom_window: str = "auto"  # DICOM: auto (the file's WindowCenter/Width) | none (the stored bits' range) | C,W
+    dicom_frames: str = "middle"  # multi-frame DICOM: middle (one row per file) | all (a row per frame, key f.dcm#i)
 
 
 @dataclass
@@ -65,11 +67,23 @@ class CropsConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
 
+def channel_stats(values: list[float], channels: int) -> list[float]:
+    """``crops.mean`` or ``crops.std`` for a backbone of ``channels`` inputs (``model.in_chans``): as
+    given when the lengths match, the average of the RGB values for 1 channel, one value repeated for 3."""
+    values = [float(v) for v in values]
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return [sum(values) / len(values)]
+    return values * channels if len(values) == 1 else values
+
+
 @dataclass
 class ModelConfig:
     """Backbone (any timm model) and the SwAV projection head."""
 
     arch: str = "regnety_002"
+    in_chans: int = 3  # 3 (RGB, grey replicated) or 1 (grey at full depth: DICOM, 16-bit); an RGB --init stem is adapted
     head_hidden: list[int] = field(default_factory=lambda: [2048])  # hidden widths; [] = linear head
     head_out: int = 128
     head_bn: bool = True
@@ -79,7 +93,6 @@ class ModelConfig:
     stem_stride: int = 0  # 0 = the architecture's; 1 = no downsampling in the stem (small images, e.g. 28 px)
     pointwise_matmul: bool = True  # CPU + channels_last: 1x1 convs get a matmul backward (same math, faster)
     narrow_group_fp32: bool = True  # CPU + bf16: grouped convs of < 16 channels per group in fp32 (faster with AMX)
-    in_chans: int = 3  # image channels the stem takes; an RGB --init stem is adapted (timm's adapt_input_conv)
     # pretrain --init: start from these weights (a run, checkpoint, exported/imported file, SEER/VISSL file)
     init: str = ""
     init_parts: list[str] = field(default_factory=lambda: ["backbone", "head", "prototypes"])  # taken when present
@@ -202,8 +215,21 @@ class Config:
         for lo, hi in zip(c.min_scale, c.max_scale):
             if not 0 < lo <= hi <= 1:
                 raise ConfigError(f"crop scales must satisfy 0 < min_scale <= max_scale <= 1, got ({lo}, {hi})")
-        if len(c.mean) != 3 or len(c.std) != 3:
-            raise ConfigError("crops.mean and crops.std need 3 values (RGB)")
+        if len(c.mean) not in (1, 3) or len(c.std) not in (1, 3):
+            raise ConfigError("crops.mean and crops.std need 3 values (RGB) or 1 (grey; 3 are averaged for 1 channel)")
+        if self.model.in_chans not in (1, 3):
+            raise ConfigError(f"model.in_chans must be 1 (grey at full depth) or 3 (RGB); got {self.model.in_chans}")
+        if self.data.dicom_frames not in ("middle", "all"):
+            raise ConfigError(f"data.dicom_frames must be middle or all; got {self.data.dicom_frames!r}")
+        w = str(self.data.dicom_window).strip().lower()
+        if w not in ("auto", "none"):
+            try:
+                centre, width = (float(v) for v in w.split(","))
+            except ValueError:
+                raise ConfigError(f"data.dicom_window must be auto, none or CENTRE,WIDTH (e.g. 40,400); "
+                                  f"got {self.data.dicom_window!r}") from None
+            if not width > 0:
+                raise ConfigError(f"data.dicom_window: the width must be > 0; got {self.data.dicom_window!r}")
         n_crops = sum(c.counts)
         if n_crops < 2:
             raise ConfigError("SwAV needs at least 2 crops (crops.counts)")
@@ -240,8 +266,6 @@ class Config:
             raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
         if self.model.stem_stride < 0:
             raise ConfigError(f"model.stem_stride must be >= 0 (0 = the architecture's own), got {self.model.stem_stride}")
-        if self.model.in_chans < 1:
-            raise ConfigError(f"model.in_chans must be >= 1, got {self.model.in_chans}")
         parts = ("backbone", "head", "prototypes")
         bad = [p for p in self.model.init_parts if p not in parts]
         if bad or (self.model.init and "backbone" not in self.model.init_parts):

@@ -237,6 +237,7 @@ SHARD_EXAMPLES = """examples:
   openseer shard paths.txt --out shards/ --max-side 512 --sidecar licences.csv
   openseer data report shards/                                # what went in, what was skipped
   openseer pretrain --data shards/ --out runs/a               # train from the shards
+  OPENSEER_DICOM_WINDOW=none openseer shard /dicom --out s/   # DICOM -> 16-bit PNG of the whole stored range
   (interrupted? run the same command again: it resumes)
 """
 

@@ -48,6 +48,7 @@ PRETRAIN_EXAMPLES = """examples:
   openseer pretrain --resume runs/a                 # continue from the latest checkpoint
   openseer pretrain --data /scans --init runs/a --out runs/adapted optim.minutes=10   # adapt a run to a new pile
   openseer pretrain --data /pile --recipe seer-rg32 --init seer_regnet32gf.torch --out runs/rg32-adapted
+  openseer pretrain --data /dicom --out runs/ct data.dicom_window=40,400 data.dicom_frames=all   # DICOM scans
 
 every setting and recipe: docs/guide.md; the method: docs/method.md
 """

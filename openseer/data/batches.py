@@ -175,7 +175,7 @@ def _indexed_batches(source: Collection, cfg: Config, rank: int, world: int, sta
     gb = cfg.data.batch_size
     n = len(source)
     if source.in_memory and cfg.data.batched_aug:
-        aug = BatchMultiCrop(cfg.crops)
+        aug = BatchMultiCrop(cfg.crops, cfg.model.in_chans)
         images = source.images  # type: ignore[attr-defined]
         cache: dict = {}
         for step in range(start_step, total_steps):
@@ -187,9 +187,9 @@ def _indexed_batches(source: Collection, cfg: Config, rank: int, world: int, sta
     sampler = _StepSampler(n, gb, rank, world, cfg.seed, start_step, total_steps)
     workers = cfg.data.num_workers
     if cfg.data.fast_decode and not source.in_memory:
-        dataset = _DecodedCrops(source, FastMultiCrop(cfg.crops), cfg.seed, decode_pixels(cfg))
+        dataset = _DecodedCrops(source, FastMultiCrop(cfg.crops, cfg.model.in_chans), cfg.seed, decode_pixels(cfg))
     else:
-        dataset = _DecodedCrops(source, MultiCrop(cfg.crops), cfg.seed)
+        dataset = _DecodedCrops(source, MultiCrop(cfg.crops, cfg.model.in_chans), cfg.seed)
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers,
         collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None,
@@ -238,7 +238,7 @@ class _SlotBatches(IterableDataset):
 
     def __init__(self, source, cfg: Config, rank: int, world: int, layout: dict, states: list,
                  start: int, stop: int, workers: int):
-        self.urls, self.deny = source.urls, source.deny
+        self.urls, self.deny, self.decoding = source.urls, source.deny, source.decoding
         self.cfg, self.rank, self.world, self.layout = cfg, rank, world, layout
         self.states, self.start, self.stop, self.workers = states, start, stop, max(workers, 1)
         self.per_rank = cfg.data.batch_size // world
@@ -255,7 +255,8 @@ class _SlotBatches(IterableDataset):
         n_workers = self.workers if info is not None else 1
         cfg, L = self.cfg, self.layout["slots_per_rank"]
         fast = cfg.data.fast_decode
-        multicrop = FastMultiCrop(cfg.crops) if fast else MultiCrop(cfg.crops)
+        multicrop = (FastMultiCrop(cfg.crops, cfg.model.in_chans) if fast
+                     else MultiCrop(cfg.crops, cfg.model.in_chans))
         min_pixels = decode_pixels(cfg) if fast else None
         streams: dict[int, SlotStream] = {}
         bad_in_a_row = 0
@@ -273,7 +274,7 @@ class _SlotBatches(IterableDataset):
             while len(keys) < self.per_rank:
                 s = next(stream)
                 try:
-                    image = decode_bytes(s.data or b"", s.key, min_pixels=min_pixels)
+                    image = decode_bytes(s.data or b"", s.key, min_pixels=min_pixels, decoding=self.decoding)
                 except BadImage as e:
                     bad.append((s.key, e.reason))
                     bad_in_a_row += 1

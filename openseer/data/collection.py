@@ -38,6 +38,20 @@ run goes on (``decode.read_bytes``). FIFOs and devices are refused before readin
 
 Deny-list. ``denylist`` or, when empty, ``takedowns.txt`` beside the data: a listed file or sample
 (by its key, its relative path or the content key of its bytes) is skipped as ``denied``.
+
+Images beyond RGB photos. Every kind decodes through ``decode.decode_bytes`` with the collection's
+``decoding`` (``decode.Decoding``: the channels the backbone takes, ``model.in_chans``, and
+``data.dicom_window``): with 3 channels an image is 8-bit RGB as always; with 1 it is full-depth
+grey (a PIL ``F`` image in [0, 1]; ``read_chunk`` gives a float32 (1, H, W) tensor instead of
+uint8 (3, H, W)), so a 16-bit scan or a DICOM frame keeps its depth. DICOM files (``.dcm``,
+``.dicom``) are listed with the other images. A multi-frame DICOM file is one row, its middle
+frame, by default (``data.dicom_frames=middle``): a row stays a file, so deny-lists, takedowns and
+shard counts mean what they mean for photos, and listing a folder reads no DICOM header. With
+``data.dicom_frames=all`` every frame is a row of its own, keyed ``name.dcm#i`` (i from 0, as
+pydicom indexes frames): a CT or MR volume stored as one enhanced file becomes its slices, which is
+what pretraining on scans wants; listing then reads each DICOM header once (bounded by
+``read_timeout``). Denying ``name.dcm`` denies all its frames, ``name.dcm#i`` one frame. Commands
+without a data config read ``$OPENSEER_DICOM_WINDOW`` and ``$OPENSEER_DICOM_FRAMES``.
 """
 
 from __future__ import annotations
@@ -59,7 +73,18 @@ import torch
 
 from ..config import DataConfig
 from ..fileio import name_to_text, read_list
-from .decode import IMAGE_EXTENSIONS, BadImage, DataError, decode_bytes, default_read_timeout, read_bytes
+from .decode import (
+    DICOM_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    BadImage,
+    DataError,
+    Decoding,
+    decode_bytes,
+    default_read_timeout,
+    dicom_frame_count,
+    parse_window,
+    read_bytes,
+)
 from .denylist import DenyList, TakedownError
 from .stream import (
     DEFAULT_DENYLIST,
@@ -84,6 +109,7 @@ REASONS = {
     "unreadable": "cannot be opened: permission denied, a dangling symlink, a symlink loop, an I/O error",
     "not_a_file": "a FIFO, socket or device under an image name (reading it could block)",
     "timeout": "reading it took longer than the read timeout (a hung mount); given up",
+    "no_decoder": "a compressed DICOM whose transfer syntax has no decoder installed (pylibjpeg, gdcm, pyjpegls)",
     "denied": "on the deny-list",
     "no_image": "a shard sample without an image member",
     "shard_error": "a damaged tar, or a pipe: command that failed or stalled; the rest of that shard is lost",
@@ -98,15 +124,26 @@ CHUNK_SIZE = 4096  # rows per chunk of a folder, file list or tensor (shards: on
 
 @dataclass(frozen=True)
 class Entry:
-    """One listed file: ``name`` as listed (relative to the folder, or the list's line), ``path`` to open."""
+    """One listed file: ``name`` as listed (relative to the folder, or the list's line), ``path`` to open;
+    ``frame`` >= 0 for one frame of a multi-frame DICOM file (``data.dicom_frames=all``)."""
 
     name: str
     path: Path
+    frame: int = -1
 
     @property
     def key(self) -> str:
-        """The name as one line of text (record files, deny-list keys, messages)."""
-        return name_to_text(self.name)
+        """The name as one line of text (record files, deny-list keys, messages); ``name.dcm#i`` for a frame."""
+        return name_to_text(self.name) + self.suffix
+
+    @property
+    def suffix(self) -> str:
+        return f"#{self.frame}" if self.frame >= 0 else ""
+
+    @property
+    def where(self) -> str:
+        """The path as text, with ``#i`` for a frame."""
+        return name_to_text(self.path) + self.suffix
 
 
 @dataclass
@@ -117,7 +154,7 @@ class Item:
     where: str  # the path, or 'shard.tar#key', as text
     index: int = -1  # position in the listing (files) or in its shard (shards)
     data: bytes | None = None
-    image: object = None  # PIL RGB image when decoded (a uint8 CHW tensor for in-memory collections)
+    image: object = None  # PIL RGB (or F: 1 channel) image when decoded (a uint8 CHW tensor in memory)
     reason: str = ""
     detail: str = ""
     shard: str = ""  # the shard URL (shards)
@@ -174,9 +211,14 @@ def _reason(e: BadImage, name: str) -> str:
     return f"{e.reason}: {detail}" if detail else e.reason
 
 
-def _tensor(img) -> torch.Tensor:
-    """A decoded RGB image as uint8 (3, H, W)."""
+def image_to_tensor(img) -> torch.Tensor:
+    """A decoded image as a tensor: RGB as uint8 (3, H, W); full-depth grey (PIL ``F``) as float32 (1, H, W) in [0, 1]."""
+    if img.mode == "F":
+        return torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).unsqueeze(0)
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+_tensor = image_to_tensor
 
 
 def _split(n: int, chunk_size: int) -> list[Chunk]:
@@ -206,9 +248,21 @@ class Collection:
     chunk_size = CHUNK_SIZE
     description = ""  # one line for a person, set by each kind
 
+    _decoding: Decoding | None = None
+
     def __init__(self, spec: str, deny: DenyList | None = None):
         self.spec = spec
         self.deny = deny if deny is not None else DenyList()
+
+    @property
+    def decoding(self) -> Decoding:
+        """The channels and DICOM window every read of this pile uses: set by ``open_collection``;
+        a collection made directly (eval's labelled files) reads RGB with ``$OPENSEER_DICOM_WINDOW``."""
+        return self._decoding if self._decoding is not None else Decoding(3, default_dicom()[0])
+
+    @decoding.setter
+    def decoding(self, value: Decoding) -> None:
+        self._decoding = value
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -324,7 +378,8 @@ class _ChunkFiles(torch.utils.data.Dataset):
         try:
             return row, _tensor(self.coll.load(row, draft_size=self.draft))
         except BadImage as e:
-            return row, _reason(e, os.fsdecode(self.coll.entries[row].path))
+            e_ = self.coll.entries[row]
+            return row, _reason(e, os.fsdecode(e_.path) + e_.suffix)
 
 
 class FileCollection(Collection):
@@ -357,7 +412,7 @@ class FileCollection(Collection):
 
     def batch_key(self, i: int) -> str:
         """The name as the OS gives it (bad_images.txt turns it into text with ``fileio.name_to_text``)."""
-        return self.entries[i].name
+        return self.entries[i].name + self.entries[i].suffix
 
     def read(self, i: int) -> bytes:
         """The bytes of entry ``i`` (bounded time, deny-list applied); ``BadImage`` with a reason."""
@@ -368,18 +423,20 @@ class FileCollection(Collection):
         return data
 
     def load(self, i: int, draft_size: int | None = None, min_pixels: int | None = None):
-        return decode_bytes(self.read(i), os.fsdecode(self.entries[i].path), draft_size=draft_size,
-                            min_pixels=min_pixels)
+        e = self.entries[i]
+        return decode_bytes(self.read(i), os.fsdecode(e.path) + e.suffix, draft_size=draft_size,
+                            min_pixels=min_pixels, decoding=self.decoding, frame=e.frame if e.frame >= 0 else None)
 
     def item(self, i: int, decode: bool = True, draft_size: int | None = None,
              min_pixels: int | None = None) -> Item:
         """Entry ``i`` as an ``Item`` (never raises for a bad file)."""
         e = self.entries[i]
-        out = Item(e.key, name_to_text(e.path), i)
+        out = Item(e.key, e.where, i)
         try:
             out.data = self.read(i)
             if decode:
-                out.image = decode_bytes(out.data, out.where, draft_size=draft_size, min_pixels=min_pixels)
+                out.image = decode_bytes(out.data, out.where, draft_size=draft_size, min_pixels=min_pixels,
+                                         decoding=self.decoding, frame=e.frame if e.frame >= 0 else None)
         except BadImage as err:
             out.reason, out.detail, out.data = err.reason, err.detail, None
         return out
@@ -390,7 +447,7 @@ class FileCollection(Collection):
     def subset(self, rows: Sequence[int], note: str = "") -> FileCollection:
         out = FileCollection(self.spec, self.what, self.base, [self.entries[int(i)] for i in rows], self.deny,
                              self.read_timeout, self.pipe_timeout, self.list_file)
-        out.chunk_size, out.listed = self.chunk_size, self.listed
+        out.chunk_size, out.listed, out.decoding = self.chunk_size, self.listed, self.decoding
         out.description = self.description + note if note else out.description
         return out
 
@@ -400,7 +457,7 @@ class FileCollection(Collection):
                                              prefetch_factor=16 if workers else None)
         for row, item in loader:
             row = int(row)
-            yield row, self.entries[row].key, name_to_text(self.entries[row].path), item
+            yield row, self.entries[row].key, self.entries[row].where, item
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -507,7 +564,7 @@ class ShardCollection(Collection):
                 if not it.reason and decode:
                     try:
                         it.image = decode_bytes(s.data or b"", it.where, draft_size=draft_size,
-                                                min_pixels=min_pixels)
+                                                min_pixels=min_pixels, decoding=self.decoding)
                     except BadImage as err:
                         it.reason, it.detail = err.reason, err.detail
                 yield it
@@ -547,7 +604,7 @@ class ShardCollection(Collection):
             else:
                 try:
                     yield row, s.key, where, _tensor(decode_bytes(s.data or b"", f"{name}:{s.key}",
-                                                                  draft_size=draft))
+                                                                  draft_size=draft, decoding=self.decoding))
                 except BadImage as e:
                     yield row, s.key, where, _reason(e, f"{name}:{s.key}")
             row += 1
@@ -676,7 +733,7 @@ class TensorCollection(Collection):
         keys = [self._keys[i] for i in picked] if self._keys is not None else None
         out = TensorCollection(self.images[idx], self.name, labels, self.split, keys,
                                [self._row(i) for i in picked])
-        out.chunk_size = self.chunk_size
+        out.chunk_size, out.decoding = self.chunk_size, self.decoding
         if note:
             out.description = self.description + note
         return out
@@ -701,19 +758,34 @@ def open_denylist(denylist: str, root: Path | None) -> DenyList:
         raise DataError(str(e)) from None
 
 
-def _files(spec: str, path: Path, denylist: str, read_timeout: float, pipe_timeout: float) -> FileCollection:
+def expand_frames(entries: list[Entry], read_timeout: float) -> list[Entry]:
+    """``data.dicom_frames=all``: each multi-frame DICOM file's entry replaced by one per frame
+    (its header read once, in bounded time; a file whose header cannot be read stays one entry,
+    and its reason is counted when it is read)."""
+    out: list[Entry] = []
+    for e in entries:
+        n = dicom_frame_count(e.path, read_timeout) if e.name.lower().endswith(DICOM_EXTENSIONS) else 1
+        out += [Entry(e.name, e.path, f) for f in range(n)] if n > 1 else [e]
+    return out
+
+
+def _files(spec: str, path: Path, denylist: str, read_timeout: float, pipe_timeout: float,
+           frames: str = "middle") -> FileCollection:
     if path.is_dir():
         names = list_folder(path)
         if not names:
             raise DataError(f"no images found under {spec} (looked recursively for files named "
                             f"{', '.join(IMAGE_EXTENSIONS)}, in any case)")
-        return FileCollection(spec, "folder", path, [Entry(n, path / n) for n in names],
+        entries = [Entry(n, path / n) for n in names]
+        return FileCollection(spec, "folder", path, expand_frames(entries, read_timeout) if frames == "all" else entries,
                               open_denylist(denylist, path), read_timeout, pipe_timeout)
     if path.is_file():
         names = read_file_list(path)
         if not names:
             raise DataError(f"the file list {spec} names no files (one image path per line)")
         entries = [Entry(n, Path(n) if os.path.isabs(n) else path.parent / n) for n in names]
+        if frames == "all":
+            entries = expand_frames(entries, read_timeout)
         return FileCollection(spec, "file list", path.parent, entries, open_denylist(denylist, path.parent),
                               read_timeout, pipe_timeout, list_file=path)
     if path.exists() or path.is_symlink():
@@ -723,15 +795,32 @@ def _files(spec: str, path: Path, denylist: str, read_timeout: float, pipe_timeo
                     f"tar shards, or 'fashion-mnist')")
 
 
+def default_dicom(data_cfg: DataConfig | None = None) -> tuple[str, str]:
+    """(window, frames): ``data_cfg``'s ``dicom_window`` and ``dicom_frames`` when given, else
+    ``$OPENSEER_DICOM_WINDOW`` / ``$OPENSEER_DICOM_FRAMES``, else the defaults (auto, middle)."""
+    if data_cfg is not None:
+        window, frames = data_cfg.dicom_window, data_cfg.dicom_frames
+    else:
+        window = os.environ.get("OPENSEER_DICOM_WINDOW", "") or DataConfig.dicom_window
+        frames = os.environ.get("OPENSEER_DICOM_FRAMES", "") or DataConfig.dicom_frames
+    parse_window(window)  # a DataError naming the value when it is not auto, none or C,W
+    if frames not in ("middle", "all"):
+        raise DataError(f"data.dicom_frames (or $OPENSEER_DICOM_FRAMES) must be middle or all; got {frames!r}")
+    return window, frames
+
+
 def open_collection(spec: str, limit: int = 0, denylist: str = "", read_timeout: float | None = None,
                     pipe_timeout: float | None = None, epoch_samples: int = 0, shards: bool | None = None,
-                    chunk_size: int = CHUNK_SIZE, data_cfg: DataConfig | None = None) -> Collection:
+                    chunk_size: int = CHUNK_SIZE, data_cfg: DataConfig | None = None,
+                    channels: int = 3) -> Collection:
     """Open ``--data``: a folder (recursive), a file list (one image path per line), tar shards (a
     ``.tar`` path, brace range or glob, ``pipe:CMD``, a folder written by ``openseer shard``, joined
     by ``::``), or Fashion-MNIST (``fashion-mnist`` or a folder holding its idx files).
 
-    ``data_cfg`` (a DataConfig) supplies ``denylist``, ``read_timeout``, ``pipe_timeout`` and
-    ``epoch_samples`` where they are not given; ``limit`` keeps the first N rows (shards: N samples
+    ``data_cfg`` (a DataConfig) supplies ``denylist``, ``read_timeout``, ``pipe_timeout``,
+    ``epoch_samples``, ``dicom_window`` and ``dicom_frames`` where they are not given (without it:
+    ``$OPENSEER_DICOM_WINDOW``, ``$OPENSEER_DICOM_FRAMES``); ``channels`` is ``model.in_chans``
+    (1: full-depth grey images, 3: RGB; the module docstring); ``limit`` keeps the first N rows (shards: N samples
     per epoch). ``shards=False`` opens only a folder or a file list, ``shards=True`` only shards. A
     missing path, a folder without image names or an empty list is a ``DataError`` saying so.
     """
@@ -742,14 +831,20 @@ def open_collection(spec: str, limit: int = 0, denylist: str = "", read_timeout:
         epoch_samples = epoch_samples or data_cfg.epoch_samples
     read_timeout = default_read_timeout() if read_timeout is None else float(read_timeout)
     pipe_timeout = PIPE_TIMEOUT if pipe_timeout is None else float(pipe_timeout)
+    if channels not in (1, 3):
+        raise DataError(f"model.in_chans must be 1 or 3 for a pile of images; got {channels}")
+    window, frames = default_dicom(data_cfg)
+    decoding = Decoding(int(channels), window)
     if not spec:
         raise DataError("no data given: pass --data PATH (a folder of images, a text file listing image paths, "
                         "tar shards) or --data fashion-mnist")
     if shards or (shards is None and looks_like_shards(spec)):
         urls = expand_spec(spec)
         local = [Path(u) for u in urls if not u.startswith("pipe:")]
-        return ShardCollection(spec, urls, open_denylist(denylist, local[0].parent if local else None),
-                               epoch_samples, limit, pipe_timeout, read_timeout)
+        shard_coll = ShardCollection(spec, urls, open_denylist(denylist, local[0].parent if local else None),
+                                     epoch_samples, limit, pipe_timeout, read_timeout)
+        shard_coll.decoding = decoding
+        return shard_coll
     path = Path(spec).expanduser()
     coll: Collection
     if shards is None and is_fashion_mnist(spec):
@@ -759,8 +854,8 @@ def open_collection(spec: str, limit: int = 0, denylist: str = "", read_timeout:
         raise DataError(f"data path {spec!r} is one image, not a folder or a file list (give a folder of "
                         f"images, a text file listing image paths, tar shards, or 'fashion-mnist')")
     else:
-        coll = _files(spec, path, denylist, read_timeout, pipe_timeout)
-    coll.chunk_size = chunk_size
+        coll = _files(spec, path, denylist, read_timeout, pipe_timeout, frames)
+    coll.chunk_size, coll.decoding = chunk_size, decoding
     if limit and not coll.streaming and limit < len(coll):  # shards: limit is the epoch (above)
         coll = coll.head(limit)
     return coll

@@ -1,10 +1,29 @@
-"""Robust image decoding: every file either becomes an RGB image or a ``BadImage`` with a reason.
+"""Robust image decoding: every file either becomes an image or a ``BadImage`` with a reason.
 
 Web-scale piles hold truncated files, zero-byte files, HTML saved as .jpg, decompression bombs and
 odd colour modes. Decoding never crashes the run: the caller counts the reason and moves on.
 Valid but unusual images are converted deliberately: EXIF orientation applied (a broken EXIF block
-is ignored, not fatal), palette and alpha composited on white, 16-bit and float scaled to 8-bit,
-CMYK/1-bit/LA converted to RGB.
+is ignored, not fatal), palette and alpha composited on white, CMYK/1-bit/LA converted to RGB.
+
+What a decoded image is depends on the channels the backbone wants (``Decoding.channels``, from
+``model.in_chans``): with 3 (the default) an 8-bit RGB PIL image, 16-bit and float images scaled
+to 8 bits and grey replicated, as every RGB backbone and SEER checkpoint expects; with 1 a PIL
+``F`` image (float32 grey in [0, 1]) at the file's full depth: a 16-bit PNG or TIFF is divided by
+65535 (its real range), never flattened to 8 bits first; colour is turned to luminance.
+
+DICOM (``.dcm``, ``.dicom``; recognised by the ``DICM`` marker at byte 128, whatever the name) is
+decoded with pydicom: the frame's stored values, then the modality rescale (RescaleSlope and
+RescaleIntercept, or a modality LUT; per-frame groups of enhanced multi-frame files too), then a
+window (``data.dicom_window``): ``auto`` uses the file's WindowCenter/WindowWidth (the first pair
+when several are given) and, without one, the frame's own min..max; ``none`` maps the real range
+of the stored bits (BitsStored, signed or not, after the rescale) to [0, 1]; ``C,W`` is a window
+given by the user (e.g. ``40,400`` for soft tissue in Hounsfield units). The window is DICOM's
+linear one (PS3.3 C.11.2.1.2.1). MONOCHROME1 (bright = low values) is inverted, so bright is always
+high. Colour DICOM (RGB, YBR: converted by pydicom; PALETTE COLOR through its LUT) is scaled by its
+bits. A multi-frame file is decoded one frame at a time (``frame``; the middle one by default, see
+data/collection.py for ``data.dicom_frames=all``). A compressed transfer syntax whose decoder is
+not installed (e.g. JPEG-LS without pylibjpeg-libjpeg or pyjpegls) is skipped as ``no_decoder``,
+a DICOM file without pixel data (a structured report, an RT plan) as ``not_an_image``.
 
 Reasons (``BadImage.reason``), the same everywhere (folders, shards, the shard writer):
 
@@ -17,6 +36,7 @@ Reasons (``BadImage.reason``), the same everywhere (folders, shards, the shard w
 ``too_large``       a file over ``MAX_FILE_BYTES`` (never read into memory)
 ``unreadable``      the file cannot be read (permissions, broken symlink, I/O error)
 ``not_a_file``      a FIFO, socket or device with an image name (reading it could hang)
+``no_decoder``      a compressed DICOM whose transfer syntax has no decoder installed
 =================== ==========================================================================
 
 Reduced-size decoding (``min_pixels``): multi-crop never needs more pixels than
@@ -43,6 +63,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -65,14 +86,15 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is bad, not half-gre
 MAX_FILE_BYTES = 256 * 1024 * 1024  # larger files are skipped as 'too_large' without reading them
 
 # file names that are read as images (compared in lower case: .JPG and .Jpeg are images too)
+DICOM_EXTENSIONS = (".dcm", ".dicom")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".jpe", ".jfif",
-                    ".dib", ".ppm", ".pgm", ".pbm", ".pnm")
+                    ".dib", ".ppm", ".pgm", ".pbm", ".pnm") + DICOM_EXTENSIONS
 # the decoders PIL may use: the content decides which (a PNG named .jpg is a PNG), but only among these
 # (no EPS, which runs Ghostscript, and no format guessed from a header with no signature, like TGA)
 Image.init()  # every plugin registered, so the list below is checked against what this PIL has
 PIL_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "GIF", "WEBP", "BMP", "DIB", "TIFF", "PPM") if f in Image.OPEN)
 REASONS = ("empty", "truncated", "corrupt", "not_an_image", "too_many_pixels", "too_large",
-           "unreadable", "not_a_file", "timeout")
+           "unreadable", "not_a_file", "timeout", "no_decoder")
 
 # unambiguous leading bytes of image formats; used to tell 'corrupt' from 'not_an_image'
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"II*\x00", b"MM\x00*")
@@ -92,7 +114,48 @@ class BadImage(Exception):
 
 
 def _looks_like_image(data: bytes) -> bool:
-    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+    return data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or is_dicom(data)
+
+
+def is_dicom(data: bytes) -> bool:
+    """A DICOM Part 10 file: the ``DICM`` marker after the 128-byte preamble."""
+    return data[128:132] == b"DICM"
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How a reader decodes: the channels the backbone takes and the DICOM window.
+
+    ``channels`` 3: 8-bit RGB PIL images (as SEER and every RGB backbone expect); 1: PIL ``F``
+    images, float32 grey in [0, 1] at the file's full depth. ``dicom_window``: ``auto``, ``none``
+    or ``C,W`` (the module docstring)."""
+
+    channels: int = 3
+    dicom_window: str = "auto"
+
+    @classmethod
+    def from_config(cls, data_cfg=None, channels: int = 3) -> Decoding:
+        """From a ``DataConfig`` (its ``dicom_window``) and ``model.in_chans``."""
+        return cls(int(channels), str(getattr(data_cfg, "dicom_window", "auto")))
+
+    @property
+    def window(self) -> tuple[float, float] | str:
+        """``'auto'``, ``'none'`` or (centre, width); a ``DataError`` for anything else."""
+        return parse_window(self.dicom_window)
+
+
+def parse_window(text: str) -> tuple[float, float] | str:
+    """``data.dicom_window``: ``auto``, ``none`` or ``C,W`` (centre, width > 0)."""
+    t = str(text).strip().lower()
+    if t in ("auto", "none"):
+        return t
+    try:
+        c, w = (float(v) for v in t.split(","))
+    except ValueError:
+        raise DataError(f"data.dicom_window must be auto, none or CENTRE,WIDTH (e.g. 40,400); got {text!r}") from None
+    if not w > 0:
+        raise DataError(f"data.dicom_window: the width must be > 0; got {text!r}")
+    return c, w
 
 
 def _lacks_end(data: bytes) -> bool:
@@ -114,6 +177,24 @@ def _failure_reason(data: bytes, text: str) -> str:
 def _opaque(img: Image.Image) -> bool:
     """An RGBA or LA image whose alpha is 255 everywhere (nothing to composite)."""
     return img.mode in ("RGBA", "LA") and img.getchannel("A").getextrema()[0] == 255
+
+
+def to_grey(img: Image.Image) -> Image.Image:
+    """Any PIL mode as a PIL ``F`` image in [0, 1] at its full depth (16-bit: / 65535; colour: luminance)."""
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max()) if arr.size else 0.0
+        if mode.startswith("I;16"):
+            hi = 65535.0
+        elif mode == "F" and top <= 1.0:
+            hi = 1.0
+        else:
+            hi = 65535.0 if top > 255 else 255.0
+        return Image.fromarray(np.clip(arr / hi, 0.0, 1.0).astype(np.float32), mode="F")
+    if mode == "L":
+        return Image.fromarray(np.asarray(img, dtype=np.float32) / 255.0, mode="F")
+    return Image.fromarray(np.asarray(to_rgb(img).convert("L"), dtype=np.float32) / 255.0, mode="F")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -236,8 +317,9 @@ def decode_png_fast(img: Image.Image, data: bytes) -> Image.Image | None:
 
 
 def finish(img: Image.Image, name: str, data: bytes, min_pixels: int | None = None,
-           jpeg_only: bool = False) -> Image.Image:
-    """Decode an image opened with ``open_bytes`` (optionally reduced), apply EXIF, make it RGB.
+           jpeg_only: bool = False, channels: int = 3) -> Image.Image:
+    """Decode an image opened with ``open_bytes`` (optionally reduced), apply EXIF, make it RGB
+    (``channels`` 3) or full-depth grey ``F`` in [0, 1] (``channels`` 1).
 
     ``jpeg_only``: reduce only where decoding gets cheaper (JPEG DCT scaling); other formats are
     returned at full size, so their pixels equal what PIL gives for the whole file.
@@ -262,28 +344,212 @@ def finish(img: Image.Image, name: str, data: bytes, min_pixels: int | None = No
                 img = img.convert("RGB")  # what to_rgb would do, before the reduction
             else:  # RGBX (opaque RGBA from libpng): reduce, then drop X; transparent: composite after
                 img, reduce_after = img.reduce(reduce_after), 1  # reducing (alpha premultiplied)
-        img = to_rgb(img)
+        img = to_rgb(img) if channels == 3 else to_grey(img)
         if reduce_after > 1:
-            img = img.reduce(reduce_after)  # box filter on RGB (fast), whole image kept
+            img = img.reduce(reduce_after)  # box filter on RGB or F (fast), whole image kept
         if img.width < 1 or img.height < 1:
             raise BadImage("corrupt", f"{name}: zero-sized image")
         return img
 
 
 def decode_bytes(data: bytes, name: str = "<bytes>", draft_size: int | None = None,
-                 min_pixels: int | None = None) -> Image.Image:
-    """Decode encoded image bytes into an RGB PIL image, or raise ``BadImage``.
+                 min_pixels: int | None = None, decoding: Decoding | None = None,
+                 frame: int | None = None) -> Image.Image:
+    """Decode encoded image bytes into a PIL image (RGB, or ``F`` with ``decoding.channels`` 1),
+    or raise ``BadImage``.
 
     ``min_pixels``: decode at a reduced size (see the module doc) as long as at least this many
     pixels remain. ``draft_size`` (evaluation, embedding): keep both sides >= draft_size, reducing
     only JPEG decoding (DCT scaling); other formats come back whole, as PIL decodes them.
+    ``frame``: the frame of a multi-frame DICOM file (None: the middle one).
     """
+    decoding = decoding or DEFAULT_DECODING
+    if is_dicom(data):
+        return decode_dicom(data, name, decoding, frame, None if draft_size and not min_pixels else min_pixels)
     img = open_bytes(data, name)
     if draft_size and not min_pixels:
         scale = int(min(img.size) // draft_size)
         min_pixels = (img.width // max(scale, 1)) * (img.height // max(scale, 1)) if scale >= 2 else None
-        return finish(img, name, data, min_pixels, jpeg_only=True)
-    return finish(img, name, data, min_pixels)
+        return finish(img, name, data, min_pixels, jpeg_only=True, channels=decoding.channels)
+    return finish(img, name, data, min_pixels, channels=decoding.channels)
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+DEFAULT_DECODING = Decoding()
+
+
+def _read_dicom(source, name: str, header_only: bool = False):
+    """A pydicom Dataset from bytes or a path; ``BadImage`` when it is not DICOM or is cut short."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about odd but readable files: noise here
+            fp = io.BytesIO(source) if isinstance(source, bytes) else source
+            return pydicom.dcmread(fp, stop_before_pixels=header_only)
+    except InvalidDicomError as e:
+        raise BadImage("not_an_image", f"{name}: {e}") from None
+    except (EOFError, OSError) as e:
+        raise BadImage("truncated", f"{name}: {e}") from None
+    except Exception as e:  # a damaged header: pydicom raises many kinds
+        text = str(e).lower()
+        reason = "truncated" if "end of file" in text or "truncat" in text or "premature" in text else "corrupt"
+        raise BadImage(reason, f"{name}: {type(e).__name__}: {e}") from None
+
+
+def dicom_frame_count(path: str | os.PathLike, timeout: float | None = None) -> int:
+    """The number of frames of a DICOM file, from its header (bounded time); 1 when it cannot be told
+    (the file's problem is then reported when it is read)."""
+    def count() -> int:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO named .dcm: never opened (it could block)
+            return 1
+        ds = _read_dicom(os.fspath(path), os.fsdecode(path), header_only=True)
+        return max(int(ds.get("NumberOfFrames") or 1), 1)
+
+    try:
+        return call_with_timeout(count, default_read_timeout() if timeout is None else timeout, os.fsdecode(path))
+    except (BadImage, OSError, ValueError, TypeError):
+        return 1
+
+
+def _first(value) -> float:
+    """The first value of a possibly multi-valued DICOM number (WindowCenter '40\\400' -> 40)."""
+    from pydicom.multival import MultiValue
+
+    return float(value[0] if isinstance(value, (MultiValue, list, tuple)) else value)
+
+
+def _functional(ds, index: int, sequence: str):
+    """The item of ``sequence`` for frame ``index`` in an enhanced file's per-frame or shared groups."""
+    for groups, per_frame in ((ds.get("PerFrameFunctionalGroupsSequence"), True),
+                              (ds.get("SharedFunctionalGroupsSequence"), False)):
+        if groups:
+            group = groups[min(index, len(groups) - 1)] if per_frame else groups[0]
+            if sequence in group and group[sequence].value:
+                return group[sequence][0]
+    return None
+
+
+def _dicom_attr(ds, index: int, sequence: str, keyword: str):
+    """``keyword`` at the top level of ``ds``, else in the frame's functional group ``sequence``."""
+    if keyword in ds and ds[keyword].value not in (None, ""):
+        return ds[keyword].value
+    item = _functional(ds, index, sequence)
+    return item.get(keyword) if item is not None else None
+
+
+def _window(x: np.ndarray, centre: float, width: float, function: str) -> np.ndarray:
+    """DICOM's VOI window (PS3.3 C.11.2.1.2): LINEAR (the default), LINEAR_EXACT or SIGMOID, to [0, 1]."""
+    if function == "SIGMOID":
+        return 1.0 / (1.0 + np.exp(-4.0 * (x - centre) / width))
+    if function == "LINEAR_EXACT":
+        return np.clip((x - centre) / width + 0.5, 0.0, 1.0)
+    return np.clip((x - (centre - 0.5)) / max(width - 1.0, 1e-6) + 0.5, 0.0, 1.0)
+
+
+def _span(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.clip((x - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(x)
+
+
+def dicom_pixels(data: bytes, name: str = "<bytes>", window: tuple[float, float] | str = "auto",
+                 frame: int | None = None) -> np.ndarray:
+    """One frame of a DICOM file as float32 in [0, 1]: (H, W) grey or (H, W, 3) colour, after the
+    modality rescale, the window and MONOCHROME1 inversion (the module docstring); ``BadImage``
+    with a reason otherwise (``no_decoder`` for a compressed syntax without its decoder)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder, pixel_array
+
+    ds = _read_dicom(data, name)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise BadImage("not_an_image", f"{name}: a DICOM file without pixel data ({ds.get('Modality', '?')})")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise BadImage("corrupt", f"{name}: DICOM pixel data without Rows/Columns") from None
+    if rows < 1 or cols < 1:
+        raise BadImage("corrupt", f"{name}: zero-sized DICOM image")
+    if rows * cols > MAX_PIXELS:
+        raise BadImage("too_many_pixels", f"{name}: {cols}x{rows} > {MAX_PIXELS} pixels")
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_compressed:
+        try:
+            decoder = get_decoder(syntax)
+        except NotImplementedError:
+            raise BadImage("no_decoder", f"{name}: pydicom has no decoder for {syntax.name}") from None
+        if not decoder.is_available:
+            needs = "; ".join(decoder.missing_dependencies) or "a decoding plugin"
+            raise BadImage("no_decoder", f"{name}: {syntax.name} needs a decoder ({needs})")
+    n = max(int(ds.get("NumberOfFrames") or 1), 1)
+    index = n // 2 if frame is None else int(frame)
+    if not 0 <= index < n:
+        raise BadImage("corrupt", f"{name}: no frame {index} (the file has {n})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = pixel_array(ds, index=index if n > 1 else None)
+    except MemoryError:
+        raise BadImage("too_many_pixels", f"{name}: out of memory while decoding") from None
+    except Exception as e:  # short pixel data, a decoder's complaint: a bad file, never a crash
+        text = str(e).lower()
+        reason = "truncated" if any(w in text for w in ("shorter", "less than", "truncat", "end of")) else "corrupt"
+        raise BadImage(reason, f"{name}: {type(e).__name__}: {e}") from None
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2]) if "RedPaletteColorLookupTableDescriptor" in ds else 16
+        return np.clip(rgb.astype(np.float32) / float(2 ** bits - 1), 0, 1)
+    if arr.ndim == 3:  # RGB (YBR converted to RGB by pydicom)
+        bits = int(ds.get("BitsStored") or arr.dtype.itemsize * 8)
+        return np.clip(arr.astype(np.float32) / float(2 ** bits - 1), 0, 1)
+    x = arr.astype(np.float64)
+    lut = "ModalityLUTSequence" in ds
+    slope = float(_dicom_attr(ds, index, "PixelValueTransformationSequence", "RescaleSlope") or 1.0)
+    intercept = float(_dicom_attr(ds, index, "PixelValueTransformationSequence", "RescaleIntercept") or 0.0)
+    x = apply_modality_lut(arr, ds).astype(np.float64) if lut else x * slope + intercept
+    if window == "auto":
+        centre = _dicom_attr(ds, index, "FrameVOILUTSequence", "WindowCenter")
+        width = _dicom_attr(ds, index, "FrameVOILUTSequence", "WindowWidth")
+        function = str(_dicom_attr(ds, index, "FrameVOILUTSequence", "VOILUTFunction") or "LINEAR").upper()
+        if centre is not None and width is not None and _first(width) > 0:
+            y = _window(x, _first(centre), _first(width), function)
+        else:
+            y = _span(x, float(x.min()), float(x.max()))
+    elif window == "none":
+        bits = ds.get("BitsStored")
+        if bits and not lut and arr.dtype.kind in "iu":
+            signed = int(ds.get("PixelRepresentation") or 0) == 1
+            lo, hi = (-(2 ** (int(bits) - 1)), 2 ** (int(bits) - 1) - 1) if signed else (0, 2 ** int(bits) - 1)
+            ends = sorted((lo * slope + intercept, hi * slope + intercept))
+            y = _span(x, ends[0], ends[1])
+        else:  # float pixel data or a modality LUT: the frame's own range
+            y = _span(x, float(x.min()), float(x.max()))
+    else:
+        y = _window(x, float(window[0]), float(window[1]), "LINEAR")
+    if photometric == "MONOCHROME1":
+        y = 1.0 - y
+    return y.astype(np.float32)
+
+
+def decode_dicom(data: bytes, name: str = "<bytes>", decoding: Decoding | None = None, frame: int | None = None,
+                 min_pixels: int | None = None) -> Image.Image:
+    """One DICOM frame as the readers want it: RGB 8-bit (``channels`` 3, grey replicated) or ``F``
+    (``channels`` 1, full depth); box-reduced to keep ``min_pixels`` (multi-crop)."""
+    decoding = decoding or DEFAULT_DECODING
+    arr = dicom_pixels(data, name, decoding.window, frame)
+    if decoding.channels == 1:
+        grey = arr if arr.ndim == 2 else arr @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        img = Image.fromarray(np.ascontiguousarray(grey, dtype=np.float32), mode="F")
+    else:
+        u8 = np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(u8, mode="L").convert("RGB") if u8.ndim == 2 else Image.fromarray(u8, mode="RGB")
+    if min_pixels:
+        s = draft_scale(img.width, img.height, min_pixels)
+        if s > 1:
+            img = img.reduce(s)
+    return img
 
 
 def read_file(path: str | Path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
@@ -402,10 +668,11 @@ def read_bytes(path: str | os.PathLike, timeout: float | None = None) -> bytes:
     return call_with_timeout(lambda: read_file(path), timeout, os.fsdecode(path))
 
 
-def load_image(path: str | Path, draft_size: int | None = None, min_pixels: int | None = None) -> Image.Image:
+def load_image(path: str | Path, draft_size: int | None = None, min_pixels: int | None = None,
+               decoding: Decoding | None = None) -> Image.Image:
     """Read and decode a file; unreadable files are ``BadImage('unreadable')``."""
     data = read_file(path)
-    return decode_bytes(data, str(path), draft_size=draft_size, min_pixels=min_pixels)
+    return decode_bytes(data, str(path), draft_size=draft_size, min_pixels=min_pixels, decoding=decoding)
 
 
 UPSAMPLE_TOLERANCE = 1.05  # the most extreme crop may be upsampled by up to 5% per side

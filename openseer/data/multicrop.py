@@ -18,8 +18,14 @@ switches, and each is a pure function of its seed, so a given (seed, step) alway
 Each does random resized crop, flip, colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with probability p,
 random grayscale, Gaussian blur and ImageNet-style normalisation.
 
-Grayscale input is handled deliberately: it is replicated to three channels so every backbone,
-export and SEER checkpoint sees RGB; saturation, hue and random grayscale are then no-ops on it.
+Grayscale input is handled deliberately: with ``channels`` 3 (``model.in_chans``, the default) it
+is replicated to three channels so every backbone, export and SEER checkpoint sees RGB; saturation,
+hue and random grayscale are then no-ops on it. With ``channels`` 1 (a backbone with a one-channel
+stem: scans, DICOM) the crops are (1, S, S): a full-depth grey image (PIL ``F`` in [0, 1], see
+data/decode.py) is cropped in float32, never through 8 bits, and a uint8 one is scaled by 1/255;
+brightness, contrast and blur apply, saturation, hue and grayscale are no-ops (their random draws
+are still made, so the streams of the other ops do not shift), and the mean/std are one value
+(``crops.mean``/``crops.std`` of length 1, or the average of the three RGB values: ``channel_stats``).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-from ..config import CropsConfig
+from ..config import CropsConfig, channel_stats
 
 
 def blur_kernel_size(crop_size: int, sigma_max: float) -> int:
@@ -41,6 +47,11 @@ def blur_kernel_size(crop_size: int, sigma_max: float) -> int:
     k = 2 * math.ceil(3 * sigma_max) + 1
     k = min(k, crop_size if crop_size % 2 == 1 else crop_size - 1)
     return max(k, 3)
+
+
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    """Luminance of (..., 3, H, W); a one-channel image is its own."""
+    return x if x.shape[-3] == 1 else (0.299 * x[..., 0:1, :, :] + 0.587 * x[..., 1:2, :, :] + 0.114 * x[..., 2:3, :, :])
 
 
 def crop_plan(cfg: CropsConfig) -> list[tuple[int, float, float]]:
@@ -54,8 +65,8 @@ def crop_plan(cfg: CropsConfig) -> list[tuple[int, float, float]]:
 class MultiCrop:
     """Per-image multi-crop with torchvision transforms v2; input: PIL image or uint8 CHW tensor."""
 
-    def __init__(self, cfg: CropsConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: CropsConfig, channels: int = 3):
+        self.cfg, self.channels = cfg, channels
         s = cfg.jitter_strength
         self.transforms = []
         for size, lo, hi in crop_plan(cfg):
@@ -71,7 +82,7 @@ class MultiCrop:
                             p=cfg.blur_p,
                         ),
                         v2.ToDtype(torch.float32, scale=True),
-                        v2.Normalize(cfg.mean, cfg.std),
+                        v2.Normalize(channel_stats(cfg.mean, channels), channel_stats(cfg.std, channels)),
                     ]
                 )
             )
@@ -79,8 +90,11 @@ class MultiCrop:
 
     def __call__(self, image) -> list[torch.Tensor]:
         if not isinstance(image, torch.Tensor):
-            image = self.to_tensor(image)
-        if image.shape[0] == 1:
+            image = self.to_tensor(image)  # PIL F (full-depth grey) -> float32 (1, H, W) in [0, 1]
+        if self.channels == 1:
+            image = image.float().div(255) if not image.is_floating_point() else image
+            image = _grey(image) if image.shape[0] == 3 else image
+        elif image.shape[0] == 1:
             image = image.expand(3, -1, -1)
         return [t(image) for t in self.transforms]
 
@@ -139,18 +153,20 @@ class BatchMultiCrop:
     batch, uniformly drawn, so each image's order is still uniform), grayscale and blur draws.
     """
 
-    def __init__(self, cfg: CropsConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: CropsConfig, channels: int = 3):
+        self.cfg, self.channels = cfg, channels
         self.plan = crop_plan(cfg)
-        self.mean = torch.tensor(cfg.mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(cfg.std).view(1, 3, 1, 1)
+        self.mean = torch.tensor(channel_stats(cfg.mean, channels)).view(1, channels, 1, 1)
+        self.std = torch.tensor(channel_stats(cfg.std, channels)).view(1, channels, 1, 1)
 
     def __call__(self, images: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
-        x = images.float().div_(255)
-        if x.shape[1] == 1:
+        x = images.float() if images.is_floating_point() else images.float().div_(255)
+        if self.channels == 1:
+            x = _grey(x)
+        elif x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = x.contiguous()
-        gray_input = bool(images.shape[1] == 1)
+        gray_input = bool(images.shape[1] == 1 or self.channels == 1)
         n, _, height, width = x.shape
         batch_index = torch.arange(n, dtype=torch.float32)[:, None]
         crops = []
@@ -181,7 +197,7 @@ class BatchMultiCrop:
             if op == 0 and b > 0:
                 x = (x * fb[:, None, None, None]).clamp_(0, 1)
             elif op == 1 and c > 0:
-                m = _gray(x).mean(dim=(1, 2, 3))
+                m = _grey(x).mean(dim=(1, 2, 3))
                 x = _blend(x, m[:, None, None, None].expand_as(x), fc)
             elif op == 2 and sat > 0 and not gray_input:
                 x = _blend(x, _gray(x).expand_as(x), fs)
@@ -245,12 +261,12 @@ class FastMultiCrop:
     All randomness comes from the generator passed in, so a crop set is a function of its seed.
     """
 
-    def __init__(self, cfg: CropsConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: CropsConfig, channels: int = 3):
+        self.cfg, self.channels = cfg, channels
         self.groups = [(size, count, (lo, hi)) for size, count, lo, hi in
                        zip(cfg.sizes, cfg.counts, cfg.min_scale, cfg.max_scale)]
-        self.mean = torch.tensor(cfg.mean).view(3, 1, 1)
-        self.std = torch.tensor(cfg.std).view(3, 1, 1)
+        self.mean = torch.tensor(channel_stats(cfg.mean, channels)).view(channels, 1, 1)
+        self.std = torch.tensor(channel_stats(cfg.std, channels)).view(channels, 1, 1)
         s = cfg.jitter_strength
         self.jitter = (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
         self._kernels: dict[int, int] = {size: blur_kernel_size(size, cfg.blur_sigma[1]) for size in cfg.sizes}
@@ -258,16 +274,27 @@ class FastMultiCrop:
     def __call__(self, image, gen: torch.Generator) -> list[torch.Tensor]:
         from PIL import Image
 
-        if isinstance(image, torch.Tensor):  # uint8 CHW (in-memory sources)
-            arr = image.expand(3, -1, -1) if image.shape[0] == 1 else image
-            image = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy())
+        if isinstance(image, torch.Tensor):  # uint8 CHW (in-memory sources), or float (1, H, W) in [0, 1]
+            if image.is_floating_point():
+                image = Image.fromarray(_grey(image.float())[0].contiguous().numpy(), mode="F")
+            else:
+                arr = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+                image = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy())
+        if self.channels == 1 and image.mode not in ("F", "L"):
+            image = image.convert("L")
+        elif self.channels == 3 and image.mode == "F":  # full-depth grey to an RGB backbone: 8-bit RGB
+            image = Image.fromarray(np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+        deep = image.mode == "F"
         width, height = image.size
         out = []
         for size, count, scale in self.groups:
             boxes = sample_crop_boxes(count, height, width, scale, gen).tolist()
             for x1, y1, x2, y2 in boxes:
                 crop = image.resize((size, size), Image.BILINEAR, box=(x1, y1, x2, y2), reducing_gap=3.0)
-                x = torch.from_numpy(np.asarray(crop, dtype=np.float32).copy()).permute(2, 0, 1).div_(255)
+                a = np.asarray(crop, dtype=np.float32)
+                x = torch.from_numpy(a[None].copy() if a.ndim == 2 else a.copy())
+                x = x if a.ndim == 2 else x.permute(2, 0, 1)
+                x = x if deep else x.div_(255)
                 out.append(self._colour(x, gen))
         return out
 
@@ -287,13 +314,13 @@ class FastMultiCrop:
                 if op == 0 and b > 0:
                     x = (x * fb).clamp_(0, 1)
                 elif op == 1 and c > 0:
-                    m = _gray(x[None]).mean()
+                    m = _grey(x).mean()
                     x = (fc * x + (1 - fc) * m).clamp_(0, 1)
-                elif op == 2 and s > 0:
+                elif op == 2 and s > 0 and x.shape[0] == 3:
                     x = (fs * x + (1 - fs) * _gray(x[None])[0]).clamp_(0, 1)
-                elif op == 3 and h > 0:
+                elif op == 3 and h > 0 and x.shape[0] == 3:
                     x = adjust_hue(x, fh)
-        if draws[2] < cfg.grayscale_p:
+        if draws[2] < cfg.grayscale_p and x.shape[0] == 3:
             x = _gray(x[None])[0].expand(3, -1, -1)
         if cfg.blur_p > 0 and draws[3] < cfg.blur_p:
             lo, hi = cfg.blur_sigma

@@ -19,6 +19,18 @@ side is N, and re-encoded: PNG stays PNG, everything else becomes JPEG quality 9
 are stored byte for byte. ``width``/``height`` are the original's displayed size (after EXIF
 orientation); ``stored_*`` describe what is in the shard.
 
+Depth is kept. A 16-bit greyscale PNG or TIFF is stored byte for byte, and when ``--max-side``
+shrinks it, it is resized in float and written as a 16-bit PNG (never through 8 bits). A DICOM
+file is stored as a 16-bit greyscale PNG of what the reader sees (data/decode.py: the modality
+rescale, the window of ``data.dicom_window``/``$OPENSEER_DICOM_WINDOW`` mapped to 0..65535,
+MONOCHROME1 inverted; colour DICOM as an 8-bit RGB PNG): every shard reader then reads it without
+pydicom, at 16 bits, more than the 12 bits a CT or MR stores, and the window is fixed at sharding
+time (shard with ``OPENSEER_DICOM_WINDOW=none`` to keep the whole stored range instead). Its
+``format`` is ``DICOM``. A multi-frame file gives its middle frame, or with
+``OPENSEER_DICOM_FRAMES=all`` one sample per frame, whose source is ``name.dcm#i`` and whose
+content key is that of the file's bytes followed by ``#i`` (frames of one file are not duplicates
+of each other); deny-listing ``name.dcm`` or the file's content key drops all its frames.
+
 Manifest columns: key, sha256, shard, position, source, bytes, width, height, format,
 stored_format, stored_bytes, stored_width, stored_height, then every column of the optional sidecar CSV (matched
 on its ``path`` column, the input path as listed: relative to the folder, or as written in the file
@@ -45,12 +57,23 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..fileio import atomic_write_json, name_to_text
 from ..progress import progress as progress_bar
 from .collection import open_collection
-from .decode import BadImage, DataError, exif_orientation, finish, open_bytes, read_bytes
+from .decode import (
+    BadImage,
+    DataError,
+    dicom_pixels,
+    exif_orientation,
+    finish,
+    is_dicom,
+    open_bytes,
+    parse_window,
+    read_bytes,
+)
 from .denylist import KEY_HEX, DenyList
 
 MANIFEST_COLUMNS = ["key", "sha256", "shard", "position", "source", "bytes", "width", "height", "format",
@@ -88,16 +111,55 @@ class Prepared:
     data: bytes = b""
     ext: str = ""
     row: dict | None = None
+    file_sha256: str = ""  # the file's digest (``sha256`` differs for the frames of a DICOM file)
 
 
-def prepare(index: int, base: str, name: str, max_side: int, read_timeout: float | None = None) -> Prepared:
-    """Read (in bounded time), hash and check one input (runs in a worker process); never raises for bad files."""
-    out = Prepared(index, printable(name))
+def _png16(grey: Image.Image) -> tuple[bytes, int, int]:
+    """A PIL ``F`` image in [0, 1] as a 16-bit greyscale PNG (0..65535)."""
+    arr = np.clip(np.asarray(grey, dtype=np.float32) * 65535.0 + 0.5, 0, 65535).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")  # mode I;16: PNG bit depth 16
+    return buf.getvalue(), grey.width, grey.height
+
+
+def _prepare_dicom(out: Prepared, data: bytes, max_side: int, window: str, frame: int) -> Prepared:
+    """A DICOM frame as the reader sees it, stored as a 16-bit grey PNG (colour: 8-bit RGB PNG)."""
+    arr = dicom_pixels(data, out.source, parse_window(window), frame if frame >= 0 else None)
+    height, width = arr.shape[:2]
+    if arr.ndim == 2:
+        img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32), mode="F")
+        if max_side and max(width, height) > max_side:
+            img.thumbnail((max_side, max_side), Image.LANCZOS, reducing_gap=3.0)
+            img = Image.fromarray(np.clip(np.asarray(img), 0, 1).astype(np.float32), mode="F")
+        stored, sw, sh = _png16(img)
+    else:
+        img = Image.fromarray(np.clip(arr * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+        if max_side and max(width, height) > max_side:
+            img.thumbnail((max_side, max_side), Image.LANCZOS, reducing_gap=3.0)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        stored, sw, sh = buf.getvalue(), img.width, img.height
+    out.data, out.ext = stored, "png"
+    out.row = {"key": out.sha256[:KEY_HEX], "sha256": out.sha256, "source": out.source, "bytes": len(data),
+               "width": width, "height": height, "format": "DICOM", "stored_format": "png",
+               "stored_bytes": len(stored), "stored_width": sw, "stored_height": sh}
+    return out
+
+
+def prepare(index: int, base: str, name: str, max_side: int, read_timeout: float | None = None,
+            frame: int = -1, dicom_window: str = "auto") -> Prepared:
+    """Read (in bounded time), hash and check one input (runs in a worker process); never raises for bad files.
+
+    ``frame`` >= 0: that frame of a multi-frame DICOM file (``data.dicom_frames=all``)."""
+    out = Prepared(index, printable(name) + (f"#{frame}" if frame >= 0 else ""))
     path = Path(name) if os.path.isabs(name) else Path(base) / name
     try:
         data = read_bytes(path, read_timeout)
-        digest = hashlib.sha256(data).hexdigest()
+        out.file_sha256 = hashlib.sha256(data).hexdigest()
+        digest = out.file_sha256 if frame < 0 else hashlib.sha256(data + f"#{frame}".encode()).hexdigest()
         out.sha256 = digest
+        if is_dicom(data):
+            return _prepare_dicom(out, data, max_side, dicom_window, frame)
         img = open_bytes(data, out.source)
         width, height = img.size
         fmt = img.format or "unknown"
@@ -107,10 +169,15 @@ def prepare(index: int, base: str, name: str, max_side: int, read_timeout: float
                 if max(img.size) // cand >= max_side:
                     s = cand
                     break
-            rgb = finish(img, out.source, data, min_pixels=(img.width // s) * (img.height // s) if s > 1 else None)
+            deep = img.mode.startswith("I;16") or img.mode in ("I", "F")  # 16-bit grey: resized in float
+            rgb = finish(img, out.source, data, min_pixels=(img.width // s) * (img.height // s) if s > 1 else None,
+                         channels=1 if deep else 3)
             rgb.thumbnail((max_side, max_side), Image.LANCZOS, reducing_gap=3.0)
             buf = io.BytesIO()
-            if fmt == "PNG":
+            if deep:  # kept at 16 bits: a 16-bit PNG
+                buf.write(_png16(Image.fromarray(np.clip(np.asarray(rgb), 0, 1).astype(np.float32), mode="F"))[0])
+                ext = "png"
+            elif fmt == "PNG":
                 rgb.save(buf, format="PNG", optimize=False)
                 ext = "png"
             else:
@@ -122,6 +189,9 @@ def prepare(index: int, base: str, name: str, max_side: int, read_timeout: float
             if fmt in KEEP_FORMATS:
                 stored, ext = data, KEEP_FORMATS[fmt]
                 sw, sh = width, height
+            elif img.mode.startswith("I;16") or img.mode in ("I", "F"):  # e.g. a 16-bit PGM: a 16-bit PNG
+                stored, sw, sh = _png16(finish(open_bytes(data, out.source), out.source, data, channels=1))
+                ext = "png"
             else:  # a format the readers need not know: store it as PNG
                 full = finish(open_bytes(data, out.source), out.source, data)
                 buf = io.BytesIO()
@@ -217,11 +287,14 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
     out = Path(out).expanduser()
     coll = open_collection(str(src), denylist=denylist, read_timeout=read_timeout, shards=False)
     base, names, deny = Path(coll.base or "."), [e.name for e in coll.entries], coll.deny
+    frames = [e.frame for e in coll.entries]
+    window = coll.decoding.dicom_window
     extra_cols, side = _read_sidecar(sidecar)
     columns = MANIFEST_COLUMNS + extra_cols
     params = {"source": str(Path(src).expanduser().resolve()), "shard_size": shard_size, "max_side": max_side,
               "sidecar": str(Path(sidecar).resolve()) if sidecar else "", "inputs": len(names),
-              "inputs_digest": _digest(names), "columns": columns}
+              "inputs_digest": _digest([e.name + e.suffix for e in coll.entries]), "columns": columns,
+              "dicom_window": window}
     _check_out(out)
     progress = _load_progress(out, params)
     shards: list[dict] = progress["shards"]
@@ -292,14 +365,16 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
         pending.clear()
         skipped_rows.clear()
 
-    jobs = ((i, str(base), names[i], max_side, coll.read_timeout) for i in range(start, len(names)))
+    jobs = ((i, str(base), names[i], max_side, coll.read_timeout, frames[i], window) for i in range(start, len(names)))
     n_workers = workers or min(4, os.cpu_count() or 1)
     bar = progress_bar("shard", total=len(names), unit="input", initial=start, enabled=show_progress)
     if bar.style == "bar":  # per-shard lines above the live bar, not through it
         log = bar.write
     for item in _map(jobs, n_workers):
         bar.update(1)
-        if not item.reason and deny.keys and (deny.denies(item.source) or deny.denies(item.sha256[:KEY_HEX])):
+        if not item.reason and deny.keys and (deny.denies(item.source) or deny.denies(item.sha256[:KEY_HEX])
+                                              or deny.denies(printable(names[item.index]))
+                                              or deny.denies(item.file_sha256[:KEY_HEX])):
             item.reason, item.detail = "denied", "on the deny-list"
         if item.reason:
             counts[f"skipped_{item.reason}"] += 1
@@ -351,8 +426,8 @@ def _load_progress(out: Path, params: dict) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path} is unreadable ({e}); remove {out} and start again") from None
     old = progress.get("params", {})
-    for key in ("source", "shard_size", "max_side", "sidecar", "inputs_digest", "columns"):
-        if old.get(key) != params.get(key):
+    for key in ("source", "shard_size", "max_side", "sidecar", "inputs_digest", "columns", "dicom_window"):
+        if old.get(key, "auto" if key == "dicom_window" else None) != params.get(key):
             what = "the input list changed" if key == "inputs_digest" else f"{key}: {old.get(key)!r} vs {params.get(key)!r}"
             raise DataError(f"{out} holds shards written with other settings ({what}); "
                             f"use the same command to resume, or another --out")

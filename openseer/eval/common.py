@@ -31,12 +31,13 @@ from ..data.collection import (
     Entry,
     FileCollection,
     TensorCollection,
+    image_to_tensor,
     is_fashion_mnist,
     list_folder,
     load_fashion_mnist,
     open_denylist,
 )
-from ..data.decode import IMAGE_EXTENSIONS, BadImage, DataError, default_read_timeout
+from ..data.decode import IMAGE_EXTENSIONS, BadImage, DataError, Decoding, default_read_timeout
 from ..fileio import text_to_name
 
 RESIZE_RATIO = 1.14  # larger images: shorter side to 1.14 x crop, then a centre crop
@@ -96,7 +97,8 @@ class Labelled:
         img = self.collection.load(i, draft_size=draft_size)
         if isinstance(img, torch.Tensor):
             return img
-        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        x = image_to_tensor(img)  # RGB: uint8 (3, H, W); full-depth grey (model.in_chans 1): float (1, H, W) in [0, 1]
+        return x.mul_(255) if x.is_floating_point() else x  # geometry's 0..255 scale, at full depth
 
     def subset(self, idx: np.ndarray | list[int]) -> Labelled:
         idx = np.asarray(idx, dtype=np.int64)
@@ -357,7 +359,9 @@ def _csv(path: Path, seed: int, test_fraction: float, skip_missing: bool) -> Lab
 @dataclass(frozen=True)
 class EvalTransform:
     """Images no larger than the crop: resized to crop x crop. Larger: shorter side to 1.14 x crop,
-    then a centre crop. Grayscale replicated to 3 channels; normalised with the training mean/std."""
+    then a centre crop. Grayscale replicated to 3 channels; normalised with the training mean/std.
+    A mean of one value is a one-channel backbone (``model.in_chans=1``): RGB is turned to grey, and
+    grey at full depth comes as float on the same 0..255 scale (never rounded to 8 bits)."""
 
     crop: int
     mean: tuple[float, float, float]
@@ -373,10 +377,13 @@ class EvalTransform:
                 "rule": "images <= crop: resize to crop x crop; larger: shorter side to 1.14 x crop, centre crop"}
 
     def geometry(self, x: torch.Tensor, size: int | None = None) -> torch.Tensor:
-        """uint8 (B, C, H, W), all the same size -> float (B, 3, S, S) in [0, 1]; S = crop unless ``size``."""
+        """uint8 (B, C, H, W) (or float on the 0..255 scale), all the same size -> float (B, 3, S, S)
+        in [0, 1] ((B, 1, S, S) for a one-value mean); S = crop unless ``size``."""
         s = size or self.crop
         x = x.float().div_(255)
-        if x.shape[1] == 1:
+        if len(self.mean) == 1 and x.shape[1] == 3:
+            x = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+        elif len(self.mean) != 1 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         h, w = x.shape[-2:]
         if max(h, w) <= s:
@@ -390,12 +397,23 @@ class EvalTransform:
         return x[..., top:top + s, left:left + s].clamp(0, 1)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, len(self.mean), 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, len(self.std), 1, 1)
         return (x - mean) / std
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.normalize(self.geometry(x))
+
+
+def read_for(data: LabelledData, transform: EvalTransform) -> LabelledData:
+    """The splits' files read as ``transform``'s backbone takes them: a one-channel backbone (a
+    one-value mean) gets full-depth grey (data/decode.py), never 8 bits; RGB otherwise (unchanged)."""
+    if len(transform.mean) == 1:
+        for split in (data.train, data.test):
+            coll = split.collection
+            if not coll.in_memory:
+                coll.decoding = Decoding(1, coll.decoding.dicom_window)
+    return data
 
 
 def load_batch(data: Labelled, idx: np.ndarray | list[int], transform: EvalTransform, size: int | None = None,
@@ -422,7 +440,7 @@ def load_batch(data: Labelled, idx: np.ndarray | list[int], transform: EvalTrans
             if bad is None:
                 raise EvalError(f"cannot decode {data.paths[int(i)]}: {reason}")
             bad.append((int(i), reason))
-            x = torch.zeros(1, 3, s, s)
+            x = torch.zeros(1, 1 if len(transform.mean) == 1 else 3, s, s)
         out.append(x)
     return torch.cat(out)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Config
+from ..config import Config, channel_stats
 from .common import EvalError, EvalTransform, LabelledData, load_batch, open_labelled
 from .knn import TEMPERATURE, knn_eval
 
@@ -59,7 +59,8 @@ def knn_monitor(backbone: nn.Module, cfg: Config, device: str | torch.device) ->
         raise EvalError("the kNN monitor needs labelled data: set monitor.data (e.g. monitor.data=fashion-mnist)")
     t0 = time.perf_counter()
     device = torch.device(device)
-    transform = EvalTransform(cfg.crops.sizes[0], tuple(cfg.crops.mean), tuple(cfg.crops.std))
+    transform = EvalTransform(cfg.crops.sizes[0], tuple(channel_stats(cfg.crops.mean, cfg.model.in_chans)),
+                              tuple(channel_stats(cfg.crops.std, cfg.model.in_chans)))
     data, images = _prepare(cfg, transform)
     was_training = backbone.training
     backbone.eval()

@@ -19,7 +19,7 @@ from ..device import resolve_device
 from ..model.load import load_backbone
 from ..rundir import EVAL, check_writable
 from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
-from .common import EvalError, EvalTransform, LabelledData, open_labelled, warn
+from .common import EvalError, EvalTransform, LabelledData, open_labelled, read_for, warn
 from .features import backbone_features, cache_dir
 from .knn import DEFAULT_KS, TEMPERATURE, knn_eval
 from .layers import LAST, describe_layer, feature_model, layer_label, parse_layer
@@ -146,6 +146,7 @@ def evaluate(opts: EvalOptions) -> dict:
     _check_writable(out.parent)
     crop = opts.crop_size or info["crop_size"]
     transform = EvalTransform(crop, tuple(info["mean"]), tuple(info["std"]))
+    read_for(data, transform)  # a one-channel backbone reads its files at full depth
     run.say(f"evaluating {info['source']} ({info['arch']}, weights {info['weights_hash']}) on {data.name}: "
             f"{len(data.train)} train / {len(data.test)} test, {data.n_classes} classes -> {out}")
     header_info = {k: v for k, v in info.items() if k != "config"}

@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from ..config import ConfigError, build_config, config_from_dict, recipe_names, recipe_values
+from ..config import ConfigError, build_config, channel_stats, config_from_dict, recipe_names, recipe_values
 from ..rundir import CKPT_DIR, CLASSIFIER, CONFIG, is_run
 from .backbone import BackboneError, build_backbone, feature_dim
 from .checkpoint_file import CheckpointError, backbone_tensors, latest_checkpoint, load_checkpoint
@@ -56,8 +56,9 @@ def _from_config(cfg_dict: dict) -> dict:
         raise CheckpointError(f"the checkpoint's config is not valid: {e}") from None
     return {"arch": cfg.model.arch, "stem_stride": cfg.model.stem_stride, "in_chans": cfg.model.in_chans,
             "crop_size": cfg.crops.sizes[0],
-            "mean": list(cfg.crops.mean),
-            "std": list(cfg.crops.std), "transform_from": "training config", "config": cfg_dict}
+            "mean": channel_stats(cfg.crops.mean, cfg.model.in_chans),  # one value for a 1-channel backbone
+            "std": channel_stats(cfg.crops.std, cfg.model.in_chans), "transform_from": "training config",
+            "config": cfg_dict}
 
 
 def _strip(key: str) -> str:

@@ -290,7 +290,7 @@ def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max
     build = builder(cfg, env, device)  # what can fail early does (a teacher that does not load)
     # a builder may bring its own images (finetune: the labelled ones); else the config's pile
     source = build.collection() if hasattr(build, "collection") else open_collection(
-        cfg.data.source, limit=cfg.data.limit, data_cfg=cfg.data)
+        cfg.data.source, limit=cfg.data.limit, data_cfg=cfg.data, channels=cfg.model.in_chans)
     sched = schedule(cfg, len(source), env.world_size)
 
     torch.manual_seed(cfg.seed)

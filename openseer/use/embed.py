@@ -93,7 +93,7 @@ def embed_collection(model, data: str, out: str | Path, dtype: str = "float16", 
     if rank_device(model.device, ranks) != model.device:
         model.to(rank_device(model.device, ranks))  # each rank on its own GPU
     out = Path(out).expanduser()
-    coll = open_collection(data, limit=limit, chunk_size=chunk_size)
+    coll = open_collection(data, limit=limit, chunk_size=chunk_size, channels=1 if len(model.transform.mean) == 1 else 3)
     dim = model.feature_dim
     params = {"format": "openseer.embeddings.v1", "data": str(data), "data_fingerprint": coll.fingerprint(),
               "n": coll.n, "chunks": len(coll.chunks), "chunk_size": chunk_size if coll.kind != "shards" else None,
@@ -248,7 +248,7 @@ def _embed_chunk(model, coll: Collection, chunk: Chunk, rows_out: _RowWriter, ba
             bad.append([row, key, path, item])
             bar.update(1)
             continue
-        batch.append(t.geometry(item.unsqueeze(0)))
+        batch.append(t.geometry(item.unsqueeze(0) * 255 if item.is_floating_point() else item.unsqueeze(0)))
         rows.append(row)
         good.append([row, key, path])
         if len(batch) >= batch_size:

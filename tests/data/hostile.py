@@ -66,6 +66,50 @@ def _extra_good() -> dict[str, bytes]:
         ("L" * 240) + ".png": _enc(_noise(), "PNG"),  # near the 255-byte name limit
         "dir.jpg/inside.png": _enc(_noise(), "PNG"),  # a folder named like an image is a folder
         "deep/er/nested.webp": _enc(_noise(), "WEBP"),
+        "scan16.tif": _enc(Image.fromarray(np.asarray(RNG.integers(0, 65535, (9, 7)), dtype=np.uint16)), "TIFF"),
+        "scan16.pgm": _enc(Image.fromarray(np.asarray(RNG.integers(0, 65535, (7, 9)), dtype=np.uint16)), "PPM"),
+        **_dicoms(),
+    }
+
+
+def _dicom_bytes(name: str, pixels: np.ndarray, **kw) -> bytes:
+    import tempfile
+
+    from tests.data.dicoms import write_dicom
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return write_dicom(Path(tmp) / name, pixels, **kw).read_bytes()
+
+
+def _dicoms() -> dict[str, bytes]:
+    """DICOM files that must be read: pydicom's bundled CT, and ones written here (signed 12-bit CT
+    with a rescale and a multi-valued window, MONOCHROME1, three frames, a .DICOM name)."""
+    from tests.data.dicoms import bundled
+
+    ct = np.asarray(RNG.integers(-1000, 2000, (20, 24)), dtype=np.int16)
+    return {
+        "ct_small.dcm": bundled("CT_small.dcm").read_bytes(),
+        "ct12.dcm": _dicom_bytes("ct12.dcm", ct, slope=1.0, intercept=-1024.0, window=((40, 400), (400, 1500)),
+                                 bits_stored=12),
+        "mono1.dcm": _dicom_bytes("mono1.dcm", RNG.integers(0, 4096, (16, 16)).astype(np.uint16),
+                                  photometric="MONOCHROME1", bits_stored=12),
+        "frames.dcm": _dicom_bytes("frames.dcm", RNG.integers(0, 60000, (3, 10, 12)).astype(np.uint16)),
+        "UPPER.DICOM": _dicom_bytes("u.dcm", RNG.integers(0, 255, (8, 8)).astype(np.uint8)),
+    }
+
+
+def _extra_bad() -> dict[str, tuple[bytes, str]]:
+    """DICOM files that must be skipped, each with its reason."""
+    from pydicom.uid import JPEGLSLossless
+
+    from tests.data.dicoms import bundled
+
+    return {
+        "jpegls_bundled.dcm": (bundled("MR_small_jpeg_ls_lossless.dcm").read_bytes(), "no_decoder"),
+        "jpegls_written.dcm": (_dicom_bytes("j.dcm", np.zeros((8, 8), np.uint16), syntax=JPEGLSLossless,
+                                            encapsulated=b"\xff\xd8\xff\xf7 not decoded"), "no_decoder"),
+        "plan_no_pixels.dcm": (bundled("rtplan.dcm").read_bytes(), "not_an_image"),
+        "cut_short.dcm": (bundled("MR_small.dcm").read_bytes()[:-500], "truncated"),
     }
 
 
@@ -92,6 +136,7 @@ def write_hostile(root: Path) -> Hostile:
         regular[name] = (data, "")
     for name, data in _extra_good().items():
         regular[name] = (data, "")
+    regular.update(_extra_bad())
     for i, (name, (data, reason)) in enumerate(sorted(regular.items())):
         rel = os.path.join("ab"[i % 2], name)
         path = root / rel

@@ -33,6 +33,7 @@ from openseer.data.decode import (
 )
 from openseer.fileio import name_to_text, read_list, text_to_name, write_list
 from tests.conftest import fmnist_available, png_bytes, tiny_config, write_pngs
+from tests.data.dicoms import write_dicom
 
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".bmp": "BMP",
            ".tif": "TIFF", ".tiff": "TIFF", ".gif": "GIF", ".jpe": "JPEG", ".jfif": "JPEG", ".dib": "DIB",
@@ -55,9 +56,13 @@ def test_folder_is_searched_recursively_for_every_extension(tmp_path):
         for name in (f"a{i}{ext}", f"B{i}{ext.upper()}"):  # extensions are case-insensitive
             (sub / name).write_bytes(_encoded(fmt, i))
             expected.add(str((sub / name).relative_to(root)))
+    for name in ("scan.dcm", "deep/SCAN2.DICOM"):  # DICOM is listed with the others, in any case
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_dicom(root / name, np.arange(120, dtype=np.uint16).reshape(12, 10) * 500)
+        expected.add(name)
     (root / "notes.txt").write_text("not an image")
     (root / "dogs" / "readme.md").write_text("not an image")
-    assert set(IMAGE_EXTENSIONS) == set(FORMATS)
+    assert set(IMAGE_EXTENSIONS) == set(FORMATS) | {".dcm", ".dicom"}
 
     src = open_collection(str(root))
     keys = [src.key(i) for i in range(len(src))]
