@@ -358,3 +358,31 @@ def test_listing_every_frame_never_opens_a_fifo_and_tolerates_broken_headers(tmp
     keys = [it.key for it in coll.items(skips=skips) if it.ok]
     assert keys == ["single.dcm", "vol.dcm#0", "vol.dcm#1", "vol.dcm#2"]
     assert skips.by_reason() == {"not_a_file": 1, "not_an_image": 1}
+
+
+@pytest.mark.slow
+def test_a_dicom_folder_through_pretrain_init_at_one_channel_then_embed(tmp_path, capsys, monkeypatch):
+    """The adapt path a hospital takes: an RGB run's weights, a folder of DICOM scans read as one channel
+    at full depth (the stem adapted 3 -> 1), two SwAV steps, then embed the same folder with the result."""
+    from openseer.commands import main
+    from openseer.use.embed import load_embeddings
+    from tests.use.kit import TINY, make_run
+
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    (folder / "CT_small.dcm").write_bytes(bundled("CT_small.dcm").read_bytes())
+    (folder / "MR_small.dcm").write_bytes(bundled("MR_small.dcm").read_bytes())
+    write_dicom(folder / "cr.dcm", RAMP, photometric="MONOCHROME1", bits_stored=12)
+    write_dicom(folder / "vol.dcm", np.stack([RAMP, RAMP[::-1], RAMP * 0 + 77]), bits_stored=12)
+    source = make_run(tmp_path / "rgb")
+    monkeypatch.setenv("OPENSEER_DICOM_FRAMES", "all")
+    args = ["pretrain", "--data", str(folder), "--recipe", "tiny-cpu", "--init", str(source), "--out",
+            str(tmp_path / "ct"), "--max-steps", "2", *TINY, "model.arch=regnety_002", "model.in_chans=1", "data.batch_size=4",
+            "data.num_workers=0", "model.compile=false", "data.dicom_frames=all"]
+    assert main(args) == 0
+    err = capsys.readouterr()
+    assert "3 -> 1 input channels" in err.out + err.err
+    assert main(["embed", str(tmp_path / "ct"), "--data", str(folder), "--out", str(tmp_path / "emb"), "--quiet",
+                 "--dtype", "float32"]) == 0
+    arr, index = load_embeddings(tmp_path / "emb")
+    assert len(index) == 6 and np.isfinite(arr).all()
