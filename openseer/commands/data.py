@@ -428,15 +428,19 @@ def cmd_curate(args: argparse.Namespace) -> int:
     check_pile(args.pile)
     check_pile(args.reference)
     from ..use.curate import curate
+    from ..use.ranks import rank_session
 
     set_threads(args.threads)
-    r = curate(args.pile, args.out, args.model, keep=None if args.keep_count else args.keep,
-               keep_count=args.keep_count, dup_threshold=args.dup_threshold, clusters=args.clusters,
-               levels=args.levels, reference=args.reference or "", drop_off_domain=args.drop_off_domain,
-               dup_by=args.dup_by,
-               seed=args.seed, shards=args.shards, batch_size=args.batch_size, workers=args.workers,
-               device=device(args.device), layer=args.layer, max_memory=int(args.max_memory_gb * 2**30),
-               progress=not args.quiet, log=(lambda t: None) if args.quiet else print)
+    with rank_session(device(args.device)) as ranks:  # under torchrun the ranks share the embedding passes
+        r = curate(args.pile, args.out, args.model, keep=None if args.keep_count else args.keep,
+                   keep_count=args.keep_count, dup_threshold=args.dup_threshold, clusters=args.clusters,
+                   levels=args.levels, reference=args.reference or "", drop_off_domain=args.drop_off_domain,
+                   dup_by=args.dup_by,
+                   seed=args.seed, shards=args.shards, batch_size=args.batch_size, workers=args.workers,
+                   device=device(args.device), layer=args.layer, max_memory=int(args.max_memory_gb * 2**30),
+                   progress=not args.quiet, log=(lambda t: None) if args.quiet or not ranks.is_main else print)
+    if r is None:  # a torchrun rank other than 0: its share of the embedding is written
+        return 0
     od = r["off_domain"]
     share = f"; off-domain {100 * od['share']:.1f}%" if od.get("given") else ""
     print(f"openseer: kept {r['kept']} of {r['inputs']} images ({r['decisions']}; {r['bad']} bad"

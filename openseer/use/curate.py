@@ -443,8 +443,9 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
            dup_threshold: float = DUP_THRESHOLD, clusters: int = 0, levels: int = 1, reference: str = "",
            drop_off_domain: bool = False, dup_by: str = "descriptor", seed: int = 0, shards: bool = False, batch_size: int = 64,
            workers: int = 0, device: str = "cpu", layer: str = "last", max_memory: int = 0,
-           progress: bool = True, log=print) -> dict:
-    """Curate ``pile`` into ``out`` (see the module docstring); returns what ``curate.json`` holds.
+           progress: bool = True, log=print) -> dict | None:
+    """Curate ``pile`` into ``out`` (see the module docstring); returns what ``curate.json`` holds
+    (None on a torchrun rank other than 0, which only helps embed).
 
     Every check that can fail (settings, the pile, the model, the memory estimate) runs before
     anything is written.
@@ -486,8 +487,14 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
 
     log(f"openseer: curating {coll.description} with {model.arch} ({model.feature_dim}-d): keep {budget} images")
     t_embed = time.perf_counter()
-    x, index_rows, bad = embed_pile(model, pile, out / "embed", batch_size=batch_size, workers=workers,
-                                    progress=progress)
+    # under torchrun the ranks share both embedding passes; the rest is rank 0's (the others return None)
+    embedded = embed_pile(model, pile, out / "embed", batch_size=batch_size, workers=workers, progress=progress,
+                          every_rank=False)
+    ref_embedded = embed_pile(model, reference, out / "reference", batch_size=batch_size, workers=workers,
+                              progress=progress, every_rank=False) if reference else None
+    if embedded is None:
+        return None
+    x, index_rows, bad = embedded
     embed_s = time.perf_counter() - t_embed
     n = len(x)
     if n == 0:
@@ -503,8 +510,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     ref_info: dict = {"given": False}
     ref_sim = np.full(n, np.nan, dtype=np.float32)
     if reference:
-        ref = embed_pile(model, reference, out / "reference", batch_size=batch_size, workers=workers,
-                         progress=progress)[0]
+        ref = ref_embedded[0]
         th = reference_threshold(ref)
         ref_sim = nearest_similarity(x, ref)
         offdomain = ref_sim < th

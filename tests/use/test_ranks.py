@@ -209,3 +209,20 @@ def test_an_interrupted_predict_continues_from_its_chunks(classifier, folder, tm
     assert out.read_text() == (tmp_path / "whole.csv").read_text()
     assert (tmp_path / "preds.bad.csv").read_text() == (tmp_path / "whole.bad.csv").read_text()
     assert not (tmp_path / "preds.csv.parts").exists()
+
+
+@pytest.mark.heavy  # a torchrun launch and a curate of the same pile in one process
+def test_two_rank_curate_keeps_what_one_process_keeps(run, folder, tmp_path, capsys):
+    """curate's embedding pass split over 2 gloo ranks: rank 0 alone decides and prints, the kept list
+    and the decisions equal one process's."""
+    from openseer.commands import main
+
+    assert main(["curate", str(folder), "--model", str(run), "--out", str(tmp_path / "one"), "--keep", "0.5",
+                 "--dup-by", "embedding", "--quiet"]) == 0
+    capsys.readouterr()
+    r = _torchrun("curate", str(folder), "--model", str(run), "--out", str(tmp_path / "two"), "--keep", "0.5",
+                  "--dup-by", "embedding")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("openseer: kept") == 1  # rank 0 alone speaks
+    assert (tmp_path / "two" / "list.txt").read_text() == (tmp_path / "one" / "list.txt").read_text()
+    _same_job(tmp_path / "one" / "embed", tmp_path / "two" / "embed")
