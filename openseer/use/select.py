@@ -24,91 +24,20 @@ from __future__ import annotations
 import csv
 import html
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..data.decode import DataError
+from ..eval.typical import NEIGHBOURS, REDO, Pick, choose, typicality  # noqa: F401 (the maths, in eval/ for eval's rows)
 from ..fileio import atomic_write_json, atomic_write_text, csv_text
-from .curate import DUP_THRESHOLD, _thumb, group_representatives, kmeans, pile_duplicate_groups, water_fill
+from .curate import DUP_THRESHOLD, _thumb, group_representatives, pile_duplicate_groups
 
 FORMAT = "openseer.select.v1"
-NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours within the cluster
-REDO = 5  # k-means starts: the best of 5 (one start can merge two separate clusters)
 
 
 class SelectError(DataError):
     """A selection that cannot run as asked: what, and how to fix it."""
-
-
-@dataclass
-class Pick:
-    """One chosen row and why: its cluster, the cluster's size, its typicality, its order."""
-
-    row: int
-    cluster: int
-    cluster_size: int
-    typicality: float
-
-
-# ---------------------------------------------------------------- the choice (tested with known answers)
-
-
-def typicality(x: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
-    """Per row of ``x`` (unit rows of one cluster): 1 / (mean L2 distance to its ``neighbours``
-    nearest other rows + 1e-5), by faiss exact search. A lone row gets 0."""
-    import faiss
-
-    n = len(x)
-    k = min(neighbours, n - 1)
-    if k <= 0:
-        return np.zeros(n, dtype=np.float64)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    sims, _ = index.search(x, k + 1)
-    dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims[:, 1:].astype(np.float64)))  # unit rows: |a-b|^2 = 2 - 2cos
-    return 1.0 / (dist.mean(axis=1) + 1e-5)
-
-
-def choose(x: np.ndarray, budget: int, candidates: np.ndarray | None = None,
-           labelled: np.ndarray | None = None, seed: int = 0, neighbours: int = NEIGHBOURS) -> list[Pick]:
-    """``budget`` rows of ``x`` (unit rows) to label, in the order chosen.
-
-    ``candidates``: a boolean mask of the rows that may be picked (default all; ``select`` passes one
-    member per near-duplicate group); ``labelled``: the embeddings (unit rows) of images already
-    labelled, whose clusters count as covered.
-    """
-    n = len(x)
-    cand = np.flatnonzero(np.ones(n, bool) if candidates is None else candidates)
-    lab = np.zeros((0, x.shape[1]), np.float32) if labelled is None else np.asarray(labelled, np.float32)
-    budget = min(int(budget), len(cand))
-    if budget <= 0:
-        return []
-    xc = np.ascontiguousarray(x[cand], dtype=np.float32)
-    cents, assign = kmeans(xc, len(lab) + budget, seed=seed, nredo=REDO)
-    k = len(cents)
-    sizes = np.bincount(assign, minlength=k)
-    covered = np.zeros(k, dtype=np.int64)
-    if len(lab):
-        np.add.at(covered, np.argmax(lab @ cents.T, axis=1), 1)
-    open_ = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] > 0]
-    uncovered = [c for c in open_ if covered[c] == 0]
-    if len(uncovered) >= budget:  # the usual case: one pick from each of the largest uncovered clusters
-        share = {int(c): 1 for c in uncovered[:budget]}
-    else:  # fewer clusters than picks: uncovered ones first, the rest shared evenly over all clusters
-        share = {int(c): 1 for c in uncovered}
-        rest = water_fill([int(sizes[c]) - share.get(int(c), 0) for c in open_], budget - len(share))
-        for c, t in zip(open_, rest):
-            share[int(c)] = share.get(int(c), 0) + t
-    picks: list[Pick] = []
-    for c in sorted(share, key=lambda c: (-sizes[c], c)):
-        members = np.flatnonzero(assign == c)
-        typ = typicality(xc[members], neighbours)
-        for j in np.argsort(-typ, kind="stable")[:share[c]]:
-            picks.append(Pick(int(cand[members[j]]), int(c), int(sizes[c]), float(typ[j])))
-    return picks
 
 
 # ---------------------------------------------------------------- the job
