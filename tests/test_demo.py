@@ -46,7 +46,7 @@ def test_demo_prints_a_summary_and_no_carriage_returns(tmp_path):
     table = [line for line in summary.splitlines() if line.startswith("| ")]
     assert table[0] == "| protocol | labels | this model | random init* | raw pixels |"
     assert [line.split(" | ")[:2] for line in table[1:]] == [
-        ["| kNN k=20", "100%"], ["| linear probe", "100%"], ["| linear probe", "1%"], ["| linear probe", "10%"]]
+        ["| kNN k=20", "100%"], ["| linear probe", "100%"], ["| linear probe", "1/class"], ["| linear probe", "10%"]]
     assert all(len(line.split("|")) == 7 and all("." in c for c in line.split("|")[3:6]) for line in table[1:])
     assert "pretrained model above random init and raw pixels on " in summary and " of 4 rows" in summary
     assert summary.rstrip().endswith(f"report: {run / 'report.html'}") and (run / "report.html").is_file()

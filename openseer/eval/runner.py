@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -110,17 +111,22 @@ class _Run:
         return out[0], out[1], time.perf_counter() - t0
 
     def _drop_bad(self, data: LabelledData, split_name: str, feats: np.ndarray, bad: list) -> np.ndarray:
+        """Skip the images that could not be used, counted by their reason (``denied``: on the
+        deny-list, ``corrupt``, ``truncated``...: data/collection.py REASONS), as every pile reader does."""
         split = getattr(data, split_name)
         names = [str(split.paths[i]) if split.paths else split.keys[i] for i, _ in bad]
+        counts = Counter(str(reason).split(":")[0] for _, reason in bad)
+        by_reason = ", ".join(f"{r} {n}" for r, n in sorted(counts.items()))
         listed = "\n  ".join(f"{n}: {reason}" for n, (_, reason) in zip(names[:20], bad[:20]))
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        if not self.opts.skip_missing:
-            raise EvalError(f"{len(bad)} {split_name} images could not be decoded:\n  {listed}{more}\n"
-                            f"Remove them, or pass --skip-missing to skip them")
-        warn(f"skipping {len(bad)} undecodable {split_name} images:\n  {listed}{more}")
+        warn(f"skipped {len(bad)} {split_name} images ({by_reason}):\n  {listed}{more}")
         keep = np.setdiff1d(np.arange(len(split)), [i for i, _ in bad])
+        if not len(keep):
+            raise EvalError(f"{data.name}: every {split_name} image was skipped ({by_reason})")
         setattr(data, split_name, split.subset(keep))
-        data.notes.append(f"skipped {len(bad)} undecodable {split_name} images")
+        data.notes.append(f"skipped {len(bad)} {split_name} images: {by_reason}")
+        for r, n in counts.items():
+            data.skipped[r] = data.skipped.get(r, 0) + n
         return np.asarray(feats[keep])
 
 
@@ -158,13 +164,19 @@ def evaluate(opts: EvalOptions) -> dict:
     ftr, fte, secs = run.features(model, info, data, transform, "model")
     report.time("features", secs)
     report.header["data"] = data.describe()  # after any undecodable images were dropped
+    if len(data.test):
+        report.chance = 100.0 * float(np.bincount(data.test.labels).max()) / len(data.test)
+        report.header["data"]["chance_top1"] = round(report.chance, 3)
     common = {"seed": opts.seed, "feature_layer": layer_label(run.stages), "weights_hash": info["weights_hash"]}
     do = set(opts.protocols)
 
     splits: dict[str, dict] = {}
     if do & {"lowshot", "baselines"}:
         fingerprint = data.train.fingerprint()
-        splits = lowshot_splits(data.train, data.classes, opts.seed, opts.percents, opts.per_class)
+        left_out: dict[str, str] = {}
+        splits = lowshot_splits(data.train, data.classes, opts.seed, opts.percents, opts.per_class, left_out)
+        for name, why in left_out.items():
+            report.skip(f"the {name} low-shot split", why)
         for name, sp in splits.items():
             sp["path"] = str(save_split(out.parent, name, sp, data.train, data.name, fingerprint, opts.seed))
         report.header["lowshot_splits"] = {n: {"path": sp["path"], "n": int(len(sp["indices"])), "rule": sp["rule"]}
@@ -233,8 +245,9 @@ def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, f
             t = time.perf_counter()
             bank = ftr if rows is None else np.asarray(ftr[rows])
             # the full table keeps every k; low-shot subsets keep k=20 (SEER's) or the nearest given k
-            ks = opts.ks if split == "full" else (min(opts.ks, key=lambda k: abs(k - 20)),)
-            for r in knn_eval(bank, ytr, fte, data.test.labels, data.n_classes, ks, opts.temperature, run.device):
+            ks = knn_ks(opts.ks, n, split, report if model == "this" else None)
+            for r in knn_eval(bank, ytr, fte, data.test.labels, data.n_classes, ks, opts.temperature,
+                              run.device) if ks else []:
                 report.add(model, "knn", split, r.pop("top1"), r.pop("top5"), n_train=n, n_test=len(data.test),
                            **common, **r)
             report.time("knn", time.perf_counter() - t)
@@ -247,3 +260,20 @@ def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, f
         run.say(f"{model} {split}: " + ", ".join(
             f"{x['protocol']}{'@' + str(x['k']) if 'k' in x else ''} {x['top1']:.1f}"
             for x in report.results if x["model"] == model and x["split"] == split))
+
+
+def knn_ks(ks: tuple[int, ...], n: int, split: str, report: Report | None = None) -> tuple[int, ...]:
+    """The k that tell something on ``n`` labelled images: a k >= n lets every image vote, so every such
+    k gives the same answer; those are skipped (``report.skip`` says so once, for the evaluated model).
+    Low-shot subsets keep one k: 20 (SEER's) or the nearest given k below n."""
+    fit = tuple(k for k in ks if k < n)
+    if split != "full":
+        fit = (min(fit, key=lambda k: abs(k - 20)),) if fit else ()
+    if report is not None:
+        where = "all labels" if split == "full" else f"the {split} split"
+        too_big = [k for k in ks if k >= n]
+        if too_big and (split == "full" or not fit):
+            report.skip(f"kNN k={','.join(map(str, too_big))} on {where}",
+                        f"k >= the {n} labelled images: every image votes, so each such k gives the same answer"
+                        + ("" if fit else "; pass a smaller --k"))
+    return fit
