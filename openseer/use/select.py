@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.decode import DataError
+from ..eval.fewlabels import wilson
 from ..eval.typical import NEIGHBOURS, REDO, Pick, choose, typicality  # noqa: F401 (the maths, in eval/ for eval's rows)
 from ..fileio import atomic_write_json, atomic_write_text, csv_text
 from .curate import DUP_THRESHOLD, _thumb, group_representatives, pile_duplicate_groups
@@ -138,12 +139,30 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
         "neighbours": NEIGHBOURS, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
         "files": {n: str(out / n) for n in ("to_label.csv", "to_label.html")},
     }
+    notes = []
     if len(picks) < budget:
-        summary["note"] = (f"{len(picks)} images chosen, fewer than the {budget} asked: that is every distinct "
-                           f"image left after near-copies and already-labelled images")
+        notes.append(f"{len(picks)} images chosen, fewer than the {budget} asked: that is every distinct "
+                     f"image left after near-copies and already-labelled images")
+    summary["what_it_tells"] = what_labels_tell(len(picks) + len(known))
+    notes += summary["what_it_tells"]
+    if notes:
+        summary["note"] = " ".join(notes)
     write_sheet(out / "to_label.html", summary, picks, rows, coll)
     atomic_write_json(out / "select.json", summary)
     return summary
+
+
+def what_labels_tell(n: int) -> list[str]:
+    """What ``n`` labelled images can and cannot tell, in a person's words (the note ``select`` prints)."""
+    if n <= 0:
+        return []
+    lo, hi = wilson(round(0.8 * n), n)
+    out = [f"{n} labels measure a classifier only roughly: an 80% accuracy estimated on them (by "
+           f"`openseer finetune`'s cross-validation) is known to within {lo:.0f}-{hi:.0f}% (95%)."]
+    if n < 50:
+        out.append("Picks are spread over clusters of the pile, not over classes (select never sees a class): "
+                   "with this few, a rare class may get no label at all; add --budget or label a few by hand.")
+    return out
 
 
 def write_sheet(path: Path, summary: dict, picks: list[Pick], rows: list[dict], coll, side: int = 128) -> None:
