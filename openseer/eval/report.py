@@ -85,26 +85,40 @@ class Report:
 
 
 def split_label(split: str) -> str:
-    """'full' -> '100%', '1pct' -> '1%', '5perclass' -> '5/class'."""
+    """'full' -> '100%', '1pct' -> '1%', '5perclass' -> '5/class', 'select100' -> '100 chosen by select',
+    'random100' -> '100 random'."""
     if split == "full":
         return "100%"
     if split.endswith("pct"):
         return split[:-3] + "%"
     if split.endswith("perclass"):
         return split[:-8] + "/class"
+    if split.startswith("select") and split[6:].isdigit():
+        return f"{split[6:]} chosen by select"
+    if split.startswith("random") and split[6:].isdigit():
+        return f"{split[6:]} random"
     return split
 
 
-def _row_name(r: dict) -> str:
+ROW_NAMES = {"linear": "linear probe", "finetune": "fine-tune", "fewlabels": "finetune's choice"}
+
+
+def row_name(r: dict) -> str:
+    """A result's protocol as a table row names it ('kNN k=20', 'linear probe', ...)."""
     if r["protocol"] == "knn":
-        return f"kNN k={r['k']}"
-    return {"linear": "linear probe", "finetune": "fine-tune"}.get(r["protocol"], r["protocol"])
+        return f"kNN k={r.get('k')}"
+    return ROW_NAMES.get(r["protocol"], r["protocol"])
+
+
+_row_name = row_name
 
 
 def cell(r: dict, n_test: int | None = None) -> str:
     """A table cell: top-1, its 95% interval when the test split is small, '<=chance' when it is no
     better than guessing the most common class."""
     text = f"{r['top1']:.1f}"
+    if r.get("top1_std") is not None:
+        text += f" ±{r['top1_std']:.1f}"
     ci = r.get("top1_ci95")
     if ci and (n_test if n_test is not None else r.get("n_test", SMALL_TEST)) < SMALL_TEST:
         text += f" [{ci[0]:.0f}-{ci[1]:.0f}]"
@@ -165,6 +179,12 @@ def render_markdown(doc: dict) -> str:
     if any(r["protocol"] == "finetune" for r in results):
         caption += (" Fine-tune: the whole backbone plus a new head on the labelled subset; the 'supervised from "
                     "scratch' column trains the same architecture from random weights with the same budget.")
+    budget = [r for r in results if r["protocol"] == "fewlabels"]
+    if budget:
+        n = budget[0]["n_train"]
+        caption += (f" Finetune's choice: {n} labels, chosen by `openseer select`'s rule or at random (mean ± spread "
+                    f"over {max(r.get('draws', 1) for r in budget)} draws), fitted with the protocol `openseer "
+                    f"finetune` picks by cross-validation on those labels alone (kNN or a linear head).")
     lines += ["", caption]
     if "random_init" in models or w.get("random_init"):
         lines.append(RANDOM_INIT_NOTE)

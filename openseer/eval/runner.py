@@ -23,12 +23,13 @@ from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
 from .common import EvalError, EvalTransform, LabelledData, open_labelled, warn
 from .features import backbone_features, cache_dir
 from .knn import DEFAULT_KS, TEMPERATURE, knn_eval
+from .labelbudget import DRAWS, budget_rows
 from .layers import LAST, describe_layer, feature_model, layer_label, parse_layer
 from .linear import linear_probe
 from .lowshot import FinetuneSettings, auto_epochs, finetune, lowshot_splits, save_split
 from .report import Report
 
-PROTOCOLS = ("knn", "linear", "lowshot", "baselines")
+PROTOCOLS = ("knn", "linear", "lowshot", "baselines", "fewlabels")
 LOWSHOT_PROTOCOLS = ("knn", "linear", "finetune")  # what runs on each low-shot subset
 
 
@@ -53,6 +54,8 @@ class EvalOptions:
     percents: tuple[float, ...] = (1, 10)
     lowshot_protocols: tuple[str, ...] = LOWSHOT_PROTOCOLS  # without finetune: no supervised-from-scratch either
     per_class: tuple[int, ...] = ()
+    label_budget: int = 100  # fewlabels: N labels chosen by select's rule against N random ones
+    label_draws: int = DRAWS  # fewlabels: random draws of N labels (mean and spread)
     finetune_epochs: int = 0  # 0 = auto: about finetune_images images seen per subset
     finetune_images: int = 60000  # 10% of Fashion-MNIST, current protocol: 30k images 84.1%, 60k 86.0%
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
@@ -92,6 +95,7 @@ class _Run:
         self.cache = None if opts.no_cache else cache_dir(opts.cache_dir)
         self.say = (lambda text: print(f"openseer: {text}", file=sys.stderr)) if opts.progress else (lambda text: None)
         self.stages: tuple[str, ...] = ()
+        self._pixels: tuple[np.ndarray, np.ndarray] | None = None
 
     def features(self, model, info: dict, data: LabelledData, transform: EvalTransform, label: str):
         """(train, test) features of the chosen layer, from the cache when possible; undecodable
@@ -109,6 +113,14 @@ class _Run:
             out.append(feats)
             self.say(f"{label} {split_name} features {feats.shape} {'from cache' if hit else 'extracted'}")
         return out[0], out[1], time.perf_counter() - t0
+
+    def pixels(self, data: LabelledData, report: Report) -> tuple[np.ndarray, np.ndarray]:
+        """Raw-pixel (train, test) features, once per evaluation (and from the cache when there)."""
+        if self._pixels is None:
+            t = time.perf_counter()
+            self._pixels = pixels(data.train, data.test, self.cache, self.opts.pixels_size, self.opts.progress)
+            report.time("features", time.perf_counter() - t)
+        return self._pixels
 
     def _drop_bad(self, data: LabelledData, split_name: str, feats: np.ndarray, bad: list) -> np.ndarray:
         """Skip the images that could not be used, counted by their reason (``denied``: on the
@@ -192,6 +204,8 @@ def evaluate(opts: EvalOptions) -> dict:
     settings = {name: replace(opts.finetune, epochs=opts.finetune_epochs
                               or auto_epochs(len(sp["indices"]), opts.finetune_images))
                 for name, sp in splits.items()}
+    pcommon = {"seed": opts.seed, "feature_layer": f"raw pixels {opts.pixels_size}x{opts.pixels_size}",
+               "weights_hash": None}
     if "lowshot" in do and tune:
         for name, sp in splits.items():
             t = time.perf_counter()
@@ -212,11 +226,7 @@ def evaluate(opts: EvalOptions) -> dict:
             report.time("features", secs)
             rcommon = {**common, "weights_hash": rinfo["weights_hash"], "init": rinfo["init"]}
             _feature_protocols(report, run, "random_init", rtr, rte, data, splits, base_plan, rcommon)
-        t = time.perf_counter()
-        ptr, pte = pixels(data.train, data.test, run.cache, opts.pixels_size, opts.progress)
-        report.time("features", time.perf_counter() - t)
-        pcommon = {"seed": opts.seed, "feature_layer": f"raw pixels {opts.pixels_size}x{opts.pixels_size}",
-                   "weights_hash": None}
+        ptr, pte = run.pixels(data, report)
         _feature_protocols(report, run, "pixels", ptr, pte, data, splits, base_plan, pcommon)
         for name, sp in (splits if tune else {}).items():
             t = time.perf_counter()
@@ -227,6 +237,16 @@ def evaluate(opts: EvalOptions) -> dict:
                        n_test=len(data.test), seed=opts.seed, feature_layer=None, weights_hash=None, **r)
             report.time("scratch", time.perf_counter() - t)
             run.say(f"supervised from scratch {name}: top-1 {report.results[-1]['top1']:.2f}")
+
+    if "fewlabels" in do and len(data.test):
+        ytr, yte = data.train.labels, data.test.labels
+        budget_rows(report, "this", ftr, ytr, fte, yte, data.n_classes, opts.label_budget, opts.seed,
+                    opts.label_draws, common=common)
+        ptr, pte = run.pixels(data, report)
+        budget_rows(report, "pixels", ptr, ytr, pte, yte, data.n_classes, opts.label_budget, opts.seed,
+                    opts.label_draws, select=False, common=pcommon)
+        run.say(f"{opts.label_budget} labels: " + ", ".join(
+            f"{x['model']} {x['split']} {x['top1']:.1f}" for x in report.results if x["protocol"] == "fewlabels"))
 
     return report.write(out)
 

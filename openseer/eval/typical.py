@@ -105,12 +105,14 @@ def typicality(x: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
 
 
 def choose(x: np.ndarray, budget: int, candidates: np.ndarray | None = None,
-           labelled: np.ndarray | None = None, seed: int = 0, neighbours: int = NEIGHBOURS) -> list[Pick]:
+           labelled: np.ndarray | None = None, seed: int = 0, neighbours: int = NEIGHBOURS,
+           nredo: int = REDO) -> list[Pick]:
     """``budget`` rows of ``x`` (unit rows) to label, in the order chosen.
 
     ``candidates``: a boolean mask of the rows that may be picked (default all; ``select`` passes one
     member per near-duplicate group); ``labelled``: the embeddings (unit rows) of images already
-    labelled, whose clusters count as covered.
+    labelled, whose clusters count as covered; ``nredo``: k-means starts, the best kept (1: one
+    random start, for a quick choice on a large pile).
     """
     n = len(x)
     cand = np.flatnonzero(np.ones(n, bool) if candidates is None else candidates)
@@ -119,7 +121,7 @@ def choose(x: np.ndarray, budget: int, candidates: np.ndarray | None = None,
     if budget <= 0:
         return []
     xc = np.ascontiguousarray(x[cand], dtype=np.float32)
-    cents, assign = kmeans(xc, len(lab) + budget, seed=seed, nredo=REDO)
+    cents, assign = kmeans(xc, len(lab) + budget, seed=seed, nredo=nredo)
     k = len(cents)
     sizes = np.bincount(assign, minlength=k)
     covered = np.zeros(k, dtype=np.int64)

@@ -30,7 +30,7 @@ def test_a_small_labelled_folder_is_evaluated_honestly(tmp_path, capsys):
     lab = _labelled_folder(tmp_path / "photos")
     out = tmp_path / "o" / "eval.json"
     code = main(["eval", "--backbone", "regnetx_002", "--random-init", "--data", str(lab), "--out", str(out),
-                 "--protocols", "knn,linear,lowshot,baselines", "--lowshot-protocols", "knn,linear",
+                 "--protocols", "knn,linear,lowshot,baselines,fewlabels", "--lowshot-protocols", "knn,linear",
                  "--no-cache", "--threads", "1"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -65,6 +65,10 @@ def test_a_small_labelled_folder_is_evaluated_honestly(tmp_path, capsys):
     assert f"{d['n_test']} test" in md and f"the test split holds {d['n_test']} images" in md
     assert "[" in md.split("| 100% |")[1].splitlines()[0]  # the interval is in the table cells
     assert "skipped kNN k=100,200 on all labels" in md and "| 1/class |" in md
+    # 100 labels to choose from fewer than 100 training images: the budget rows say why they are not there
+    assert not [r for r in doc["results"] if r["protocol"] == "fewlabels"]
+    assert {"what": "the 100-label rows", "reason": f"100 labels need more than the {n_train} training images "
+            "to choose from; pass a smaller --label-budget"} in doc["skipped"]
 
 
 def test_below_chance_results_are_flagged():
@@ -111,3 +115,39 @@ def test_select_says_what_a_few_labels_can_tell():
     assert "a rare class may get no label at all" in few[1]
     assert len(many) == 1 and "76-84%" in many[0]
     assert what_labels_tell(0) == []
+
+
+def test_the_parser_repeats_the_label_budget_defaults():
+    from openseer.commands import evaluate
+    from openseer.eval import labelbudget, runner
+
+    assert evaluate.LABEL_DRAWS == labelbudget.DRAWS == runner.EvalOptions().label_draws
+    assert "fewlabels" in evaluate.PROTOCOLS
+
+
+def test_labels_chosen_by_select_cover_what_random_labels_miss():
+    """Ten separated clusters and a budget of 10: select's rule takes one image of each (every class
+    labelled, every test image right); 10 random labels miss classes. Raw-pixel-like rows: random only."""
+    from openseer.eval.labelbudget import budget_rows
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 16)) * 6
+    sizes = np.array([60, 50, 45, 40, 35, 30, 25, 20, 15, 10]) * 2  # imbalanced: random picks favour big ones
+    ytr = np.repeat(np.arange(10), sizes)
+    xtr = (centres[ytr] + rng.normal(size=(len(ytr), 16))).astype(np.float32)
+    yte = np.repeat(np.arange(10), 20)
+    xte = (centres[yte] + rng.normal(size=(len(yte), 16))).astype(np.float32)
+    rep = Report({})
+    rep.chance = 10.0
+    budget_rows(rep, "this", xtr, ytr, xte, yte, 10, 10, seed=0, draws=4)
+    budget_rows(rep, "pixels", xtr, ytr, xte, yte, 10, 10, seed=0, draws=4, select=False)
+    got = {(r["model"], r["split"]): r for r in rep.results}
+    assert sorted(got) == [("pixels", "random10"), ("this", "random10"), ("this", "select10")]
+    sel, rnd = got["this", "select10"], got["this", "random10"]
+    assert sel["classes_labelled"] == 10 and sel["top1"] == 100.0 and sel["n_train"] == 10
+    assert min(rnd["classes_labelled"]) < 10 and rnd["top1"] < sel["top1"] and rnd["top1_std"] >= 0
+    assert len(rnd["top1_draws"]) == 4 and sum(rnd["protocols_chosen"].values()) == 4
+    assert rnd["top1_ci95"][0] <= rnd["top1"] <= rnd["top1_ci95"][1]
+    md = render_markdown(rep.to_dict())
+    assert "| finetune's choice | 10 chosen by select | 100.0 [98-100] |  |" in md
+    assert f"| finetune's choice | 10 random | {rnd['top1']:.1f} ±{rnd['top1_std']:.1f} [" in md
