@@ -1,8 +1,15 @@
 """``evaluate(options)``: every protocol and baseline for one set of weights, into one report.
 
-Order of work: load weights and data; extract (or reuse cached) features once; kNN and the linear
-probe on all labels; fixed low-shot subsets saved as split files; on each subset kNN, the linear
-probe and a full fine-tune; the same for the baselines; eval.json + eval.md.
+Order of work: load weights and data; extract (or reuse cached) features once (deny-listed and
+undecodable images skipped and counted by reason); kNN and the linear probe on all labels; fixed
+low-shot subsets saved as split files; on each subset kNN, the linear probe and a full fine-tune; the
+same for the baselines; a labelling budget (labelbudget.py: N labels chosen by select's rule against N
+random ones, and raw pixels); eval.json + eval.md.
+
+A small labelled set is reported for what it can tell: a k that would let every labelled image vote,
+a low-shot split that repeats another or takes every image, a budget larger than the train split are
+skipped with the reason; every result carries its test size, a Wilson 95% interval and a flag when it
+is no better than guessing the most common test class (report.py).
 """
 
 from __future__ import annotations
