@@ -272,7 +272,8 @@ def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, f
             t = time.perf_counter()
             bank = ftr if rows is None else np.asarray(ftr[rows])
             # the full table keeps every k; low-shot subsets keep k=20 (SEER's) or the nearest given k
-            ks = knn_ks(opts.ks, n, split, report if model == "this" else None)
+            counts = np.bincount(ytr)
+            ks = knn_ks(opts.ks, n, split, report if model == "this" else None, int(counts[counts > 0].min()))
             for r in knn_eval(bank, ytr, fte, data.test.labels, data.n_classes, ks, opts.temperature,
                               run.device) if ks else []:
                 report.add(model, "knn", split, r.pop("top1"), r.pop("top5"), n_train=n, n_test=len(data.test),
@@ -289,10 +290,12 @@ def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, f
             for x in report.results if x["model"] == model and x["split"] == split))
 
 
-def knn_ks(ks: tuple[int, ...], n: int, split: str, report: Report | None = None) -> tuple[int, ...]:
+def knn_ks(ks: tuple[int, ...], n: int, split: str, report: Report | None = None,
+           smallest: int = 0) -> tuple[int, ...]:
     """The k that tell something on ``n`` labelled images: a k >= n lets every image vote, so every such
     k gives the same answer; those are skipped (``report.skip`` says so once, for the evaluated model).
-    Low-shot subsets keep one k: 20 (SEER's) or the nearest given k below n."""
+    Low-shot subsets keep one k: 20 (SEER's) or the nearest given k below n. On all labels, a k above
+    the ``smallest`` class's count is kept with a note (its votes lean towards the larger classes)."""
     fit = tuple(k for k in ks if k < n)
     if split != "full":
         fit = (min(fit, key=lambda k: abs(k - 20)),) if fit else ()
@@ -303,4 +306,8 @@ def knn_ks(ks: tuple[int, ...], n: int, split: str, report: Report | None = None
             report.skip(f"kNN k={','.join(map(str, too_big))} on {where}",
                         f"k >= the {n} labelled images: every image votes, so each such k gives the same answer"
                         + ("" if fit else "; pass a smaller --k"))
+        over = [k for k in fit if k > smallest] if split == "full" and smallest else []
+        if over:
+            report.notes.append(f"kNN k={','.join(map(str, over))} is more than the {smallest} labelled images of "
+                                f"the smallest class: its votes lean towards the larger classes")
     return fit

@@ -65,6 +65,7 @@ def test_a_small_labelled_folder_is_evaluated_honestly(tmp_path, capsys):
     assert f"{d['n_test']} test" in md and f"the test split holds {d['n_test']} images" in md
     assert "[" in md.split("| 100% |")[1].splitlines()[0]  # the interval is in the table cells
     assert "skipped kNN k=100,200 on all labels" in md and "| 1/class |" in md
+    assert not any("smallest class" in n for n in doc["notes"])  # k=10 and 20 are under ~23 images a class
     # 100 labels to choose from fewer than 100 training images: the budget rows say why they are not there
     assert not [r for r in doc["results"] if r["protocol"] == "fewlabels"]
     assert {"what": "the 100-label rows", "reason": f"100 labels need more than the {n_train} training images "
@@ -107,6 +108,12 @@ def test_lowshot_splits_are_named_by_what_they_hold_and_skipped_when_they_do_not
     assert knn_ks((10, 20, 100, 200), 96, "full") == (10, 20)
     assert knn_ks((10, 20, 100, 200), 40, "10pct") == (20,) and knn_ks((5, 20), 10, "1pct") == (5,)
     assert knn_ks((10, 20), 4, "1perclass") == ()
+    rep = Report({})
+    assert knn_ks((5, 10, 20, 100), 60, "full", rep, smallest=8) == (5, 10, 20)
+    assert rep.skipped == [{"what": "kNN k=100 on all labels", "reason": "k >= the 60 labelled images: every "
+                            "image votes, so each such k gives the same answer"}]
+    assert rep.notes == ["kNN k=10,20 is more than the 8 labelled images of the smallest class: its votes lean "
+                         "towards the larger classes"]
 
 
 def test_select_says_what_a_few_labels_can_tell():
