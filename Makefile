@@ -20,11 +20,13 @@ data:
 
 # Pretrain tiny-cpu on Fashion-MNIST (labels unused) for DEMO_MINUTES, in eager mode (a fresh machine's
 # first torch.compile would take about 2 of those minutes for a ~10% faster step), then the
-# frozen-feature protocols at stages 3+4 against raw pixels and random init, a report and a summary.
+# frozen-feature protocols at stages 3+4 against raw pixels and random init, then the few-label rows
+# (100 labels chosen by select's rule against 100 random ones, and raw pixels with 100 random, each
+# fitted as `openseer finetune` would, on the cached features), a report and a summary.
 # The full evaluation (every k, fine-tunes, supervised from scratch) is `openseer eval RUN`.
 # DEMO_PRETRAIN/DEMO_EVAL_ARGS/DEMO_REPORT_ARGS add arguments (tests/test_demo.py runs a small subset).
 DEMO_MINUTES ?= 5
-DEMO_EVAL ?= --layer s3+s4 --k 20 --lowshot-protocols linear
+DEMO_EVAL ?= --layer s3+s4 --k 20 --lowshot-protocols linear --label-budget 100 --label-draws 3
 DEMO_PRETRAIN ?=
 DEMO_EVAL_ARGS ?=
 DEMO_REPORT_ARGS ?=

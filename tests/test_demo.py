@@ -7,6 +7,7 @@ commands run or which protocols and baselines the evaluation prints.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -46,9 +47,20 @@ def test_demo_prints_a_summary_and_no_carriage_returns(tmp_path):
     table = [line for line in summary.splitlines() if line.startswith("| ")]
     assert table[0] == "| protocol | labels | this model | random init* | raw pixels |"
     assert [line.split(" | ")[:2] for line in table[1:]] == [
-        ["| kNN k=20", "100%"], ["| linear probe", "100%"], ["| linear probe", "1%"], ["| linear probe", "10%"]]
-    assert all(len(line.split("|")) == 7 and all("." in c for c in line.split("|")[3:6]) for line in table[1:])
-    assert "pretrained model above random init and raw pixels on " in summary and " of 4 rows" in summary
+        ["| kNN k=20", "100%"], ["| linear probe", "100%"], ["| linear probe", "1/class"], ["| linear probe", "10%"],
+        ["| finetune's choice", "100 chosen by select"], ["| finetune's choice", "100 random"]]
+    assert all(len(line.split("|")) == 7 and all("." in c for c in line.split("|")[3:6]) for line in table[1:5])
+    # the few-label rows: 100 labels chosen by select against 100 random (mean ± spread over draws), the
+    # model's features and raw pixels'
+    select, random = (line.split("|")[3:6] for line in table[5:])
+    assert "." in select[0] and "±" not in select[0] and not select[1].strip() and not select[2].strip()
+    assert "±" in random[0] and not random[1].strip() and "±" in random[2]
+    assert "pretrained model above random init and raw pixels on " in summary and " of 5 rows" in summary
+    doc = json.loads((run / "eval.json").read_text())
+    few = {r["model"] + " " + r["split"]: r for r in doc["results"] if r["protocol"] == "fewlabels"}
+    assert sorted(few) == ["pixels random100", "this random100", "this select100"]
+    assert few["this random100"]["draws"] == 3 and len(few["this random100"]["top1_draws"]) == 3
+    assert few["this select100"]["n_train"] == 100 and few["this select100"]["protocol_chosen"]
     assert summary.rstrip().endswith(f"report: {run / 'report.html'}") and (run / "report.html").is_file()
     assert (run / "eval.json").is_file() and (run / "eval.md").is_file()
     # progress came as plain lines (what, how far, rate) and the CUDA loader warning never showed

@@ -16,11 +16,12 @@ from ..config import ConfigError
 from .options import add_device, add_parser, add_threads, device, missing, set_threads
 
 # as the eval modules define them (runner.PROTOCOLS, runner.LOWSHOT_PROTOCOLS, knn.DEFAULT_KS,
-# knn.TEMPERATURE, lowshot.FinetuneSettings), without importing torch
-PROTOCOLS = ("knn", "linear", "lowshot", "baselines")
+# knn.TEMPERATURE, lowshot.FinetuneSettings, labelbudget.DRAWS), without importing torch
+PROTOCOLS = ("knn", "linear", "lowshot", "baselines", "fewlabels")
 LOWSHOT_PROTOCOLS = ("knn", "linear", "finetune")
 DEFAULT_KS = (10, 20, 100, 200)
 TEMPERATURE = 0.07
+LABEL_DRAWS = 5
 FINETUNE = {"batch_size": 64, "lr_backbone": 0.2, "lr_head": 5.0, "lr_scratch": 0.2, "min_scale": 1.0}
 
 EVAL_EXAMPLES = """examples:
@@ -28,7 +29,9 @@ EVAL_EXAMPLES = """examples:
   openseer eval runs/a --data /path/labelled --protocols knn,linear,lowshot
   openseer eval --backbone regnetx_002 --random-init --data fashion-mnist  # the floor
   openseer eval model.safetensors --backbone regnety_002 --data labels.csv --skip-missing
+  openseer eval runs/a --data ~/photos   # ~100 labelled photos: k beyond them skipped, 95% intervals shown
   openseer eval runs/a --layer s3+s4 --protocols knn,linear --out runs/a/eval-s3s4.json  # two stages
+  openseer eval runs/a --protocols fewlabels --label-budget 50   # 50 labels chosen by select vs random
 
 labelled data: 'fashion-mnist'; a folder with one subfolder per class (with train/ and val/
 subfolders, or a seeded stratified split); or a CSV of path,label[,split].
@@ -93,7 +96,8 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached features")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--skip-missing", action="store_true",
-                   help="skip (and list) missing or undecodable files instead of stopping")
+                   help="skip (and list) the files a CSV names that do not exist, instead of stopping "
+                        "(deny-listed and undecodable images are always skipped, and counted by reason)")
     p.add_argument("--k", type=_ints, default=DEFAULT_KS, metavar="LIST", dest="ks",
                    help=f"kNN neighbour counts (default {','.join(map(str, DEFAULT_KS))})")
     p.add_argument("--temperature", type=float, default=TEMPERATURE, help=f"kNN temperature (default {TEMPERATURE})")
@@ -108,6 +112,11 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                         "without finetune the supervised-from-scratch baseline is skipped too)")
     p.add_argument("--per-class", type=_ints, default=(), metavar="LIST",
                    help="also low-shot subsets of N images per class, e.g. 5,10")
+    p.add_argument("--label-budget", type=int, default=100, metavar="N",
+                   help="fewlabels: N train labels chosen by `openseer select`'s rule against N random ones (and "
+                        "raw pixels with N random), each fitted as `openseer finetune` would (default 100)")
+    p.add_argument("--label-draws", type=int, default=LABEL_DRAWS, metavar="D",
+                   help=f"fewlabels: random draws of N labels, reported as mean and spread (default {LABEL_DRAWS})")
     p.add_argument("--finetune-epochs", type=int, default=0,
                    help="fine-tune epochs per subset (default: about --finetune-images images seen)")
     p.add_argument("--finetune-images", type=int, default=60000,
@@ -144,6 +153,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.weights and not args.backbone:
         raise ConfigError("give the weights to evaluate (a run dir, checkpoint, exported file or timm name) "
                         "or --backbone NAME")
+    if args.label_budget < 2 or args.label_draws < 1:
+        raise ConfigError("--label-budget must be >= 2 and --label-draws >= 1")
     if args.batch_size < 1 or args.finetune_batch_size < 2:
         raise ConfigError("--batch-size must be >= 1 and --finetune-batch-size >= 2")
     if not 0 < args.finetune_min_scale <= 1:
@@ -165,7 +176,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         protocols=args.protocols, seed=args.seed, cache_dir=args.cache_dir, no_cache=args.no_cache,
         batch_size=args.batch_size, skip_missing=args.skip_missing, ks=args.ks, temperature=args.temperature,
         layer=args.layer, percents=args.lowshot, lowshot_protocols=args.lowshot_protocols,
-        per_class=args.per_class, finetune_epochs=args.finetune_epochs,
+        per_class=args.per_class, label_budget=args.label_budget, label_draws=args.label_draws,
+        finetune_epochs=args.finetune_epochs,
         finetune_images=args.finetune_images, finetune=settings, limit_train=args.limit_train,
         limit_test=args.limit_test, test_fraction=args.test_fraction, recipe=args.recipe, crop_size=args.crop_size,
         device=args.device, threads=args.threads, progress=not args.quiet,

@@ -134,6 +134,7 @@ class LabelledData:
     classes: list[str]
     split: str  # how train/test were defined, for the report
     notes: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # images left out, by reason (denied, corrupt...)
 
     @property
     def n_classes(self) -> int:
@@ -149,6 +150,7 @@ class LabelledData:
             "classes": self.classes,
             "train_fingerprint": self.train.fingerprint(),
             "test_fingerprint": self.test.fingerprint(),
+            "skipped": dict(sorted(self.skipped.items())),
             "notes": self.notes,
         }
 

@@ -37,17 +37,52 @@ def split_name(percent: float | None = None, per_class: int | None = None) -> st
 
 
 def lowshot_splits(train: Labelled, classes: list[str], seed: int, percents: tuple[float, ...] = (1, 10),
-                   per_class: tuple[int, ...] = ()) -> dict[str, dict]:
-    """{name: {"indices", "rule"}} for each percentage (at least one image per class) and each N per class."""
-    out = {}
+                   per_class: tuple[int, ...] = (), skipped: dict[str, str] | None = None) -> dict[str, dict]:
+    """{name: {"indices", "rule"}} for each percentage (at least one image per class) and each N per class.
+
+    A small set is named by what it holds: a percentage that rounds to one image in every class is the
+    ``1perclass`` split (``1/class`` in tables, not "1%"). A percentage whose subset is every training
+    image, or the same images as a split already made, is left out; ``skipped`` (when given) gets its
+    name and why."""
+    out: dict[str, dict] = {}
+    counts = np.bincount(train.labels, minlength=len(classes))
+    present = counts[counts > 0]
+
+    def skip(name: str, why: str) -> None:
+        if skipped is not None:
+            skipped[name] = why
+
     for p in percents:
+        exact = p / 100 * present
+        take = np.maximum(1, np.round(exact)).astype(int)
+        if (take >= present).all():
+            skip(split_name(percent=p), f"{p:g}% of each class is every training image ({int(present.sum())}): "
+                                        f"the 100% rows already say it")
+            continue
         idx = stratified_take(train.labels, train.keys, seed, fraction=p / 100, classes=classes,
                               what=f"the {p:g}% split")
-        out[split_name(percent=p)] = {"indices": idx, "rule": f"{p:g}% of each class (rounded, at least 1)"}
+        raised = int((np.round(exact) < 1).sum())
+        if (take == 1).all() and raised:
+            name, rule = split_name(per_class=1), (f"1 image of each class ({p:g}% of each class rounds to less "
+                                                   f"than 1 in {raised} of {len(present)} classes)")
+        else:
+            name = split_name(percent=p)
+            rule = f"{p:g}% of each class (rounded, at least 1)" + (
+                f"; {raised} of {len(present)} classes raised to 1 image ({len(idx)} images, "
+                f"{100 * len(idx) / present.sum():.1f}% of train)" if raised else "")
+        same = next((n for n, sp in out.items() if np.array_equal(sp["indices"], idx)), None)
+        if same is not None:
+            skip(split_name(percent=p), f"{p:g}% of each class gives the same {len(idx)} images as the {same} split")
+            continue
+        out[name] = {"indices": idx, "rule": rule}
     for n in per_class:
         idx = stratified_take(train.labels, train.keys, seed, per_class=n, classes=classes,
                               what=f"the {n}-per-class split")
-        out[split_name(per_class=n)] = {"indices": idx, "rule": f"{n} images of each class"}
+        name = split_name(per_class=n)
+        if name in out:
+            skip(f"{name} (--per-class {n})", f"the same images as the {name} split")
+            continue
+        out[name] = {"indices": idx, "rule": f"{n} images of each class"}
     return out
 
 

@@ -1,14 +1,22 @@
 """``evaluate(options)``: every protocol and baseline for one set of weights, into one report.
 
-Order of work: load weights and data; extract (or reuse cached) features once; kNN and the linear
-probe on all labels; fixed low-shot subsets saved as split files; on each subset kNN, the linear
-probe and a full fine-tune; the same for the baselines; eval.json + eval.md.
+Order of work: load weights and data; extract (or reuse cached) features once (deny-listed and
+undecodable images skipped and counted by reason); kNN and the linear probe on all labels; fixed
+low-shot subsets saved as split files; on each subset kNN, the linear probe and a full fine-tune; the
+same for the baselines; a labelling budget (labelbudget.py: N labels chosen by select's rule against N
+random ones, and raw pixels); eval.json + eval.md.
+
+A small labelled set is reported for what it can tell: a k that would let every labelled image vote,
+a low-shot split that repeats another or takes every image, a budget larger than the train split are
+skipped with the reason; every result carries its test size, a Wilson 95% interval and a flag when it
+is no better than guessing the most common test class (report.py).
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -22,12 +30,13 @@ from .baselines import PIXELS_SIZE, pixels, random_init, supervised_scratch
 from .common import EvalError, EvalTransform, LabelledData, open_labelled, read_for, warn
 from .features import backbone_features, cache_dir
 from .knn import DEFAULT_KS, TEMPERATURE, knn_eval
+from .labelbudget import DRAWS, budget_rows
 from .layers import LAST, describe_layer, feature_model, layer_label, parse_layer
 from .linear import linear_probe
 from .lowshot import FinetuneSettings, auto_epochs, finetune, lowshot_splits, save_split
 from .report import Report
 
-PROTOCOLS = ("knn", "linear", "lowshot", "baselines")
+PROTOCOLS = ("knn", "linear", "lowshot", "baselines", "fewlabels")
 LOWSHOT_PROTOCOLS = ("knn", "linear", "finetune")  # what runs on each low-shot subset
 
 
@@ -52,6 +61,8 @@ class EvalOptions:
     percents: tuple[float, ...] = (1, 10)
     lowshot_protocols: tuple[str, ...] = LOWSHOT_PROTOCOLS  # without finetune: no supervised-from-scratch either
     per_class: tuple[int, ...] = ()
+    label_budget: int = 100  # fewlabels: N labels chosen by select's rule against N random ones
+    label_draws: int = DRAWS  # fewlabels: random draws of N labels (mean and spread)
     finetune_epochs: int = 0  # 0 = auto: about finetune_images images seen per subset
     finetune_images: int = 60000  # 10% of Fashion-MNIST, current protocol: 30k images 84.1%, 60k 86.0%
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
@@ -91,6 +102,7 @@ class _Run:
         self.cache = None if opts.no_cache else cache_dir(opts.cache_dir)
         self.say = (lambda text: print(f"openseer: {text}", file=sys.stderr)) if opts.progress else (lambda text: None)
         self.stages: tuple[str, ...] = ()
+        self._pixels: tuple[np.ndarray, np.ndarray] | None = None
 
     def features(self, model, info: dict, data: LabelledData, transform: EvalTransform, label: str):
         """(train, test) features of the chosen layer, from the cache when possible; undecodable
@@ -109,18 +121,31 @@ class _Run:
             self.say(f"{label} {split_name} features {feats.shape} {'from cache' if hit else 'extracted'}")
         return out[0], out[1], time.perf_counter() - t0
 
+    def pixels(self, data: LabelledData, report: Report) -> tuple[np.ndarray, np.ndarray]:
+        """Raw-pixel (train, test) features, once per evaluation (and from the cache when there)."""
+        if self._pixels is None:
+            t = time.perf_counter()
+            self._pixels = pixels(data.train, data.test, self.cache, self.opts.pixels_size, self.opts.progress)
+            report.time("features", time.perf_counter() - t)
+        return self._pixels
+
     def _drop_bad(self, data: LabelledData, split_name: str, feats: np.ndarray, bad: list) -> np.ndarray:
+        """Skip the images that could not be used, counted by their reason (``denied``: on the
+        deny-list, ``corrupt``, ``truncated``...: data/collection.py REASONS), as every pile reader does."""
         split = getattr(data, split_name)
         names = [str(split.paths[i]) if split.paths else split.keys[i] for i, _ in bad]
+        counts = Counter(str(reason).split(":")[0] for _, reason in bad)
+        by_reason = ", ".join(f"{r} {n}" for r, n in sorted(counts.items()))
         listed = "\n  ".join(f"{n}: {reason}" for n, (_, reason) in zip(names[:20], bad[:20]))
         more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        if not self.opts.skip_missing:
-            raise EvalError(f"{len(bad)} {split_name} images could not be decoded:\n  {listed}{more}\n"
-                            f"Remove them, or pass --skip-missing to skip them")
-        warn(f"skipping {len(bad)} undecodable {split_name} images:\n  {listed}{more}")
+        warn(f"skipped {len(bad)} {split_name} images ({by_reason}):\n  {listed}{more}")
         keep = np.setdiff1d(np.arange(len(split)), [i for i, _ in bad])
+        if not len(keep):
+            raise EvalError(f"{data.name}: every {split_name} image was skipped ({by_reason})")
         setattr(data, split_name, split.subset(keep))
-        data.notes.append(f"skipped {len(bad)} undecodable {split_name} images")
+        data.notes.append(f"skipped {len(bad)} {split_name} images: {by_reason}")
+        for r, n in counts.items():
+            data.skipped[r] = data.skipped.get(r, 0) + n
         return np.asarray(feats[keep])
 
 
@@ -159,13 +184,19 @@ def evaluate(opts: EvalOptions) -> dict:
     ftr, fte, secs = run.features(model, info, data, transform, "model")
     report.time("features", secs)
     report.header["data"] = data.describe()  # after any undecodable images were dropped
+    if len(data.test):
+        report.chance = 100.0 * float(np.bincount(data.test.labels).max()) / len(data.test)
+        report.header["data"]["chance_top1"] = round(report.chance, 3)
     common = {"seed": opts.seed, "feature_layer": layer_label(run.stages), "weights_hash": info["weights_hash"]}
     do = set(opts.protocols)
 
     splits: dict[str, dict] = {}
     if do & {"lowshot", "baselines"}:
         fingerprint = data.train.fingerprint()
-        splits = lowshot_splits(data.train, data.classes, opts.seed, opts.percents, opts.per_class)
+        left_out: dict[str, str] = {}
+        splits = lowshot_splits(data.train, data.classes, opts.seed, opts.percents, opts.per_class, left_out)
+        for name, why in left_out.items():
+            report.skip(f"the {name} low-shot split", why)
         for name, sp in splits.items():
             sp["path"] = str(save_split(out.parent, name, sp, data.train, data.name, fingerprint, opts.seed))
         report.header["lowshot_splits"] = {n: {"path": sp["path"], "n": int(len(sp["indices"])), "rule": sp["rule"]}
@@ -181,6 +212,8 @@ def evaluate(opts: EvalOptions) -> dict:
     settings = {name: replace(opts.finetune, epochs=opts.finetune_epochs
                               or auto_epochs(len(sp["indices"]), opts.finetune_images))
                 for name, sp in splits.items()}
+    pcommon = {"seed": opts.seed, "feature_layer": f"raw pixels {opts.pixels_size}x{opts.pixels_size}",
+               "weights_hash": None}
     if "lowshot" in do and tune:
         for name, sp in splits.items():
             t = time.perf_counter()
@@ -201,11 +234,7 @@ def evaluate(opts: EvalOptions) -> dict:
             report.time("features", secs)
             rcommon = {**common, "weights_hash": rinfo["weights_hash"], "init": rinfo["init"]}
             _feature_protocols(report, run, "random_init", rtr, rte, data, splits, base_plan, rcommon)
-        t = time.perf_counter()
-        ptr, pte = pixels(data.train, data.test, run.cache, opts.pixels_size, opts.progress)
-        report.time("features", time.perf_counter() - t)
-        pcommon = {"seed": opts.seed, "feature_layer": f"raw pixels {opts.pixels_size}x{opts.pixels_size}",
-                   "weights_hash": None}
+        ptr, pte = run.pixels(data, report)
         _feature_protocols(report, run, "pixels", ptr, pte, data, splits, base_plan, pcommon)
         for name, sp in (splits if tune else {}).items():
             t = time.perf_counter()
@@ -216,6 +245,16 @@ def evaluate(opts: EvalOptions) -> dict:
                        n_test=len(data.test), seed=opts.seed, feature_layer=None, weights_hash=None, **r)
             report.time("scratch", time.perf_counter() - t)
             run.say(f"supervised from scratch {name}: top-1 {report.results[-1]['top1']:.2f}")
+
+    if "fewlabels" in do and len(data.test):
+        ytr, yte = data.train.labels, data.test.labels
+        budget_rows(report, "this", ftr, ytr, fte, yte, data.n_classes, opts.label_budget, opts.seed,
+                    opts.label_draws, common=common)
+        ptr, pte = run.pixels(data, report)
+        budget_rows(report, "pixels", ptr, ytr, pte, yte, data.n_classes, opts.label_budget, opts.seed,
+                    opts.label_draws, select=False, common=pcommon)
+        run.say(f"{opts.label_budget} labels: " + ", ".join(
+            f"{x['model']} {x['split']} {x['top1']:.1f}" for x in report.results if x["protocol"] == "fewlabels"))
 
     return report.write(out)
 
@@ -234,8 +273,10 @@ def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, f
             t = time.perf_counter()
             bank = ftr if rows is None else np.asarray(ftr[rows])
             # the full table keeps every k; low-shot subsets keep k=20 (SEER's) or the nearest given k
-            ks = opts.ks if split == "full" else (min(opts.ks, key=lambda k: abs(k - 20)),)
-            for r in knn_eval(bank, ytr, fte, data.test.labels, data.n_classes, ks, opts.temperature, run.device):
+            counts = np.bincount(ytr)
+            ks = knn_ks(opts.ks, n, split, report if model == "this" else None, int(counts[counts > 0].min()))
+            for r in knn_eval(bank, ytr, fte, data.test.labels, data.n_classes, ks, opts.temperature,
+                              run.device) if ks else []:
                 report.add(model, "knn", split, r.pop("top1"), r.pop("top5"), n_train=n, n_test=len(data.test),
                            **common, **r)
             report.time("knn", time.perf_counter() - t)
@@ -248,3 +289,26 @@ def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, f
         run.say(f"{model} {split}: " + ", ".join(
             f"{x['protocol']}{'@' + str(x['k']) if 'k' in x else ''} {x['top1']:.1f}"
             for x in report.results if x["model"] == model and x["split"] == split))
+
+
+def knn_ks(ks: tuple[int, ...], n: int, split: str, report: Report | None = None,
+           smallest: int = 0) -> tuple[int, ...]:
+    """The k that tell something on ``n`` labelled images: a k >= n lets every image vote, so every such
+    k gives the same answer; those are skipped (``report.skip`` says so once, for the evaluated model).
+    Low-shot subsets keep one k: 20 (SEER's) or the nearest given k below n. On all labels, a k above
+    the ``smallest`` class's count is kept with a note (its votes lean towards the larger classes)."""
+    fit = tuple(k for k in ks if k < n)
+    if split != "full":
+        fit = (min(fit, key=lambda k: abs(k - 20)),) if fit else ()
+    if report is not None:
+        where = "all labels" if split == "full" else f"the {split} split"
+        too_big = [k for k in ks if k >= n]
+        if too_big and (split == "full" or not fit):
+            report.skip(f"kNN k={','.join(map(str, too_big))} on {where}",
+                        f"k >= the {n} labelled images: every image votes, so each such k gives the same answer"
+                        + ("" if fit else "; pass a smaller --k"))
+        over = [k for k in fit if k > smallest] if split == "full" and smallest else []
+        if over:
+            report.notes.append(f"kNN k={','.join(map(str, over))} is more than the {smallest} labelled images of "
+                                f"the smallest class: its votes lean towards the larger classes")
+    return fit

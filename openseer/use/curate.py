@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data.decode import DataError
+from ..eval.typical import kmeans, kmeans_pp, water_fill  # noqa: F401 (curate's names, used by tests and select)
 from ..fileio import atomic_write_json, atomic_write_text, csv_text, text_to_name, write_list
 
 FORMAT = "openseer.curate.v1"
@@ -281,64 +282,6 @@ def group_representatives(x: np.ndarray, groups: np.ndarray, quality: np.ndarray
         mean = x[members].mean(axis=0)
         keep[members[int(np.argmax(x[members] @ mean))]] = True
     return keep
-
-
-def kmeans(x: np.ndarray, k: int, seed: int = 0, niter: int = 20, nredo: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(centroids, assignment) by faiss spherical k-means; ``k`` is capped by the row count.
-
-    ``nredo`` > 1: that many seeded k-means++ starts (``kmeans_pp``), keeping the one whose rows are
-    nearest their centroids (sum of cosines); one random start can merge two separate clusters."""
-    import faiss
-
-    k = max(1, min(k, len(x)))
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    best = None
-    for r in range(nredo):
-        km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed + r, spherical=True, verbose=False,
-                          max_points_per_centroid=max(256, math.ceil(len(x) / k)), min_points_per_centroid=1)
-        km.train(x, init_centroids=kmeans_pp(x, k, seed + r) if nredo > 1 else None)
-        sims, assign = km.index.search(x, 1)
-        score = float(sims.sum())
-        if best is None or score > best[0]:
-            best = (score, km.centroids, assign[:, 0].astype(np.int64))
-    return best[1], best[2]
-
-
-def kmeans_pp(x: np.ndarray, k: int, seed: int = 0, sample: int = 100_000) -> np.ndarray:
-    """k-means++ seeds (Arthur and Vassilvitskii 2007) for unit rows, on at most ``sample`` rows: each
-    next seed drawn with probability proportional to its squared distance to the nearest seed so far."""
-    rng = np.random.default_rng(seed)
-    if len(x) > sample:
-        x = x[rng.choice(len(x), sample, replace=False)]
-    seeds = [int(rng.integers(len(x)))]
-    d2 = np.maximum(0.0, 2.0 - 2.0 * (x @ x[seeds[0]]).astype(np.float64))
-    for _ in range(1, k):
-        total = d2.sum()
-        i = int(rng.choice(len(x), p=d2 / total)) if total > 0 else int(rng.integers(len(x)))
-        seeds.append(i)
-        d2 = np.minimum(d2, np.maximum(0.0, 2.0 - 2.0 * (x @ x[i]).astype(np.float64)))
-    return np.ascontiguousarray(x[seeds], dtype=np.float32)
-
-
-def water_fill(sizes: list[int], budget: int) -> list[int]:
-    """Take ``budget`` items from clusters of ``sizes`` as evenly as possible: each gives min(size, t),
-    leftovers going to the largest clusters first (ties: lowest index). Sums to min(budget, sum)."""
-    budget = min(int(budget), int(sum(sizes)))
-    take = [0] * len(sizes)
-    left = budget
-    open_ = [i for i, s in enumerate(sizes) if s > 0]
-    while left > 0 and open_:
-        share = left // len(open_)
-        if share == 0:  # fewer items left than clusters: one more from the largest remainders
-            for i in sorted(open_, key=lambda i: (-(sizes[i] - take[i]), i))[:left]:
-                take[i] += 1
-            break
-        for i in open_:
-            t = min(share, sizes[i] - take[i])
-            take[i] += t
-            left -= t
-        open_ = [i for i in open_ if take[i] < sizes[i]]
-    return take
 
 
 def balanced_sample(assign: list[np.ndarray], budget: int, seed: int = 0) -> np.ndarray:

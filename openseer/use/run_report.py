@@ -113,15 +113,10 @@ def curves_section(metrics: list[dict], n_prototypes: int | None) -> str:
 def eval_section(doc: dict | None) -> str:
     if doc is None:
         return "<p class=note>No eval.json in the run directory: run <code>openseer eval RUN_DIR</code> to add it.</p>"
-    from ..eval.report import MODELS, split_label
+    from ..eval.report import MODELS, cell, row_name, small_set_notes, split_label
 
     results = doc.get("results", [])
     models = [m for m in MODELS if any(r.get("model") == m for r in results)]
-
-    def row_name(r: dict) -> str:
-        if r["protocol"] == "knn":
-            return f"kNN k={r.get('k')}"
-        return {"linear": "linear probe", "finetune": "fine-tune"}.get(r["protocol"], r["protocol"])
 
     rows: list[tuple[str, str]] = []
     for r in results:
@@ -134,17 +129,19 @@ def eval_section(doc: dict | None) -> str:
         for m in models:
             hit = [r for r in results if r["model"] == m and r["split"] == split and row_name(r) == name]
             best = m == "this"
-            cells.append(f"<td class='{'this' if best else ''}'>{hit[0]['top1']:.1f}</td>" if hit else "<td></td>")
+            cells.append(f"<td class='{'this' if best else ''}'>{_esc(cell(hit[0]))}</td>" if hit else "<td></td>")
         body.append(f"<tr><td>{_esc(name)}</td><td>{_esc(split_label(split))}</td>{''.join(cells)}</tr>")
     d = doc.get("data", {})
     w = doc.get("weights", {})
-    notes = "".join(f"<li>{_esc(n)}</li>" for n in doc.get("notes", []))
+    notes = "".join(f"<li>{_esc(n)}</li>" for n in [*doc.get("notes", []), *small_set_notes(doc)])
     return (f"<p class=small>data: {_esc(d.get('name'))} ({_esc(d.get('split'))}): {_esc(d.get('n_train'))} train, "
             f"{_esc(d.get('n_test'))} test, {_esc(d.get('n_classes'))} classes; weights {_esc(w.get('arch'))} "
             f"step {_esc(w.get('step', '?'))}, hash {_esc(w.get('weights_hash'))}</p>"
             f"<table><tr><th>protocol</th><th>labels</th>{head}</tr>{''.join(body)}</table>"
             f"<p class=small>Top-1 accuracy (%) on the test split. Baselines: random init (same architecture, "
-            f"fresh weights), raw pixels, supervised from scratch.</p>{'<ul class=small>' + notes + '</ul>' if notes else ''}")
+            f"fresh weights), raw pixels, supervised from scratch. Finetune's choice: a labelling budget chosen by "
+            f"<code>openseer select</code>'s rule or at random (mean ± spread over draws), fitted as "
+            f"<code>openseer finetune</code> would.</p>{'<ul class=small>' + notes + '</ul>' if notes else ''}")
 
 
 # ---------------------------------------------------------------- the model on a sample

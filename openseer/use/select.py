@@ -24,91 +24,21 @@ from __future__ import annotations
 import csv
 import html
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..data.decode import DataError
+from ..eval.fewlabels import wilson
+from ..eval.typical import NEIGHBOURS, REDO, Pick, choose, typicality  # noqa: F401 (the maths, in eval/ for eval's rows)
 from ..fileio import atomic_write_json, atomic_write_text, csv_text
-from .curate import DUP_THRESHOLD, _thumb, group_representatives, kmeans, pile_duplicate_groups, water_fill
+from .curate import DUP_THRESHOLD, _thumb, group_representatives, pile_duplicate_groups
 
 FORMAT = "openseer.select.v1"
-NEIGHBOURS = 20  # typicality: mean distance to this many nearest neighbours within the cluster
-REDO = 5  # k-means starts: the best of 5 (one start can merge two separate clusters)
 
 
 class SelectError(DataError):
     """A selection that cannot run as asked: what, and how to fix it."""
-
-
-@dataclass
-class Pick:
-    """One chosen row and why: its cluster, the cluster's size, its typicality, its order."""
-
-    row: int
-    cluster: int
-    cluster_size: int
-    typicality: float
-
-
-# ---------------------------------------------------------------- the choice (tested with known answers)
-
-
-def typicality(x: np.ndarray, neighbours: int = NEIGHBOURS) -> np.ndarray:
-    """Per row of ``x`` (unit rows of one cluster): 1 / (mean L2 distance to its ``neighbours``
-    nearest other rows + 1e-5), by faiss exact search. A lone row gets 0."""
-    import faiss
-
-    n = len(x)
-    k = min(neighbours, n - 1)
-    if k <= 0:
-        return np.zeros(n, dtype=np.float64)
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    sims, _ = index.search(x, k + 1)
-    dist = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * sims[:, 1:].astype(np.float64)))  # unit rows: |a-b|^2 = 2 - 2cos
-    return 1.0 / (dist.mean(axis=1) + 1e-5)
-
-
-def choose(x: np.ndarray, budget: int, candidates: np.ndarray | None = None,
-           labelled: np.ndarray | None = None, seed: int = 0, neighbours: int = NEIGHBOURS) -> list[Pick]:
-    """``budget`` rows of ``x`` (unit rows) to label, in the order chosen.
-
-    ``candidates``: a boolean mask of the rows that may be picked (default all; ``select`` passes one
-    member per near-duplicate group); ``labelled``: the embeddings (unit rows) of images already
-    labelled, whose clusters count as covered.
-    """
-    n = len(x)
-    cand = np.flatnonzero(np.ones(n, bool) if candidates is None else candidates)
-    lab = np.zeros((0, x.shape[1]), np.float32) if labelled is None else np.asarray(labelled, np.float32)
-    budget = min(int(budget), len(cand))
-    if budget <= 0:
-        return []
-    xc = np.ascontiguousarray(x[cand], dtype=np.float32)
-    cents, assign = kmeans(xc, len(lab) + budget, seed=seed, nredo=REDO)
-    k = len(cents)
-    sizes = np.bincount(assign, minlength=k)
-    covered = np.zeros(k, dtype=np.int64)
-    if len(lab):
-        np.add.at(covered, np.argmax(lab @ cents.T, axis=1), 1)
-    open_ = [c for c in np.argsort(-sizes, kind="stable") if sizes[c] > 0]
-    uncovered = [c for c in open_ if covered[c] == 0]
-    if len(uncovered) >= budget:  # the usual case: one pick from each of the largest uncovered clusters
-        share = {int(c): 1 for c in uncovered[:budget]}
-    else:  # fewer clusters than picks: uncovered ones first, the rest shared evenly over all clusters
-        share = {int(c): 1 for c in uncovered}
-        rest = water_fill([int(sizes[c]) - share.get(int(c), 0) for c in open_], budget - len(share))
-        for c, t in zip(open_, rest):
-            share[int(c)] = share.get(int(c), 0) + t
-    picks: list[Pick] = []
-    for c in sorted(share, key=lambda c: (-sizes[c], c)):
-        members = np.flatnonzero(assign == c)
-        typ = typicality(xc[members], neighbours)
-        for j in np.argsort(-typ, kind="stable")[:share[c]]:
-            picks.append(Pick(int(cand[members[j]]), int(c), int(sizes[c]), float(typ[j])))
-    return picks
 
 
 # ---------------------------------------------------------------- the job
@@ -209,12 +139,30 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
         "neighbours": NEIGHBOURS, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
         "files": {n: str(out / n) for n in ("to_label.csv", "to_label.html")},
     }
+    notes = []
     if len(picks) < budget:
-        summary["note"] = (f"{len(picks)} images chosen, fewer than the {budget} asked: that is every distinct "
-                           f"image left after near-copies and already-labelled images")
+        notes.append(f"{len(picks)} images chosen, fewer than the {budget} asked: that is every distinct "
+                     f"image left after near-copies and already-labelled images")
+    summary["what_it_tells"] = what_labels_tell(len(picks) + len(known))
+    notes += summary["what_it_tells"]
+    if notes:
+        summary["note"] = " ".join(notes)
     write_sheet(out / "to_label.html", summary, picks, rows, coll)
     atomic_write_json(out / "select.json", summary)
     return summary
+
+
+def what_labels_tell(n: int) -> list[str]:
+    """What ``n`` labelled images can and cannot tell, in a person's words (the note ``select`` prints)."""
+    if n <= 0:
+        return []
+    lo, hi = wilson(round(0.8 * n), n)
+    out = [f"{n} labels measure a classifier only roughly: an 80% accuracy estimated on them (by "
+           f"`openseer finetune`'s cross-validation) is known to within {lo:.0f}-{hi:.0f}% (95%)."]
+    if n < 50:
+        out.append("Picks are spread over clusters of the pile, not over classes (select never sees a class): "
+                   "with this few, a rare class may get no label at all; add --budget or label a few by hand.")
+    return out
 
 
 def write_sheet(path: Path, summary: dict, picks: list[Pick], rows: list[dict], coll, side: int = 128) -> None:

@@ -28,13 +28,20 @@ def test_eval_writes_every_protocol_and_baseline(tiny_run, tmp_path, capsys):
     for model in ("this", "random_init", "pixels"):
         for split in ("full", "1pct", "10pct"):
             assert (model, "linear", split, None) in got
+        for split in ("full", "10pct"):
             assert (model, "knn", split, 20) in got
+        # the 1% split holds 10 images: k=20 would let every one vote, so its kNN keeps k=5
+        assert (model, "knn", "1pct", 5) in got and (model, "knn", "1pct", 20) not in got
         assert (model, "knn", "full", 5) in got
+    assert {"what": "kNN k=20 on the 1pct split", "reason": "k >= the 10 labelled images: every image votes, so "
+            "each such k gives the same answer"} not in doc["skipped"]  # a smaller k ran instead
     for model in ("this", "scratch"):
         for split in ("1pct", "10pct"):
             assert (model, "finetune", split, None) in got
     for r in doc["results"]:
         assert 0 <= r["top1"] <= r["top5"] <= 100
+        lo, hi = r["top1_ci95"]  # 200 test images: every accuracy carries its interval
+        assert lo <= r["top1"] <= hi and r["n_test"] == 200 and "at_or_below_chance" in r
         assert "seed" in r and "feature_layer" in r and "weights_hash" in r
     assert doc["weights"]["weights_hash"] and doc["data"]["n_train"] == 1000 and doc["data"]["n_test"] == 200
     assert doc["transform"]["crop"] == 24
@@ -68,8 +75,11 @@ def test_lowshot_protocols_choose_what_runs_on_the_subsets(tiny_run, tmp_path, c
     got = {(r["model"], r["protocol"], r["split"]) for r in doc["results"]}
     # the linear probe on every split for the model and both frozen baselines (which also get kNN on all
     # labels); no kNN on the subsets, no fine-tune and so no supervised-from-scratch baseline either
-    frozen = {(m, "linear", s) for m in ("this", "random_init", "pixels") for s in ("full", "1pct", "10pct")}
+    # (1% of 50 images a class rounds to none: that split is 1 image per class, and named so)
+    frozen = {(m, "linear", s) for m in ("this", "random_init", "pixels") for s in ("full", "1perclass", "10pct")}
     assert got == frozen | {("random_init", "knn", "full"), ("pixels", "knn", "full")}
+    assert "1 image of each class (1% of each class rounds to less than 1 in 10 of 10 classes)" == \
+        doc["lowshot_splits"]["1perclass"]["rule"]
     assert doc["options"]["lowshot_protocols"] == ["linear"]
     printed = capsys.readouterr().out
     assert "| protocol | labels | this model | random init* | raw pixels |\n" in printed
