@@ -32,7 +32,7 @@ from ..data.decode import DataError
 from ..eval.fewlabels import wilson
 from ..eval.typical import NEIGHBOURS, REDO, Pick, choose, typicality  # noqa: F401 (the maths, in eval/ for eval's rows)
 from ..fileio import atomic_write_json, atomic_write_text, csv_text
-from .curate import DUP_THRESHOLD, _thumb, group_representatives, pile_duplicate_groups
+from .curate import DUP_THRESHOLD, _thumb, group_representatives, pile_duplicate_groups, pile_quality
 
 FORMAT = "openseer.select.v1"
 
@@ -102,7 +102,7 @@ def select(pile: str, out: str | Path, model_spec: str, budget: int, labelled: s
         raise SelectError(f"no image of {pile} could be decoded ({len(bad)} bad): see {out / 'embed' / 'bad.csv'}")
 
     groups = pile_duplicate_groups(pile, x, rows, dup_by, dup_threshold, progress)
-    candidates = group_representatives(x, groups)
+    candidates = group_representatives(x, groups, pile_quality(pile, rows))  # the best copy: largest, least compressed
     distinct = int(candidates.sum())  # one per near-copy group
     lab_x = np.zeros((0, x.shape[1]), np.float32)
     in_pile = 0

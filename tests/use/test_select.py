@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from openseer.fileio import text_to_name
 from openseer.use.curate import duplicate_groups, group_representatives
 from openseer.use.select import choose, select, typicality
 from tests.conftest import write_pngs
@@ -90,7 +91,7 @@ def test_select_writes_a_sheet_and_extends_a_labelled_set(tmp_path):
     assert s["chosen"] == 6 and s["bad"] >= len(bad) - 2 and sum(s["bad_by_reason"].values()) == s["bad"]
     rows = list(csv.DictReader(open(out / "to_label.csv", newline="")))
     assert list(rows[0])[:2] == ["path", "label"] and len(rows) == 6
-    assert all(Path(r["path"]).is_file() and r["label"] == "" for r in rows)
+    assert all(Path(text_to_name(r["path"])).is_file() and r["label"] == "" for r in rows)
     assert sum(Path(r["path"]).name.startswith(("img000", "dup")) for r in rows) <= 1  # one of the copies at most
     sheet = (out / "to_label.html").read_text()
     assert sheet.count("<figure>") == 6 and "data:image/png;base64," in sheet
