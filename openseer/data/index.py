@@ -38,7 +38,7 @@ from PIL import Image
 
 from ..fileio import atomic_write_json, name_to_text, text_to_name
 from .collection import Collection, FileCollection, ShardCollection, open_collection
-from .decode import BadImage, DataError, decode_bytes, open_bytes, read_bytes
+from .decode import BadImage, DataError, decode_bytes, is_dicom, open_bytes, read_bytes
 from .denylist import DenyList, content_key
 from .nearcopy import (
     DESCRIPTOR_VERSION,
@@ -117,9 +117,9 @@ def _describe_bytes(data: bytes, where: str) -> tuple[dict, tuple | None]:
     """Row fields and descriptors of one image's bytes (status says why there are none)."""
     row = {"content_key": content_key(data), "bytes": len(data), "width": 0, "height": 0, "status": ""}
     try:
-        head = open_bytes(data, where)
-        row["width"], row["height"] = int(head.width), int(head.height)
         img = decode_bytes(data, where, draft_size=READ_SIDE)  # as the near-copy scan decodes it
+        head = img if is_dicom(data) else open_bytes(data, where)  # full size (a JPEG may be draft-reduced)
+        row["width"], row["height"] = int(head.width), int(head.height)
     except BadImage as e:
         row["status"] = e.reason
         return row, None
