@@ -106,19 +106,30 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(f"train/{k}", v, row["step"])
         if self.bar is not None:
-            self.bar.postfix(loss=round(row["loss"], 3), img_s=round(row["imgs_per_s"]))
+            first = {"step": row["step"]} if self.by_time else {}
+            self.bar.postfix(**first, loss=round(row["loss"], 3), img_s=round(row["imgs_per_s"]))
 
-    def tick(self, spent_s: float) -> None:
+    def tick(self, spent_s: float, step: int | None = None, loss: torch.Tensor | None = None) -> None:
+        """One step done: move the progress; the step and its loss go into the line whenever one is
+        due (the first line included), so a person never waits for the first log row to see them."""
         if self.bar is None:
             return
+        if step is not None and self.bar.due():
+            values: dict = {"step": step} if self.by_time else {}
+            if loss is not None:
+                values["loss"] = round(float(loss.detach()), 3)
+            self.bar.postfix(**values)
         if self.by_time:
             self.bar.set(round(spent_s))
         else:
             self.bar.update(1)
 
     def compiling(self):
-        """Around the first step of a compiled backbone: announced, and left out of rate and ETA."""
-        return self.bar.compiling() if self.bar is not None else nullcontext()
+        """Around the first step of a compiled backbone: announced, and left out of the rate, the ETA
+        and the time budget (train/loop.py keeps it off the run's clock)."""
+        if self.bar is None:
+            return nullcontext()
+        return self.bar.compiling(left_out="the rate, the ETA and the time budget (optim.minutes)")
 
     def message(self, text: str) -> None:
         if not self.main:
