@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 from ..config import Config
-from ..progress import Progress, progress
+from ..progress import Progress, format_seconds, progress
 from ..rundir import METRICS, TENSORBOARD
 from .step import StepStats
 
@@ -127,9 +127,19 @@ class MetricsLog:
     def compiling(self):
         """Around the first step of a compiled backbone: announced, and left out of the rate, the ETA
         and the time budget (train/loop.py keeps it off the run's clock)."""
+        left_out = "the rate, the ETA and the time budget (optim.minutes)"
         if self.bar is None:
-            return nullcontext()
-        return self.bar.compiling(left_out="the rate, the ETA and the time budget (optim.minutes)")
+            return self._compiling_said(left_out) if self.main else nullcontext()
+        return self.bar.compiling(left_out=left_out)
+
+    @contextmanager
+    def _compiling_said(self, left_out: str):
+        """The compile announced as plain messages (no progress line: ``log.progress=false``)."""
+        self.message(f"openseer: compiling the model (torch.compile); the first step waits for it and is left "
+                     f"out of {left_out}")
+        t0 = time.perf_counter()
+        yield
+        self.message(f"openseer: compiled in {format_seconds(time.perf_counter() - t0)}")
 
     def message(self, text: str) -> None:
         if not self.main:
