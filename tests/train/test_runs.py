@@ -96,6 +96,10 @@ def test_resume_extends_a_finished_run_and_the_schedule_continues(images, tmp_pa
     assert "the run is complete at step 8 (all 8 steps are done)" in out
     assert f"openseer pretrain --resume {run} optim.epochs=2" in out
     assert len(_metrics(run)) == 8
+    from openseer.use.doctor import diagnose
+
+    advice = [f.fix for f in diagnose(run) if f.what == "finished: all 8 steps done"]
+    assert advice and f"openseer pretrain --resume {run} optim.epochs=2" in advice[0]  # doctor says the same
 
     assert main(["pretrain", "--resume", str(run), "optim.epochs=4"]) == 0
     out = capsys.readouterr().out
@@ -153,13 +157,13 @@ def test_resume_may_not_shorten_a_run(images, tmp_path, capsys):
 def test_scheduled_lr_ramps_over_the_rewarm_and_is_lr_at_elsewhere():
     sched = {"total_steps": 20, "peak_lr": 1.0}
 
-    class O:
-        warmup_steps, warmup_start_ratio, final_lr_ratio = 2, 0.0, 0.001
+    from openseer.config import OptimConfig
 
-    plain = [scheduled_lr(sched, O, t) for t in range(20)]
+    optim = OptimConfig(warmup_steps=2, warmup_start_ratio=0.0, final_lr_ratio=0.001)
+    plain = [scheduled_lr(sched, optim, t) for t in range(20)]
     assert plain == [lr_at(t, 20, 1.0, 2, 0.0, 0.001) for t in range(20)]
     ramped = {**sched, "rewarm": {"step": 10, "lr": 0.01, "steps": 4}}
-    lrs = [scheduled_lr(ramped, O, t) for t in range(20)]
+    lrs = [scheduled_lr(ramped, optim, t) for t in range(20)]
     assert lrs[:10] == plain[:10] and lrs[13:] == plain[13:]
     assert 0.01 < lrs[10] < lrs[11] < lrs[12] < plain[12]
 
