@@ -20,32 +20,58 @@ def add_recipes(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_recipes)
 
 
+def recipe_header(name: str) -> dict[str, str]:
+    """The ``# for:`` (intended data) and ``# input:`` (image size) lines of a built-in recipe's header."""
+    from importlib import resources
+
+    text = (resources.files("openseer") / "recipes" / f"{name}.yaml").read_text()
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        key, _, value = line[1:].strip().partition(":")
+        if key in ("for", "input") and value.strip():
+            out[key] = value.strip()
+    return out
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
-    """List the built-in recipes with their key settings."""
-    rows = []
+    """List the built-in recipes with their input size, key settings and the data each is for."""
+    rows, intended = [], []
     for name in recipe_names():
         cfg = build_config(name)
+        about = recipe_header(name)
         crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.crops.counts, cfg.crops.sizes))
         head = "->".join(str(d) for d in [*cfg.model.head_hidden, cfg.model.head_out])
-        rows.append([name, cfg.model.arch, crops, str(cfg.data.batch_size), str(cfg.swav.n_prototypes),
-                     f"{head}{'' if cfg.model.head_bn else ' (no BN)'}", f"{cfg.optim.base_lr:g}",
-                     f"{cfg.swav.epsilon:g}", str(cfg.swav.queue_length), cfg.optim.precision,
-                     f"{cfg.optim.epochs:g}"])
+        budget = f"{cfg.optim.minutes:g} min" if cfg.optim.minutes else f"{cfg.optim.epochs:g} ep"
+        rows.append([name, f"{cfg.crops.sizes[0]} px", cfg.model.arch, crops, str(cfg.data.batch_size),
+                     str(cfg.swav.n_prototypes), f"{head}{'' if cfg.model.head_bn else ' (no BN)'}",
+                     f"{cfg.optim.base_lr:g}", f"{cfg.swav.epsilon:g}", str(cfg.swav.queue_length),
+                     cfg.optim.precision, budget])
+        intended.append((name, about.get("for", "")))
         if args.verbose:
             print(f"# {name}: {recipe_values(name)}")
-    header = ["recipe", "backbone", "crops", "batch", "K", "head", "lr/256", "eps", "queue", "precision", "epochs"]
+    header = ["recipe", "input", "backbone", "crops", "batch", "K", "head", "lr/256", "eps", "queue", "precision",
+              "length"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print("\nfor (input: the size embed, eval, export and curate read images at):")
+    width = max(len(n) for n, _ in intended)
+    for name, what in intended:
+        print(f"  {name.ljust(width)}  {what or '(not stated)'}")
     return 0
 
 
 PRETRAIN_EXAMPLES = """examples:
+  openseer pretrain --data ~/Pictures --recipe photos-cpu --out runs/photos      # photos, 10 minutes on a CPU
+  openseer pretrain --resume runs/photos optim.minutes=30                        # 20 minutes more
   openseer pretrain --data fashion-mnist --recipe tiny-cpu --out runs/a optim.minutes=15
   openseer pretrain --data /pile --recipe seer-rg32 --out runs/rg32 data.batch_size=128 checkpoint.every=100
   openseer pretrain --data 'shards/{000000..000099}.tar' --recipe seer-rg64 --out runs/rg64
   torchrun --nproc-per-node 8 -m openseer pretrain --data /pile --recipe seer-rg128 --out runs/b --auto-resume
   openseer pretrain --resume runs/a                 # continue from the latest checkpoint
+  openseer pretrain --resume runs/a optim.epochs=4  # make a finished run longer (the schedule continues)
 
 every setting and recipe: docs/guide.md; the method: docs/method.md
 """
@@ -59,7 +85,8 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
                                    "('shards/{000000..000099}.tar', a glob, 'pipe:CMD', or a folder from `openseer shard`)")
     p.add_argument("--recipe", help="a recipe name (see `openseer recipes`) or a YAML file; default tiny-cpu")
     p.add_argument("--out", help="run directory to create")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; "
+                                                        "with a larger optim.minutes or optim.epochs, train it longer")
     p.add_argument("--auto-resume", action="store_true",
                    help="if --out already holds this run, continue it (for torchrun --max-restarts and requeued jobs)")
     p.add_argument("--max-steps", type=int, help="stop after this step (the LR schedule is unchanged)")
