@@ -108,9 +108,16 @@ def _check_saved_config(run_dir: Path) -> None:
         load_config(run_dir / "config.yaml")
 
 
-def _stopped(summary: dict) -> str:
+def _stopped(summary: dict, command: str = "pretrain") -> str:
     why = f" ({summary['preempted']}: checkpoint written, resume with --resume)" if summary.get("preempted") else ""
-    return f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}; run in {summary['run_dir']}"
+    if summary.get("complete") and not why:
+        key = "optim.minutes" if summary.get("time_budget_reached") else "optim.epochs"
+        why = (f" (complete; to train longer: openseer {command} --resume {summary['run_dir']} with a larger "
+               f"{key})")
+    compiled = summary.get("compile_seconds") or 0
+    took = f"; compiling took {compiled:.0f} s, not counted in the budget" if compiled >= 1 else ""
+    return (f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}{took}; "
+            f"run in {summary['run_dir']}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -192,7 +199,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         overrides = [*args.overrides, *([f"distill.teacher_arch={args.teacher_arch}"] if args.teacher_arch else [])]
         cfg = distill_config(args.teacher, args.student, args.data, args.recipe, overrides)
         summary = distill(cfg, Path(args.out), resume="auto" if args.auto_resume else False, max_steps=args.max_steps)
-    print(_stopped(summary))
+    print(_stopped(summary, "distill"))
     return 0
 
 

@@ -212,7 +212,7 @@ def train(cfg: Config, run_dir: str | Path, builder: Builder, resume: bool | str
     run.stop_requested = lambda: stop_request.signal is not None
     # the first step of a compiled model builds its graphs: announced, timed and kept out of the budget
     compiling = bool(cfg.model.compile) or getattr(run.method, "first_step_compiles", False)
-    budget_checked = not (cfg.optim.minutes and env.is_main)
+    budget_checked = not (cfg.optim.minutes and env.is_main) or s.steps_warned
     first: tuple[int, float] | None = None
     t_wait = time.perf_counter()
     try:
@@ -295,6 +295,7 @@ class _SetUp:
     start: int = 0  # the step this process started at
     complete: bool = False  # a resumed run that had nothing left to do
     fresh: _FreshStart | None = None  # a new run's files, removed again if its start is refused
+    steps_warned: bool = False  # the pre-training advice already said warm-up or freeze outlast the run
 
     def undo(self) -> None:
         if self.fresh is not None:
@@ -398,6 +399,7 @@ def _setup_run(cfg: Config, run_dir: Path, build: Any, source: Any, sched: dict,
     if time_up:
         stop = step  # a finished time-budgeted run: nothing left to do
     complete = bool(resume) and step >= stop and (time_up or stop >= sched["total_steps"])
+    steps_warned = False  # warm-up or freeze already said to outlast the run (not said again by the clock check)
 
     log = MetricsLog(run_dir, cfg, step, stop, env.is_main, label=build.name)
     if env.is_main:
@@ -412,8 +414,10 @@ def _setup_run(cfg: Config, run_dir: Path, build: Any, source: Any, sched: dict,
         if complete:
             log.message(f"openseer: {_complete_line(cfg, sched, step, time_up, build.name, run_dir)}")
         elif not resume:
-            for warning in advice(cfg, sched, step, stop, image_short_side(source)):
+            warned = advice(cfg, sched, step, stop, image_short_side(source))
+            for warning in warned:
                 log.message(f"openseer: {warning}")
+            steps_warned = any("outlasts" in w for w in warned)
         write_schedule(run_dir, sched)
     health = Health(cfg, run_dir, env, counters, log.message, collapse_loss=method.collapse_loss)
 
@@ -425,7 +429,7 @@ def _setup_run(cfg: Config, run_dir: Path, build: Any, source: Any, sched: dict,
               scaler=torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None,
               step=step, counters=counters, spent_s=spent, t_loop=time.perf_counter() - spent)  # the run's clock
     return _SetUp(run, train_state, run_dir, net, log, health, batches, stop, time_up, start=step,
-                  complete=complete, fresh=fresh)
+                  complete=complete, fresh=fresh, steps_warned=steps_warned)
 
 
 def _resume(train_state: TrainState, run_dir: Path) -> dict:

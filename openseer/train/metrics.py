@@ -107,7 +107,8 @@ class MetricsLog:
                     self.tb.add_scalar(f"train/{k}", v, row["step"])
         if self.bar is not None:
             first = {"step": row["step"]} if self.by_time else {}
-            self.bar.postfix(**first, loss=round(row["loss"], 3), img_s=round(row["imgs_per_s"]))
+            rate = row["imgs_per_s"]
+            self.bar.postfix(**first, loss=round(row["loss"], 3), img_s=round(rate) if rate >= 10 else round(rate, 2))
 
     def tick(self, spent_s: float, step: int | None = None, loss: torch.Tensor | None = None) -> None:
         """One step done: move the progress; the step and its loss go into the line whenever one is
