@@ -174,6 +174,7 @@ def test_scheduled_lr_ramps_over_the_rewarm_and_is_lr_at_elsewhere():
 def test_a_refused_start_leaves_nothing_and_the_same_command_then_runs(images, tmp_path, capsys, monkeypatch):
     """The start fails during set-up, after the run directory was written (here: the first step
     raises); nothing is left, so the very same command works once the cause is gone."""
+    from openseer.rundir import RunError
     from openseer.train import faults
 
     run = tmp_path / "run"
@@ -192,10 +193,19 @@ def test_a_refused_start_leaves_nothing_and_the_same_command_then_runs(images, t
             raise DataError("refused for the test")
 
     real = faults.from_env
+
+    def refuse_in_setup(method):  # the method is built after the run directory was written
+        raise RunError("refused during set-up for the test")
+
+    monkeypatch.setattr(faults, "from_env", refuse_in_setup)
+    assert main(argv) == 2
+    assert "refused during set-up for the test" in capsys.readouterr().err
+    assert not run.exists()  # nothing half-made
+
     monkeypatch.setattr(faults, "from_env", lambda method: Refuse(real(method)))
     assert main(argv) == 2
     assert "refused for the test" in capsys.readouterr().err
-    assert not run.exists()  # nothing half-made
+    assert not run.exists()
 
     kept = tmp_path / "kept"  # an --out that already held other files keeps exactly those
     kept.mkdir()
