@@ -466,7 +466,7 @@ def _extension_line(record: dict) -> str:
     a, b = record["from"], record["to"]
     what = ", ".join(f"optim.{k} {a[k]:g} -> {b[k]:g}" for k in ("epochs", "minutes") if a[k] != b[k])
     ramp = (f"; the LR ramps from {record['lr_before']:.4g} to {record['lr_planned']:.4g} over "
-            f"{record['rewarm_steps']} steps, then follows the longer cosine" if record["rewarm_steps"]
+            f"{record['rewarm_steps']} step(s), then follows the longer cosine" if record["rewarm_steps"]
             else f"; the LR goes on at {record['lr_planned']:.4g} along the longer schedule")
     return (f"extending the run at step {record['at_step']} ({what}; {b['total_steps']} steps planned){ramp} "
             "(recorded in config.yaml and schedule.json)")

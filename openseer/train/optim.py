@@ -188,8 +188,8 @@ def extend_schedule(sched: dict, before: dict, optim_before, optim_now, step: in
     checkpoint's schedule (``optim_before`` its optimiser settings). The run goes on from where it
     stands: its steps and training seconds so far count, the cosine is the one the longer run would
     have had from the start, and, since a run that stopped sits at (or near) its final LR, the LR
-    ramps linearly from there back up to that cosine over a re-warm of ``optim.warmup_steps`` steps
-    (at most a tenth of what is left), instead of jumping. Adds ``rewarm`` and an ``extended``
+    ramps linearly from there back up to that cosine over a re-warm of a tenth of what is left (at
+    least 2 steps, at most ``optim.warmup_steps``), instead of jumping. Adds ``rewarm`` and an ``extended``
     record to ``sched`` and returns the record; None when nothing grew (a plain, bit-exact resume).
     """
     for key in ("extended", "rewarm"):  # earlier extensions stay part of the schedule
@@ -207,7 +207,7 @@ def extend_schedule(sched: dict, before: dict, optim_before, optim_now, step: in
     left = sched["total_steps"] - step
     if new_budget and step and spent_s > 0:  # steps the clock leaves, at the rate so far
         left = min(left, int((new_budget - spent_s) * step / spent_s))
-    rewarm_steps = max(1, min(optim_now.warmup_steps, left // 10))
+    rewarm_steps = max(1, min(optim_now.warmup_steps, max(left // 10, 2)))  # a ramp of at least 2 steps
     if lr_planned > lr_before and step >= optim_now.warmup_steps and left > 1:
         sched["rewarm"] = {"step": step, "lr": lr_before, "steps": rewarm_steps}
     else:

@@ -305,3 +305,23 @@ def test_every_recipe_states_its_input_size_and_data_and_recipes_shows_them(caps
     assert "input" in out.splitlines()[0]
     assert any(line.startswith("photos-cpu  112 px") for line in out.splitlines())
     assert "photos-cpu  photographs" in out and "seer-gpu" in out
+
+
+def test_resume_with_a_larger_budget_trains_a_run_that_stopped_on_its_clock(images, tmp_path, capsys):
+    """A run that spent its 1.2-second budget; --resume optim.minutes=0.04 trains on until 2.4 s of
+    training, and the LR climbs back from the final LR instead of staying there."""
+    run = tmp_path / "run"
+    assert main(_args(images, run, "optim.epochs=1000", "optim.minutes=0.02", "optim.warmup_steps=1",
+                      "swav.freeze_prototypes_steps=1", "checkpoint.every=1000")) == 0
+    _, before = latest_checkpoint(run)
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", str(run)]) == 0
+    assert "its time budget of 0.02 minutes is spent" in capsys.readouterr().out
+    assert main(["pretrain", "--resume", str(run), "optim.minutes=0.04"]) == 0
+    assert f"extending the run at step {before['step']} (optim.minutes 0.02 -> 0.04" in capsys.readouterr().out
+    _, after = latest_checkpoint(run)
+    assert after["step"] > before["step"] and 2.4 <= after["counters"]["train_seconds"] < 2.4 + 1.2
+    assert load_config(run / "config.yaml").optim.minutes == 0.04
+    rows = _metrics(run)
+    stopped = next(r["lr"] for r in rows if r["step"] == before["step"])
+    assert max(r["lr"] for r in rows if r["step"] > before["step"]) > 2 * stopped
