@@ -19,6 +19,7 @@ from ..rundir import RunError
 from .optim import lr_at
 
 CROP_RATIO_WARN = 6  # the images' typical short side over the large crop size beyond which we warn
+SMALL_CROP = 64  # large crops below this are a recipe for small images (tiny-cpu: 24 px)
 SIZE_SAMPLE = 16  # image headers read to estimate the pile's sizes (folders and file lists)
 
 
@@ -81,10 +82,13 @@ def advice(cfg: Config, sched: dict, step: int, stop: int, short_side: int | Non
         out += steps_advice(cfg, sched, stop, "")
     crop = cfg.crops.sizes[0]
     if short_side and short_side > CROP_RATIO_WARN * crop:
+        recipe = (" the model learns from, and embeds, small thumbnails of them: use a recipe for photographs "
+                  "(photos-cpu, seer-gpu: openseer recipes) or larger crops.sizes;" if crop < SMALL_CROP else "")
+        side = max(256, 2 * crop)
         out.append(f"WARNING: the images are about {short_side} px on their short side, {short_side // crop}x the "
-                   f"{crop}-px large crops (recipe {cfg.recipe}): the model learns from, and embeds, small "
-                   "thumbnails of them. Use a recipe for photos (openseer recipes), and `openseer shard "
-                   "--max-side` to downscale large files once")
+                   f"{crop}-px large crops (recipe {cfg.recipe}):{recipe} decoding them at full size every epoch "
+                   f"is slow: downscale once with `openseer shard {cfg.data.source} --out SHARDS --max-side {side}` "
+                   "and train on the shards")
     return out
 
 

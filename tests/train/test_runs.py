@@ -250,6 +250,7 @@ def test_a_scaled_down_seer_recipe_is_warned_about_before_training(tmp_path, cap
     assert "WARNING: optim.warmup_steps=8000 outlasts the run's 1 steps" in out
     assert "WARNING: swav.freeze_prototypes_steps=313 outlasts the run's 1 steps" in out
     assert "WARNING: the images are about 700 px on their short side, 21x the 32-px large crops" in out
+    assert "use a recipe for photographs (photos-cpu" in out and f"openseer shard {folder} --out SHARDS" in out
     # the batch is 8: the planned peak is 0.3 * 8 / 256; step 0 of the warm-up is 1/64 of it
     assert "LR up to 0.0001465 (the planned peak 0.009375 comes after the warm-up" in out
     assert "peak LR" not in out
