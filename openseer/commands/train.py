@@ -179,6 +179,8 @@ def add_distill(sub: argparse._SubParsersAction) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Train a small student backbone to reproduce a teacher's features on unlabelled images."""
+    if args.resume and args.teacher and "=" in args.teacher:  # `--resume RUN key=value`: an override, not a teacher
+        args.overrides, args.teacher = [args.teacher, *args.overrides], None
     if args.resume:
         if args.teacher or args.student or args.data or args.recipe or args.out:
             raise ConfigError("--resume RUN_DIR continues a distill run with its saved config: drop the teacher, "
