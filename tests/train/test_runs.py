@@ -271,6 +271,24 @@ def test_one_shard_feeds_fewer_loader_slots_instead_of_a_refusal(images, tmp_pat
     assert latest_checkpoint(run)[1]["step"] == 2
 
 
+def test_one_shard_resumes_bit_exact_from_the_end_of_a_pass(images, tmp_path):
+    """64 samples in one shard, batch 8: step 8 ends a pass exactly; a run stopped there resumes (it
+    once found 'no usable sample': the restored stream had an empty tail) and equals an unbroken run."""
+    from openseer.data.shards import write_shards
+
+    write_shards(images, tmp_path / "shards", shard_size=1000)
+    args = ["--data", str(tmp_path / "shards"), *FAST, "data.batch_size=8", "optim.epochs=2", "log.every=1",
+            "checkpoint.every=1000"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["pretrain", *args, "--out", str(whole), "--max-steps", "11"]) == 0
+    assert main(["pretrain", *args, "--out", str(parts), "--max-steps", "8"]) == 0
+    assert main(["pretrain", "--resume", str(parts), "--max-steps", "11"]) == 0
+    (_, a), (_, b) = latest_checkpoint(whole), latest_checkpoint(parts)
+    assert a["step"] == b["step"] == 11
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+
+
 # ---------------------------------------------------------------- what a person reads
 
 
