@@ -73,6 +73,7 @@ class Progress:
         self._base_t, self._base_n = self._start, self.n  # the rate counts from here (moved past compiles)
         self._excluded_s = 0.0
         self._last_line = self._start
+        self._last_values = 0.0
         self._closed = False
         self._bar = None
         if self.style == "bar":
@@ -95,7 +96,17 @@ class Progress:
         elif self.style == "lines" and time.perf_counter() - self._last_line >= self.every_s:
             self._line()
 
+    def due(self) -> bool:
+        """Whether the next ``update``/``set`` will show the values (a plain line is due, or the bar has
+        not had new values for a second): read costly values (a loss on the GPU) only then."""
+        if self.style == "lines":
+            return time.perf_counter() - self._last_line >= self.every_s
+        if self._bar is not None:
+            return time.perf_counter() - self._last_values >= 1.0
+        return False
+
     def postfix(self, **values: Any) -> None:
+        self._last_values = time.perf_counter()
         self.values.update(values)
         if self._bar is not None:
             self._bar.set_postfix({k: _number(v) for k, v in self.values.items()}, refresh=False)
@@ -146,9 +157,10 @@ class Progress:
         print(self.status(), file=self.stream, flush=True)
 
     @contextmanager
-    def compiling(self, what: str = "compiling the model (torch.compile)") -> Iterator[None]:
+    def compiling(self, what: str = "compiling the model (torch.compile)",
+                  left_out: str = "the rate and ETA") -> Iterator[None]:
         """Say that a compile is under way; its time (and the work counted inside) leaves the rate."""
-        self.write(f"{self.desc}: {what}; the first step waits for it and is left out of the rate and ETA")
+        self.write(f"{self.desc}: {what}; the first step waits for it and is left out of {left_out}")
         t0 = time.perf_counter()
         try:
             yield

@@ -26,6 +26,8 @@ import os
 import re
 from pathlib import Path
 
+import yaml
+
 from .config import (
     Config,
     ConfigError,
@@ -61,6 +63,9 @@ RESUMABLE_KEYS = ("checkpoint.", "log.", "data.num_workers", "monitor.", "thread
                   "model.compile", "model.pointwise_matmul",
                   "model.narrow_group_fp32",  # speed, not the math (tests/train/test_levers.py)
                   "model.init")  # the starting weights: a resumed run continues from its checkpoint instead
+# overrides that make a resumed run longer: the loop re-plans the schedule from where the run stands
+# (train/optim.py ``extend_schedule``) and rewrites config.yaml
+EXTENDABLE_KEYS = ("optim.epochs", "optim.minutes")
 
 
 class RunError(OpenseerError, RuntimeError):
@@ -133,7 +138,7 @@ def config_diff(a: Config, b: Config) -> str:
         for k, v in items:
             key = f"{section}.{k}" if k is not None else section
             other = db[section][k] if k is not None else db[section]
-            if v != other and not key.startswith(RESUMABLE_KEYS) and key != "recipe":
+            if v != other and not key.startswith(RESUMABLE_KEYS) and key not in ("recipe", *EXTENDABLE_KEYS):
                 return f"{key}: {v!r} vs {other!r}"
     return ""
 
@@ -141,14 +146,34 @@ def config_diff(a: Config, b: Config) -> str:
 def resume_config(run_dir: Path, overrides: list[str]) -> Config:
     """The saved config of a run, with only the overrides that may change on resume."""
     cfg = load_run_config(run_dir)
+    saved = load_run_config(run_dir)
     for text in overrides:
         key = text.split("=", 1)[0]
-        if not key.startswith(RESUMABLE_KEYS):
+        if not key.startswith(RESUMABLE_KEYS) and key not in EXTENDABLE_KEYS:
             raise ConfigError(f"{key!r} cannot change when resuming (it would change the run); "
-                              f"allowed on resume: {', '.join(RESUMABLE_KEYS)}")
+                              f"allowed on resume: {', '.join(RESUMABLE_KEYS)}; to train longer: "
+                              f"{' or '.join(EXTENDABLE_KEYS)} with a larger value")
         merge(cfg, parse_override(text))
     cfg.validate()
+    check_extension(saved, cfg)
     return cfg
+
+
+def check_extension(saved: Config, cfg: Config) -> None:
+    """A resume may make a run longer, never shorter: ``optim.epochs`` and ``optim.minutes`` (0 = no
+    budget, the longest) may only grow."""
+    before, now = saved.optim, cfg.optim
+    if now.epochs < before.epochs:
+        raise ConfigError(f"optim.epochs={now.epochs:g} is shorter than the run's {before.epochs:g}: a resume can "
+                          "extend a run, not shorten it (use --max-steps to stop earlier)")
+    if before.minutes and now.minutes and now.minutes < before.minutes:
+        raise ConfigError(f"optim.minutes={now.minutes:g} is shorter than the run's {before.minutes:g}: a resume "
+                          "can extend a run, not shorten it (use --max-steps to stop earlier)")
+
+
+def rewrite_config(run_dir: str | Path, cfg: Config) -> None:
+    """Replace a run's config.yaml (a resume that extended it), atomically."""
+    atomic_write_text(Path(run_dir) / CONFIG, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool | str, main: bool, write: bool = True) -> bool:
@@ -179,6 +204,9 @@ def prepare_run_dir(run_dir: Path, cfg: Config, resume: bool | str, main: bool, 
     if resume:
         if not has_config:
             raise RunError(f"{run_dir} is not a run directory (no {CONFIG}); start a run with --out {run_dir}")
+        if not list_checkpoints(run_dir):
+            raise RunError(f"{run_dir} has no checkpoint to resume from (the run stopped before its first one, "
+                           f"in {run_dir / CKPT_DIR}); remove {run_dir} and start the run again with --out")
         if write:
             check_writable(run_dir)
         return True

@@ -70,8 +70,18 @@ def test_empty_data_folder(capsys, tmp_path):
 
 
 def test_too_few_images_for_a_batch(capsys, images, tmp_path):
-    _fails(capsys, ["pretrain", *_args(images, "data.batch_size=64"), "--out", str(tmp_path / "r")],
-           "fewer than one global batch", "data.batch_size")
+    """A pile smaller than one batch trains with the batch it fills (said, and recorded in config.yaml);
+    one image cannot make a SwAV batch: refused, and nothing is left behind."""
+    run = tmp_path / "r"
+    assert main(["pretrain", *_args(images, "data.batch_size=64"), "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "the pile has 16 images, fewer than data.batch_size=64: training with a global batch of 16" in out
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["batch_size"] == 16
+    one = tmp_path / "one"
+    write_pngs(one, 1, size=(28, 28))
+    _fails(capsys, ["pretrain", *_args(one, "data.batch_size=64"), "--out", str(tmp_path / "r1")],
+           "1 usable image", "add images")
+    assert not (tmp_path / "r1").exists()
 
 
 def test_missing_fashion_mnist(capsys, tmp_path, monkeypatch):

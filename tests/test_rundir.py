@@ -67,3 +67,32 @@ def test_metrics_bad_images_schedule_and_diagnostics_round_trip(tmp_path):
     with pytest.raises(json.JSONDecodeError):
         rundir.read_json(tmp_path, rundir.EVAL)
     assert rundir.diagnostic_path(tmp_path, 3, 1) == tmp_path / "diagnostics" / "step_00000003_rank1.json"
+
+
+def test_a_resume_may_make_a_run_longer_never_shorter(tmp_path):
+    """optim.epochs and optim.minutes may grow on resume (the loop re-plans the schedule), and only grow;
+    config_diff ignores them; the new length is written back atomically."""
+    from openseer.config import ConfigError
+
+    run = tmp_path / "run"
+    save_config(tiny_config("optim.epochs=2", "optim.minutes=5"), (run.mkdir() or run) / rundir.CONFIG)
+    (run / rundir.CKPT_DIR).mkdir()
+    (run / rundir.CKPT_DIR / "step_00000004.pt").write_bytes(b"x")
+    longer = rundir.resume_config(run, ["optim.epochs=4", "optim.minutes=0"])  # 0: no budget, the longest
+    assert (longer.optim.epochs, longer.optim.minutes) == (4, 0)
+    assert rundir.config_diff(rundir.load_run_config(run), longer) == ""
+    for shorter in ("optim.epochs=1", "optim.minutes=2"):
+        with pytest.raises(ConfigError, match="extend a run, not shorten it"):
+            rundir.resume_config(run, [shorter])
+    with pytest.raises(ConfigError, match="to train longer: optim.epochs or optim.minutes"):
+        rundir.resume_config(run, ["optim.base_lr=1.0"])
+    rundir.rewrite_config(run, longer)
+    assert rundir.load_run_config(run).optim.epochs == 4
+    assert sorted(p.name for p in run.iterdir()) == [rundir.CKPT_DIR, rundir.CONFIG]  # no temporary left
+
+
+def test_resume_of_a_run_without_a_checkpoint_says_how_to_start_again(tmp_path):
+    run = tmp_path / "run"
+    save_config(tiny_config(), (run.mkdir() or run) / rundir.CONFIG)
+    with pytest.raises(RunError, match="no checkpoint to resume from .* remove .* start the run again with --out"):
+        rundir.prepare_run_dir(run, tiny_config(), True, main=True, write=False)

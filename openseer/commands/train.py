@@ -20,27 +20,52 @@ def add_recipes(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_recipes)
 
 
+def recipe_header(name: str) -> dict[str, str]:
+    """The ``# for:`` (intended data) and ``# input:`` (image size) lines of a built-in recipe's header."""
+    from importlib import resources
+
+    text = (resources.files("openseer") / "recipes" / f"{name}.yaml").read_text()
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        key, _, value = line[1:].strip().partition(":")
+        if key in ("for", "input") and value.strip():
+            out[key] = value.strip()
+    return out
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
-    """List the built-in recipes with their key settings."""
-    rows = []
+    """List the built-in recipes with their input size, key settings and the data each is for."""
+    rows, intended = [], []
     for name in recipe_names():
         cfg = build_config(name)
+        about = recipe_header(name)
         crops = " + ".join(f"{n}x{s}" for n, s in zip(cfg.crops.counts, cfg.crops.sizes))
         head = "->".join(str(d) for d in [*cfg.model.head_hidden, cfg.model.head_out])
-        rows.append([name, cfg.model.arch, crops, str(cfg.data.batch_size), str(cfg.swav.n_prototypes),
-                     f"{head}{'' if cfg.model.head_bn else ' (no BN)'}", f"{cfg.optim.base_lr:g}",
-                     f"{cfg.swav.epsilon:g}", str(cfg.swav.queue_length), cfg.optim.precision,
-                     f"{cfg.optim.epochs:g}"])
+        budget = f"{cfg.optim.minutes:g} min" if cfg.optim.minutes else f"{cfg.optim.epochs:g} ep"
+        rows.append([name, f"{cfg.crops.sizes[0]} px", cfg.model.arch, crops, str(cfg.data.batch_size),
+                     str(cfg.swav.n_prototypes), f"{head}{'' if cfg.model.head_bn else ' (no BN)'}",
+                     f"{cfg.optim.base_lr:g}", f"{cfg.swav.epsilon:g}", str(cfg.swav.queue_length),
+                     cfg.optim.precision, budget])
+        intended.append((name, about.get("for", "")))
         if args.verbose:
             print(f"# {name}: {recipe_values(name)}")
-    header = ["recipe", "backbone", "crops", "batch", "K", "head", "lr/256", "eps", "queue", "precision", "epochs"]
+    header = ["recipe", "input", "backbone", "crops", "batch", "K", "head", "lr/256", "eps", "queue", "precision",
+              "length"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print("\nfor (input: the size embed, eval, export and curate read images at):")
+    width = max(len(n) for n, _ in intended)
+    for name, what in intended:
+        print(f"  {name.ljust(width)}  {what or '(not stated)'}")
     return 0
 
 
 PRETRAIN_EXAMPLES = """examples:
+  openseer pretrain --data ~/Pictures --recipe photos-cpu --out runs/photos      # photos, 10 minutes on a CPU
+  openseer pretrain --resume runs/photos optim.minutes=30                        # 20 minutes more
   openseer pretrain --data fashion-mnist --recipe tiny-cpu --out runs/a optim.minutes=15
   openseer pretrain --data /pile --recipe seer-rg32 --out runs/rg32 data.batch_size=128 checkpoint.every=100
   openseer pretrain --data 'shards/{000000..000099}.tar' --recipe seer-rg64 --out runs/rg64
@@ -49,6 +74,7 @@ PRETRAIN_EXAMPLES = """examples:
   openseer pretrain --data /scans --init runs/a --out runs/adapted optim.minutes=10   # adapt a run to a new pile
   openseer pretrain --data /pile --recipe seer-rg32 --init seer_regnet32gf.torch --out runs/rg32-adapted
   openseer pretrain --data /dicom --out runs/ct data.dicom_window=40,400 data.dicom_frames=all   # DICOM scans
+  openseer pretrain --resume runs/a optim.epochs=4  # make a finished run longer (the schedule continues)
 
 every setting and recipe: docs/guide.md; the method: docs/method.md
 """
@@ -62,7 +88,8 @@ def add_pretrain(sub: argparse._SubParsersAction) -> None:
                                    "('shards/{000000..000099}.tar', a glob, 'pipe:CMD', or a folder from `openseer shard`)")
     p.add_argument("--recipe", help="a recipe name (see `openseer recipes`) or a YAML file; default tiny-cpu")
     p.add_argument("--out", help="run directory to create")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint; "
+                                                        "with a larger optim.minutes or optim.epochs, train it longer")
     p.add_argument("--auto-resume", action="store_true",
                    help="if --out already holds this run, continue it (for torchrun --max-restarts and requeued jobs)")
     p.add_argument("--init", metavar="WEIGHTS",
@@ -89,9 +116,16 @@ def _check_saved_config(run_dir: Path) -> None:
         load_config(run_dir / "config.yaml")
 
 
-def _stopped(summary: dict) -> str:
+def _stopped(summary: dict, command: str = "pretrain") -> str:
     why = f" ({summary['preempted']}: checkpoint written, resume with --resume)" if summary.get("preempted") else ""
-    return f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}; run in {summary['run_dir']}"
+    if summary.get("complete") and not why:
+        key = "optim.minutes" if summary.get("time_budget_reached") else "optim.epochs"
+        why = (f" (complete; to train longer: openseer {command} --resume {summary['run_dir']} with a larger "
+               f"{key})")
+    compiled = summary.get("compile_seconds") or 0
+    took = f"; compiling took {compiled:.0f} s, not counted in the budget" if compiled >= 1 else ""
+    return (f"openseer: stopped at step {summary['step']}/{summary['total_steps']}{why}{took}; "
+            f"run in {summary['run_dir']}")
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
@@ -159,6 +193,8 @@ def add_distill(sub: argparse._SubParsersAction) -> None:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Train a small student backbone to reproduce a teacher's features on unlabelled images."""
+    if args.resume and args.teacher and "=" in args.teacher:  # `--resume RUN key=value`: an override, not a teacher
+        args.overrides, args.teacher = [args.teacher, *args.overrides], None
     if args.resume:
         if args.teacher or args.student or args.data or args.recipe or args.out:
             raise ConfigError("--resume RUN_DIR continues a distill run with its saved config: drop the teacher, "
@@ -179,7 +215,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
         overrides = [*args.overrides, *([f"distill.teacher_arch={args.teacher_arch}"] if args.teacher_arch else [])]
         cfg = distill_config(args.teacher, args.student, args.data, args.recipe, overrides)
         summary = distill(cfg, Path(args.out), resume="auto" if args.auto_resume else False, max_steps=args.max_steps)
-    print(_stopped(summary))
+    print(_stopped(summary, "distill"))
     return 0
 
 

@@ -214,8 +214,8 @@ def prepare_stream(batches: Iterator[Batch], run_dir: str | Path, resume_state: 
         return
     if resume_state is not None:
         batches.load_state_dict(resume_state.get("data"))
-        if is_main and getattr(batches, "note", ""):
-            print(f"openseer: {batches.note}", file=sys.stderr)
+    if is_main and getattr(batches, "note", ""):
+        print(f"openseer: {batches.note}", file=sys.stderr)
     if is_main:
         batches.record_provenance(run_dir)
 
@@ -295,6 +295,12 @@ class _SlotBatches(IterableDataset):
             yield t, local, stacked, keys, bad, stream.state()
 
 
+def loader_slots(n_shards: int, world: int, num_workers: int) -> int:
+    """Loader slots per rank for ``n_shards`` tar shards: ``data.num_workers`` (at least 1), fewer when
+    the shards cannot feed that many (every slot needs a shard per pass), never fewer than 1."""
+    return max(1, min(max(num_workers, 1), n_shards // max(world, 1)))
+
+
 class StreamBatches:
     """Iterable of ``Batch`` for steps ``start .. stop - 1`` of one rank, over tar shards."""
 
@@ -304,12 +310,15 @@ class StreamBatches:
         urls = source.urls  # type: ignore[attr-defined]
         self.layout = {
             "n_urls": len(urls), "urls_digest": urls_digest(urls), "seed": cfg.seed, "world_size": world,
-            "slots_per_rank": max(cfg.data.num_workers, 1), "shuffle_buffer": cfg.data.shuffle_buffer,
-            "epoch_samples": len(source),
+            "slots_per_rank": loader_slots(len(urls), world, cfg.data.num_workers),
+            "shuffle_buffer": cfg.data.shuffle_buffer, "epoch_samples": len(source),
         }
         self._check_slots()
         self.slot_states: list[dict | None] = [None] * self.layout["slots_per_rank"]
         self.note = ""
+        if self.layout["slots_per_rank"] < max(cfg.data.num_workers, 1):  # said once, by the loop, on rank 0
+            self.note = (f"{len(urls)} shard(s) for {world} rank(s): {self.layout['slots_per_rank']} loader slot(s) "
+                         f"per rank instead of data.num_workers={cfg.data.num_workers} (every slot needs a shard)")
         self._history: dict | None = None  # the stream state before the world size last changed
         self._gen: Iterator[Batch] | None = None
 
@@ -319,7 +328,7 @@ class StreamBatches:
             raise DataError(
                 f"{self.layout['n_urls']} shard(s) cannot feed {self.world} rank(s) x "
                 f"{self.layout['slots_per_rank']} loader slot(s): every slot needs at least one shard per pass. "
-                f"Write more, smaller shards (openseer shard --shard-size) or lower data.num_workers")
+                f"Write more, smaller shards (openseer shard --shard-size) or run on fewer processes")
 
     # -- checkpoint hooks --------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -286,7 +286,7 @@ class SlotStream:
             self.reports.append((f"{url}: {e}", "shard_error"))
         errors.clear()
 
-    def _restore(self, state: dict) -> tuple[Iterator[RawSample], list[str]]:
+    def _restore(self, state: dict) -> tuple[Iterator[RawSample] | None, list[str]]:
         """Rebuild the buffer from the referenced samples; returns the rest of the current shard."""
         self.pass_, self.shard, self.pos = int(state["pass"]), int(state["shard"]), int(state["pos"])
         self.extra = [[int(u), int(p)] for u, p in state.get("extra", [])]
@@ -312,7 +312,7 @@ class SlotStream:
                     found[(u, s.position)] = s
                     if len(positions) == sum(1 for k in found if k[0] == u):
                         break
-        tail: Iterator[RawSample] = iter(())
+        tail: Iterator[RawSample] | None = None  # None: no shard half read (a pass ended exactly here)
         tail_errors: list[str] = []
         if current is not None:
             it = iter_shard(self.urls[current], current, tail_errors, self.pipe_timeout)

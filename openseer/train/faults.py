@@ -3,16 +3,19 @@
 ``NanSteps(method, steps)`` poisons the loss that is backpropagated at the given (0-based) steps, so
 every gradient is NaN and the step's one verdict skips the update, as a real non-finite step would.
 Tests install it on a ``Run`` (``run.method = NanSteps(run.method, {1})``); a subprocess test asks
-the loop to install it with ``OPENSEER_FAULT_NAN_STEPS=2,5``.
+the loop to install it with ``OPENSEER_FAULT_NAN_STEPS=2,5``. ``SlowFirstStep`` stands for a compile
+(``OPENSEER_FAULT_SLOW_FIRST_STEP=SECONDS``).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
 NAN_STEPS_ENV = "OPENSEER_FAULT_NAN_STEPS"
+SLOW_FIRST_STEP_ENV = "OPENSEER_FAULT_SLOW_FIRST_STEP"
 
 
 class NanSteps:
@@ -35,7 +38,29 @@ class NanSteps:
         return self.method.forward_backward(crops, step, scale=poisoned, mark=mark, **kw)
 
 
+class SlowFirstStep:
+    """``method`` whose first forward/backward in this process sleeps ``seconds`` first: it stands for
+    a compile (``first_step_compiles``: the loop treats that step as a model.compile's first step)."""
+
+    first_step_compiles = True
+
+    def __init__(self, method, seconds: float):
+        self.method, self.seconds, self.done = method, seconds, False
+
+    def __getattr__(self, name: str):
+        return getattr(self.method, name)
+
+    def forward_backward(self, crops: list[torch.Tensor], step: int, scale=None, mark=None):
+        if not self.done:
+            self.done = True
+            time.sleep(self.seconds)
+        return self.method.forward_backward(crops, step, scale=scale, mark=mark)
+
+
 def from_env(method):
-    """``method``, wrapped in ``NanSteps`` when ``OPENSEER_FAULT_NAN_STEPS`` names steps (tests only)."""
+    """``method``, wrapped in ``NanSteps`` when ``OPENSEER_FAULT_NAN_STEPS`` names steps, and in
+    ``SlowFirstStep`` when ``OPENSEER_FAULT_SLOW_FIRST_STEP`` gives seconds (tests only)."""
     steps = {int(x) for x in os.environ.get(NAN_STEPS_ENV, "").split(",") if x.strip()}
-    return NanSteps(method, steps) if steps else method
+    method = NanSteps(method, steps) if steps else method
+    slow = float(os.environ.get(SLOW_FIRST_STEP_ENV, "0") or 0)
+    return SlowFirstStep(method, slow) if slow > 0 else method

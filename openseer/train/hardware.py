@@ -4,7 +4,13 @@
   supports it; a CPU with AVX512-BF16 or AMX), else fp32. Emulated bf16 is slower than fp32, so a
   laptop without those instructions keeps fp32.
 * ``model.compile=auto``: ``torch.compile`` on CUDA, and on CPU when a C++ compiler is found (the
-  inductor backend builds C++ kernels for CPU); else eager.
+  inductor backend builds C++ kernels for CPU); else eager. Under a time budget (``optim.minutes``)
+  the compile must pay back: the budget counts training only (the loop keeps the compile off the
+  clock), so compiling costs its own time once and buys a faster step; ``auto`` stays eager when
+  ``minutes * 60 * (speed-up - 1)`` is less than a first compile (measured, docs/benchmarks.md: on 2
+  CPU cores a fresh compile of tiny-cpu took 107-127 s and the compiled run did 1.17x the steps of
+  eager in 15 minutes; on a GPU 1.19-1.24x and two minutes or more). Below about 12 minutes on a
+  CPU (10 on a GPU) eager finishes the same work sooner.
 
 The run's saved config holds the resolved values, so it says what ran, and a resume on the same
 machine resolves to the same values.
@@ -40,6 +46,23 @@ def cpp_compiler() -> str | None:
     return shutil.which(name)
 
 
+# a first compile's seconds and the step's speed-up under it, measured (docs/benchmarks.md)
+COMPILE_COST = {"cpu": (120.0, 1.17), "cuda": (120.0, 1.2)}
+
+
+def compile_pays_back(minutes: float, device: torch.device) -> tuple[bool, str]:
+    """(whether compiling pays back within a budget of ``minutes`` of training, why). No budget: yes."""
+    if not minutes:
+        return True, ""
+    seconds, speedup = COMPILE_COST.get(device.type, COMPILE_COST["cpu"])
+    gained = minutes * 60 * (speedup - 1)
+    if gained >= seconds:
+        return True, ""
+    least = seconds / (speedup - 1) / 60
+    return False, (f"a {minutes:g}-minute budget cannot pay back a first compile of about {seconds / 60:.0f} min "
+                   f"for a {speedup:g}x faster step; compiling pays from about {least:.0f} minutes")
+
+
 def resolve_auto(cfg: Config, device: torch.device) -> tuple[Config, list[str]]:
     """A copy of ``cfg`` with ``auto`` precision/compile replaced by what this device does fast, and
     one line per replaced setting saying what was chosen and why (``cfg`` itself is unchanged)."""
@@ -58,5 +81,8 @@ def resolve_auto(cfg: Config, device: torch.device) -> tuple[Config, list[str]]:
             cxx = cpp_compiler()
             cfg.model.compile = cxx is not None
             why = f"C++ compiler {cxx}" if cxx else "no C++ compiler found (set CXX or install g++)"
+        pays, reason = compile_pays_back(cfg.optim.minutes, device)
+        if cfg.model.compile and not pays:
+            cfg.model.compile, why = False, reason
         notes.append(f"model.compile=auto -> {str(cfg.model.compile).lower()} ({why})")
     return cfg, notes

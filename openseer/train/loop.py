@@ -12,6 +12,8 @@ are named and written by openseer/rundir.py.
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import threading
 import time
@@ -35,9 +37,11 @@ from ..rundir import (  # noqa: F401  (RunError, resume_config: callers import t
     BAD_IMAGES,
     RunError,
     append_bad_images,
+    check_extension,
     config_diff,
     prepare_run_dir,
     resume_config,
+    rewrite_config,
     truncate_metrics,
     write_init,
     write_schedule,
@@ -57,8 +61,9 @@ from .hardware import resolve_auto
 from .health import Health
 from .methods.swav import SwAVTraining
 from .metrics import PHASES, MetricsLog, Window
-from .optim import LARC, build_optimizer, peak_lr
+from .optim import LARC, build_optimizer, extend_schedule, peak_lr
 from .parallel import is_sharded, prepare_model
+from .preflight import advice, fit_batch, image_short_side, reached_lr, steps_advice
 from .sharded import restore_state, save_sharded
 from .step import Run, StepStats, train_step
 
@@ -206,7 +211,10 @@ def train(cfg: Config, run_dir: str | Path, builder: Builder, resume: bool | str
     preempted = None
     stop_request = _StopRequest()
     run.stop_requested = lambda: stop_request.signal is not None
-    compiling = cfg.model.compile
+    # the first step of a compiled model builds its graphs: announced, timed and kept out of the budget
+    compiling = bool(cfg.model.compile) or getattr(run.method, "first_step_compiles", False)
+    budget_checked = not (cfg.optim.minutes and env.is_main) or s.steps_warned
+    first: tuple[int, float] | None = None
     t_wait = time.perf_counter()
     try:
         stop_request.__enter__()
@@ -214,16 +222,28 @@ def train(cfg: Config, run_dir: str | Path, builder: Builder, resume: bool | str
             batch: Batch
             data_s = time.perf_counter() - t_wait
             _count_bad_images(batch, run, s.run_dir)
-            with log.compiling() if compiling else nullcontext():
-                stats = train_step(run, batch)
+            try:
+                if compiling:
+                    stats = _compile_step(run, batch, log)
+                else:
+                    stats = train_step(run, batch)
+            except Exception:
+                if run.step == s.start:  # the first step failed: a refused start leaves nothing behind
+                    s.undo()
+                raise
             compiling = False
             step = run.step
             run.counters["images_seen"] += stats.images
             run.counters["train_seconds"] = round(stats.spent_s, 3)
             health.after_step(stats, run.method, batch.keys)
             window.add(stats, data_s)
-            log.tick(stats.spent_s)
+            log.tick(stats.spent_s, step, stats.loss)
             time_up = bool(run.budget_s) and stats.spent_s >= run.budget_s
+            if first is None:
+                first = (step, stats.spent_s)
+            elif not budget_checked and step - first[0] >= 2:  # the step time is known: what the clock allows
+                budget_checked = True
+                _check_budget(run, s, first, log)
             last = step == s.stop or time_up
             if cfg.monitor.every and cfg.monitor.data and (step % cfg.monitor.every == 0 or last):
                 monitor_result = _run_monitor(s.net, cfg, run.device, env)
@@ -254,7 +274,9 @@ def train(cfg: Config, run_dir: str | Path, builder: Builder, resume: bool | str
         print(f"openseer: skipped unreadable images: {counters['bad_images']} "
               f"(listed in {s.run_dir / BAD_IMAGES})")
     summary = {"step": step, "total_steps": run.sched["total_steps"], "counters": counters,
-               "run_dir": str(s.run_dir), "preempted": preempted, "time_budget_reached": time_up}
+               "run_dir": str(s.run_dir), "preempted": preempted, "time_budget_reached": time_up,
+               "complete": s.complete or (not preempted and (time_up or step >= run.sched["total_steps"])),
+               "compile_seconds": counters.get("compile_seconds", 0.0)}
     if env.world_size > 1:
         dist.barrier()
     return summary
@@ -271,6 +293,39 @@ class _SetUp:
     batches: object
     stop: int
     time_up: bool
+    start: int = 0  # the step this process started at
+    complete: bool = False  # a resumed run that had nothing left to do
+    fresh: _FreshStart | None = None  # a new run's files, removed again if its start is refused
+    steps_warned: bool = False  # the pre-training advice already said warm-up or freeze outlast the run
+
+    def undo(self) -> None:
+        if self.fresh is not None:
+            self.log.close()
+            self.fresh.undo()
+
+
+class _FreshStart:
+    """What a new run wrote into its directory, so a start refused during set-up (or at its first
+    step) can take it away again: the same command then starts cleanly, instead of being told that
+    the folder already holds a run that has no checkpoint to resume (rank 0 only)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.existed = run_dir.is_dir()
+        self.before = set(os.listdir(run_dir)) if self.existed else set()
+
+    def undo(self) -> None:
+        if not self.run_dir.is_dir():
+            return
+        for name in os.listdir(self.run_dir):
+            if name not in self.before:
+                path = self.run_dir / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if not self.existed:
+            try:
+                self.run_dir.rmdir()
+            except OSError:
+                pass
 
 
 def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max_steps: int | None) -> _SetUp:
@@ -286,21 +341,49 @@ def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max
     if device.type == "cuda":
         device = torch.device("cuda", cuda_index(env))
         torch.backends.cudnn.benchmark = True  # crop sizes are fixed: let cuDNN pick each conv's fastest kernel
-    starting = not prepare_run_dir(run_dir, cfg, resume, env.is_main, write=False)  # refuse a bad --out at once
-    build = builder(cfg, env, device)  # what can fail early does (a teacher that does not load)
-    # a builder may bring its own images (finetune: the labelled ones); else the config's pile
-    source = build.collection() if hasattr(build, "collection") else open_collection(
-        cfg.data.source, limit=cfg.data.limit, data_cfg=cfg.data, channels=cfg.model.in_chans)
+    if resume != "auto":  # --auto-resume compares configs once the batch is fitted to the pile (below)
+        prepare_run_dir(run_dir, cfg, resume, env.is_main, write=False)  # refuse a bad --out before any work
+    build = None
+    if getattr(getattr(builder, "func", builder), "brings_images", False):  # finetune's labelled images (a partial)
+        build = builder(cfg, env, device)
+        source = build.collection()
+    else:
+        source = open_collection(cfg.data.source, limit=cfg.data.limit, data_cfg=cfg.data,
+                                 channels=cfg.model.in_chans)
+    batch_note = ""
+    if not resume or resume == "auto":  # a resumed run keeps the batch its config records
+        fitted, batch_note = fit_batch(cfg, len(source), env.world_size)
+        if fitted is not cfg:
+            cfg, build = fitted, None
+    if build is None:
+        build = builder(cfg, env, device)  # what can fail early does (a teacher that does not load)
     sched = schedule(cfg, len(source), env.world_size)
 
     torch.manual_seed(cfg.seed)
     model = build.build_model()
-    if starting and hasattr(build, "start_from"):  # model.init (pretrain --init): a new run's starting weights
-        build.start_from(model, source)
     # written only now that the data and the model are known to work
+    fresh = _FreshStart(run_dir) if env.is_main and resume is not True else None
     resume = on_main(env, prepare_run_dir, run_dir, cfg, resume, env.is_main)  # rank 0 decides, all follow
-    if env.is_main and not resume and getattr(build, "init_record", None):
-        write_init(run_dir, build.init_record)  # what --init loaded and what started fresh (init.json)
+    if resume:
+        fresh = None
+    try:
+        return _setup_run(cfg, run_dir, build, source, sched, model, env, device, resume, max_steps,
+                          auto_notes, batch_note, fresh)
+    except BaseException:
+        if fresh is not None:  # a refused start leaves nothing that blocks the same command again
+            fresh.undo()
+        raise
+
+
+def _setup_run(cfg: Config, run_dir: Path, build: Any, source: Any, sched: dict, model: nn.Module, env: DistEnv,
+               device: torch.device, resume: bool, max_steps: int | None, auto_notes: list[str], batch_note: str,
+               fresh: _FreshStart | None) -> _SetUp:
+    """The rest of the set-up, once the run directory is decided (``_setup`` undoes a new run's files
+    when anything here fails)."""
+    if not resume and hasattr(build, "start_from"):  # model.init (pretrain --init): a new run's starting weights
+        build.start_from(model, source)
+        if env.is_main and getattr(build, "init_record", None):
+            write_init(run_dir, build.init_record)  # what --init loaded and what started fresh (init.json)
     model = prepare_model(model, cfg, env, device)  # one process: unchanged; else SyncBN, DDP or FSDP2
     net = _unwrap(model)
     if cfg.model.compile:
@@ -315,21 +398,39 @@ def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max
     counters = {"bad_images": {}, "skipped_steps": 0, "images_seen": 0}
     train_state = TrainState(model, optimizer, method, cfg, sched, counters, env)
     state = _resume(train_state, run_dir) if resume else None
+    spent = float(counters.get("train_seconds", 0.0))  # seconds of training so far (resumes too)
+    extended = None
     if state is not None:
         step = int(state["step"])
+        before = config_from_dict(state["config"])
+        extended = extend_schedule(sched, state.get("schedule") or {}, before.optim, cfg.optim, step, spent)
+        if extended and env.is_main:
+            rewrite_config(run_dir, cfg)  # the run's config says how long it now is
     stop = sched["total_steps"] if max_steps is None else min(max_steps, sched["total_steps"])
     budget_s = cfg.optim.minutes * 60
-    spent = float(counters.get("train_seconds", 0.0))  # wall-clock seconds of training so far (resumes too)
     time_up = bool(budget_s) and spent >= budget_s
     if time_up:
         stop = step  # a finished time-budgeted run: nothing left to do
+    complete = bool(resume) and step >= stop and (time_up or stop >= sched["total_steps"])
+    steps_warned = False  # warm-up or freeze already said to outlast the run (not said again by the clock check)
 
     log = MetricsLog(run_dir, cfg, step, stop, env.is_main, label=build.name)
     if env.is_main:
-        log.message(f"openseer: {build.describe()}{source.description}; {_plan(cfg, sched, step, stop, resume)} "
-                    f"-> {run_dir}")
-        for note in auto_notes:
-            log.message(f"openseer: {note}")
+        reach = reached_lr(cfg, sched, stop)
+        log.message(f"openseer: {build.describe()}{source.description}; "
+                    f"{_plan(cfg, sched, step, stop, resume, reach)} -> {run_dir}")
+        for note in [*auto_notes, batch_note]:
+            if note:
+                log.message(f"openseer: {note}")
+        if extended:
+            log.message(f"openseer: {_extension_line(extended)}")
+        if complete:
+            log.message(f"openseer: {_complete_line(cfg, sched, step, time_up, build.name, run_dir)}")
+        elif not resume:
+            warned = advice(cfg, sched, step, stop, image_short_side(source))
+            for warning in warned:
+                log.message(f"openseer: {warning}")
+            steps_warned = any("outlasts" in w for w in warned)
         write_schedule(run_dir, sched)
     health = Health(cfg, run_dir, env, counters, log.message, collapse_loss=method.collapse_loss)
 
@@ -340,16 +441,20 @@ def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max
     run = Run(cfg=cfg, device=device, env=env, sched=sched, method=method, optimizer=optimizer,
               scaler=torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None,
               step=step, counters=counters, spent_s=spent, t_loop=time.perf_counter() - spent)  # the run's clock
-    return _SetUp(run, train_state, run_dir, net, log, health, batches, stop, time_up)
+    return _SetUp(run, train_state, run_dir, net, log, health, batches, stop, time_up, start=step,
+                  complete=complete, fresh=fresh, steps_warned=steps_warned)
 
 
 def _resume(train_state: TrainState, run_dir: Path) -> dict:
     """Restore the latest checkpoint of ``run_dir`` into ``train_state`` (it must have the same config,
-    resumable keys aside); drop the metrics logged after it. Returns the checkpoint's (shallow) state."""
+    resumable keys aside, and may only be longer); drop the metrics logged after it. Returns the
+    checkpoint's (shallow) state."""
     path, state = latest_checkpoint(run_dir, shallow=True)  # .dcp: tensors are loaded by load_state_dict
-    diff = config_diff(config_from_dict(state["config"]), train_state.cfg)
+    saved = config_from_dict(state["config"])
+    diff = config_diff(saved, train_state.cfg)
     if diff:
         raise CheckpointError(f"checkpoint {path} was trained with a different config ({diff})")
+    check_extension(saved, train_state.cfg)
     train_state.load_state_dict(state, path)
     train_state.counters.update(state.get("counters", {}))
     if train_state.env.is_main:
@@ -357,13 +462,68 @@ def _resume(train_state: TrainState, run_dir: Path) -> dict:
     return state
 
 
-def _plan(cfg: Config, sched: dict, step: int, stop: int, resume: bool) -> str:
+def _plan(cfg: Config, sched: dict, step: int, stop: int, resume: bool, reach: float | None = None) -> str:
     """The run's first line after the data: world, batch, LR, length, where it starts and stops."""
-    budget = f" or {cfg.optim.minutes:g} minutes, whichever comes first" if cfg.optim.minutes else ""
+    budget = f" or {cfg.optim.minutes:g} minutes of training, whichever comes first" if cfg.optim.minutes else ""
+    peak = sched["peak_lr"]
+    lr = (f"peak LR {peak:.4g}" if reach is None or reach >= peak
+          else f"LR up to {reach:.4g} (the planned peak {peak:.4g} comes after the warm-up, past the run's end)")
     return (f"world {sched['world_size']}, global batch {sched['global_batch']} ({sched['batch_per_rank']}/rank), "
-            f"peak LR {sched['peak_lr']:.4g}, {sched['total_steps']} steps ({sched['steps_per_epoch']}/epoch)"
+            f"{lr}, {sched['total_steps']} steps ({sched['steps_per_epoch']}/epoch)"
             f"{budget}, {'resuming at step ' + str(step) if resume else 'from model.init' if cfg.model.init else 'from scratch'}"
             f"{', stopping at step ' + str(stop) if stop < sched['total_steps'] else ''}")
+
+
+def _extension_line(record: dict) -> str:
+    """What a resume that makes the run longer changed (also in schedule.json's ``extended``)."""
+    a, b = record["from"], record["to"]
+    what = ", ".join(f"optim.{k} {a[k]:g} -> {b[k]:g}" for k in ("epochs", "minutes") if a[k] != b[k])
+    ramp = (f"; the LR ramps from {record['lr_before']:.4g} to {record['lr_planned']:.4g} over "
+            f"{record['rewarm_steps']} step(s), then follows the longer cosine" if record["rewarm_steps"]
+            else f"; the LR goes on at {record['lr_planned']:.4g} along the longer schedule")
+    return (f"extending the run at step {record['at_step']} ({what}; {b['total_steps']} steps planned){ramp} "
+            "(recorded in config.yaml and schedule.json)")
+
+
+def _complete_line(cfg: Config, sched: dict, step: int, time_up: bool, command: str, run_dir: Path) -> str:
+    """A resume of a run with nothing left to do: say so, and how to make it longer."""
+    if time_up:
+        why = f"its time budget of {cfg.optim.minutes:g} minutes is spent"
+        longer = f"optim.minutes={2 * cfg.optim.minutes:g}"
+    else:
+        why = f"all {sched['total_steps']} steps are done"
+        longer = f"optim.epochs={2 * cfg.optim.epochs:g}"
+    return (f"the run is complete at step {step} ({why}); nothing to train. To train longer: "
+            f"openseer {command} --resume {run_dir} {longer}")
+
+
+def _check_budget(run: Run, s: _SetUp, first: tuple[int, float], log: MetricsLog) -> None:
+    """Under a time budget, once the step time is known (``first``: step and clock after the first
+    step, which may have compiled): the warm-up or freeze that the clock cuts short."""
+    rate = (run.spent_s - first[1]) / max(run.step - first[0], 1)  # seconds per step
+    if rate <= 0:
+        return
+    reachable = run.step + int(max(run.budget_s - run.spent_s, 0.0) / rate)
+    if reachable >= s.stop:  # the step schedule ends first: said before training
+        return
+    how = f" (the {run.cfg.optim.minutes:g}-minute budget at {rate:.2g} s/step)"
+    for warning in steps_advice(run.cfg, run.sched, reachable, how):
+        log.message(f"openseer: {warning}")
+
+
+def _compile_step(run: Run, batch: Batch, log: MetricsLog) -> StepStats:
+    """The first step of a compiled model (it builds the graphs): announced, timed and kept off the
+    run's clock, so ``optim.minutes`` counts training only; the time goes to
+    ``counters['compile_seconds']`` and the summary."""
+    t0 = time.perf_counter()
+    with log.compiling():
+        stats = train_step(run, batch)
+    took = time.perf_counter() - t0
+    run.t_loop += took  # the clock did not run while the graphs were built
+    run.spent_s = max(run.spent_s - took, 0.0)
+    stats.spent_s = run.spent_s
+    run.counters["compile_seconds"] = round(run.counters.get("compile_seconds", 0.0) + took, 3)
+    return stats
 
 
 def _count_bad_images(batch: Batch, run: Run, run_dir: Path) -> None:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
 from ..config import Config
-from ..progress import Progress, progress
+from ..progress import Progress, format_seconds, progress
 from ..rundir import METRICS, TENSORBOARD
 from .step import StepStats
 
@@ -106,19 +106,41 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and k != "step":
                     self.tb.add_scalar(f"train/{k}", v, row["step"])
         if self.bar is not None:
-            self.bar.postfix(loss=round(row["loss"], 3), img_s=round(row["imgs_per_s"]))
+            first = {"step": row["step"]} if self.by_time else {}
+            rate = row["imgs_per_s"]
+            self.bar.postfix(**first, loss=round(row["loss"], 3), img_s=round(rate) if rate >= 10 else round(rate, 2))
 
-    def tick(self, spent_s: float) -> None:
+    def tick(self, spent_s: float, step: int | None = None, loss: torch.Tensor | None = None) -> None:
+        """One step done: move the progress; the step and its loss go into the line whenever one is
+        due (the first line included), so a person never waits for the first log row to see them."""
         if self.bar is None:
             return
+        if step is not None and self.bar.due():
+            values: dict = {"step": step} if self.by_time else {}
+            if loss is not None:
+                values["loss"] = round(float(loss.detach()), 3)
+            self.bar.postfix(**values)
         if self.by_time:
             self.bar.set(round(spent_s))
         else:
             self.bar.update(1)
 
     def compiling(self):
-        """Around the first step of a compiled backbone: announced, and left out of rate and ETA."""
-        return self.bar.compiling() if self.bar is not None else nullcontext()
+        """Around the first step of a compiled backbone: announced, and left out of the rate, the ETA
+        and the time budget (train/loop.py keeps it off the run's clock)."""
+        left_out = "the rate, the ETA and the time budget (optim.minutes)"
+        if self.bar is None:
+            return self._compiling_said(left_out) if self.main else nullcontext()
+        return self.bar.compiling(left_out=left_out)
+
+    @contextmanager
+    def _compiling_said(self, left_out: str):
+        """The compile announced as plain messages (no progress line: ``log.progress=false``)."""
+        self.message(f"openseer: compiling the model (torch.compile); the first step waits for it and is left "
+                     f"out of {left_out}")
+        t0 = time.perf_counter()
+        yield
+        self.message(f"openseer: compiled in {format_seconds(time.perf_counter() - t0)}")
 
     def message(self, text: str) -> None:
         if not self.main:

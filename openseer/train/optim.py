@@ -167,3 +167,57 @@ def lr_at(step: int, total_steps: int, peak: float, warmup_steps: int, warmup_st
     decay = max(total_steps - 1 - warmup_steps, 1)
     t = max(min(step - warmup_steps, decay) / decay, min(max(time_fraction, 0.0), 1.0))
     return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * t))
+
+
+def scheduled_lr(sched: dict, optim_cfg, step: int, time_fraction: float = 0.0) -> float:
+    """The LR of ``step`` in a run's schedule: ``lr_at`` over ``sched['total_steps']``, and, after a
+    resume that extended the run (``sched['rewarm']``, see ``extend_schedule``), a linear ramp from
+    the LR where the run had stopped up to that curve over the re-warm steps."""
+    o = optim_cfg
+    lr = lr_at(step, sched["total_steps"], sched["peak_lr"], o.warmup_steps, o.warmup_start_ratio,
+               o.final_lr_ratio, time_fraction=time_fraction)
+    rewarm = sched.get("rewarm")
+    if rewarm and rewarm["step"] <= step < rewarm["step"] + rewarm["steps"]:
+        done = (step - rewarm["step"] + 1) / rewarm["steps"]
+        lr = rewarm["lr"] + (lr - rewarm["lr"]) * done
+    return lr
+
+
+def extend_schedule(sched: dict, before: dict, optim_before, optim_now, step: int, spent_s: float) -> dict | None:
+    """Re-plan a run that a resume makes longer (a larger ``optim.epochs`` or ``optim.minutes``).
+
+    ``sched`` is the schedule of the longer run (``total_steps`` from the new epochs), ``before`` the
+    checkpoint's schedule (``optim_before`` its optimiser settings). The run goes on from where it
+    stands: its steps and training seconds so far count, the cosine is the one the longer run would
+    have had from the start, and, since a run that stopped sits at (or near) its final LR, the LR
+    ramps linearly from there back up to that cosine over a re-warm of a tenth of what is left (at
+    least 2 steps, at most ``optim.warmup_steps``), instead of jumping. Adds ``rewarm`` and an ``extended``
+    record to ``sched`` and returns the record; None when nothing grew (a plain, bit-exact resume).
+    """
+    for key in ("extended", "rewarm"):  # earlier extensions stay part of the schedule
+        if before.get(key):
+            sched[key] = before[key]
+    grew_epochs = optim_now.epochs != optim_before.epochs
+    grew_minutes = optim_now.minutes != optim_before.minutes
+    if not (grew_epochs or grew_minutes):
+        return None
+    last = max(step - 1, 0)
+    old_budget, new_budget = optim_before.minutes * 60, optim_now.minutes * 60
+    lr_before = scheduled_lr(before, optim_before, last, min(spent_s / old_budget, 1.0) if old_budget else 0.0)
+    lr_planned = scheduled_lr({**sched, "rewarm": None}, optim_now, step,
+                              spent_s / new_budget if new_budget else 0.0)
+    left = sched["total_steps"] - step
+    if new_budget and step and spent_s > 0:  # steps the clock leaves, at the rate so far
+        left = min(left, int((new_budget - spent_s) * step / spent_s))
+    rewarm_steps = max(1, min(optim_now.warmup_steps, max(left // 10, 2)))  # a ramp of at least 2 steps
+    if lr_planned > lr_before and step >= optim_now.warmup_steps and left > 1:
+        sched["rewarm"] = {"step": step, "lr": lr_before, "steps": rewarm_steps}
+    else:
+        rewarm_steps = 0
+    record = {"at_step": step, "train_seconds": round(spent_s, 3),
+              "from": {"epochs": optim_before.epochs, "minutes": optim_before.minutes,
+                       "total_steps": before.get("total_steps")},
+              "to": {"epochs": optim_now.epochs, "minutes": optim_now.minutes, "total_steps": sched["total_steps"]},
+              "lr_before": lr_before, "lr_planned": lr_planned, "rewarm_steps": rewarm_steps}
+    sched["extended"] = [*sched.get("extended", []), record]
+    return record

@@ -31,7 +31,7 @@ from ..config import Config
 from ..data.batches import Batch
 from ..model.swav import MethodOutput
 from .distributed import DistEnv, step_verdict
-from .optim import LARC, lr_at
+from .optim import LARC, scheduled_lr
 
 PHASE_TIMING_ENV = "OPENSEER_PHASE_TIMING"  # 1: synchronise the GPU around every phase of every step
 
@@ -107,9 +107,7 @@ def train_step(run: Run, batch: Batch) -> StepStats:
     timer = PhaseTimer(run.device, run.phase_timed(step))
     crops = [c.to(run.device, non_blocking=True) for c in batch.crops]
     budget = run.budget_s
-    lr = lr_at(step, run.sched["total_steps"], run.sched["peak_lr"], cfg.optim.warmup_steps,
-               cfg.optim.warmup_start_ratio, cfg.optim.final_lr_ratio,
-               time_fraction=run.spent_s / budget if budget else 0.0)
+    lr = scheduled_lr(run.sched, cfg.optim, step, time_fraction=run.spent_s / budget if budget else 0.0)
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)  # a method's group may train slower (finetune: the backbone)
 

@@ -117,23 +117,28 @@ def diagnose(run_dir: str | Path) -> list[Finding]:
     else:
         out.append(Finding("ok", "no deny-list recorded (the run read no tar shards)"))
     if last_state is not None:
-        out.append(_where_it_stopped(last_state, cfg))
         command = "distill" if cfg is not None and cfg.distill.teacher else "pretrain"
+        out.append(_where_it_stopped(last_state, cfg, f"openseer {command} --resume {run}"))
         out.append(Finding("ok", f"resume with: openseer {command} --resume {run}"))
     return out
 
 
-def _where_it_stopped(state: dict, cfg) -> Finding:
-    """Whether the latest good checkpoint ends the run (its steps or its time budget) or there is more to do."""
+def _where_it_stopped(state: dict, cfg, resume: str) -> Finding:
+    """Whether the latest good checkpoint ends the run (its steps or its time budget) or there is more
+    to do; a finished run is told how to make it longer (``resume``: the command that continues it)."""
     step = int(state["step"])
     total = (state.get("schedule") or {}).get("total_steps")
     seconds = float((state.get("counters") or {}).get("train_seconds", 0.0))
     minutes = cfg.optim.minutes if cfg is not None else 0
     if minutes and seconds >= minutes * 60:
         return Finding("ok", f"finished: stopped on its time budget of {minutes:g} minutes at step {step}",
-                       "resuming does nothing; to train longer, start a run with a larger optim.minutes")
+                       f"a plain resume does nothing; to train longer, resume with a larger optim.minutes: "
+                       f"{resume} optim.minutes={2 * minutes:g} (the schedule continues from where it stands)")
     if total and step >= total:
-        return Finding("ok", f"finished: all {total} steps done")
+        epochs = cfg.optim.epochs if cfg is not None else 1
+        return Finding("ok", f"finished: all {total} steps done",
+                       f"to train longer, resume with a larger optim.epochs: {resume} optim.epochs={2 * epochs:g} "
+                       "(the schedule continues from where it stands)")
     return Finding("ok", f"stopped at step {step}" + (f" of {total}" if total else "") + ": resuming continues it")
 
 

@@ -147,3 +147,17 @@ def test_torchrun_distills_on_two_gloo_ranks_and_resumes_in_one_process(teacher,
     assert r.returncode == 0, r.stdout + r.stderr
     rows = _metrics(run)
     assert [x["step"] for x in rows] == [1, 2, 3, 4] and all(x["loss"] == x["loss"] for x in rows)
+
+
+def test_a_finished_distill_run_says_so_and_a_larger_epochs_extends_it(teacher, pile, tmp_path, capsys):
+    """The same extension as pretrain's, labelled as distill: complete -> the distill command that
+    trains it longer; with it, the run goes on to the new length and records it."""
+    run = tmp_path / "s"
+    assert _distill(teacher, pile, run, "optim.epochs=1") == 0  # 64 images, batch 32: 2 steps
+    capsys.readouterr()
+    assert main(["distill", "--resume", str(run)]) == 0
+    assert f"openseer distill --resume {run} optim.epochs=2" in capsys.readouterr().out
+    assert main(["distill", "--resume", str(run), "optim.epochs=3"]) == 0
+    assert "extending the run at step 2 (optim.epochs 1 -> 3; 6 steps planned)" in capsys.readouterr().out
+    assert [r["step"] for r in _metrics(run)] == list(range(1, 7))
+    assert json.loads((run / "schedule.json").read_text())["extended"][0]["to"]["epochs"] == 3

@@ -8,7 +8,7 @@ there: a teacher that does not load, a queue that does not split over the ranks)
   ``build_model() -> Module``   the trained module on the device (the loop seeds the RNG just before)
   ``build_method(model, autocast) -> method``  once the loop has wrapped ``model`` (DDP/FSDP)
   ``describe() -> str``         what the run's first line says of the method ("" when nothing)
-  ``collection()`` (optional)   the images to train on, instead of the config's ``data.source``
+  ``collection()`` (optional)   the images to train on, instead of the config's ``data.source``, with ``brings_images = True``
                                 (finetune: the labelled images, whatever collection they came from)
 
 A method object (train/step.py says what ``train_step`` calls) also owns the state a checkpoint

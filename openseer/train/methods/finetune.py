@@ -178,6 +178,7 @@ class FinetuneTraining:
     labelled images as the loop's collection."""
 
     name = "finetune"
+    brings_images = True  # the loop trains on collection(), not on cfg.data.source
 
     def __init__(self, cfg: Config, env: DistEnv, device: torch.device, start: FinetuneStart):
         if env.world_size > 1 and cfg.dist.strategy == "fsdp":
