@@ -384,6 +384,7 @@ def _setup_run(cfg: Config, run_dir: Path, build: Any, source: Any, sched: dict,
         build.start_from(model, source)
         if env.is_main and getattr(build, "init_record", None):
             write_init(run_dir, build.init_record)  # what --init loaded and what started fresh (init.json)
+            rewrite_config(run_dir, cfg)  # config.yaml with model.init_sha256 / init_loaded / init_fresh
     model = prepare_model(model, cfg, env, device)  # one process: unchanged; else SyncBN, DDP or FSDP2
     net = _unwrap(model)
     if cfg.model.compile:
