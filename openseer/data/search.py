@@ -53,6 +53,9 @@ def _nlist(n: int) -> int:
     return max(1, min(65536, int(4 * math.sqrt(max(n, 1)))))
 
 
+RANGE_BLOCK = 64  # queries per HNSW range search (see VectorSearch.range)
+
+
 class VectorSearch:
     """A faiss inner-product index over the rows of ``x`` (unit vectors), its kind chosen by size."""
 
@@ -111,9 +114,16 @@ class VectorSearch:
         q = np.ascontiguousarray(q, dtype=np.float32)
         if not len(self) or not len(q):
             return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.int64)
-        lims, sims, ids = self.index.range_search(q, float(threshold))
-        qrow = np.repeat(np.arange(len(q)), np.diff(lims.astype(np.int64)))
-        return qrow, sims, ids.astype(np.int64)
+        # HNSW's range search aborts the process (faiss::RangeSearchResult::do_allocation) on more
+        # than one internal block of queries: ask it RANGE_BLOCK queries at a time
+        block = RANGE_BLOCK if self.kind == "hnsw" else len(q)
+        rows, all_sims, all_ids = [], [], []
+        for s in range(0, len(q), block):
+            lims, sims, ids = self.index.range_search(q[s:s + block], float(threshold))
+            rows.append(s + np.repeat(np.arange(min(block, len(q) - s)), np.diff(lims.astype(np.int64))))
+            all_sims.append(sims)
+            all_ids.append(ids.astype(np.int64))
+        return np.concatenate(rows), np.concatenate(all_sims), np.concatenate(all_ids)
 
 
 def recall_against_exact(x: np.ndarray, queries: np.ndarray, kind: str, k: int = 10,

@@ -224,3 +224,17 @@ def test_an_interrupted_build_keeps_its_finished_parts_and_resumes(tmp_path, mon
     resumed = ix.open_index(str(pile))
     ix.build_index(str(pile), index=tmp_path / "full", progress=False, log=lambda t: None)
     _same_rows(resumed, ix.open_index(str(pile), index=tmp_path / "full"))
+
+
+def test_hnsw_range_search_answers_many_queries_as_exact_search_does():
+    """faiss's HNSW range search aborts the process beyond one internal block of queries; VectorSearch
+    asks it in blocks, and on unit vectors far apart it finds exactly what exact search finds."""
+    from openseer.data.search import VectorSearch
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 256)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = np.concatenate([x, x[:100]])  # 700 queries: several blocks
+    got, want = VectorSearch(x, kind="hnsw").range(q, 0.9), VectorSearch(x, kind="flat").range(q, 0.9)
+    assert len(got[0]) == len(want[0]) == 700
+    assert set(zip(got[0].tolist(), got[2].tolist())) == set(zip(want[0].tolist(), want[2].tolist()))

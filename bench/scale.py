@@ -1,0 +1,131 @@
+"""Takedowns at pile size: index build, index size, takedown latency and recall through the index.
+
+    .venv/bin/python bench/scale.py                        # a 10,000-image pile: about 3 minutes on 2 cores
+    .venv/bin/python bench/scale.py --images 100000        # larger piles (pile writing dominates)
+
+The pile is ``openseer.data.pile.build_pile`` scaled to ``--images`` files (Fashion-MNIST, grey crops
+of the wallpaper photographs, noise, near-blank images and heavy-tailed near-copy groups: re-encoded,
+resized, cropped, flipped), written once under ``--work`` and reused. Measured:
+
+* ``openseer index`` (``openseer.data.index.build_index``): images/s, bytes per image on disk;
+* a takedown through the index (``StoredIndex.copies_of``, what ``takedown add/check --near`` run),
+  for ``--queries`` group sources: the whole answer (opening and checking the index, describing the
+  query, searching, verifying candidates), median and p99 seconds; recall = group members found by
+  their source; false matches = images outside the query's group that were matched, as a share of
+  the pile's non-group images;
+* the approximate search (HNSW) against exact search on the index's whole-image descriptors:
+  recall of the pairs within the near-copy threshold.
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from openseer.data import index as ix
+from openseer.data.decode import load_image
+from openseer.data.nearcopy import THRESHOLD
+from openseer.data.pile import PileSpec, build_pile, read_answer_key
+from openseer.data.search import recall_against_exact
+
+
+def scaled_spec(n: int, seed: int = 0) -> PileSpec:
+    """The benchmark pile's mix (35,000 files) scaled to about ``n`` files."""
+    base = PileSpec(seed=seed)
+    f = n / base.total()
+    return PileSpec(seed=seed, in_domain=round(base.in_domain * f), off_domain=round(base.off_domain * f),
+                    noise=round(base.noise * f), blank=round(base.blank * f),
+                    dup_sources=max(10, round(base.dup_sources * f)), dup_copies=round(base.dup_copies * f),
+                    dup_max=max(20, round(base.dup_max * min(1.0, f))))
+
+
+def cpu_model() -> str:
+    """lscpu's model name (the CPU changes between machines: figures are compared within one run)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=10000)
+    ap.add_argument("--queries", type=int, default=30)
+    ap.add_argument("--work", default="runs/bench-scale")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    pile = Path(args.work) / f"pile-{args.images}"
+    t0 = time.perf_counter()
+    if not (pile / "pile.csv").is_file():
+        build_pile(pile, scaled_spec(args.images, args.seed))
+    build_s = time.perf_counter() - t0
+    key = read_answer_key(pile)
+    n = len(key)
+
+    t0 = time.perf_counter()
+    r = ix.build_index(str(pile), rebuild=True, progress=False, log=lambda t: None)
+    index_s = time.perf_counter() - t0
+    folder = Path(r["folder"])
+
+    groups: dict[str, list[str]] = {}
+    for name, row in key.items():
+        if int(row["group"]) >= 0:
+            groups.setdefault(row["group"], []).append(name)
+    sources = sorted(name for name, row in key.items() if int(row["group"]) >= 0 and row["kind"] != "near_duplicate")
+    rng = random.Random(args.seed)
+    queries = rng.sample(sources, min(args.queries, len(sources)))
+    seconds, found_share, false = [], [], 0
+    outside_total = 0
+    for q in queries:
+        members = set(groups[key[q]["group"]])
+        img = load_image(str(pile / q))
+        t = time.perf_counter()
+        hits = ix.open_index(str(pile)).copies_of(img)
+        seconds.append(time.perf_counter() - t)
+        got = {k for k, *_ in hits}
+        found_share.append(len(got & members) / len(members))
+        false += len(got - members)
+        outside_total += n - len(members)
+
+    stored = ix.open_index(str(pile))
+    x = np.asarray(stored.vectors, np.float32).reshape(len(stored.keys), -1)
+    qs = x[np.random.default_rng(args.seed).choice(len(x), size=min(2000, len(x)), replace=False)]
+    hnsw_recall = recall_against_exact(x, qs, "hnsw", threshold=THRESHOLD)
+
+    seconds.sort()
+    print(json.dumps({
+        "bench": "scale", "images": n, "pile_build_s": round(build_s, 1),
+        "index": {"images_per_s": round(n / index_s, 1), "seconds": round(index_s, 1),
+                  "bytes_per_image": round(folder_bytes(folder) / n), "described": r["described"]},
+        "takedown": {"queries": len(queries), "median_s": round(statistics.median(seconds), 3),
+                     "p99_s": round(seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))], 3),
+                     "recall": round(float(np.mean(found_share)), 4),
+                     "false_match_share": round(false / max(1, outside_total), 7)},
+        "hnsw_pair_recall": round(hnsw_recall, 4),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "python": sys.version.split()[0],
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
