@@ -16,7 +16,15 @@ import timm
 import torch
 from torch import nn
 
-from ..config import ConfigError, build_config, channel_stats, config_from_dict, recipe_names, recipe_values
+from ..config import (
+    Config,
+    ConfigError,
+    build_config,
+    channel_stats,
+    config_from_dict,
+    recipe_names,
+    recipe_values,
+)
 from ..rundir import CKPT_DIR, CLASSIFIER, CONFIG, is_run
 from .backbone import BackboneError, build_backbone, feature_dim
 from .checkpoint_file import CheckpointError, backbone_tensors, latest_checkpoint, load_checkpoint
@@ -36,9 +44,11 @@ def weights_hash(model: nn.Module) -> str:
 
 def default_transform(model: nn.Module, arch: str, recipe: str | None = None) -> dict:
     """Crop size and mean/std for a bare architecture: ``recipe`` if given, else the built-in recipe
-    that trains this architecture, else timm's pretrained config for it."""
-    names = [recipe] if recipe else [n for n in recipe_names()
-                                     if recipe_values(n).get("model", {}).get("arch") == arch][:1]
+    that trains this architecture (the default recipe, tiny-cpu, first where several do), else timm's
+    pretrained config for it."""
+    names = [recipe] if recipe else sorted((n for n in recipe_names()
+                                            if recipe_values(n).get("model", {}).get("arch") == arch),
+                                           key=lambda n: n != Config.recipe)[:1]
     if names:
         cfg = build_config(names[0])
         return {"crop_size": cfg.crops.sizes[0], "mean": list(cfg.crops.mean), "std": list(cfg.crops.std),
