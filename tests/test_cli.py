@@ -214,3 +214,15 @@ def test_sigterm_to_a_running_pretrain_says_a_checkpoint_was_written(images, tmp
     step = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
     assert f"stopped at step {step}/" in out
     assert (run / "checkpoints" / f"step_{step:08d}.pt").is_file()
+
+
+def test_a_folder_of_only_corrupt_images_at_a_small_batch_with_loader_workers(capsys, tmp_path):
+    """Found by the loader workers, not before: still one line, exit 2, and no run directory left."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(6):
+        (bad / f"img{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(i, i + 200)))  # a PNG signature, no image
+    out = tmp_path / "run"
+    _fails(capsys, ["pretrain", "--data", str(bad), "--out", str(out), *FAST, "data.batch_size=2",
+                    "data.num_workers=2"], "no usable image in", str(bad), "all 6 files are unreadable")
+    assert not out.exists()  # the same command works once the folder is fixed

@@ -233,7 +233,7 @@ def _takedown_check_near(args: argparse.Namespace) -> int:
 
 
 SHARD_EXAMPLES = """examples:
-  openseer shard /pile --out shards/                          # 10000 images per shard
+  openseer shard /pile --out shards/                          # shard size chosen from the pile
   openseer shard paths.txt --out shards/ --max-side 512 --sidecar licences.csv
   openseer data report shards/                                # what went in, what was skipped
   openseer pretrain --data shards/ --out runs/a               # train from the shards
@@ -250,7 +250,9 @@ def add_shard(sub: argparse._SubParsersAction) -> None:
                                "command to resume an interrupted run.")
     p.add_argument("src", help="a folder of images (recursive) or a text file with one image path per line")
     p.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
-    p.add_argument("--shard-size", type=int, default=10000, help="images per shard (default 10000)")
+    p.add_argument("--shard-size", type=int, default=0,
+                   help="images per shard (default: up to 8 even shards of at least 256 images, at most 10000, "
+                        "so a small pile still feeds several loader workers)")
     p.add_argument("--max-side", type=int, default=0,
                    help="downscale images whose longer side exceeds this (JPEG q95 / PNG stays PNG); 0 = keep")
     p.add_argument("--sidecar", help="CSV with a 'path' column and e.g. source_url, licence: copied into the manifest")

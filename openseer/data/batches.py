@@ -121,9 +121,13 @@ class _DecodedCrops(Dataset):
                 break
             except BadImage as e:
                 bad.append((name_to_text(self.source.batch_key(j)), e.reason))  # one line of text in bad_images.txt
-        else:
-            raise DataError(f"{MAX_BAD_IN_A_ROW} unreadable images in a row near {self.source.batch_key(idx)}; "
-                            f"is this really a folder of images?")
+        else:  # returned, not raised: a loader worker would wrap the message in its traceback
+            if n <= MAX_BAD_IN_A_ROW:  # every file was tried
+                reasons = ", ".join(f"{r} {c}" for r, c in sorted(count_reasons(bad[:n]).items()))
+                return _Unusable(f"no usable image in {self.source.spec}: all {n} files are unreadable ({reasons}); "
+                                 f"e.g. {bad[0][0]} ({bad[0][1]})")
+            return _Unusable(f"{MAX_BAD_IN_A_ROW} unreadable images in a row near {self.source.batch_key(idx)}; "
+                             f"is this really a folder of images?")
         if self.min_pixels:
             gen = torch.Generator().manual_seed(seed_of(self.seed, step, idx, 0xFA57))
             return self.multicrop(image, gen), self.source.batch_key(j), bad
@@ -131,7 +135,15 @@ class _DecodedCrops(Dataset):
         return self.multicrop(image), self.source.batch_key(j), bad
 
 
+class _Unusable(str):
+    """What a loader worker hands back instead of raising when it finds no usable image: the main
+    process raises it as one ``DataError`` line (a raise in a worker arrives wrapped in its traceback)."""
+
+
 def _collate(items):
+    failed = next((it for it in items if isinstance(it, _Unusable)), None)
+    if failed is not None:
+        return failed
     crops = [torch.stack(c) for c in zip(*[it[0] for it in items])]
     keys = [it[1] for it in items]
     bad = [b for it in items for b in it[2]]
@@ -195,7 +207,10 @@ def _indexed_batches(source: Collection, cfg: Config, rank: int, world: int, sta
         collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None,
         pin_memory=torch.cuda.is_available(),
     )
-    for step, (crops, keys, bad) in enumerate(loader, start=start_step):
+    for step, item in enumerate(loader, start=start_step):
+        if isinstance(item, _Unusable):
+            raise DataError(str(item))
+        crops, keys, bad = item
         yield Batch(step, crops, keys, bad)
 
 

@@ -1,12 +1,16 @@
 """Shard writer: a folder or a file list of images -> tar shards, a manifest, an index; resumable.
 
-``openseer shard SRC --out DIR [--shard-size 10000] [--max-side 512] [--sidecar meta.csv]`` writes::
+``openseer shard SRC --out DIR [--shard-size N] [--max-side 512] [--sidecar meta.csv]`` writes::
 
     DIR/000000.tar ...   samples ``<key>.<ext>`` (the image) + ``<key>.json`` (key, sha256, sizes, format)
     DIR/manifest.csv     one row per stored image (columns below)
     DIR/skipped.csv      one row per input not stored: path, reason (a decode reason or 'duplicate'), detail
     DIR/index.json       per shard: name, samples, bytes, sha256; totals; the parameters
     DIR/progress.json    the resume point (kept; ``done`` once finished)
+
+Shard size: ``--shard-size`` when given; otherwise ``auto_shard_size`` of the input count (even
+shards, up to 8 of them, none under 256 images, none over 10,000), so a small pile still feeds
+several loader slots (data/batches.py gives each slot whole shards).
 
 Keys: ``key`` is the **content key**, the first 32 hex digits (128 bits) of the SHA-256 of the
 original file bytes (the full digest is in ``sha256``). Exact duplicates (same SHA-256) are stored
@@ -81,6 +85,9 @@ MANIFEST_COLUMNS = ["key", "sha256", "shard", "position", "source", "bytes", "wi
 SKIPPED_COLUMNS = ["source", "reason", "detail"]
 KEEP_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
 PROGRESS = "progress.json"
+AUTO_SHARDS = 8  # 2 loader workers x 2 ranks, twice over: every slot gets whole shards and passes end evenly
+MIN_AUTO_SHARD = 256  # a floor: smaller shards only add files and opens, no more slots to feed
+MAX_AUTO_SHARD = 10000  # a ceiling: a large pile is cut into shards of at most this many images
 INDEX = "index.json"
 MANIFEST = "manifest.csv"
 SKIPPED = "skipped.csv"
@@ -272,15 +279,25 @@ def _check_out(out: Path) -> None:
             raise DataError(f"{out / name} is a symlink; refusing to write through it")
 
 
-def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_side: int = 0,
+def auto_shard_size(n_inputs: int) -> int:
+    """Images per shard when none is given: ``n_inputs`` split evenly into as many shards as fill
+    ``AUTO_SHARDS`` loader slots without going under ``MIN_AUTO_SHARD`` images (one shard for a pile
+    smaller than that), capped at ``MAX_AUTO_SHARD`` (a large pile gets more shards)."""
+    n_shards = min(max(n_inputs // MIN_AUTO_SHARD, 1), AUTO_SHARDS)
+    return max(1, min(-(-n_inputs // n_shards), MAX_AUTO_SHARD))
+
+
+def write_shards(src: str | Path, out: str | Path, shard_size: int = 0, max_side: int = 0,
                  sidecar: str | Path | None = None, workers: int = 0,
                  log: Callable[[str], None] | None = None, read_timeout: float | None = None,
                  denylist: str = "", show_progress: bool = False) -> dict:
     """Write (or finish writing) shards of ``src`` into ``out``; returns the summary (index.json).
 
-    ``show_progress`` reports the inputs read through ``openseer.progress`` (a bar, or plain lines in a file)."""
-    if shard_size < 1:
-        raise DataError("--shard-size must be >= 1")
+    ``shard_size`` 0 (the default) picks it from the input count (``auto_shard_size``; on resume, the
+    size the interrupted run recorded). ``show_progress`` reports the inputs read through
+    ``openseer.progress`` (a bar, or plain lines in a file)."""
+    if shard_size < 0:
+        raise DataError("--shard-size must be >= 1 (or 0: chosen from the number of inputs)")
     if max_side < 0:
         raise DataError("--max-side must be >= 0 (0 keeps the original size)")
     log = log or (lambda text: None)
@@ -291,6 +308,9 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 10000, max_
     window = coll.decoding.dicom_window
     extra_cols, side = _read_sidecar(sidecar)
     columns = MANIFEST_COLUMNS + extra_cols
+    if not shard_size:
+        shard_size = _recorded_shard_size(out) or auto_shard_size(len(names))
+        log(f"{shard_size} images per shard for {len(names)} inputs (--shard-size sets another)")
     params = {"source": str(Path(src).expanduser().resolve()), "shard_size": shard_size, "max_side": max_side,
               "sidecar": str(Path(sidecar).resolve()) if sidecar else "", "inputs": len(names),
               "inputs_digest": _digest([e.name + e.suffix for e in coll.entries]), "columns": columns,
@@ -409,6 +429,18 @@ def _map(jobs: Iterator[tuple], workers: int) -> Iterator[Prepared]:
         return
     with get_context("spawn" if os.name != "posix" else "fork").Pool(workers) as pool:
         yield from pool.imap(_prepare_star, jobs, chunksize=4)
+
+
+def _recorded_shard_size(out: Path) -> int:
+    """The shard size an interrupted run in ``out`` recorded (0 when none), so that re-running the
+    same command without --shard-size resumes it."""
+    if (out / PROGRESS).is_symlink():  # refused by _check_out
+        return 0
+    try:
+        size = json.loads((out / PROGRESS).read_text())["params"]["shard_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return size if isinstance(size, int) and size > 0 else 0
 
 
 def _load_progress(out: Path, params: dict) -> dict:

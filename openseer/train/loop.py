@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import Config, config_from_dict, to_dict
 from ..data.batches import Batch, count_reasons, data_state, iterate_batches, prepare_stream, steps_per_epoch
 from ..data.collection import open_collection
+from ..data.decode import DataError
 from ..data.takedown import record_provenance
 from ..device import resolve_device
 from ..rundir import (  # noqa: F401  (RunError, resume_config: callers import them from here)
@@ -260,6 +261,10 @@ def train(cfg: Config, run_dir: str | Path, builder: Builder, resume: bool | str
                     preempted = signal.Signals(signum).name if signum else "a stop signal on another rank"
                 break
             t_wait = time.perf_counter()
+    except DataError:  # no batch for the first step (e.g. no usable image): a refused start leaves nothing behind
+        if run.step == s.start:
+            s.undo()
+        raise
     finally:
         stop_request.__exit__()
         log.close()
@@ -302,6 +307,7 @@ class _SetUp:
         if self.fresh is not None:
             self.log.close()
             self.fresh.undo()
+            self.fresh = None  # once
 
 
 class _FreshStart:

@@ -4,7 +4,7 @@ Sections, each skipped with a note when its input is missing:
 
 1. the run: architecture, recipe, step, batch, prototypes, schedule;
 2. training curves from ``metrics.jsonl``: loss (with ln K, the collapse level), learning rate,
-   images/s, prototypes in use;
+   images/s, prototypes in use (each row also a point when there are few, so a short run shows);
 3. the evaluation table with its baselines, from ``RUN_DIR/eval.json`` (``openseer eval``);
 4. what the clusters mean: the latest checkpoint's SwAV model is run on a seeded sample of the
    training data (``--data`` overrides the run's source); each image's softmax over the prototypes
@@ -36,6 +36,8 @@ from ..data.decode import DataError
 from ..rundir import CONFIG, EVAL, METRICS, REPORT, SCHEDULE, load_run_config, read_json, read_metrics
 
 TILE = 64
+CURVE = "#1f77b4"  # the training curves' colour
+FEW_ROWS = 30  # metrics rows up to which each row is also drawn as a point
 
 
 class ReportError(DataError):
@@ -90,7 +92,13 @@ def curves_section(metrics: list[dict], n_prototypes: int | None) -> str:
     fig, axes = plt.subplots(2, 2, figsize=(11, 6.5))
     for ax, (key, title) in zip(axes.flat, panels):
         ys = np.array([m.get(key, np.nan) if m.get(key) is not None else np.nan for m in metrics], dtype=float)
-        ax.plot(steps, ys, lw=1.5, color="#1f77b4")
+        # a short run logs a row or two: a line through one point draws nothing, so few rows get points
+        ax.plot(steps, ys, lw=1.5, color=CURVE, marker="o" if len(steps) <= FEW_ROWS else None, ms=5)
+        if len(steps) == 1:  # one step: a visible range around it, not matplotlib's 0-width axis
+            ax.set_xlim(steps[0] - 1, steps[0] + 1)
+        if np.isnan(ys).all():
+            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes,
+                    color="#7f7f7f", fontsize=9)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)

@@ -198,3 +198,28 @@ def test_cli_shard_and_report(tmp_path, capsys):
     assert report(tmp_path / "s")["stored_bytes"] > 0
     assert main(["shard", str(tmp_path / "nope"), "--out", str(tmp_path / "t")]) == 2  # a person's error
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_default_shard_size_feeds_several_loader_slots_and_an_explicit_size_is_kept(tmp_path, capsys):
+    from openseer.data.shards import auto_shard_size
+
+    # even shards, up to 8, none under 256 images (one shard below that), none over 10,000
+    assert [auto_shard_size(n) for n in (1, 149, 255, 520, 1024, 5000, 100_000)] == \
+        [1, 149, 255, 260, 256, 625, 10_000]
+    src = tmp_path / "pile"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(520):  # tiny distinct images: none is a duplicate of another
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(src / f"{i:03d}.png")
+    assert main(["shard", str(src), "--out", str(tmp_path / "auto"), "--workers", "1", "-q"]) == 0
+    index = json.loads((tmp_path / "auto" / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [260, 260]
+    assert index["params"]["shard_size"] == 260
+    assert "520 images in 2 shard(s)" in capsys.readouterr().out
+    assert main(["shard", str(src), "--out", str(tmp_path / "fixed"), "--shard-size", "400", "--workers", "1", "-q"]) == 0
+    index = json.loads((tmp_path / "fixed" / "index.json").read_text())
+    assert [s["samples"] for s in index["shards"]] == [400, 120]
+    assert index["params"]["shard_size"] == 400
+    # re-run without --shard-size on a folder written with one (e.g. the old default): the recorded size is kept
+    assert main(["shard", str(src), "--out", str(tmp_path / "fixed"), "--workers", "1", "-q"]) == 0
+    assert [s["samples"] for s in json.loads((tmp_path / "fixed" / "index.json").read_text())["shards"]] == [400, 120]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -111,3 +112,30 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert pixels.shape == (2000, 1200)
     assert pixels.std() > 20 and (pixels < 128).mean() > 0.01  # not blank: text, plots and images drawn
+
+
+def _curve_pixels(html_text: str) -> list[int]:
+    """Pixels of the curves' colour in each quadrant (panel) of the training-curves figure."""
+    from openseer.use.run_report import CURVE
+
+    src = re.search(r"alt='training curves' src='data:image/png;base64,([^']+)'", html_text).group(1)
+    img = np.asarray(Image.open(io.BytesIO(base64.b64decode(src))).convert("RGB")).astype(int)
+    rgb = np.array([int(CURVE[i:i + 2], 16) for i in (1, 3, 5)])
+    hit = np.abs(img - rgb).sum(axis=2) < 40
+    h, w = hit.shape
+    return [int(hit[r:r + h // 2, c:c + w // 2].sum()) for r in (0, h // 2) for c in (0, w // 2)]
+
+
+def test_report_of_a_3_step_run_draws_its_curves(tmp_path):
+    from tests.conftest import FAST, write_pngs
+
+    images = tmp_path / "imgs"
+    write_pngs(images, 24, size=(28, 28))
+    run = tmp_path / "run"
+    assert main(["pretrain", "--data", str(images), *FAST, "data.batch_size=8", "optim.epochs=1", "--out", str(run),
+                 "log.tensorboard=false"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3]  # a short run logs one row: a line through it draws nothing
+    r = write_report(run, sample=16, prototypes=2, per_prototype=2, queries=2, neighbours=2)
+    pixels = _curve_pixels(Path(r["path"]).read_text())
+    assert all(p >= 10 for p in pixels), pixels  # every panel (loss, lr, images/s, prototypes) shows its point
