@@ -9,6 +9,7 @@ read, one folder::
       metrics.jsonl               one JSON object per logged step (METRICS)
       checkpoints/                step_XXXXXXXX.pt, or step_XXXXXXXX.dcp/ (sharded) (CKPT_DIR)
       data_provenance.json        what was read, the deny-list in force (PROVENANCE)
+      data_listing.txt.gz         a folder/list run's keys in its order, gzip'd (data/takedown.py LISTING)
       init.json                   what --init (model.init) loaded: file, SHA-256, parts loaded and fresh (INIT)
       bad_images.txt              "reason<TAB>key" per unreadable image (BAD_IMAGES)
       diagnostics/                step_XXXXXXXX_rankR.json per skipped step (DIAGNOSTICS)

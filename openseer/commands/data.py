@@ -183,10 +183,13 @@ def cmd_takedown_check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"key": key, "runs": [
             {"run": s.run, "read": s.read, "shard": s.shard, "position": s.position,
-             "checkpoints": s.checkpoints, "note": s.note} for s in sightings]}))
+             "checkpoints": s.checkpoints, "unsure": s.unsure, "note": s.note} for s in sightings]}))
     else:
         print(f"content key {key}")
         for s in sightings:
+            if s.unsure and not s.read:
+                print(f"  {s.run}: CANNOT TELL ({s.note})")
+                continue
             if not s.read:
                 print(f"  {s.run}: not read ({s.note})")
                 continue
@@ -195,7 +198,7 @@ def cmd_takedown_check(args: argparse.Namespace) -> int:
             print(f"  {s.run}: READ (shard {s.shard}, sample {s.position}); "
                   f"checkpoints that saw it: {', '.join(saw) or 'none'}; not yet: {', '.join(clean) or 'none'}"
                   + (f" [{s.note}]" if s.note else ""))
-    return 1 if any(any(s.checkpoints.values()) for s in sightings) else 0
+    return 1 if any(any(s.checkpoints.values()) or (s.unsure and not s.read) for s in sightings) else 0
 
 
 def _takedown_check_near(args: argparse.Namespace) -> int:

@@ -16,7 +16,11 @@ the list is re-read at every start).
 Provenance: every run that reads tar shards writes ``RUN_DIR/data_provenance.json`` with the
 source spec, the expanded shard list, the shard index and manifest it found, the stream layout
 (seed, ranks, loader slots, shuffle buffer) and, per start or resume, the step and the deny-list
-version in force.
+version in force. A folder or file-list run also records, at its first start, the listing it
+reads: its keys in the run's order, gzip'd in ``RUN_DIR/data_listing.txt.gz`` (about 10 bytes a
+file), with their count and SHA-256 in the provenance (``folder.listing``). Past
+``LISTING_KEYS_MAX`` files only the count and digest are kept (the digest still detects a
+change). A resume that finds another listing is marked (``listing.changed_on_resume``).
 
 "Saw" (``openseer takedown check``): a checkpoint at step S *saw* an image when the image's
 sample was delivered in a training batch of a step < S, i.e. the weights in that checkpoint were
@@ -29,7 +33,10 @@ at some point during the run, the answer is conservative: it counts as seen if i
 from __future__ import annotations
 
 import csv
+import gzip
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,10 +73,66 @@ class Sighting:
     position: int = -1  # sample position inside that shard
     checkpoints: dict[str, bool] = field(default_factory=dict)  # checkpoint file -> saw it
     note: str = ""
+    unsure: bool = False  # the pile changed since the run, or the run recorded no listing: see ``note``
 
     @property
     def read(self) -> bool:
         return bool(self.shard)
+
+
+# ---------------------------------------------------------------- the listing a folder run read
+
+LISTING = "data_listing.txt.gz"  # RUN_DIR/LISTING: the keys a folder/list run read, in its order
+LISTING_KEYS_MAX = 5_000_000  # beyond this (about 50 MB gzip'd) only the count and digest are kept
+
+
+def listing_digest(keys: list[str]) -> str:
+    """SHA-256 of the keys in order, one a line: what detects a changed listing."""
+    h = hashlib.sha256()
+    for k in keys:
+        h.update(k.encode("utf-8", "backslashreplace") + b"\n")
+    return h.hexdigest()
+
+
+def folder_provenance(run_dir: str | Path, coll) -> dict:
+    """``coll.provenance()`` of a folder/list collection plus the listing the run reads
+    (``folder.listing``: count, digest, the gzip'd key file), recorded at its first start and kept
+    on resume (a resume on another listing is marked ``changed_on_resume``)."""
+    info = coll.provenance()
+    keys = [e.key for e in coll.entries]
+    now = {"count": len(keys), "sha256": listing_digest(keys), "file": ""}
+    run_dir = Path(run_dir)
+    before: dict = {}
+    try:
+        before = (json.loads((run_dir / PROVENANCE).read_text()).get("folder") or {}).get("listing") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        before = {}
+    if before.get("sha256"):  # a resume: the first start's listing stays the record
+        listing = dict(before)
+        if before["sha256"] != now["sha256"]:
+            listing["changed_on_resume"] = True
+    else:
+        listing = now
+        if len(keys) <= LISTING_KEYS_MAX:
+            tmp = run_dir / (LISTING + ".tmp")
+            with gzip.open(tmp, "wt", encoding="utf-8", newline="\n") as f:
+                f.writelines(k + "\n" for k in keys)
+            os.replace(tmp, run_dir / LISTING)
+            listing["file"] = LISTING
+    info["folder"]["listing"] = listing
+    return info
+
+
+def _recorded_keys(run: Path, listing: dict) -> list[str] | None:
+    """The keys the run recorded (None when it kept only a digest, or the file is gone or altered)."""
+    if not listing.get("file"):
+        return None
+    try:
+        with gzip.open(run / listing["file"], "rt", encoding="utf-8", newline="\n") as f:
+            keys = f.read().split("\n")[:-1]
+    except (OSError, EOFError, gzip.BadGzipFile):
+        return None
+    return keys if listing_digest(keys) == listing.get("sha256") else None
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -199,12 +262,16 @@ def _denied_from_start(key: str, record: dict) -> bool:
 
 
 def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | None = None) -> Sighting:
-    """A folder run: find the file by content key, then replay the run's deterministic order.
+    """A folder run: find the file by content key among the files the run listed, then replay the
+    run's deterministic order.
 
-    The batch of step t holds the files at positions [t*B, (t+1)*B) of epoch e's seeded
+    The files are the run's recorded listing (``folder.listing``): a file added since is not among
+    them. The batch of step t holds the files at positions [t*B, (t+1)*B) of epoch e's seeded
     permutation (data/batches.py); a file whose predecessors in index order were unreadable may
     stand in for them (``bad_images.txt`` of the run says which were). A checkpoint at step S saw
-    the file when one of those slots fell in a step < S.
+    the file when one of those slots fell in a step < S. Where the listing cannot be known (an older
+    run recorded none; a huge one kept only its digest and the folder changed since) the answer
+    says it cannot tell for sure, and why.
     """
     folder = Path(record["folder"]["path"])
     try:
@@ -215,23 +282,58 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
         coll = open_collection(str(folder), read_timeout=read_timeout, shards=False)
     except DataError:
         coll = None
-    entries = coll.entries if coll is not None else []
+    current = coll.entries if coll is not None else []
+    listing = record["folder"].get("listing") or {}
+    recorded = _recorded_keys(run, listing)
+    now_keys = [e.key for e in current]
+    caveat, unsure = "", False
+    if recorded is not None:  # the run's own listing: exact, whatever the folder holds today
+        by_key = {e.key: e for e in current}
+        entries = [by_key.get(k) for k in recorded]
+        if listing.get("changed_on_resume"):
+            caveat, unsure = ("cannot tell for sure: the folder's listing changed when the run was resumed; "
+                              "answered from the listing of its first start"), True
+        elif listing_digest(now_keys) != listing.get("sha256"):
+            gone = sum(e is None for e in entries)
+            caveat = (f"the folder changed since the run (it listed {len(recorded)} files, {len(now_keys)} now"
+                      + (f", {gone} of its files gone" if gone else "") + "): answered from the run's recorded listing")
+    elif listing.get("sha256"):  # a digest only: today's listing is the run's when the digest matches
+        entries = list(current)
+        if listing_digest(now_keys) != listing["sha256"] or listing.get("changed_on_resume"):
+            return Sighting(str(run), unsure=True, note=(
+                f"cannot tell for sure: the folder changed since the run (it listed {listing.get('count')} files, "
+                f"{len(now_keys)} now) and the run kept only a digest of its listing ({run / LISTING} missing)"))
+    else:  # an older run: no listing recorded
+        entries = list(current)
+        then = record["folder"].get("files")
+        if then is not None and int(then) != len(now_keys):
+            return Sighting(str(run), unsure=True, note=(
+                f"cannot tell for sure: the run recorded no listing of {folder} (an older openseer) and the "
+                f"folder changed since (it listed {then} files, {len(now_keys)} now)"))
+        caveat, unsure = (f"cannot tell for sure: the run recorded no listing of {folder} (an older openseer); "
+                          "answered by replaying its order over today's listing, which may differ"), True
     if cfg.data.limit:
         entries = entries[:cfg.data.limit]
     hit = None
     for i in range(len(entries)):
+        e = entries[i]
+        if e is None:
+            continue
         try:
-            data = read_bytes(entries[i].path, coll.read_timeout)  # type: ignore[union-attr]
+            data = read_bytes(e.path, coll.read_timeout)  # type: ignore[union-attr]
         except BadImage:
             continue
         if content_key(data) == key:
             hit = i
             break
     files = entries
+    keys = recorded if recorded is not None else now_keys
     if hit is None:
-        return Sighting(str(run), note=f"not among the {len(files)} files now under {folder}")
-    rel = lambda i: entries[i].key  # noqa: E731
-    s = Sighting(str(run), shard=str(folder), position=hit)
+        where = "the files the run listed" if recorded is not None else "the files now under"
+        note = f"not among {where} {folder} ({len(files)})"
+        return Sighting(str(run), note=f"{note}; {caveat}" if caveat else note, unsure=unsure)
+    rel = lambda i: keys[i]  # noqa: E731
+    s = Sighting(str(run), shard=str(folder), position=hit, unsure=unsure)
     bad = {key for _, key in read_bad_images(run)}
     if _denied_from_start(key, record) or _denied_from_start(rel(hit), record):
         for ckpt in list_checkpoints(run):
@@ -260,6 +362,8 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
     versions = {sess["denylist"]["version"] for sess in record.get("sessions", [])}
     if len(versions) > 1:
         s.note = "the deny-list changed during the run: 'saw' counts every read (conservative)"
+    if caveat:
+        s.note = f"{s.note}; {caveat}" if s.note else caveat
     return s
 
 

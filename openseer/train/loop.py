@@ -32,7 +32,7 @@ from ..config import Config, config_from_dict, to_dict
 from ..data.batches import Batch, count_reasons, data_state, iterate_batches, prepare_stream, steps_per_epoch
 from ..data.collection import open_collection
 from ..data.decode import DataError
-from ..data.takedown import record_provenance
+from ..data.takedown import folder_provenance, record_provenance
 from ..device import resolve_device
 from ..rundir import (  # noqa: F401  (RunError, resume_config: callers import them from here)
     BAD_IMAGES,
@@ -444,7 +444,7 @@ def _setup_run(cfg: Config, run_dir: Path, build: Any, source: Any, sched: dict,
     batches = iterate_batches(source, cfg, env.rank, env.world_size, step, stop)
     prepare_stream(batches, run_dir, state if resume else None, env.is_main)  # tar shards: position, provenance
     if env.is_main and source.kind == "files":  # folders: what was read, deny-list in force
-        record_provenance(run_dir, source.provenance(), step, source.deny)
+        record_provenance(run_dir, folder_provenance(run_dir, source), step, source.deny)
     run = Run(cfg=cfg, device=device, env=env, sched=sched, method=method, optimizer=optimizer,
               scaler=torch.amp.GradScaler("cuda") if cfg.optim.precision == "fp16" else None,
               step=step, counters=counters, spent_s=spent, t_loop=time.perf_counter() - spent)  # the run's clock

@@ -199,3 +199,33 @@ def test_folder_runs_honour_the_denylist_and_takedown_check_replays_their_order(
         main(["takedown", "check", str(folder / name), "--runs", str(runs), "--json"])
         (run,) = json.loads(capsys.readouterr().out)["runs"]
         assert not any(run["checkpoints"].values()), name
+
+    # the run recorded the listing it read: a file added since is not reported as read by it
+    listing = prov["folder"]["listing"]
+    assert listing["count"] == 13 and listing["file"] == "data_listing.txt.gz"
+    assert (runs / "r" / "data_listing.txt.gz").is_file()
+    (folder / "a00.png").write_bytes(_png(rng))  # sorts first: today's listing shifts every position
+    assert main(["takedown", "check", str(folder / "a00.png"), "--runs", str(runs), "--json"]) == 0
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert not run["read"] and not run["unsure"] and not any(run["checkpoints"].values())
+    assert "files the run listed" in run["note"] and "changed since the run" in run["note"]
+    for name, step in list(first.items())[:3]:  # files the run read: still reported, from the record
+        main(["takedown", "check", str(folder / name), "--runs", str(runs), "--json"])
+        (run,) = json.loads(capsys.readouterr().out)["runs"]
+        assert run["read"] and not run["unsure"], name
+        assert run["checkpoints"] == {c: step < int(c.split("_")[1].split(".")[0]) for c in ckpts}, name
+
+    # an older run without the record: the honest "cannot tell" (exit 1: it may have read it)
+    prov["folder"].pop("listing")
+    (runs / "r" / "data_provenance.json").write_text(json.dumps(prov))
+    assert main(["takedown", "check", str(folder / "a00.png"), "--runs", str(runs)]) == 1
+    out = capsys.readouterr().out
+    assert "CANNOT TELL" in out and "recorded no listing" in out and "13 files, 14 now" in out
+
+
+def _png(rng) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (28, 36, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
