@@ -628,7 +628,8 @@ class ShardCollection(Collection):
             return out
 
         urls = [u if u.startswith("pipe:") else str(Path(u).resolve()) for u in self.urls]
-        return {"source": self.spec, "shards": urls, "shards_digest": self.urls_digest,
+        sizes = [-1 if u.startswith("pipe:") else Path(u).stat().st_size for u in urls]  # takedown check: changed?
+        return {"source": self.spec, "shards": urls, "shards_digest": self.urls_digest, "shard_bytes": sizes,
                 "index": file_info(self.index_path), "manifest": file_info(self.manifest_path),
                 "epoch_samples": len(self)}
 

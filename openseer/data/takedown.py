@@ -14,7 +14,8 @@ rewritten, and a deny-listed image never reaches a batch again (also on resume o
 the list is re-read at every start).
 
 Provenance: every run that reads tar shards writes ``RUN_DIR/data_provenance.json`` with the
-source spec, the expanded shard list, the shard index and manifest it found, the stream layout
+source spec, the expanded shard list and each shard's size in bytes (a shard that changed since
+is named by ``takedown check``), the shard index and manifest it found, the stream layout
 (seed, ranks, loader slots, shuffle buffer) and, per start or resume, the step and the deny-list
 version in force. A folder or file-list run also records, at its first start, the listing it
 reads: its keys in the run's order, gzip'd in ``RUN_DIR/data_listing.txt.gz`` (about 10 bytes a
@@ -167,6 +168,23 @@ def _locate(key: str, record: dict) -> tuple[str, int, str]:
         if key in keys:
             return url, keys.index(key), ""
     return "", -1, "; ".join(sorted(set(notes))) or "not in any shard this run read"
+
+
+def _changed_shards(record: dict) -> list[str]:
+    """The run's local shards whose size differs from the one recorded at its start (or are gone);
+    [] for a run that recorded no sizes (older openseer)."""
+    sizes = record.get("shard_bytes") or []
+    out = []
+    for url, size in zip(record.get("shards", []), sizes):
+        if url.startswith("pipe:") or size < 0:
+            continue
+        try:
+            now = Path(url).stat().st_size
+        except OSError:
+            now = -1
+        if now != size:
+            out.append(url)
+    return out
 
 
 def _manifest_lookup(path: Path, key: str) -> tuple[str, int] | None:
@@ -395,6 +413,12 @@ def check_image(target: str, runs_root: str | Path, read_timeout: float | None =
             continue
         url, position, note = _locate(key, record)
         s = Sighting(str(run), shard=url, position=position, note=note)
+        changed = _changed_shards(record)
+        if changed:  # shards are never rewritten by openseer: one that was cannot be answered for
+            s.unsure = True
+            s.note = (f"{s.note}; " if s.note else "") + (
+                f"cannot tell for sure: {len(changed)} shard(s) changed size since the run read them "
+                f"({', '.join(Path(u).name for u in changed[:3])}{', ...' if len(changed) > 3 else ''})")
         if url:
             index = record["shards"].index(url)
             for ckpt in list_checkpoints(run):

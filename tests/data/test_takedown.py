@@ -123,6 +123,15 @@ def test_shard_runs_resume_bit_exact_and_takedown_check_finds_who_saw_an_image(p
     assert "checkpoints that saw it: none" in capsys.readouterr().out
     assert main(["takedown", "check", "0" * 32, "--runs", str(runs)]) == 0
     assert "not read" in capsys.readouterr().out
+    # a shard whose size differs from the one the run recorded: the answer says it cannot tell for sure
+    short = runs / "short" / "data_provenance.json"
+    rec = json.loads(short.read_text())
+    assert rec["shard_bytes"] == [Path(u).stat().st_size for u in rec["shards"]]
+    rec["shard_bytes"][1] += 512  # as if shard 1 had been rewritten since the run read it
+    short.write_text(json.dumps(rec))
+    main(["takedown", "check", late, "--runs", str(runs / "short"), "--json"])
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert run["unsure"] and "changed size since the run" in run["note"] and Path(rec["shards"][1]).name in run["note"]
 
 
 def test_a_takedown_between_runs_applies_on_resume(pile, tmp_path, capsys):
