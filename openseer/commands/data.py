@@ -169,7 +169,7 @@ def _takedown_add_near(args: argparse.Namespace) -> int:
 
 
 def cmd_takedown_check(args: argparse.Namespace) -> int:
-    """Which runs and checkpoints saw an image (exit 1 when any did)."""
+    """Which runs and checkpoints saw an image (exit 1 when any did, or one cannot tell)."""
     from ..data.takedown import check_image
 
     if args.near:
@@ -334,7 +334,7 @@ TAKEDOWN_ADD_EXAMPLES = """examples:
 """
 
 TAKEDOWN_CHECK_EXAMPLES = """examples:
-  openseer takedown check photo.jpg --runs runs/              # which runs and checkpoints saw it (exit 1 if any)
+  openseer takedown check photo.jpg --runs runs/              # which runs and checkpoints saw it (exit 1 if any, or cannot tell)
   openseer takedown check 0123456789abcdef0123456789abcdef --runs runs/a --json   # by content key
   openseer takedown check photo.jpg --near --pile shards/ --runs runs/
 """
@@ -365,7 +365,7 @@ def add_takedown(sub: argparse._SubParsersAction) -> None:
     _add_index_options(q)
     q.add_argument("-q", "--quiet", action="store_true", help="no progress")
     q.set_defaults(func=cmd_takedown_add)
-    q = add_parser(td, "check", "which runs and checkpoints saw an image (exit 1 if any)", TAKEDOWN_CHECK_EXAMPLES)
+    q = add_parser(td, "check", "which runs and checkpoints saw an image (exit 1 if any, or cannot tell)", TAKEDOWN_CHECK_EXAMPLES)
     q.add_argument("image", help="an image file (hashed), or its content key / SHA-256")
     q.add_argument("--runs", help="a run directory or a folder of runs (searched 3 levels deep)")
     q.add_argument("--json", action="store_true", help="one JSON object instead of text")
