@@ -291,6 +291,7 @@ INDEX_EXAMPLES = """examples:
   openseer index /pile                          # describe every image once: /pile/.openseer-index/
   openseer index shards/                        # shards: one part per shard
   openseer index /pile                          # again after adding images: only the new ones
+  torchrun --nproc_per_node 4 -m openseer index /pile   # 4 processes share the parts; the same index
   openseer takedown add photo.jpg --near --list /pile/takedowns.txt   # answers from the index
 """
 
@@ -302,25 +303,41 @@ def add_index(sub: argparse._SubParsersAction) -> None:
                                "the descriptors in ROOT/.openseer-index (resumable, part by part). Run it again "
                                "after the pile changed: new images are described, unchanged ones kept, changed "
                                "ones described again. takedown --near and curate read it and refuse an index "
-                               "that no longer matches the pile (docs/data.md, 'The pile index').")
+                               "that no longer matches the pile (docs/data.md, 'The pile index'). Under torchrun the "
+                               "ranks describe disjoint parts and rank 0 writes the manifest: the same index as "
+                               "one process.")
     p.add_argument("pile", metavar="PILE", help="a folder of images, a .txt list of paths, or local tar shards")
     p.add_argument("--index", metavar="DIR", help="the index folder (default: ROOT/.openseer-index)")
     p.add_argument("--rebuild", action="store_true", help="describe everything again")
     p.add_argument("--workers", type=int, default=0, help="processes reading and describing files (default 0: "
                                                           "in this process)")
+    p.add_argument("--files-per-part", type=int, default=0, metavar="N",
+                   help="files described and stored together (default 1024; smaller: finer resume, and "
+                        "parts spread over more torchrun ranks)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_index)
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    """Build or extend the pile's index."""
+    """Build or extend the pile's index (under torchrun the ranks share the parts; rank 0 writes the
+    manifest and prints)."""
     check_pile(args.pile)
-    from ..data.index import build_index
+    from ..data.index import IndexMismatch, build_index
+    from ..use.ranks import rank_session
 
-    r = build_index(args.pile, args.index or "", rebuild=args.rebuild, progress=not args.quiet,
-                    log=(lambda t: None) if args.quiet else print, workers=args.workers)
+    if args.files_per_part < 0:
+        raise IndexMismatch(f"--files-per-part must be 1 or more (0: the default); got {args.files_per_part}")
+
+    with rank_session("cpu") as ranks:
+        quiet = args.quiet or not ranks.is_main
+        r = build_index(args.pile, args.index or "", rebuild=args.rebuild, progress=not quiet,
+                        log=(lambda t: None) if quiet else print, workers=args.workers, ranks=ranks,
+                        files_per_part=args.files_per_part)
+    if not ranks.is_main:
+        return 0
     st = {k: v for k, v in sorted(r["statuses"].items()) if k != "described"}
-    print(f"openseer: index {r['folder']}: {r['rows']} images; described now {r['described']} "
+    on = f" on {ranks.world} ranks" if ranks.world > 1 else ""
+    print(f"openseer: index {r['folder']}: {r['rows']} images; described now {r['described']}{on} "
           f"({r['images_per_s']} img/s), kept {r['kept']}, dropped {r['dropped']}"
           + (f"; without a descriptor: {st}" if st else ""))
     return 0

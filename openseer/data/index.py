@@ -223,17 +223,60 @@ def _new_manifest() -> dict:
 # ---------------------------------------------------------------- building and extending
 
 
+class OneProcess:
+    """The rank split of a build run in one process (rank 0 of 1). Under torchrun the command passes
+    its ``use.ranks.Ranks`` instead, which has the same four members."""
+
+    rank, world, is_main = 0, 1, True
+
+    def on_main(self, fn, *args):
+        return fn(*args)
+
+    def gather(self, value) -> list:
+        return [value]
+
+
 def build_index(spec: str, index: str | Path = "", rebuild: bool = False, progress: bool = True,
-                log=print, workers: int = 0) -> dict:
+                log=print, workers: int = 0, ranks=None, files_per_part: int = 0) -> dict:
     """Build or extend the index of the pile ``spec`` (see the module docstring); returns counts:
     images described now, kept from before, dropped, the folder, the seconds taken. ``workers``:
-    processes reading and describing files (folders and lists; 0: in this process)."""
+    processes reading and describing files (folders and lists; 0: in this process);
+    ``files_per_part``: files in one part (0: ``FILES_PER_PART``; smaller parts resume and spread
+    over ranks more finely).
+
+    ``ranks`` (``use.ranks.Ranks`` under torchrun; default one process): rank 0 prepares the index
+    folder (manifest, stale rows dropped) and plans the parts to describe, each with its id; the
+    k-th part goes to rank k mod N, which writes its files; after every round of N parts rank 0
+    adds them to the manifest in plan order. So N ranks write the same index as one process, and an
+    interrupted build keeps the rounds it finished."""
     from ..progress import progress as bar
 
+    ranks = ranks or OneProcess()
     t0 = time.perf_counter()
     coll = open_collection(spec)
     coll.deny = DenyList()  # every image is indexed, also deny-listed ones (check --near reports which are)
     folder = index_folder(coll, index)
+    doc, plan, stats = ranks.on_main(_prepare, coll, folder, rebuild, log, files_per_part or FILES_PER_PART)
+    root = _root(folder)
+    with bar("index", total=coll.n, unit="img", enabled=progress and ranks.is_main) as p:
+        p.update(stats["kept"])
+        for start in range(0, len(plan), ranks.world):
+            k = start + ranks.rank
+            done = _describe_part(coll, folder, root, plan[k], workers) if k < len(plan) else None
+            finished = [d for d in ranks.gather(done) if d is not None]
+            ranks.on_main(_commit, folder, doc, finished, stats)
+            p.update(sum(d["info"]["rows"] for d in finished))
+    seconds = time.perf_counter() - t0
+    total = ranks.on_main(lambda: sum(int(x["rows"]) for x in _load_manifest(folder)["parts"]))
+    stats = ranks.on_main(lambda: stats)
+    return {"folder": str(folder), "described": stats["described"], "kept": stats["kept"],
+            "dropped": stats["dropped"], "rows": total, "statuses": dict(stats["statuses"]),
+            "seconds": round(seconds, 2), "images_per_s": round(stats["described"] / seconds, 1) if seconds else 0.0}
+
+
+def _prepare(coll: Collection, folder: Path, rebuild: bool, log, per_part: int) -> tuple[dict, list[dict], dict]:
+    """(manifest, plan, counts) of a build: the index folder made or reset, stale rows dropped; the
+    plan lists the parts to describe, each with its id (a shard, or up to FILES_PER_PART files)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -249,17 +292,14 @@ def build_index(spec: str, index: str | Path = "", rebuild: bool = False, progre
         doc = _new_manifest()
         _save_manifest(folder, doc)
     root = _root(folder)
-    stats = Counter()
-    with bar("index", total=coll.n, unit="img", enabled=progress) as p:
-        if isinstance(coll, ShardCollection):
-            _extend_shards(coll, folder, root, doc, stats, p)
-        else:
-            _extend_files(coll, folder, root, doc, stats, p, workers)
-    seconds = time.perf_counter() - t0
-    total = sum(int(x["rows"]) for x in doc["parts"])
-    return {"folder": str(folder), "described": stats["described"], "kept": stats["kept"],
-            "dropped": stats["dropped"], "rows": total, "statuses": dict(stats["statuses"] or {}),
-            "seconds": round(seconds, 2), "images_per_s": round(stats["described"] / seconds, 1) if seconds else 0.0}
+    stats: dict = {"described": 0, "kept": 0, "dropped": 0, "statuses": Counter()}
+    if isinstance(coll, ShardCollection):
+        plan = _plan_shards(coll, root, doc, stats)
+    else:
+        plan = _plan_files(coll, folder, root, doc, stats, per_part)
+    for task in plan:
+        task["id"] = _next_id(doc)
+    return doc, plan, stats
 
 
 def _next_id(doc: dict) -> str:
@@ -268,50 +308,82 @@ def _next_id(doc: dict) -> str:
     return pid
 
 
-def _count(stats: Counter, part: _Part) -> None:
-    st = stats.setdefault("statuses", Counter())  # type: ignore[arg-type]
-    for s in part.cols["status"]:
-        st[s or "described"] += 1
-    stats["described"] += len(part)
+def _commit(folder: Path, doc: dict, finished: list[dict], stats: dict) -> None:
+    """Add described parts to the manifest (rank 0), in plan order; a shard's new part replaces its old one."""
+    for d in sorted(finished, key=lambda d: d["info"]["id"]):
+        old = d.get("replaces")
+        if old is not None:
+            doc["parts"] = [x for x in doc["parts"] if x["id"] != old["id"]]
+            _remove_part(folder, old["id"])
+            stats["dropped"] += int(old["rows"])
+        doc["parts"].append(d["info"])
+        stats["described"] += int(d["info"]["rows"])
+        for st, n in d["statuses"].items():
+            stats["statuses"][st] += n
+    if finished:
+        _save_manifest(folder, doc)
 
 
-def _extend_shards(coll: ShardCollection, folder: Path, root: Path, doc: dict, stats: Counter, bar) -> None:
+def _part_done(info: dict, part: _Part, replaces: dict | None = None) -> dict:
+    return {"info": info, "replaces": replaces, "statuses": dict(Counter(s or "described" for s in part.cols["status"]))}
+
+
+def _describe_part(coll: Collection, folder: Path, root: Path, task: dict, workers: int) -> dict:
+    """Describe one planned part and write its files (any rank); what rank 0 adds to the manifest."""
+    if task["kind"] == "shard":
+        return _describe_shard(coll, folder, task)  # type: ignore[arg-type]
+    entries = [coll.entries[j] for j in task["rows"]]  # type: ignore[attr-defined]
+    ds = _DescribeFiles(entries, [_source(e.path, root) for e in entries], coll.read_timeout)  # type: ignore[attr-defined]
+    if workers and len(ds) > 1:
+        import torch
+
+        described = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(ds)),
+                                                     shuffle=False, collate_fn=_as_is, prefetch_factor=16))
+    else:
+        described = (ds[i] for i in range(len(ds)))
+    part = _Part()
+    for row, d in described:
+        part.add(row, d)
+    part.write(folder, task["id"])
+    return _part_done({"id": task["id"], "kind": "files", "rows": len(part), "described": len(part.vecs)}, part)
+
+
+def _plan_shards(coll: ShardCollection, root: Path, doc: dict, stats: dict) -> list[dict]:
     by_source = {x["source"]: x for x in doc["parts"] if x["kind"] == "shard"}
+    plan = []
     for url in coll.urls:
         src = _source(url, root)
         size, mtime = _identity(url)
         old = by_source.get(src)
         if old is not None and (old["size"], old["mtime_ns"]) == (size, mtime):
             stats["kept"] += int(old["rows"])
-            bar.update(int(old["rows"]))
             continue
-        part = _Part()
-        offsets = _member_offsets(url)
-        errors: list[str] = []
-        for s in iter_shard(url, 0, errors, coll.pipe_timeout):
-            base = {"source": src, "size": size, "mtime_ns": mtime, "name": s.key, "position": s.position}
-            if s.data is None:
-                part.add({**base, "status": s.reason or "no_image"}, None)
-            else:
-                row, d = _describe_bytes(s.data, f"{Path(url).name}:{s.key}")
-                ext = next((e for e in SAMPLE_IMAGE_EXTS if e in offsets.get(s.key, {})), None)
-                if ext is not None:
-                    row["offset"], row["length"] = offsets[s.key][ext]
-                part.add({**base, **row}, d)
-            bar.update(1)
-        if errors:
-            part.add({"source": src, "size": size, "mtime_ns": mtime, "name": f"{Path(url).name}#error",
-                      "status": "shard_error"}, None)
-        pid = _next_id(doc)
-        part.write(folder, pid)
-        if old is not None:
-            doc["parts"].remove(old)
-            _remove_part(folder, old["id"])
-            stats["dropped"] += int(old["rows"])
-        doc["parts"].append({"id": pid, "kind": "shard", "source": src, "size": size, "mtime_ns": mtime,
-                             "rows": len(part), "described": len(part.vecs)})
-        _save_manifest(folder, doc)
-        _count(stats, part)
+        plan.append({"kind": "shard", "url": url, "source": src, "size": size, "mtime_ns": mtime, "replaces": old})
+    return plan
+
+
+def _describe_shard(coll: ShardCollection, folder: Path, task: dict) -> dict:
+    url, src, size, mtime = task["url"], task["source"], task["size"], task["mtime_ns"]
+    part = _Part()
+    offsets = _member_offsets(url)
+    errors: list[str] = []
+    for s in iter_shard(url, 0, errors, coll.pipe_timeout):
+        base = {"source": src, "size": size, "mtime_ns": mtime, "name": s.key, "position": s.position}
+        if s.data is None:
+            part.add({**base, "status": s.reason or "no_image"}, None)
+        else:
+            row, d = _describe_bytes(s.data, f"{Path(url).name}:{s.key}")
+            ext = next((e for e in SAMPLE_IMAGE_EXTS if e in offsets.get(s.key, {})), None)
+            if ext is not None:
+                row["offset"], row["length"] = offsets[s.key][ext]
+            part.add({**base, **row}, d)
+    if errors:
+        part.add({"source": src, "size": size, "mtime_ns": mtime, "name": f"{Path(url).name}#error",
+                  "status": "shard_error"}, None)
+    part.write(folder, task["id"])
+    info = {"id": task["id"], "kind": "shard", "source": src, "size": size, "mtime_ns": mtime,
+            "rows": len(part), "described": len(part.vecs)}
+    return _part_done(info, part, task["replaces"])
 
 
 class _DescribeFiles:
@@ -335,8 +407,9 @@ class _DescribeFiles:
         return {**base, **row}, d
 
 
-def _extend_files(coll: FileCollection, folder: Path, root: Path, doc: dict, stats: Counter, bar,
-                  workers: int = 0) -> None:
+def _plan_files(coll: FileCollection, folder: Path, root: Path, doc: dict, stats: dict,
+                per_part: int) -> list[dict]:
+    """Drop the index rows of changed or vanished files; plan the listed files not indexed as they are."""
     srcs = [_source(e.path, root) for e in coll.entries]
     listed = dict(zip(srcs, range(len(srcs))))
     drop: dict[str, list[int]] = {}  # part id -> rows to drop
@@ -357,28 +430,8 @@ def _extend_files(coll: FileCollection, folder: Path, root: Path, doc: dict, sta
         stats["dropped"] += len(drop[info["id"]])
     _save_manifest(folder, doc)
     stats["kept"] += len(have)
-    bar.update(len(have))
-    todo = [j for j, s in enumerate(srcs) if s not in have]
-    todo = list(dict.fromkeys(todo))
-    ds = _DescribeFiles([coll.entries[j] for j in todo], [srcs[j] for j in todo], coll.read_timeout)
-    if workers and len(ds):
-        import torch
-
-        described = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, shuffle=False,
-                                                     collate_fn=_as_is, prefetch_factor=16))
-    else:
-        described = (ds[i] for i in range(len(ds)))
-    part = _Part()
-    for i, (row, d) in enumerate(described):
-        part.add(row, d)
-        bar.update(1)
-        if len(part) == FILES_PER_PART or i == len(ds) - 1:  # a whole part: written, and the manifest
-            pid = _next_id(doc)
-            part.write(folder, pid)
-            doc["parts"].append({"id": pid, "kind": "files", "rows": len(part), "described": len(part.vecs)})
-            _save_manifest(folder, doc)
-            _count(stats, part)
-            part = _Part()
+    todo = [j for j, src in enumerate(srcs) if src not in have]
+    return [{"kind": "files", "rows": todo[i:i + per_part]} for i in range(0, len(todo), per_part)]
 
 
 def _as_is(sample):

@@ -20,6 +20,8 @@ from openseer.data.search import VectorSearch, choose_kind, recall_against_exact
 from tests.data.hostile import write_hostile
 from tests.data.test_nearcopy import copies, photo
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
@@ -238,3 +240,31 @@ def test_hnsw_range_search_answers_many_queries_as_exact_search_does():
     got, want = VectorSearch(x, kind="hnsw").range(q, 0.9), VectorSearch(x, kind="flat").range(q, 0.9)
     assert len(got[0]) == len(want[0]) == 700
     assert set(zip(got[0].tolist(), got[2].tolist())) == set(zip(want[0].tolist(), want[2].tolist()))
+
+
+def test_two_torchrun_ranks_write_the_index_one_process_writes(tmp_path):
+    """``torchrun --nproc_per_node 2 -m openseer index`` (gloo on CPU): disjoint parts per rank, rank 0's
+    manifest; the parts and the manifest are byte for byte those of one process (timestamps aside)."""
+    import subprocess
+    import sys
+
+    from tests.use.test_ranks import _torchrun
+
+    pile, _ = _pile(tmp_path / "pile", others=5)
+    one = tmp_path / "one"
+    done = subprocess.run([sys.executable, "-m", "openseer", "index", str(pile), "--index", str(one), "-q",
+                           "--files-per-part", "3"],
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    two = tmp_path / "two"
+    done = _torchrun("index", str(pile), "--index", str(two), "-q", "--files-per-part", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2 ranks" in done.stdout and done.stdout.count("openseer: index") == 1  # rank 0 prints
+    a, b = (json.loads((d / ix.MANIFEST).read_text()) for d in (one, two))
+    a.pop("updated_utc"), b.pop("updated_utc")
+    assert a == b and len(a["parts"]) == 5  # 15 files in parts of 3: ranks 0 and 1 both wrote some
+    files = sorted(p.name for p in (one / "parts").iterdir())
+    assert files == sorted(p.name for p in (two / "parts").iterdir())
+    for name in files:
+        assert (one / "parts" / name).read_bytes() == (two / "parts" / name).read_bytes(), name
