@@ -320,7 +320,9 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
         if listing_digest(now_keys) != listing["sha256"] or listing.get("changed_on_resume"):
             return Sighting(str(run), unsure=True, note=(
                 f"cannot tell for sure: the folder changed since the run (it listed {listing.get('count')} files, "
-                f"{len(now_keys)} now) and the run kept only a digest of its listing ({run / LISTING} missing)"))
+                f"{len(now_keys)} now) and the run kept only a digest of its listing "
+                + (f"({run / listing['file']} is missing or altered)" if listing.get("file")
+                   else f"(over {LISTING_KEYS_MAX} files)")))
     else:  # an older run: no listing recorded
         entries = list(current)
         then = record["folder"].get("files")

@@ -224,6 +224,21 @@ def test_folder_runs_honour_the_denylist_and_takedown_check_replays_their_order(
         assert run["read"] and not run["unsure"], name
         assert run["checkpoints"] == {c: step < int(c.split("_")[1].split(".")[0]) for c in ckpts}, name
 
+    # only a digest (a huge listing, or its file gone): today's listing differs, so it cannot tell
+    gz = (runs / "r" / "data_listing.txt.gz").read_bytes()
+    (runs / "r" / "data_listing.txt.gz").unlink()
+    main(["takedown", "check", str(folder / "a00.png"), "--runs", str(runs), "--json"])
+    (run,) = json.loads(capsys.readouterr().out)["runs"]
+    assert run["unsure"] and not run["read"] and "kept only a digest" in run["note"]
+    (runs / "r" / "data_listing.txt.gz").write_bytes(gz)
+
+    # a resume on another listing keeps the first start's record and marks the change
+    from openseer.data.takedown import folder_provenance
+
+    again = folder_provenance(runs / "r", open_collection(str(folder), data_cfg=cfg.data))["folder"]["listing"]
+    assert again["sha256"] == listing["sha256"] and again["count"] == 13 and again["changed_on_resume"]
+    assert (runs / "r" / "data_listing.txt.gz").read_bytes() == gz
+
     # an older run without the record: the honest "cannot tell" (exit 1: it may have read it)
     prov["folder"].pop("listing")
     (runs / "r" / "data_provenance.json").write_text(json.dumps(prov))
