@@ -628,7 +628,13 @@ class ShardCollection(Collection):
             return out
 
         urls = [u if u.startswith("pipe:") else str(Path(u).resolve()) for u in self.urls]
-        sizes = [-1 if u.startswith("pipe:") else Path(u).stat().st_size for u in urls]  # takedown check: changed?
+        def size(url: str) -> int:  # takedown check names a shard whose size changed since
+            try:
+                return -1 if url.startswith("pipe:") else os.path.getsize(url)
+            except OSError:
+                return -1  # missing or unreadable: the stream reports it as a shard error
+
+        sizes = [size(u) for u in urls]
         return {"source": self.spec, "shards": urls, "shards_digest": self.urls_digest, "shard_bytes": sizes,
                 "index": file_info(self.index_path), "manifest": file_info(self.manifest_path),
                 "epoch_samples": len(self)}
