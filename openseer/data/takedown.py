@@ -349,8 +349,8 @@ def _folder_sighting(run: Path, record: dict, key: str, read_timeout: float | No
     files = entries
     keys = recorded if recorded is not None else now_keys
     if hit is None:
-        where = "the files the run listed" if recorded is not None else "the files now under"
-        note = f"not among {where} {folder} ({len(files)})"
+        where = "the run listed in" if recorded is not None else "now under"
+        note = f"not among the {len(files)} files {where} {folder}"
         return Sighting(str(run), note=f"{note}; {caveat}" if caveat else note, unsure=unsure)
     rel = lambda i: keys[i]  # noqa: E731
     s = Sighting(str(run), shard=str(folder), position=hit, unsure=unsure)

@@ -217,7 +217,7 @@ def test_folder_runs_honour_the_denylist_and_takedown_check_replays_their_order(
     assert main(["takedown", "check", str(folder / "a00.png"), "--runs", str(runs), "--json"]) == 0
     (run,) = json.loads(capsys.readouterr().out)["runs"]
     assert not run["read"] and not run["unsure"] and not any(run["checkpoints"].values())
-    assert "files the run listed" in run["note"] and "changed since the run" in run["note"]
+    assert "not among the 13 files the run listed in" in run["note"] and "changed since the run" in run["note"]
     for name, step in list(first.items())[:3]:  # files the run read: still reported, from the record
         main(["takedown", "check", str(folder / name), "--runs", str(runs), "--json"])
         (run,) = json.loads(capsys.readouterr().out)["runs"]
