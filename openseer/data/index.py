@@ -14,7 +14,12 @@ A part is one shard (identified by its file's size and modification time) or up 
 ``FILES_PER_PART`` files (each identified by its own size and modification time), written whole
 and atomically, its ``.json`` last: an interrupted build keeps its finished parts and the next run
 goes on from there. Running it again extends the index: new files or shards are described,
-unchanged ones are kept, changed ones described again and vanished ones dropped.
+unchanged ones are kept, changed ones described again and vanished ones dropped. Part files the
+manifest does not list (an interrupted part) are removed when a build starts.
+
+Under ``torchrun --nproc_per_node N -m openseer index PILE`` (``build_index``'s ``ranks``) rank 0
+plans the parts and their ids, rank k describes parts k, k+N, ... and rank 0 adds each round of N
+to the manifest in plan order: the index is the one a single process writes, byte for byte.
 
 ``open_index`` is what ``takedown add|check --near`` and ``curate`` read. It checks the index
 against the pile as listed now and refuses, naming them, a source that changed since it was
@@ -291,6 +296,10 @@ def _prepare(coll: Collection, folder: Path, rebuild: bool, log, per_part: int) 
             p.unlink()
         doc = _new_manifest()
         _save_manifest(folder, doc)
+    ids = {x["id"] for x in doc["parts"]}
+    for p in (folder / "parts").glob("*") if (folder / "parts").is_dir() else []:
+        if p.name.split(".")[0] not in ids:  # a part an interrupted build (or rank) did not finish
+            p.unlink(missing_ok=True)
     root = _root(folder)
     stats: dict = {"described": 0, "kept": 0, "dropped": 0, "statuses": Counter()}
     if isinstance(coll, ShardCollection):

@@ -220,10 +220,13 @@ def test_an_interrupted_build_keeps_its_finished_parts_and_resumes(tmp_path, mon
     monkeypatch.setattr(ix, "_describe_bytes", real)
     doc = json.loads((pile / ix.INDEX_DIR / ix.MANIFEST).read_text())
     assert [p["rows"] for p in doc["parts"]] == [4, 4]  # two whole parts; the third was lost with the crash
+    (pile / ix.INDEX_DIR / "parts" / "000009.npy").write_bytes(b"half a part")  # as a crashed rank leaves
     r = ix.build_index(str(pile), progress=False, log=lambda t: None)
     total = len(names) + 8 + 2
     assert r["kept"] == 8 and r["described"] == total - 8 and r["rows"] == total
     resumed = ix.open_index(str(pile))
+    ids = {p["id"] for p in json.loads((pile / ix.INDEX_DIR / ix.MANIFEST).read_text())["parts"]}
+    assert {p.name.split(".")[0] for p in (pile / ix.INDEX_DIR / "parts").iterdir()} == ids  # nothing left over
     ix.build_index(str(pile), index=tmp_path / "full", progress=False, log=lambda t: None)
     _same_rows(resumed, ix.open_index(str(pile), index=tmp_path / "full"))
 
