@@ -271,3 +271,40 @@ def test_two_torchrun_ranks_write_the_index_one_process_writes(tmp_path):
     assert files == sorted(p.name for p in (two / "parts").iterdir())
     for name in files:
         assert (one / "parts" / name).read_bytes() == (two / "parts" / name).read_bytes(), name
+
+
+@pytest.mark.heavy
+def test_two_torchrun_ranks_extend_a_shard_index_as_one_process_does(tmp_path):
+    """Shards under 2 torchrun ranks: one part per shard, dealt over the ranks; replaced shards'
+    parts are replaced in the same order as one process replaces them."""
+    import subprocess
+    import sys
+
+    from openseer.data.shards import write_shards
+    from tests.use.test_ranks import _torchrun
+
+    pile, _ = _pile(tmp_path / "pile", others=5)
+    shards = tmp_path / "shards"
+    write_shards(pile, shards, shard_size=4, workers=1)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def both() -> None:
+        one = subprocess.run([sys.executable, "-m", "openseer", "index", str(shards), "--index",
+                              str(tmp_path / "one"), "-q"], env=env, capture_output=True, text=True, timeout=120)
+        assert one.returncode == 0, one.stderr
+        two = _torchrun("index", str(shards), "--index", str(tmp_path / "two"), "-q")
+        assert two.returncode == 0, two.stderr[-3000:]
+        a, b = (json.loads((tmp_path / d / ix.MANIFEST).read_text()) for d in ("one", "two"))
+        a.pop("updated_utc"), b.pop("updated_utc")
+        assert a == b
+        names = sorted(p.name for p in (tmp_path / "one" / "parts").iterdir())
+        assert names == sorted(p.name for p in (tmp_path / "two" / "parts").iterdir())
+        for name in names:
+            assert (tmp_path / "one" / "parts" / name).read_bytes() == (tmp_path / "two" / "parts" / name).read_bytes()
+
+    both()
+    for tar in sorted(shards.glob("*.tar"))[1::2]:  # two shards touched: described again, on both ranks
+        os.utime(tar, ns=(time.time_ns(), time.time_ns()))
+    both()
+    doc = json.loads((tmp_path / "two" / ix.MANIFEST).read_text())
+    assert len(doc["parts"]) == len(list(shards.glob("*.tar"))) and doc["next"] > len(doc["parts"])
