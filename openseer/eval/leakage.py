@@ -27,7 +27,7 @@ import numpy as np
 
 from ..data.collection import Collection, TensorCollection, open_collection
 from ..data.decode import BadImage, DataError
-from ..data.index import IndexMismatch, ensure_index, index_folder
+from ..data.index import IndexMismatch, ensure_index, index_folder, open_index
 from .common import EvalError, Labelled, LabelledData
 
 MODES = ("report", "exclude")
@@ -138,8 +138,16 @@ def _near(coll: Collection, pile: str, data: LabelledData, result: Leakage, say)
     except IndexMismatch:
         indexable = False
     if indexable:
-        say(f"leakage: searching the index of {pile} (built or brought up to date first when needed)")
-        index = ensure_index(pile, log=lambda t: say(t.removeprefix("openseer: ")))
+        try:
+            index = open_index(coll)
+        except IndexMismatch as e:
+            say(f"leakage: {e}: describing the pile again")
+            index = None
+        if index is None:
+            print(f"openseer: leakage: indexing the pretraining pile {pile} once, as `openseer index {pile}` "
+                  f"would (later audits and takedowns read the index)", file=sys.stderr)
+            index = ensure_index(pile, log=lambda t: say(t.removeprefix("openseer: ")))
+        say(f"leakage: searching the index of {pile} ({len(index)} images)")
         result.method = "near copies, from the pile's index"
     else:
         say(f"leakage: {pile} cannot be indexed: scanning it")

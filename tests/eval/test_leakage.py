@@ -118,3 +118,21 @@ def test_an_in_memory_pile_is_compared_by_exact_pixels(tmp_path):
     assert {r["pile_key"] for r in leak.rows} >= {"fashion-mnist:train:5", "fashion-mnist:train:17",
                                                   "fashion-mnist:train:42"}
     assert len(data.test) == 2 and np.array_equal(data.test.labels, test.labels[[0, 2]])
+
+
+def test_a_file_added_to_the_pile_after_it_was_indexed_is_searched(seeded, tmp_path, capsys):
+    import shutil
+
+    from openseer.eval.common import open_labelled
+
+    pile = tmp_path / "pile"
+    shutil.copytree(seeded["pile"], pile)  # its index too, as the first audit built it
+    data = open_labelled(str(seeded["labelled"]))
+    assert len(audit(data, str(pile), "report", tmp_path / "one.csv").leaked["test"]) == 2
+    _jpeg(seeded["imgs"]["val/b/2"][1], 60).save(pile / "added.jpg")  # the index no longer matches the pile
+    data = open_labelled(str(seeded["labelled"]))
+    leak = audit(data, str(pile), "exclude", tmp_path / "two.csv")
+    assert "indexing the pretraining pile" in capsys.readouterr().err
+    assert {Path(r["pile_path"]).name for r in leak.rows if r["split"] == "test"} == {
+        "reencoded.jpg", "resized.png", "added.jpg"}
+    assert len(data.test) == 3 and "left out 3 test images" in data.notes[-1]
