@@ -136,3 +136,22 @@ def test_a_file_added_to_the_pile_after_it_was_indexed_is_searched(seeded, tmp_p
     assert {Path(r["pile_path"]).name for r in leak.rows if r["split"] == "test"} == {
         "reencoded.jpg", "resized.png", "added.jpg"}
     assert len(data.test) == 3 and "left out 3 test images" in data.notes[-1]
+
+
+def test_in_memory_eval_images_are_searched_in_a_file_pile(seeded, tmp_path):
+    import torch
+
+    names = ["train/a/2", "train/b/0", "val/a/0", "val/b/0"]
+    x = torch.stack([torch.from_numpy(np.array(seeded["imgs"][n][1])).permute(2, 0, 1) for n in names])
+    data = LabelledData("tensors", Labelled.from_tensors(x[:2], np.array([0, 1]), names[:2]),
+                        Labelled.from_tensors(x[2:], np.array([0, 1]), names[2:]), ["a", "b"], "given")
+    leak = audit(data, str(seeded["pile"]), "report", tmp_path / "leak.csv")
+    assert leak.leaked == {"train": [0], "test": [0]} and len(data.test) == 2
+    assert [(r["eval_image"], Path(r["pile_path"]).name) for r in leak.rows] == [
+        ("train/a/2", "flipped.png"), ("val/a/0", "reencoded.jpg")]
+
+
+def test_weights_without_a_run_config_need_the_pile_named(seeded, tmp_path, capsys):
+    rc = main(["eval", "--backbone", "regnety_002", "--random-init", "--data", str(seeded["labelled"]),
+               "--protocols", "knn", "--quiet", "--no-cache", "--out", str(tmp_path / "eval.json"), "--leakage"])
+    assert rc == 2 and "give it with --pile PILE" in capsys.readouterr().err
