@@ -128,9 +128,10 @@ def _found(result: Leakage, split_name: str, split: Labelled, i: int, key: str, 
                         "excluded": split_name == "test" and result.mode == "exclude"})
 
 
-def _near(coll: Collection, pile: str, data: LabelledData, result: Leakage, say) -> None:
+def _near(coll: Collection, pile: str, data: LabelledData, result: Leakage, say, progress: bool) -> None:
     """Near copies through the pile's index (built when missing), or a scan where it cannot be indexed."""
     from ..data.nearcopy import PileIndex
+    from ..progress import progress as bar
 
     try:
         index_folder(coll)
@@ -146,31 +147,40 @@ def _near(coll: Collection, pile: str, data: LabelledData, result: Leakage, say)
         if index is None:
             print(f"openseer: leakage: indexing the pretraining pile {pile} once, as `openseer index {pile}` "
                   f"would (later audits and takedowns read the index)", file=sys.stderr)
-            index = ensure_index(pile, log=lambda t: say(t.removeprefix("openseer: ")))
+            index = ensure_index(pile, progress=progress, log=lambda t: say(t.removeprefix("openseer: ")))
         say(f"leakage: searching the index of {pile} ({len(index)} images)")
         result.method = "near copies, from the pile's index"
     else:
         say(f"leakage: {pile} cannot be indexed: scanning it")
-        index = PileIndex(pile, progress=False)
+        index = PileIndex(pile, progress=progress)
         result.method = "near copies, by a scan of the pile"
-    for split_name in ("train", "test"):
-        split: Labelled = getattr(data, split_name)
-        for i in range(len(split)):
-            try:
-                img = split.collection.load(i)
-            except BadImage:
-                result.unreadable[split_name] = result.unreadable.get(split_name, 0) + 1
-                continue
-            if not hasattr(img, "convert"):  # an in-memory labelled set: uint8 (C, H, W)
-                from PIL import Image
-
-                a = img.numpy()
-                img = Image.fromarray(a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1))
-            for key, path, sim, verified in sorted(index.copies_of(img), key=lambda c: -c[3]):
-                _found(result, split_name, split, i, key, path, sim, verified)
+    with bar("leakage audit", total=len(data.train) + len(data.test), unit="img", enabled=progress) as p:
+        for split_name in ("train", "test"):
+            _query(index, data, split_name, result, p)
 
 
-def audit(data: LabelledData, pile: str, mode: str, csv_path: Path, say=lambda t: None) -> Leakage:
+def _query(index, data: LabelledData, split_name: str, result: Leakage, p) -> None:
+    """Every image of one split against the pile (about 0.1 s an image on 2 cores: describing it at
+    many windows, the search, verifying its candidates)."""
+    split: Labelled = getattr(data, split_name)
+    for i in range(len(split)):
+        p.update(1)
+        try:
+            img = split.collection.load(i)
+        except BadImage:
+            result.unreadable[split_name] = result.unreadable.get(split_name, 0) + 1
+            continue
+        if not hasattr(img, "convert"):  # an in-memory labelled set: uint8 (C, H, W)
+            from PIL import Image
+
+            a = img.numpy()
+            img = Image.fromarray(a[0] if a.shape[0] == 1 else np.moveaxis(a, 0, -1))
+        for key, path, sim, verified in sorted(index.copies_of(img), key=lambda c: -c[3]):
+            _found(result, split_name, split, i, key, path, sim, verified)
+
+
+def audit(data: LabelledData, pile: str, mode: str, csv_path: Path, say=lambda t: None,
+          progress: bool = False) -> Leakage:
     """Search the pile for every train and test image of ``data``; write the CSV; with ``exclude``,
     leave the leaked test images out of ``data.test`` (noted in ``data.notes``)."""
     if mode not in MODES:
@@ -191,7 +201,7 @@ def audit(data: LabelledData, pile: str, mode: str, csv_path: Path, say=lambda t
         say(f"leakage: {pile} is held in memory: comparing exact pixels only")
         _exact(coll, data, result)
     else:
-        _near(coll, pile, data, result, say)
+        _near(coll, pile, data, result, say, progress)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -176,7 +176,7 @@ def evaluate(opts: EvalOptions) -> dict:
         from .leakage import audit, run_pile
 
         leak = audit(data, run_pile(info, opts.pile), opts.leakage, out.with_name(f"{out.stem}-leakage.csv"),
-                     run.say)
+                     run.say, opts.progress)
     crop = opts.crop_size or info["crop_size"]
     transform = EvalTransform(crop, tuple(info["mean"]), tuple(info["std"]))
     read_for(data, transform)  # a one-channel backbone reads its files at full depth
