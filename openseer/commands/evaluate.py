@@ -32,6 +32,8 @@ EVAL_EXAMPLES = """examples:
   openseer eval runs/a --data ~/photos   # ~100 labelled photos: k beyond them skipped, 95% intervals shown
   openseer eval runs/a --layer s3+s4 --protocols knn,linear --out runs/a/eval-s3s4.json  # two stages
   openseer eval runs/a --protocols fewlabels --label-budget 50   # 50 labels chosen by select vs random
+  openseer eval runs/a --data /path/labelled --leakage           # which eval images are in the run's pile
+  openseer eval runs/a --data /path/labelled --leakage exclude   # numbers without the test images it saw
 
 labelled data: 'fashion-mnist'; a folder with one subfolder per class (with train/ and val/
 subfolders, or a seeded stratified split); or a CSV of path,label[,split].
@@ -135,6 +137,13 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                    help="test share when a folder or CSV has no split of its own (default 0.2)")
     p.add_argument("--recipe", help="take crop size and mean/std from this recipe (default: the weights' config)")
     p.add_argument("--crop-size", type=int, default=0, help="override the eval crop size")
+    p.add_argument("--leakage", nargs="?", const="report", choices=("report", "exclude"), default="",
+                   help="test-set leakage audit: search the run's pretraining pile (its data.source, through the "
+                        "pile's index, built when missing) for a near copy of every train and test image, list "
+                        "them in eval-leakage.csv beside eval.json and count them in the report; 'exclude' also "
+                        "leaves the leaked test images out of the numbers")
+    p.add_argument("--pile", default="", metavar="PILE",
+                   help="the pretraining pile the leakage audit searches (default: the run's data.source)")
     add_device(p)
     add_threads(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars or stage messages")
@@ -159,6 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ConfigError("--batch-size must be >= 1 and --finetune-batch-size >= 2")
     if not 0 < args.finetune_min_scale <= 1:
         raise ConfigError(f"--finetune-min-scale must be in (0, 1], got {args.finetune_min_scale:g}")
+    if args.pile and not args.leakage:
+        raise ConfigError("--pile is the pile the leakage audit searches: give it with --leakage")
     if missing(args.data):
         from ..data.decode import DataError
 
@@ -181,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         finetune_images=args.finetune_images, finetune=settings, limit_train=args.limit_train,
         limit_test=args.limit_test, test_fraction=args.test_fraction, recipe=args.recipe, crop_size=args.crop_size,
         device=args.device, threads=args.threads, progress=not args.quiet,
-        command=_command_line(),
+        command=_command_line(), leakage=args.leakage, pile=args.pile,
     )
     doc = evaluate(opts)
     print(render_markdown(doc))

@@ -76,6 +76,8 @@ class EvalOptions:
     threads: int = 0
     progress: bool = True
     command: str = ""
+    leakage: str = ""  # '', 'report' or 'exclude': search the pretraining pile for the eval images (leakage.py)
+    pile: str = ""  # the pretraining pile the leakage audit searches (default: the run's data.source)
 
 
 def default_out(opts: EvalOptions) -> Path:
@@ -169,6 +171,12 @@ def evaluate(opts: EvalOptions) -> dict:
                          opts.limit_test)
     out = Path(opts.out) if opts.out else default_out(opts)
     _check_writable(out.parent)
+    leak = None
+    if opts.leakage:  # before anything reads the data: `exclude` changes the test split
+        from .leakage import audit, run_pile
+
+        leak = audit(data, run_pile(info, opts.pile), opts.leakage, out.with_name(f"{out.stem}-leakage.csv"),
+                     run.say, opts.progress)
     crop = opts.crop_size or info["crop_size"]
     transform = EvalTransform(crop, tuple(info["mean"]), tuple(info["std"]))
     read_for(data, transform)  # a one-channel backbone reads its files at full depth
@@ -179,6 +187,9 @@ def evaluate(opts: EvalOptions) -> dict:
                      "data": {}, "transform": transform.describe(), "feature_layer": describe_layer(run.stages),
                      "seed": opts.seed, "protocols": list(opts.protocols), "device": str(run.device),
                      "options": {k: v for k, v in asdict(opts).items() if k not in ("finetune", "command")}})
+    if leak is not None:
+        report.header["leakage"] = leak.describe()
+        report.notes.append(leak.note())
     report.time("load", time.perf_counter() - t0)
 
     ftr, fte, secs = run.features(model, info, data, transform, "model")
