@@ -17,7 +17,7 @@ def test_eval_writes_every_protocol_and_baseline(tiny_run, tmp_path, capsys):
     argv = [
         "eval", str(tiny_run), "--data", "fashion-mnist", "--out", str(out), "--limit-train", "1000",
         "--limit-test", "200", "--finetune-epochs", "1", "--cache-dir", str(tmp_path / "cache"),
-        "--k", "5,20", "--quiet", "--threads", "1",
+        "--k", "5,20", "--quiet", "--threads", "1", "--label-budget", "20", "--label-draws", "1",
     ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -38,6 +38,7 @@ def test_eval_writes_every_protocol_and_baseline(tiny_run, tmp_path, capsys):
     for model in ("this", "scratch"):
         for split in ("1pct", "10pct"):
             assert (model, "finetune", split, None) in got
+    assert {r["model"] for r in doc["results"] if r["protocol"] == "fewlabels"} >= {"this", "pixels"}
     for r in doc["results"]:
         assert 0 <= r["top1"] <= r["top5"] <= 100
         lo, hi = r["top1_ci95"]  # 200 test images: every accuracy carries its interval
