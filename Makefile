@@ -36,11 +36,14 @@ demo: setup data
 	$(VENV)/bin/openseer eval $(DEMO) --data fashion-mnist $(DEMO_EVAL) --out $(DEMO)/eval.json $(DEMO_EVAL_ARGS)
 	$(VENV)/bin/openseer report $(DEMO) --summary $(DEMO_REPORT_ARGS)
 
-# `make test`: every check but the few minutes-long ones (marked heavy), within 10 minutes on 2 cores
+# `make test`: every check but the few minutes-long ones (marked heavy), within 6 minutes on 2 cores
 # with setup; `make test-heavy` runs those (torch.compile, the auto path, SIGKILL anywhere, the bench
-# smokes); .ci/run runs both.
+# smokes); .ci/run runs both. The tests run torch on one thread each (tests/conftest.py), so two
+# pytest-xdist workers use both cores; --dist loadscope keeps a module's shared fixtures (a torchrun
+# launch, a trained run) in one worker. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
 test: setup data
-	$(PY) -m pytest -q -x --durations=15 -m "not heavy"
+	$(PY) -m pytest -q -x --durations=25 -m "not heavy" $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope)
 
 test-heavy: setup data
 	$(PY) -m pytest -q -x --durations=10 -m heavy
