@@ -49,13 +49,10 @@ from .nearcopy import (
     DESCRIPTOR_VERSION,
     READ_SIDE,
     SIDE,
-    THRESHOLD,
-    VERIFY,
     WINDOWS,
     CopyIndex,
+    CopyQueries,
     describe_pile_image,
-    describe_query,
-    find_copies,
 )
 from .stream import SAMPLE_IMAGE_EXTS, iter_shard
 
@@ -486,7 +483,7 @@ def _names(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + more
 
 
-class StoredIndex:
+class StoredIndex(CopyQueries):
     """The index of a pile as listed now (rows in the pile's order), checked against it.
 
     ``keys`` (the pile's keys: a file's name, a shard sample's key), ``paths``, ``content_keys``,
@@ -623,15 +620,6 @@ class StoredIndex:
             except BadImage:
                 continue
         return out
-
-    def copies_of(self, photo: Image.Image, threshold: float = THRESHOLD,
-                  verify: float = VERIFY) -> list[tuple[str, str, float, float]]:
-        """(key, path, descriptor similarity, verified correlation) of every copy of ``photo``."""
-        query = describe_query(photo)
-        cands = self.index.candidates(query, threshold)
-        imgs = self.images(set(cands))
-        found = find_copies(query, self.index, imgs.get, threshold, verify)
-        return [(self.keys[r], self.paths[r], s, f) for r, s, f in found]
 
 
 def open_index(spec: str | Collection, index: str | Path = "") -> StoredIndex | None:

@@ -299,7 +299,21 @@ def _pil(item) -> Image.Image:
 READ_SIDE = 292  # pile images are decoded (JPEG DCT-scaled) to at least this side
 
 
-class PileIndex:
+class CopyQueries:
+    """A takedown over a described pile: needs ``index`` (CopyIndex), ``keys``, ``paths`` and
+    ``images(rows) -> {row: PIL image}``; shared by the scan (``PileIndex``) and the stored index."""
+
+    def copies_of(self, photo: Image.Image, threshold: float = THRESHOLD,
+                  verify: float = VERIFY) -> list[tuple[str, str, float, float]]:
+        """(key, path, descriptor similarity, verified correlation) of every copy of ``photo``."""
+        query = describe_query(photo)
+        cands = self.index.candidates(query, threshold)
+        imgs = self.images(set(cands))
+        found = find_copies(query, self.index, imgs.get, threshold, verify)
+        return [(self.keys[r], self.paths[r], s, f) for r, s, f in found]
+
+
+class PileIndex(CopyQueries):
     """Descriptors of every image of a pile (a folder, a file list or shards: ``openseer embed``'s
     collections), searchable for copies. Flat (near-blank) and undecodable images are counted."""
 
@@ -353,12 +367,3 @@ class PileIndex:
                 if row in by_row and not isinstance(item, str):
                     out[by_row[row]] = _pil(item)
         return out
-
-    def copies_of(self, photo: Image.Image, threshold: float = THRESHOLD,
-                  verify: float = VERIFY) -> list[tuple[str, str, float, float]]:
-        """(key, path, descriptor similarity, verified correlation) of every copy of ``photo``."""
-        query = describe_query(photo)
-        cands = self.index.candidates(query, threshold)
-        imgs = self.images(set(cands))
-        found = find_copies(query, self.index, imgs.get, threshold, verify)
-        return [(self.keys[r], self.paths[r], s, f) for r, s, f in found]
