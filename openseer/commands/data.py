@@ -423,6 +423,10 @@ def add_curate(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--keep-count", type=int, default=0, metavar="N", help="number of images to keep")
     p.add_argument("--dup-threshold", type=float, default=0.95,
                    help="cosine similarity (of --dup-by) that makes two images near-duplicates (default 0.95)")
+    p.add_argument("--embeddings", metavar="DIR", default="",
+                   help="a finished `openseer embed` folder of this pile made with --model: read instead of "
+                        "embedding the pile again (refused, naming what differs, when it is of other images or "
+                        "another model)")
     p.add_argument("--dup-by", default="descriptor", choices=["descriptor", "embedding"],
                    help="what near-duplicates are found by: the near-copy descriptor of takedown --near (default: "
                         "16 x 16 grey, flips included) or the model's embeddings (instance-level models only)")
@@ -460,7 +464,8 @@ def cmd_curate(args: argparse.Namespace) -> int:
                    dup_by=args.dup_by,
                    seed=args.seed, shards=args.shards, batch_size=args.batch_size, workers=args.workers,
                    device=device(args.device), layer=args.layer, max_memory=int(args.max_memory_gb * 2**30),
-                   progress=not args.quiet, log=(lambda t: None) if args.quiet or not ranks.is_main else print)
+                   progress=not args.quiet, log=(lambda t: None) if args.quiet or not ranks.is_main else print,
+                   embeddings=args.embeddings)
     if r is None:  # a torchrun rank other than 0: its share of the embedding is written
         return 0
     od = r["off_domain"]

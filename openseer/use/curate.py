@@ -386,7 +386,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
            dup_threshold: float = DUP_THRESHOLD, clusters: int = 0, levels: int = 1, reference: str = "",
            drop_off_domain: bool = False, dup_by: str = "descriptor", seed: int = 0, shards: bool = False, batch_size: int = 64,
            workers: int = 0, device: str = "cpu", layer: str = "last", max_memory: int = 0,
-           progress: bool = True, log=print) -> dict | None:
+           progress: bool = True, log=print, embeddings: str = "") -> dict | None:
     """Curate ``pile`` into ``out`` (see the module docstring); returns what ``curate.json`` holds
     (None on a torchrun rank other than 0, which only helps embed).
 
@@ -394,7 +394,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     anything is written.
     """
     from ..data.collection import open_collection
-    from .embed import embed_pile, reason_counts
+    from .embed import embed_pile, reason_counts, reuse_embeddings
 
     t0 = time.perf_counter()
     out = Path(out).expanduser()
@@ -431,13 +431,21 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     log(f"openseer: curating {coll.description} with {model.arch} ({model.feature_dim}-d): keep {budget} images")
     t_embed = time.perf_counter()
     # under torchrun the ranks share both embedding passes; the rest is rank 0's (the others return None)
-    embedded = embed_pile(model, pile, out / "embed", batch_size=batch_size, workers=workers, progress=progress,
-                          every_rank=False)
+    if embeddings:  # an `openseer embed` folder of this pile and model: read, not embedded again
+        from .ranks import open_ranks
+
+        log(f"openseer: reading the embeddings in {embeddings} (made by `openseer embed` with this model)")
+
+        embedded = reuse_embeddings(embeddings, model, pile) if open_ranks(model.device).is_main else None
+    else:
+        embedded = embed_pile(model, pile, out / "embed", batch_size=batch_size, workers=workers,
+                              progress=progress, every_rank=False)
     ref_embedded = embed_pile(model, reference, out / "reference", batch_size=batch_size, workers=workers,
                               progress=progress, every_rank=False) if reference else None
     if embedded is None:
         return None
     x, index_rows, bad = embedded
+    out.mkdir(parents=True, exist_ok=True)  # embed_pile made it; --embeddings did not
     embed_s = time.perf_counter() - t_embed
     n = len(x)
     if n == 0:
@@ -517,6 +525,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     after = np.bincount(assign_all[kept], minlength=k) if n_kept else np.zeros(k, int)
     summary = {
         "format": FORMAT, "pile": coll.description, "pile_spec": pile, "model": model_spec, "arch": model.arch,
+        "embeddings_from": str(embeddings) if embeddings else "embedded here (embed/)",
         "feature_dim": model.feature_dim, "layer": model.layer, "inputs": coll.n, "decoded": n, "bad": len(bad),
         "bad_by_reason": bad_reasons, "budget": budget, "keep": keep, "keep_count": keep_count or None,
         "kept": n_kept, "decisions": reasons, "dup_threshold": dup_threshold, "dup_by": dup_by,

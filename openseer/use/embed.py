@@ -343,6 +343,31 @@ def embed_pile(model, data: str, folder: str | Path, normalize: bool = True, eve
     return np.asarray(emb, dtype=np.float32), rows, bad
 
 
+def reuse_embeddings(folder: str | Path, model, data: str) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """A finished ``openseer embed`` folder of ``data`` made with ``model`` (same weights, transform,
+    layer and listing), read back as ``embed_pile`` gives it (unit rows, float32): so curate need not
+    embed the pile again. Anything else is refused, naming what differs."""
+    folder = Path(folder).expanduser()
+    old = _read_progress(folder / PROGRESS)
+    if old is None or not (folder / FINAL).is_file():
+        raise EmbedError(f"{folder} is not a finished `openseer embed` folder (no {PROGRESS} / {FINAL})")
+    was = old.get("params", {})
+    coll = open_collection(data, channels=1 if len(model.transform.mean) == 1 else 3)
+    now = {"data_fingerprint": coll.fingerprint(), "n": coll.n, "weights_hash": model.info["weights_hash"],
+           "transform": model.transform.ident(), "layer": model.layer}
+    diff = [k for k in now if was.get(k) != now[k]]
+    if diff:
+        raise EmbedError(f"{folder} holds embeddings of other images or of another model ({', '.join(diff)} "
+                         f"differ{'s' if len(diff) == 1 else ''}): embed {data} with this model, or leave "
+                         f"--embeddings out")
+    emb, rows = load_embeddings(folder)
+    x = np.asarray(emb, dtype=np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    with open(folder / "bad.csv", newline="", encoding="utf-8") as f:
+        bad = list(csv.DictReader(f))
+    return x, rows, bad
+
+
 def load_embeddings(folder: str | Path) -> tuple[np.ndarray, list[dict]]:
     """(memory-mapped embeddings, index rows as dicts) of a finished ``openseer embed`` folder."""
     folder = Path(folder)

@@ -275,3 +275,21 @@ def test_curate_links_crops_to_their_original_and_keeps_the_original(tmp_path):
     assert main(["curate", str(pile), "--out", str(out2), "--model", "test_resnet", "--keep", "1", "--clusters", "3",
                  "--dup-by", "embedding", "--dup-threshold", "0.99999", "--quiet", "--threads", "1"]) == 0
     assert "--dup-by embedding" in json.loads((out2 / "curate.json").read_text())["duplicate_method"]
+
+
+def test_curate_reads_an_existing_embed_folder_of_the_same_model_instead_of_embedding(tmp_path, capsys):
+    """`openseer embed` once, then `curate --embeddings`: the same decisions as embedding the pile again,
+    no embedding pass; a folder of another model (or other images) is refused, naming what differs."""
+    pile = _pile_folder(tmp_path / "pile")
+    args = ["--model", "test_resnet", "--keep", "0.5", "--clusters", "4", "--dup-by", "embedding",
+            "--dup-threshold", "0.99999", "--quiet", "--threads", "1"]
+    assert main(["embed", "test_resnet", "--data", str(pile), "--out", str(tmp_path / "emb"), "--quiet"]) == 0
+    assert main(["curate", str(pile), "--out", str(tmp_path / "a"), *args]) == 0
+    assert main(["curate", str(pile), "--out", str(tmp_path / "b"), "--embeddings", str(tmp_path / "emb"), *args]) == 0
+    assert not (tmp_path / "b" / "embed").exists() and (tmp_path / "a" / "embed").is_dir()
+    assert json.loads((tmp_path / "b" / "curate.json").read_text())["embeddings_from"] == str(tmp_path / "emb")
+    assert (tmp_path / "b" / "decisions.csv").read_text() == (tmp_path / "a" / "decisions.csv").read_text()
+    capsys.readouterr()
+    assert main(["curate", str(pile), "--out", str(tmp_path / "c"), "--embeddings", str(tmp_path / "emb"),
+                 *[a if a != "test_resnet" else "test_byobnet" for a in args]]) == 2
+    assert "weights_hash" in capsys.readouterr().err
