@@ -39,7 +39,7 @@ from ..model.checkpoint_file import (  # noqa: F401
     latest_checkpoint,
     load_checkpoint,
 )
-from .metadata import file_metadata, output_name  # noqa: F401  (the one schema; re-exported)
+from .metadata import file_metadata, output_name
 
 
 def export_backbone(source: str | Path, out_path: str | Path) -> Path:

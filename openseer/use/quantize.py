@@ -33,7 +33,8 @@ import torch
 from ..data.decode import DataError
 from ..eval.common import EvalTransform
 from ..model.checkpoint_file import CheckpointError
-from .export import file_metadata, output_name, save_onnx
+from .export import save_onnx
+from .metadata import file_metadata, output_name
 
 CALIBRATION_BATCH = 32
 
