@@ -46,13 +46,13 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         budget = f"{cfg.optim.minutes:g} min" if cfg.optim.minutes else f"{cfg.optim.epochs:g} ep"
         rows.append([name, f"{cfg.crops.sizes[0]} px", cfg.model.arch, crops, str(cfg.data.batch_size),
                      str(cfg.swav.n_prototypes), f"{head}{'' if cfg.model.head_bn else ' (no BN)'}",
-                     f"{cfg.optim.base_lr:g}", f"{cfg.swav.epsilon:g}", str(cfg.swav.queue_length),
-                     cfg.optim.precision, budget])
+                     f"{cfg.optim.base_lr:g}", f"{cfg.optim.warmup_steps}/{cfg.swav.freeze_prototypes_steps}",
+                     f"{cfg.swav.epsilon:g}", str(cfg.swav.queue_length), cfg.optim.precision, budget])
         intended.append((name, about.get("for", "")))
         if args.verbose:
             print(f"# {name}: {recipe_values(name)}")
-    header = ["recipe", "input", "backbone", "crops", "batch", "K", "head", "lr/256", "eps", "queue", "precision",
-              "length"]
+    header = ["recipe", "input", "backbone", "crops", "batch", "K", "head", "lr/256", "warmup/freeze", "eps", "queue",
+              "precision", "length"]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
@@ -71,7 +71,7 @@ PRETRAIN_EXAMPLES = """examples:
   openseer pretrain --data 'shards/{000000..000099}.tar' --recipe seer-rg64 --out runs/rg64
   torchrun --nproc-per-node 8 -m openseer pretrain --data /pile --recipe seer-rg128 --out runs/b --auto-resume
   openseer pretrain --resume runs/a                 # continue from the latest checkpoint
-  openseer pretrain --data /scans --init runs/a --out runs/adapted optim.minutes=10   # adapt a run to a new pile
+  openseer pretrain --data /scans --init runs/a --recipe tiny-cpu-adapt --out runs/adapted   # adapt a run to a new pile
   openseer pretrain --data /pile --recipe seer-rg32 --init seer_regnet32gf.torch --out runs/rg32-adapted
   openseer pretrain --data /dicom --out runs/ct data.dicom_window=40,400 data.dicom_frames=all   # DICOM scans
   openseer pretrain --resume runs/a optim.epochs=4  # make a finished run longer (the schedule continues)

@@ -5,7 +5,8 @@ said at once instead of discovered in the metrics an hour later:
   multiple of the world size), said in one line and written into the run's config.
 * ``advice``: warm-up or prototype freezing that outlasts the run (the LR never reaches its peak,
   the prototypes never train), the LR the run will actually reach, and crops far smaller than the
-  images (the model would learn from, and later embed, thumbnails of the photos).
+  images (the model would learn from, and later embed, thumbnails of the photos); with ``--init``
+  and a scratch recipe that has an ``-adapt`` variant, one line naming it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import copy
 import io
 
-from ..config import Config
+from ..config import Config, recipe_names
 from ..data.collection import Collection
 from ..rundir import RunError
 from .optim import lr_at
@@ -75,15 +76,21 @@ def image_short_side(source: Collection) -> int | None:
 
 def advice(cfg: Config, sched: dict, step: int, stop: int, short_side: int | None) -> list[str]:
     """Warnings (each one line, starting ``WARNING:``) about a run of steps ``step .. stop - 1``, and
-    the LR it will reach. Under a time budget ``stop`` is the step schedule's end: the clock may end
+    the LR it will reach; a ``note:`` line suggesting the ``-adapt`` recipe for a run with ``--init``. Under a time budget ``stop`` is the step schedule's end: the clock may end
     the run sooner (the loop repeats the warm-up check once the step time is known)."""
     out = []
+    adapt = f"{cfg.recipe}-adapt"
+    if cfg.model.init and adapt in recipe_names():
+        out.append(f"note: --init continues from trained weights: the {adapt} recipe's lower LR, shorter warm-up "
+                   f"and prototype freezing suit that better (--recipe {adapt}; docs/benchmarks.md, \"Adapting "
+                   f"released weights\")")
     if stop > step:
         out += steps_advice(cfg, sched, stop, "")
     crop = cfg.crops.sizes[0]
     if short_side and short_side > CROP_RATIO_WARN * crop:
+        photos = "photos-cpu-adapt, seer-gpu-adapt" if cfg.model.init else "photos-cpu, seer-gpu"
         recipe = (" the model learns from, and embeds, small thumbnails of them: use a recipe for photographs "
-                  "(photos-cpu, seer-gpu: openseer recipes) or larger crops.sizes;" if crop < SMALL_CROP else "")
+                  f"({photos}: openseer recipes) or larger crops.sizes;" if crop < SMALL_CROP else "")
         side = max(256, 2 * crop)
         out.append(f"WARNING: the images are about {short_side} px on their short side, {short_side // crop}x the "
                    f"{crop}-px large crops (recipe {cfg.recipe}):{recipe} decoding them at full size every epoch "
