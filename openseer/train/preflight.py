@@ -81,9 +81,9 @@ def advice(cfg: Config, sched: dict, step: int, stop: int, short_side: int | Non
     out = []
     adapt = f"{cfg.recipe}-adapt"
     if cfg.model.init and adapt in recipe_names():
-        out.append(f"note: --init continues from trained weights: the {adapt} recipe's lower LR, shorter warm-up "
-                   f"and prototype freezing suit that better (--recipe {adapt}; docs/benchmarks.md, \"Adapting "
-                   f"released weights\")")
+        out.append(f"note: --init continues from trained weights, which need no long warm-up or prototype "
+                   f"freezing: --recipe {adapt} has the settings measured for that (docs/benchmarks.md, "
+                   f"\"Adapting released weights\")")
     if stop > step:
         out += steps_advice(cfg, sched, stop, "")
     crop = cfg.crops.sizes[0]
