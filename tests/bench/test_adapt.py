@@ -109,7 +109,9 @@ def test_adapt_bench_quick_prints_one_json_line_with_all_three_models(tmp_path):
     for model in ("source", "adapted", "scratch"):
         for score in ("knn20", "linear", "knn20_10pct", "linear_10pct"):
             assert 20.0 <= line["summary"][model][score]["mean"] <= 100.0, (model, score)  # 5 classes: chance is 20
-    assert set(line["gain_vs_scratch"]) >= {"knn20", "linear"}
+    assert set(line["gain_vs_scratch"]) >= {"knn20", "linear"} and set(line["gain_vs_source"]) >= {"knn20", "linear"}
+    assert line["gain_vs_source"]["knn20"] == round(line["summary"]["adapted"]["knn20"]["mean"]
+                                                    - line["summary"]["source"]["knn20"]["mean"], 2)
     init = json.loads((tmp_path / "adapted-0.05m-seed0" / "init.json").read_text())
     assert "prototypes" in init["loaded"] and "head" in init["loaded"]  # (b) started from the source's weights, prototypes included
     assert "tiny-cpu-adapt" in (tmp_path / "adapted-0.05m-seed0" / "config.yaml").read_text()
