@@ -387,11 +387,11 @@ def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = 
     seconds = time.perf_counter() - t0
     parts = ranks.on_main(lambda: _load_manifest(folder)["parts"])
     stats = ranks.on_main(lambda: stats)
-    done_now = stats["described"] + stats["copied"]
+    done_now = stats["decoded"]
     return {"folder": str(folder), "described": stats["described"], "kept": stats["kept"],
             "dropped": stats["dropped"], "rows": sum(int(x["rows"]) for x in parts), "statuses": dict(stats["statuses"]),
             "seconds": round(seconds, 2), "images_per_s": round(done_now / seconds, 1) if seconds else 0.0,
-            "copied": stats["copied"], "side": pixels,
+            "copied": stats["copied"], "decoded": stats["decoded"], "side": pixels,
             "stored": sum(int(x.get("pixels", {}).get(str(pixels), 0)) for x in parts) if pixels else 0}
 
 
@@ -420,7 +420,7 @@ def _prepare(coll: Collection, folder: Path, rebuild: bool, log, per_part: int,
         if pid not in sides or (ext.startswith("px") and ext.split(".")[0][2:] not in sides[pid]):
             p.unlink(missing_ok=True)  # a part (or copies) an interrupted build (or rank) did not finish
     root = _root(folder)
-    stats: dict = {"described": 0, "kept": 0, "dropped": 0, "copied": 0, "statuses": Counter()}
+    stats: dict = {"described": 0, "kept": 0, "dropped": 0, "copied": 0, "decoded": 0, "statuses": Counter()}
     if isinstance(coll, ShardCollection):
         plan = _plan_shards(coll, root, doc, stats)
     else:
@@ -444,6 +444,7 @@ def _commit(folder: Path, doc: dict, finished: list[dict], stats: dict) -> None:
     one; a kept part's new decode-cache copies are recorded in its entry."""
     for d in sorted(finished, key=lambda d: d["order"]):
         stats["copied"] += d["copied"]
+        stats["decoded"] += d["decoded"]
         if d["info"] is None:  # copies added to a kept part
             info = next(x for x in doc["parts"] if x["id"] == d["pixels_of"])
             info.setdefault("pixels", {})[str(d["side"])] = d["stored"]
@@ -463,7 +464,7 @@ def _commit(folder: Path, doc: dict, finished: list[dict], stats: dict) -> None:
 
 def _part_done(info: dict, part: _Part, replaces: dict | None = None) -> dict:
     return {"info": info, "replaces": replaces, "statuses": dict(Counter(s or "described" for s in part.cols["status"])),
-            "rows": len(part), "copied": sum(part.pixels().values())}
+            "rows": len(part), "copied": sum(part.pixels().values()), "decoded": len(part)}
 
 
 def _in_workers(ds, workers: int):
@@ -515,7 +516,7 @@ def _copy_part(folder: Path, root: Path, task: dict, workers: int, deny: DenyLis
     write_copies(folder, pid, side, copies)
     stored = sum(c is not None for c in copies)
     return {"info": None, "pixels_of": pid, "side": side, "stored": stored, "copied": stored,
-            "rows": len(copies), "statuses": {}}
+            "rows": len(copies), "statuses": {}, "decoded": sum(t is not None for t in todo)}
 
 
 class _CopyFiles:
@@ -984,8 +985,8 @@ def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1,
         return cfg, f"data.decode_cache=auto: no decode cache ({e}); the originals are decoded every epoch"
     source.pixels = open_pixels(source, side)  # type: ignore[attr-defined]
     cfg.data.decode_cache = "on"
-    rate = f" at {r['images_per_s']:g} img/s" if r["described"] or r["copied"] else ""
+    rate = f", {r['images_per_s']:g} img/s" if r["decoded"] else ""
     note = (f"decode cache: {source.pixels.stored} of {len(source)} images read from copies of at most {side} px "
-            f"in {r['folder']} (decoded now {r['described'] + r['copied']}{rate}, reused {r['kept']}); the rest "
+            f"in {r['folder']} (decoded now {r['decoded']}, reused {r['kept']}{rate}); the rest "
             f"are small enough, or unreadable, and read as they are")
     return cfg, note
