@@ -164,11 +164,9 @@ def _shrink(img: Image.Image, side: int) -> Image.Image:
     return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def _describe_bytes(data: bytes, where: str, side: int = 0, deny: DenyList | None = None,
-                    key: str = "") -> tuple[dict, tuple | None, bytes | None]:
-    """Row fields and descriptors of one image's bytes (status says why there are none), and its
-    decode-cache copy at ``side`` (0: none; none either for an image ``deny`` takes down, by ``key``
-    or content key: a taken-down image gets no new copy)."""
+def _describe_image(data: bytes, where: str) -> tuple[dict, tuple | None, Image.Image | None]:
+    """Row fields and descriptors of one image's bytes (status says why there are none), and the
+    decoded image they were made from."""
     row = {"content_key": content_key(data), "bytes": len(data), "width": 0, "height": 0, "status": ""}
     try:
         img = decode_bytes(data, where, draft_size=READ_SIDE)  # as the near-copy scan decodes it
@@ -180,8 +178,22 @@ def _describe_bytes(data: bytes, where: str, side: int = 0, deny: DenyList | Non
     d = describe_pile_image(img)
     if d is None:
         row["status"] = "flat"
+    return row, d, img
+
+
+def _describe_bytes(data: bytes, where: str) -> tuple[dict, tuple | None]:
+    """Row fields and descriptors of one image's bytes (status says why there are none)."""
+    row, d, _ = _describe_image(data, where)
+    return row, d
+
+
+def _describe_with_copy(data: bytes, where: str, side: int, deny: DenyList | None,
+                        key: str) -> tuple[dict, tuple | None, bytes | None]:
+    """``_describe_bytes`` and the image's decode-cache copy at ``side`` from the same decode (none
+    for an image ``deny`` takes down, by ``key`` or content key: a taken-down image gets no new copy)."""
+    row, d, img = _describe_image(data, where)
     px = None
-    if side and not _denied(deny, key, row["content_key"]):
+    if img is not None and not _denied(deny, key, row["content_key"]):
         try:
             px = make_copy(data, where, side, img)
         except BadImage:
@@ -565,7 +577,7 @@ def _describe_shard(coll: ShardCollection, folder: Path, task: dict) -> dict:
         if s.data is None:
             part.add({**base, "status": s.reason or "no_image"}, None)
         else:
-            row, d, _ = _describe_bytes(s.data, f"{Path(url).name}:{s.key}")
+            row, d = _describe_bytes(s.data, f"{Path(url).name}:{s.key}")
             ext = next((e for e in SAMPLE_IMAGE_EXTS if e in offsets.get(s.key, {})), None)
             if ext is not None:
                 row["offset"], row["length"] = offsets[s.key][ext]
@@ -598,8 +610,10 @@ class _DescribeFiles:
             data = read_bytes(e.path, self.read_timeout)
         except BadImage as err:
             return {**base, "status": err.reason}, None, None
-        side = self.side if e.frame < 0 else 0  # a DICOM frame row: its file is read as itself
-        row, d, px = _describe_bytes(data, name_to_text(e.path), side, self.deny, e.key)
+        if self.side and e.frame < 0:  # (a DICOM frame row: its file is read as itself)
+            row, d, px = _describe_with_copy(data, name_to_text(e.path), self.side, self.deny, e.key)
+        else:
+            (row, d), px = _describe_bytes(data, name_to_text(e.path)), None
         return {**base, **row}, d, px
 
 

@@ -230,3 +230,45 @@ def test_pretrain_from_the_cache_records_it_and_resumes_bit_exact(tmp_path, caps
     for k, v in a.items():
         assert torch.equal(v, b[k]), k
     assert os.path.isdir(folder / ix.INDEX_DIR)
+
+
+RANKS_SCRIPT = """
+import sys
+import torch.distributed as dist
+from openseer.data import index as ix
+from openseer.data.collection import open_collection
+from tests.conftest import tiny_config
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+folder, out = sys.argv[1], sys.argv[2]
+ix.build_index(folder, index=out, progress=False, ranks=ix.DistRanks(rank, world), pixels=64, files_per_part=3)
+cfg = tiny_config(f"data.source={folder}")
+coll = open_collection(folder, data_cfg=cfg.data)
+resolved, note = ix.prepare_decode_cache(cfg, coll, rank, world, progress=False)
+print(f"rank {rank}: {resolved.data.decode_cache} {coll.pixels.stored}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.heavy
+def test_two_ranks_build_the_cache_one_process_builds(tmp_path):
+    """A training run's ranks (``DistRanks`` over its process group) share the parts of the build:
+    the copies and the manifest are byte for byte those of one process, and both ranks read them."""
+    from tests.use.test_ranks import _torchrun
+
+    folder = _pile(tmp_path / "pile", big=7)
+    script = tmp_path / "build.py"
+    script.write_text(RANKS_SCRIPT)
+    done = _torchrun(str(folder), str(tmp_path / "two"), script=str(script))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: on 7", "rank 1: on 7"]
+    ix.build_index(str(folder), index=tmp_path / "one", progress=False, pixels=64, files_per_part=3)
+    a, b = (json.loads((tmp_path / d / ix.MANIFEST).read_text()) for d in ("one", "two"))
+    a.pop("updated_utc"), b.pop("updated_utc")
+    assert a == b and len(a["parts"]) == 4 and all(p["pixels"] for p in a["parts"])
+    names = sorted(p.name for p in (tmp_path / "one" / "parts").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two" / "parts").iterdir()) and any(".px64." in n for n in names)
+    for name in names:
+        assert (tmp_path / "one" / "parts" / name).read_bytes() == (tmp_path / "two" / "parts" / name).read_bytes()
