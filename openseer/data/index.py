@@ -382,7 +382,8 @@ def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = 
             raise IndexMismatch(f"{coll.spec}: --pixels (the decode cache) is for a folder or a file list; tar shards "
                                 f"are read as a stream (write them downscaled: `openseer shard --max-side N`)")
         folder = index_folder(coll, index)
-        doc, plan, stats = ranks.on_main(_prepare, coll, folder, rebuild, log, files_per_part or FILES_PER_PART, pixels)
+        doc, plan, stats = ranks.on_main(_prepare, coll, folder, rebuild, log, files_per_part or FILES_PER_PART, pixels,
+                                         deny)
         root = _root(folder)
         extra = sum(int(t["rows"]) for t in plan if t["kind"] == "pixels")
         with bar("index", total=coll.n + extra, unit="img", enabled=progress and ranks.is_main) as p:
@@ -403,12 +404,12 @@ def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = 
     return {"folder": str(folder), "described": stats["described"], "kept": stats["kept"],
             "dropped": stats["dropped"], "rows": sum(int(x["rows"]) for x in parts), "statuses": dict(stats["statuses"]),
             "seconds": round(seconds, 2), "images_per_s": round(done_now / seconds, 1) if seconds else 0.0,
-            "copied": stats["copied"], "decoded": stats["decoded"], "side": pixels,
+            "copied": stats["copied"], "decoded": stats["decoded"], "purged": stats["purged"], "side": pixels,
             "stored": sum(int(x.get("pixels", {}).get(str(pixels), 0)) for x in parts) if pixels else 0}
 
 
 def _prepare(coll: Collection, folder: Path, rebuild: bool, log, per_part: int,
-             side: int = 0) -> tuple[dict, list[dict], dict]:
+             side: int = 0, deny: DenyList | None = None) -> tuple[dict, list[dict], dict]:
     """(manifest, plan, counts) of a build: the index folder made or reset, stale rows dropped; the
     plan lists the parts to describe, each with its id (a shard, or up to FILES_PER_PART files), then
     (``side``) the kept parts that lack their decode-cache copies at that side."""
@@ -432,11 +433,12 @@ def _prepare(coll: Collection, folder: Path, rebuild: bool, log, per_part: int,
         if pid not in sides or (ext.startswith("px") and ext.split(".")[0][2:] not in sides[pid]):
             p.unlink(missing_ok=True)  # a part (or copies) an interrupted build (or rank) did not finish
     root = _root(folder)
-    stats: dict = {"described": 0, "kept": 0, "dropped": 0, "copied": 0, "decoded": 0, "statuses": Counter()}
+    stats: dict = {"described": 0, "kept": 0, "dropped": 0, "copied": 0, "decoded": 0, "purged": 0,
+                   "statuses": Counter()}
     if isinstance(coll, ShardCollection):
         plan = _plan_shards(coll, root, doc, stats)
     else:
-        plan = _plan_files(coll, folder, root, doc, stats, per_part)
+        plan = _plan_files(coll, folder, root, doc, stats, per_part, deny)
     for task in plan:
         task["id"] = _next_id(doc)
     if side:
@@ -618,8 +620,9 @@ class _DescribeFiles:
 
 
 def _plan_files(coll: FileCollection, folder: Path, root: Path, doc: dict, stats: dict,
-                per_part: int) -> list[dict]:
-    """Drop the index rows of changed or vanished files; plan the listed files not indexed as they are."""
+                per_part: int, deny: DenyList | None = None) -> list[dict]:
+    """Drop the index rows of changed or vanished files, and the decode-cache copies of images
+    ``deny`` names; plan the listed files not indexed as they are."""
     srcs = [_source(e.path, root) for e in coll.entries]
     listed = dict(zip(srcs, range(len(srcs))))
     drop: dict[str, list[int]] = {}  # part id -> rows to drop
@@ -638,6 +641,13 @@ def _plan_files(coll: FileCollection, folder: Path, root: Path, doc: dict, stats
     for info in [x for x in doc["parts"] if x["id"] in drop]:
         _rewrite_without(folder, info, set(drop[info["id"]]), doc)
         stats["dropped"] += len(drop[info["id"]])
+    for info in [x for x in doc["parts"] if x["kind"] == "files" and x.get("pixels") and deny and deny.keys]:
+        cols = _read_part(folder, info["id"])  # copies of images taken down since they were made: removed
+        denied = {i for i, (k, c) in enumerate(zip(cols["name"], cols["content_key"])) if _denied(deny, k, c)}
+        held = {i for s in info["pixels"] for i in denied if read_copies(folder, info["id"], int(s))[1][i][1] >= 0}
+        if held:
+            _rewrite_without(folder, info, set(), doc, held)
+            stats["purged"] += len(held)
     _save_manifest(folder, doc)
     stats["kept"] += len(have)
     todo = [j for j, src in enumerate(srcs) if src not in have]
@@ -649,8 +659,9 @@ def _as_is(sample):
     return sample
 
 
-def _rewrite_without(folder: Path, info: dict, rows: set[int], doc: dict) -> None:
-    """Part ``info`` without ``rows`` (its descriptors too), written under a new id."""
+def _rewrite_without(folder: Path, info: dict, rows: set[int], doc: dict, no_copies: set[int] = frozenset()) -> None:
+    """Part ``info`` without ``rows`` (its descriptors too) and without the decode-cache copies of
+    ``no_copies``, written under a new id (a run reading the old copies finds them gone, never moved)."""
     cols = _read_part(folder, info["id"])
     arrs = _arrays(folder, info["id"])
     sides = tuple(int(s) for s in info.get("pixels", {}))
@@ -662,7 +673,7 @@ def _rewrite_without(folder: Path, info: dict, rows: set[int], doc: dict) -> Non
             continue
         v = cols["vec"][i]
         row = {c: cols[c][i] for c in COLUMNS}
-        copies = {s: (blobs[s][int(o):int(o) + int(n)] if n >= 0 else None)
+        copies = {s: (blobs[s][int(o):int(o) + int(n)] if n >= 0 and i not in no_copies else None)
                   for s in sides for o, n in [stores[s][1][i]]}
         part.add(row, None if v < 0 else (arrs[0][v], arrs[1][v], arrs[2][v]), copies)
     doc["parts"].remove(info)
@@ -1002,5 +1013,6 @@ def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1,
     rate = f", {r['images_per_s']:g} img/s" if r["decoded"] else ""
     note = (f"decode cache: {source.pixels.stored} of {len(source)} images read from copies of at most {side} px "
             f"in {r['folder']} (decoded now {r['decoded']}, reused {r['kept']}{rate}); the rest "
-            f"are small enough, or unreadable, and read as they are")
+            f"are small enough, or unreadable, and read as they are"
+            + (f"; {r['purged']} copies of images on the deny-list removed" if r["purged"] else ""))
     return cfg, note

@@ -176,6 +176,15 @@ def test_the_deny_list_keeps_taken_down_images_from_the_model(tmp_path, monkeypa
     assert reads == []  # ... and refused from the copy, by the original's content key and name
     seen = {k for b in _batches(later, resolved, steps=6) for k in b.keys}
     assert seen and not seen & {"big1.png", "big4.png"}
+    # the next run's build removes their copies from the store
+    before = b"".join(p.read_bytes() for p in (folder / ix.INDEX_DIR / "parts").glob("*.px96.bin"))
+    copy_of_big1 = later.pixels.read(names.index("big1.png"), folder / "big1.png", 5.0)
+    assert copy_of_big1 and copy_of_big1 in before
+    _, note = ix.prepare_decode_cache(cfg, open_collection(str(folder), data_cfg=cfg.data), progress=False)
+    assert "; 2 copies of images on the deny-list removed" in note and "4 of 10 images read from copies" in note
+    after = b"".join(p.read_bytes() for p in (folder / ix.INDEX_DIR / "parts").glob("*.px96.bin"))
+    assert copy_of_big1 not in after and len(after) < len(before)
+    assert later.load(names.index("big0.png")).size == (240, 160)  # a run holding the old offsets: the original
     # a build under this deny-list makes no new copy of a taken-down image
     ix.build_index(str(folder), index=tmp_path / "other", progress=False, pixels=96)
     other = open_collection(str(folder), data_cfg=cfg.data)
