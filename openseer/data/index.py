@@ -972,8 +972,9 @@ class DistRanks:
 
 def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1, command: str = "pretrain",
                          progress: bool = True):
-    """``data.decode_cache`` for a run about to train on ``source``: (config with ``decode_cache``
-    resolved to on/off and ``decode_cache_side`` to the side used, the note to print or '').
+    """``data.decode_cache`` for a run about to train on ``source``: (the config, with ``decode_cache``
+    resolved to on and ``decode_cache_side`` to the side used when the cache is used, else as given;
+    the note to print or '').
 
     on (or auto, for a folder or file list holding images larger than the side): the pile's index
     is built or extended with copies at that side (``build_index``: only what is new or changed is
@@ -983,22 +984,17 @@ def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1,
     written: off, said in the note; on: ``IndexMismatch``."""
     import copy as _copy
 
-    cfg = _copy.deepcopy(cfg)
     mode = cfg.data.decode_cache
     side = decode_cache_side(cfg)
-    cfg.data.decode_cache_side = side
     files = isinstance(source, FileCollection) and source.base is not None
     if mode == "off" or (mode == "auto" and not files):
-        cfg.data.decode_cache = "off"
         return cfg, ""
     if not files:
-        cfg.data.decode_cache = "off"
         return cfg, (f"data.decode_cache=on: {source.spec} is {source.kind} read as it is stored, not a folder "
                      f"or a file list; no decode cache")
     if mode == "auto":
         big = DistRanks(rank, world).on_main(larger_than, source, side) if world > 1 else larger_than(source, side)
         if not big:
-            cfg.data.decode_cache = "off"
             return cfg, ""
     ranks = DistRanks(rank, world) if world > 1 else None
     try:
@@ -1006,10 +1002,10 @@ def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1,
     except IndexMismatch as e:
         if mode == "on":
             raise
-        cfg.data.decode_cache = "off"
         return cfg, f"data.decode_cache=auto: no decode cache ({e}); the originals are decoded every epoch"
     source.pixels = open_pixels(source, side)  # type: ignore[attr-defined]
-    cfg.data.decode_cache = "on"
+    cfg = _copy.deepcopy(cfg)
+    cfg.data.decode_cache, cfg.data.decode_cache_side = "on", side
     rate = f", {r['images_per_s']:g} img/s" if r["decoded"] else ""
     note = (f"decode cache: {source.pixels.stored} of {len(source)} images read from copies of at most {side} px "
             f"in {r['folder']} (decoded now {r['decoded']}, reused {r['kept']}{rate}); the rest "

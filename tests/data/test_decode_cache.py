@@ -105,12 +105,12 @@ def test_auto_is_off_for_small_images_fashion_mnist_and_when_asked(tmp_path):
         cfg = _cfg(folder, f"data.decode_cache={setting}")
         coll = open_collection(str(folder), data_cfg=cfg.data)
         resolved, note = ix.prepare_decode_cache(cfg, coll, progress=False)
-        assert resolved.data.decode_cache == "off" and note == "" and coll.pixels is None
+        assert resolved.data.decode_cache == setting and note == "" and coll.pixels is None
         assert not (folder / ix.INDEX_DIR).exists()
     fm = tiny_config("data.decode_cache=on")  # YAML's on is true: read as on
     assert fm.data.decode_cache == "on"
     resolved, note = ix.prepare_decode_cache(fm, open_collection("fashion-mnist"), progress=False)
-    assert resolved.data.decode_cache == "off" and "not a folder or a file list" in note
+    assert resolved.data.decode_cache == "on" and "not a folder or a file list; no decode cache" in note
 
 
 def test_a_changed_file_is_read_as_itself_then_copied_again(tmp_path, monkeypatch):
