@@ -281,3 +281,30 @@ def test_two_ranks_build_the_cache_one_process_builds(tmp_path):
     assert names == sorted(p.name for p in (tmp_path / "two" / "parts").iterdir()) and any(".px64." in n for n in names)
     for name in names:
         assert (tmp_path / "one" / "parts" / name).read_bytes() == (tmp_path / "two" / "parts" / name).read_bytes()
+
+
+def test_the_hostile_collection_through_the_cache_gives_every_row_its_reason(tmp_path):
+    """Every row of the hostile pile (bad files of every kind, odd names, a deny-listed image) loads,
+    or fails with its reason, the same with the cache as without it; the taken-down image gets no copy."""
+    from tests.data.hostile import write_hostile
+
+    hostile = write_hostile(tmp_path / "pile")
+    r = ix.build_index(str(hostile.root), progress=False, log=lambda t: None, pixels=16)
+    assert r["stored"] > 0 and r["rows"] == hostile.n_files
+
+    def outcomes(coll) -> list[str]:
+        out = []
+        for i in range(len(coll)):
+            try:
+                out.append("ok" if coll.load(i) is not None else "none")
+            except BadImage as e:
+                out.append(e.reason)
+        return out
+
+    plain = open_collection(str(hostile.root))
+    cached = open_collection(str(hostile.root))
+    cached.pixels = ix.open_pixels(cached, 16)
+    assert outcomes(cached) == outcomes(plain)
+    assert outcomes(plain).count("denied") == 1
+    denied = [e.key for e in cached.entries].index("a/taken_down.png")
+    assert cached.pixels.length[denied] < 0
