@@ -999,10 +999,12 @@ def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1,
     ranks = DistRanks(rank, world) if world > 1 else None
     try:
         r = build_index(source, progress=progress and rank == 0, log=(lambda t: None), ranks=ranks, pixels=side)
-    except IndexMismatch as e:
+    except (IndexMismatch, OSError) as e:  # e.g. a read-only folder
+        why = str(e) if isinstance(e, IndexMismatch) else f"cannot write the pile index: {e}"
         if mode == "on":
-            raise
-        return cfg, f"data.decode_cache=auto: no decode cache ({e}); the originals are decoded every epoch"
+            raise IndexMismatch(f"data.decode_cache=on: {why}; set data.decode_cache=off, or make the pile's "
+                                f"folder writable") from None
+        return cfg, f"data.decode_cache=auto: no decode cache ({why}); the originals are decoded every epoch"
     source.pixels = open_pixels(source, side)  # type: ignore[attr-defined]
     cfg = _copy.deepcopy(cfg)
     cfg.data.decode_cache, cfg.data.decode_cache_side = "on", side
