@@ -998,7 +998,8 @@ def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1,
             return cfg, ""
     ranks = DistRanks(rank, world) if world > 1 else None
     try:
-        r = build_index(source, progress=progress and rank == 0, log=(lambda t: None), ranks=ranks, pixels=side)
+        r = build_index(source, progress=progress and rank == 0, log=(lambda t: None), ranks=ranks, pixels=side,
+                        workers=cfg.data.num_workers)  # the loader's processes make the first pass
     except (IndexMismatch, OSError) as e:  # e.g. a read-only folder
         why = str(e) if isinstance(e, IndexMismatch) else f"cannot write the pile index: {e}"
         if mode == "on":
