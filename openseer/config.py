@@ -49,7 +49,7 @@ class DataConfig:
     dicom_frames: str = "middle"  # multi-frame DICOM: middle (one row per file) | all (a row per frame, key f.dcm#i)
     # pretrain/distill from a folder or list: decode each image once into a small copy kept in the pile index
     # (ROOT/.openseer-index) and train from the copies; auto: on when the pile holds images larger than the side
-    decode_cache: bool | str = "auto"  # auto | on | off (the run's config.yaml records what it resolved to)
+    decode_cache: bool | str = "auto"  # auto | on | off (a run using it records on and the side in config.yaml)
     decode_cache_side: int = 0  # longer side of the copies; 0 = what the crops need (data/index.py decode_cache_side)
 
 
