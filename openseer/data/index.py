@@ -9,6 +9,8 @@ folder, the shards' folder; ``--index DIR`` puts it elsewhere)::
     parts/NNNNNN.json     one row per image: source, identity, key, content key, size, status, ...
     parts/NNNNNN.npy      descriptors of its described rows (float32, N x 256)
     parts/NNNNNN.flip.npy the mirror images' descriptors; parts/NNNNNN.win.npy the windows' (float16)
+    parts/NNNNNN.pxSIDE.bin/.npy   the decode cache (optional): small copies of the part's images
+                          at SIDE and their offsets (``make_copy``; ``build_index(pixels=SIDE)``)
 
 A part is one shard (identified by its file's size and modification time) or up to
 ``FILES_PER_PART`` files (each identified by its own size and modification time), written whole
@@ -27,6 +29,13 @@ described, one that is not indexed yet, an indexed one that no longer exists, or
 descriptor version: an index that no longer matches its pile is never used. A candidate found in
 it is decoded again for verification (a file is read, a shard sample read at its recorded offset),
 so a takedown decodes only its candidates.
+
+The decode cache (``data.decode_cache``; ``prepare_decode_cache`` before ``pretrain`` and ``distill``
+train, ``openseer index PILE --pixels SIDE``) lives in the same parts under the same rule: copies are
+made with the descriptors from one decode, added to kept parts that lack them, carried over when a
+part is rewritten, and removed (the part rewritten under a new id) when the deny-list names their
+image. ``open_pixels`` gives the loader a ``collection.PixelRows``, which uses a copy only while its
+original's size and modification time are the recorded ones.
 """
 
 from __future__ import annotations
