@@ -229,6 +229,7 @@ def test_pretrain_from_the_cache_records_it_and_resumes_bit_exact(tmp_path, caps
     assert main(["pretrain", "--out", str(whole), *args]) == 0
     out = capsys.readouterr().out
     assert "openseer: decode cache: 8 of 12 images read from copies of at most 96 px" in out
+    assert "the decode cache reads them as copies of at most 96 px (data.decode_cache)" in out  # not "decoded every epoch"
     saved = (whole / "config.yaml").read_text()
     assert "decode_cache: 'on'" in saved and "decode_cache_side: 96" in saved
     assert main(["pretrain", "--out", str(parts), "--max-steps", "2", *args]) == 0
