@@ -84,7 +84,7 @@ def advice(cfg: Config, sched: dict, step: int, stop: int, short_side: int | Non
     if short_side and short_side > CROP_RATIO_WARN * crop:
         recipe = (" the model learns from, and embeds, small thumbnails of them: use a recipe for photographs "
                   "(photos-cpu, seer-gpu: openseer recipes) or larger crops.sizes;" if crop < SMALL_CROP else "")
-        side = max(256, 2 * crop)
+        side = cfg.data.decode_cache_side if cfg.data.decode_cache == "on" else max(256, 2 * crop)
         shard = f"`openseer shard {cfg.data.source} --out SHARDS --max-side {side}`"
         decoding = (f" decoding them at full size every epoch is slow: downscale once with {shard} and train on the "
                     "shards" if cfg.data.decode_cache != "on" else
