@@ -76,8 +76,9 @@ def image_short_side(source: Collection) -> int | None:
 
 def advice(cfg: Config, sched: dict, step: int, stop: int, short_side: int | None) -> list[str]:
     """Warnings (each one line, starting ``WARNING:``) about a run of steps ``step .. stop - 1``, and
-    the LR it will reach; a ``note:`` line suggesting the ``-adapt`` recipe for a run with ``--init``. Under a time budget ``stop`` is the step schedule's end: the clock may end
-    the run sooner (the loop repeats the warm-up check once the step time is known)."""
+    the LR it will reach; a ``note:`` line suggesting the ``-adapt`` recipe for a run with ``--init``.
+    Under a time budget ``stop`` is the step schedule's end: the clock may end the run sooner (the
+    loop repeats the warm-up check once the step time is known)."""
     out = []
     adapt = f"{cfg.recipe}-adapt"
     if cfg.model.init and adapt in recipe_names():
@@ -91,11 +92,15 @@ def advice(cfg: Config, sched: dict, step: int, stop: int, short_side: int | Non
         photos = "photos-cpu-adapt, seer-gpu-adapt" if cfg.model.init else "photos-cpu, seer-gpu"
         recipe = (" the model learns from, and embeds, small thumbnails of them: use a recipe for photographs "
                   f"({photos}: openseer recipes) or larger crops.sizes;" if crop < SMALL_CROP else "")
-        side = max(256, 2 * crop)
+        side = cfg.data.decode_cache_side if cfg.data.decode_cache == "on" else max(256, 2 * crop)
+        shard = f"`openseer shard {cfg.data.source} --out SHARDS --max-side {side}`"
+        decoding = (f" decoding them at full size every epoch is slow: downscale once with {shard} and train on the "
+                    "shards" if cfg.data.decode_cache != "on" else
+                    f" the decode cache reads them as copies of at most {cfg.data.decode_cache_side} px "
+                    f"(data.decode_cache), so only its first pass decodes them at full size (or downscale them once: "
+                    f"{shard})")
         out.append(f"WARNING: the images are about {short_side} px on their short side, {short_side // crop}x the "
-                   f"{crop}-px large crops (recipe {cfg.recipe}):{recipe} decoding them at full size every epoch "
-                   f"is slow: downscale once with `openseer shard {cfg.data.source} --out SHARDS --max-side {side}` "
-                   "and train on the shards")
+                   f"{crop}-px large crops (recipe {cfg.recipe}):{recipe}{decoding}")
     return out
 
 
