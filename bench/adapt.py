@@ -3,6 +3,7 @@ against pretraining from scratch for the same minutes, on Fashion-MNIST split in
 
     .venv/bin/python bench/adapt.py                      # M=5, source 5 min, 3 seeds: about 50 min (35 of training)
     .venv/bin/python bench/adapt.py --source runs/src    # reuse a source run trained on classes 0-4
+    .venv/bin/python bench/adapt.py --epochs 4 --seeds 2 # fixed steps instead of minutes (a busy machine)
     .venv/bin/python bench/adapt.py --quick              # a smoke run: 0.5-min runs, 2 seeds, small eval
     .venv/bin/python bench/adapt.py --sweep --source runs/src   # the adapt recipe's LR/warm-up/freeze sweep
 
@@ -148,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=5.0, help="M: minutes of (b) adapting and (c) scratch, each")
     p.add_argument("--source-minutes", type=float, default=5.0, help="minutes of the source's pretraining")
+    p.add_argument("--epochs", type=float, default=0.0,
+                   help="a fixed budget instead of the clock: every pretraining run (source, adapted, scratch) "
+                        "trains this many epochs of its pile (4 = about 5 idle minutes of tiny-cpu on 2 cores); "
+                        "fair on a busy machine, where minutes are not")
     p.add_argument("--source", help="a source run (or weights) pretrained on classes 0-4 to reuse")
     p.add_argument("--seeds", type=int, default=3, help="pretraining and eval seeds for (b) and (c)")
     p.add_argument("--work", default="runs/bench-adapt", help="piles and runs (a finished run is reused)")
@@ -165,6 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     limits = (3000, 1000) if args.quick else (0, 0)
+
+    def budget(minutes: float) -> list[str]:
+        """The clock (``optim.minutes``), or a fixed number of epochs with ``--epochs``."""
+        if args.epochs:
+            return [f"optim.epochs={args.epochs:g}", "optim.minutes=0", "model.compile=false"]
+        return [f"optim.minutes={minutes:g}", f"optim.epochs={EPOCH_CAP}"]
+
     threads = [f"threads={args.threads}"] if args.threads else []
     work = Path(args.work)
     t0 = time.perf_counter()
@@ -175,20 +187,19 @@ def main(argv: list[str] | None = None) -> int:
         source_run = None
         if source is None:
             source = str(work / "source")
-            source_run = run_pretrain("tiny-cpu", source_pile, Path(source),
-                                      [*threads, f"optim.minutes={args.source_minutes:g}", f"optim.epochs={EPOCH_CAP}"])
+            source_run = run_pretrain("tiny-cpu", source_pile, Path(source), [*threads, *budget(args.source_minutes)])
         if args.sweep:
             print(json.dumps({**sweep(args, source, target, work), "total_s": round(time.perf_counter() - t0, 1)}))
             return 0
         protocols = ("knn", "linear", "lowshot")
         models: dict[str, list[dict]] = {"source": [], "adapted": [], "scratch": []}
         runs: dict[str, list[dict]] = {"adapted": [], "scratch": []}
-        clock = [*threads, f"optim.minutes={args.minutes:g}", f"optim.epochs={EPOCH_CAP}"]
+        clock = [*threads, *budget(args.minutes)]
         for seed in range(args.seeds):
             models["source"].append(scores(source, target, seed, protocols, work / f"source-eval-{seed}.json", *limits))
             for name, recipe, extra in (("adapted", "tiny-cpu-adapt", [f"model.init={source}"]),
                                         ("scratch", "tiny-cpu", [])):
-                out = work / f"{name}-{args.minutes:g}m-seed{seed}"
+                out = work / (f"{name}-{args.epochs:g}ep-seed{seed}" if args.epochs else f"{name}-{args.minutes:g}m-seed{seed}")
                 runs[name].append(run_pretrain(recipe, target, out, [*clock, f"seed={seed}", *extra]))
                 models[name].append(scores(str(out), target, seed, protocols, out / "eval.json", *limits))
             print(f"bench: seed {seed}: {json.dumps({k: v[-1] for k, v in models.items()})}", file=sys.stderr, flush=True)
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: error: {e}", file=sys.stderr)
         return 2
     summary = {k: _mean_spread(v) for k, v in models.items()}
-    line = {"bench": "adapt", "minutes": args.minutes, "source": source, "source_run": source_run,
+    line = {"bench": "adapt", "minutes": None if args.epochs else args.minutes, "epochs": args.epochs or None, "source": source, "source_run": source_run,
             "seeds": args.seeds, "quick": args.quick, "eval_limits": list(limits),
             **{f"gain_vs_{ref}": {k: round(summary["adapted"][k]["mean"] - summary[ref][k]["mean"], 2)
                                    for k in SCORES if k in summary["adapted"] and k in summary[ref]}
