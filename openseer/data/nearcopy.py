@@ -247,10 +247,12 @@ class CopyIndex:
     The search is exact below ``search.EXACT_MAX`` descriptors and approximate above
     (data/search.py); ``kind`` forces one."""
 
-    def __init__(self, vectors: np.ndarray, kind: str = "auto"):
+    def __init__(self, vectors: np.ndarray | None, kind: str = "auto", search=None):
         from .search import VectorSearch
 
-        self.search = VectorSearch(np.asarray(vectors, np.float32).reshape(-1, SIDE * SIDE), kind=kind)
+        if search is None:  # ``search``: a VectorSearch built (or loaded) already
+            search = VectorSearch(np.asarray(vectors, np.float32).reshape(-1, SIDE * SIDE), kind=kind)
+        self.search = search
         self.index = self.search.index
 
     def __len__(self) -> int:
