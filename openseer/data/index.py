@@ -489,6 +489,46 @@ def _arrays(folder: Path, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
                             f"`openseer index PILE --rebuild`") from None
 
 
+def describe_sample(data: bytes, where: str) -> tuple[dict, tuple | None]:
+    """What the index stores of one shard sample's image bytes (``openseer shard`` calls it in its
+    workers, on the bytes it stores, while it has them in memory)."""
+    return _describe_bytes(data, where)
+
+
+def add_shard_part(url: str | Path, samples: list[tuple[str, tuple[dict, tuple | None]]]) -> None:
+    """Index a shard just written by ``openseer shard`` (``samples``: per sample in order, its key and
+    ``describe_sample``'s result) into its folder's index, as ``openseer index SHARDS`` would: the
+    same part files and manifest entry, so that a later ``openseer index`` finds nothing to do. A
+    part already there for the shard (a resumed run writing it again) is replaced."""
+    url = os.fspath(url)
+    folder = Path(url).resolve().parent / INDEX_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = _load_manifest(folder)
+    if doc is None or doc.get("descriptor") != DESCRIPTOR_VERSION:
+        for p in (folder / "parts").glob("*") if (folder / "parts").is_dir() else []:
+            p.unlink()
+        doc = _new_manifest()
+    src = _source(url, _root(folder))
+    size, mtime = _identity(url)
+    offsets = _member_offsets(url)
+    part = _Part()
+    for position, (key, (row, d)) in enumerate(samples):
+        row = {"source": src, "size": size, "mtime_ns": mtime, "name": key, "position": position, **row}
+        ext = next((e for e in SAMPLE_IMAGE_EXTS if e in offsets.get(key, {})), None)
+        if ext is not None:
+            row["offset"], row["length"] = offsets[key][ext]
+        part.add(row, d)
+    pid = _next_id(doc)
+    part.write(folder, pid)
+    old = next((x for x in doc["parts"] if x.get("source") == src), None)
+    if old is not None:
+        doc["parts"].remove(old)
+        _remove_part(folder, old["id"])
+    doc["parts"].append({"id": pid, "kind": "shard", "source": src, "size": size, "mtime_ns": mtime,
+                         "rows": len(part), "described": len(part.vecs)})
+    _save_manifest(folder, doc)
+
+
 # ---------------------------------------------------------------- reading (takedown --near, curate)
 
 
