@@ -276,12 +276,15 @@ FLAT_THRESHOLD = 0.98  # refined descriptor cosine that confirms a candidate whe
 
 
 def find_copies(query: Query, index: CopyIndex, load, threshold: float = THRESHOLD,
-                verify: float = VERIFY) -> list[tuple[int, float, float]]:
+                verify: float = VERIFY, candidates: dict | None = None) -> list[tuple[int, float, float]]:
     """Pile rows that are copies of ``query``: (row, descriptor similarity, verified score), best
     first. ``load(row)`` returns the pile image of a candidate (a PIL image, or None when it cannot be
-    read any more: then it is not a match)."""
+    read any more: then it is not a match). ``candidates``: ``index.candidates(query, threshold)``
+    when the caller has them already (the search is not run twice)."""
     found = []
-    for row, (sim, qrow) in index.candidates(query, threshold).items():
+    if candidates is None:
+        candidates = index.candidates(query, threshold)
+    for row, (sim, qrow) in candidates.items():
         img = load(row)
         score, flat = query.verify(qrow, img) if img is not None else (-1.0, False)
         if score >= (FLAT_THRESHOLD if flat else verify):
@@ -311,7 +314,7 @@ class CopyQueries:
         query = describe_query(photo)
         cands = self.index.candidates(query, threshold)
         imgs = self.images(set(cands))
-        found = find_copies(query, self.index, imgs.get, threshold, verify)
+        found = find_copies(query, self.index, imgs.get, threshold, verify, candidates=cands)
         return [(self.keys[r], self.paths[r], s, f) for r, s, f in found]
 
 
