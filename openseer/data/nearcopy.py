@@ -244,14 +244,17 @@ def describe_query(img: Image.Image) -> Query:
 class CopyIndex:
     """The descriptors of a pile in a faiss inner-product index; ``matches(query)`` -> pile rows.
 
-    The search is exact below ``search.EXACT_MAX`` descriptors and approximate above
-    (data/search.py); ``kind`` forces one."""
+    The search is exact below ``search.RANGE_EXACT_MAX`` descriptors and IVF-flat above
+    (data/search.py ``choose_range_kind``); ``kind`` forces one."""
 
     def __init__(self, vectors: np.ndarray | None, kind: str = "auto", search=None):
         from .search import VectorSearch
 
         if search is None:  # ``search``: a VectorSearch built (or loaded) already
-            search = VectorSearch(np.asarray(vectors, np.float32).reshape(-1, SIDE * SIDE), kind=kind)
+            from .search import choose_range_kind
+
+            x = np.asarray(vectors, np.float32).reshape(-1, SIDE * SIDE)
+            search = VectorSearch(x, kind=choose_range_kind(len(x)) if kind == "auto" else kind)
         self.search = search
         self.index = self.search.index
 

@@ -6,6 +6,8 @@ threshold) and ``curate``'s duplicate links (the k nearest neighbours of every i
 ``VectorSearch``. The kind is chosen by size:
 
 * up to ``EXACT_MAX`` vectors: ``IndexFlatIP``, exact (N x d multiply-adds per query, no build);
+  (``choose_kind``; ``curate``'s links and the takedowns' range search go to IVF beyond exact search:
+  ``choose_links_kind``, ``choose_range_kind``)
 * up to ``HNSW_MAX``: ``IndexHNSWFlat`` (graph of ``HNSW_M`` links a vector, ~2 x 4 x M bytes a
   vector beyond the vectors; high recall, a build of minutes at a million on 2 cores);
 * beyond: ``IndexIVFFlat`` with ~4 sqrt(N) lists trained on a sample (a fast build; ``nprobe``
@@ -45,6 +47,13 @@ def choose_kind(n: int, exact_max: int = EXACT_MAX, hnsw_max: int = HNSW_MAX, qu
     if n < exact_max and queries * n * dim <= FLAT_WORK_MAX:
         return "flat"
     return "hnsw" if n < hnsw_max else "ivf"
+
+
+def choose_links_kind(n: int, queries: int = 0, dim: int = 0) -> str:
+    """``flat`` or ``ivf`` for ``curate``'s duplicate links (k nearest neighbours of every row): exact
+    while ``choose_kind`` says so, else IVF-flat, which on 100,000 clustered 256-d rows with planted
+    copies found every exact link in a third of HNSW's time (bench/curate_scale.py, docs/data.md)."""
+    return "flat" if choose_kind(n, queries=queries, dim=dim) == "flat" else "ivf"
 
 
 def choose_range_kind(n: int, exact_max: int = 0) -> str:

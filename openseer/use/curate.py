@@ -75,8 +75,8 @@ def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = N
                      extra: tuple = (), search: str = "auto", info: dict | None = None,
                      extra_thresholds: tuple | None = None) -> np.ndarray:
     """Group id per row: each row is linked to those of its ``k`` nearest neighbours (faiss
-    inner-product search on the normalised rows: exact below ``search.EXACT_MAX`` rows, approximate
-    beyond, data/search.py; ``search`` forces a kind) with cosine >= ``threshold``; the connected
+    inner-product search on the normalised rows: exact below ``search.EXACT_MAX`` rows, IVF beyond,
+    data/search.py ``choose_links_kind``; ``search`` forces a kind) with cosine >= ``threshold``; the connected
     components of those links (a group larger than ``k`` is still found, through chains) are then cut
     into stars (``_stars``), so that every member is within ``threshold`` of its group's seed and a
     chain of look-alikes (A ~ B ~ C, A !~ C) cannot sweep thousands of distinct images into one
@@ -85,12 +85,12 @@ def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = N
     are 0..G-1 in order of first row; singletons get their own. ``extra_thresholds``: a threshold per
     ``extra`` matrix (default ``threshold``). ``info`` (a dict) gets the search kind used (and the
     links as two row arrays when it holds ``want_links``)."""
-    from ..data.search import VectorSearch, choose_kind
+    from ..data.search import VectorSearch, choose_links_kind
 
     n = len(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if search == "auto":
-        search = choose_kind(n, queries=n * (1 + len(extra)), dim=x.shape[1] if x.ndim == 2 else 0)
+        search = choose_links_kind(n, queries=n * (1 + len(extra)), dim=x.shape[1] if x.ndim == 2 else 0)
     index = VectorSearch(x, kind=search)
     if info is not None:
         info["search"] = index.kind
@@ -384,13 +384,13 @@ def memory_needed(n: int, dim: int, clusters: int) -> int:
     ``search.EXACT_MAX`` images), k-means' centroids and the per-row bookkeeping."""
     rows = n * dim * BYTES_PER_FLOAT
     from ..data.nearcopy import WINDOWS
-    from ..data.search import choose_kind
+    from ..data.search import choose_links_kind
     from ..data.search import memory_bytes as search_bytes
 
     # --dup-by descriptor: the pile's, its mirrors', the index's (float32) and its crop windows' (float16)
     descriptors = 3 * n * 256 * BYTES_PER_FLOAT + n * len(WINDOWS) * 256 * 2
     d = max(dim, 256)
-    structure = search_bytes(n, d, choose_kind(n)) - n * d * BYTES_PER_FLOAT
+    structure = search_bytes(n, d, choose_links_kind(n)) - n * d * BYTES_PER_FLOAT
     return (2 * rows + descriptors + structure + 2 * n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
             + clusters * dim * BYTES_PER_FLOAT + 64 * n)
 
