@@ -8,7 +8,8 @@ in ``INDEX/snapshots/<digest of the pile spec>/``::
     meta.json     the spec, what the check saw (the manifest's size and time, the descriptor version,
                   the modification time of every folder of the pile, the size and time of a list file
                   or of each shard), row count, skipped images by reason, the part ids
-    vectors.npy   the rows' descriptors in pile order (float32), memory-mapped when read
+    vectors.npy   the rows' descriptors in pile order (float32), memory-mapped when read (only with
+                  exact search: an approximate one holds them, and the parts have them for curate)
     rows.npy      per row: tar offset, length, position, pixels, file bytes, part, row in the part
     strings.bin / strings.npy   per row: key, path, content key, file to read (utf-8, with offsets)
     search.faiss  the range search's index when it is approximate (search.py ``choose_range_kind``)
@@ -109,7 +110,9 @@ def write(stored, spec: str, since: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         n = len(stored.keys)
-        np.save(tmp / "vectors.npy", np.ascontiguousarray(stored.vectors, np.float32))
+        kind = choose_range_kind(n)
+        if kind == "flat":  # else the vectors are in the search index (and in the parts, for curate)
+            np.save(tmp / "vectors.npy", np.ascontiguousarray(stored.vectors, np.float32))
         parts = sorted(set(stored.part_rows[0])) if n else []
         pnum = {p: i for i, p in enumerate(parts)}
         rows = np.zeros((n, 7), np.int64)
@@ -128,7 +131,6 @@ def write(stored, spec: str, since: int) -> None:
                 offs.append(at)
         (tmp / "strings.bin").write_bytes(b"".join(blobs))
         np.save(tmp / "strings.npy", np.asarray(offs, np.int64))
-        kind = choose_range_kind(n)
         if kind != "flat":
             VectorSearch(np.asarray(stored.vectors, np.float32), kind=kind).save(tmp / "search.faiss")
         atomic_write_json(tmp / "meta.json", {
@@ -222,11 +224,11 @@ class QuickIndex(StoredIndex):
         n = int(meta["rows"])
         self.skipped = dict(meta["skipped"])
         self.parts = list(meta["parts"])
-        self.vectors = np.load(snap / "vectors.npy", mmap_mode="r")
         self._rows = np.load(snap / "rows.npy", mmap_mode="r")
+        self._vectors = np.load(snap / "vectors.npy", mmap_mode="r") if meta["search"] == "flat" else None
         blob = np.memmap(snap / "strings.bin", np.uint8, mode="r") if n else np.zeros(0, np.uint8)
         offs = np.load(snap / "strings.npy", mmap_mode="r")
-        if len(self.vectors) != n or len(self._rows) != n or len(offs) != STRINGS * n + 1:
+        if len(self._rows) != n or len(offs) != STRINGS * n + 1:
             raise ValueError(f"{snap}: damaged snapshot")
         self.keys, self.paths, self.content_keys = (_Strings(blob, offs, i, n) for i in range(3))
         self.loc = _Loc(_Strings(blob, offs, 3, n), self._rows)
@@ -246,6 +248,12 @@ class QuickIndex(StoredIndex):
             if len(dst):
                 out[dst] = _arrays(self.folder, pid)[which][vrow[dst]]
         return out
+
+    @property
+    def vectors(self) -> np.ndarray:  # type: ignore[override]
+        if self._vectors is None:  # an approximate search holds them: read from the parts when asked
+            self._vectors = self._gather(0, (SIDE * SIDE,), np.float32)
+        return self._vectors
 
     @property
     def flipped(self) -> np.ndarray:  # type: ignore[override]

@@ -93,6 +93,8 @@ def test_the_takedown_search_structure_is_kept_on_disk_and_answers_as_exact_sear
     assert isinstance(quick, snap.QuickIndex) and quick.index.search.kind == "ivf"
     assert (quick.snapshot / "search.faiss").is_file()
     full = ix._open_checked(open_collection(str(pile)))
+    _same(quick, full)  # the vectors read back from the parts (the search index holds them)
+    assert not (quick.snapshot / "vectors.npy").exists()
     full.index = nc.CopyIndex(full.vectors, kind="flat")  # exact search, for the answer to compare with
     target = photo(11)
     assert quick.copies_of(target) == full.copies_of(target) and len(full.copies_of(target)) == len(names)
