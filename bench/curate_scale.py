@@ -74,7 +74,7 @@ def main() -> int:
     x, source = embeddings(args.n, args.dim, args.centres, args.copies, args.seed)
     make_s = time.perf_counter() - t0
     k = max(2, min(4096, round(math.sqrt(args.n))))  # curate's default --clusters
-    estimate = memory_needed(args.n, args.dim, k)
+    estimate = memory_needed(args.n, args.dim, k, dup_by="embedding")
 
     t0 = time.perf_counter()
     info: dict = {"want_links": True}

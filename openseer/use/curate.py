@@ -377,21 +377,25 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def memory_needed(n: int, dim: int, clusters: int) -> int:
+def memory_needed(n: int, dim: int, clusters: int, dup_by: str = "descriptor") -> int:
     """Peak bytes the index steps need: the embeddings in RAM twice (float32 rows + the faiss copy),
-    the duplicate links (up to NEIGHBOURS per image: two int64 ids), a BLOCK x N score block of the
-    exhaustive search, an approximate search's own structure (an HNSW graph, IVF lists: beyond
-    ``search.EXACT_MAX`` images), k-means' centroids and the per-row bookkeeping."""
+    with ``dup_by`` descriptor the pile index's descriptors (whole, mirrored, windows), the
+    duplicate links (up to NEIGHBOURS per image: two int64 ids), a BLOCK x N score block when the
+    search is exhaustive, an approximate search's own structure (IVF lists: beyond exact search,
+    ``search.choose_links_kind``), k-means' centroids and the per-row bookkeeping."""
     rows = n * dim * BYTES_PER_FLOAT
     from ..data.nearcopy import WINDOWS
     from ..data.search import choose_links_kind
     from ..data.search import memory_bytes as search_bytes
 
+    descriptor = dup_by == "descriptor"
     # --dup-by descriptor: the pile's, its mirrors', the index's (float32) and its crop windows' (float16)
-    descriptors = 3 * n * 256 * BYTES_PER_FLOAT + n * len(WINDOWS) * 256 * 2
-    d = max(dim, 256)
-    structure = search_bytes(n, d, choose_links_kind(n)) - n * d * BYTES_PER_FLOAT
-    return (2 * rows + descriptors + structure + 2 * n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
+    descriptors = 3 * n * 256 * BYTES_PER_FLOAT + n * len(WINDOWS) * 256 * 2 if descriptor else 0
+    d = max(dim, 256) if descriptor else dim
+    kind = choose_links_kind(n, queries=n * (1 + 1 + 2 * len(WINDOWS) if descriptor else 1), dim=d)
+    structure = search_bytes(n, d, kind) - n * d * BYTES_PER_FLOAT
+    block = BLOCK * n * BYTES_PER_FLOAT if kind == "flat" else 0
+    return (2 * rows + descriptors + structure + 2 * n * min(n, NEIGHBOURS) * 16 + block
             + clusters * dim * BYTES_PER_FLOAT + 64 * n)
 
 
@@ -448,7 +452,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
 
     model = load(model_spec, device=device, layer=layer)
     k = clusters or max(2, min(4096, round(math.sqrt(coll.n))))
-    need = memory_needed(coll.n, model.feature_dim, k)
+    need = memory_needed(coll.n, model.feature_dim, k, dup_by)
     have = max_memory or available_memory()
     if need > have:
         raise CurateError(f"the index steps for {coll.n} images x {model.feature_dim}-d embeddings need about "

@@ -48,3 +48,7 @@ def test_kmeans_trains_on_a_sample_and_assigns_every_row():
 def test_the_memory_estimate_grows_linearly_at_a_million():
     one, two = memory_needed(1_000_000, 256, 1000), memory_needed(2_000_000, 256, 1000)
     assert 1.8 < two / one < 2.2
+    # by embeddings, beyond exact search: no descriptors and no exhaustive score block; under 8 GiB at 1M
+    emb = memory_needed(1_000_000, 256, 1000, dup_by="embedding")
+    assert emb < 8 * 2**30 < one
+    assert memory_needed(1000, 256, 30, dup_by="embedding") >= 1000 * 1000 * 4  # the block, when exact
