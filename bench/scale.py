@@ -11,7 +11,7 @@ resized, cropped, flipped), written once under ``--work`` and reused. Measured:
 * ``openseer index`` (``openseer.data.index.build_index``): images/s, bytes per image on disk;
 * a takedown through the index (``StoredIndex.copies_of``, what ``takedown add/check --near`` run),
   for ``--queries`` group sources: the whole answer (opening the index (its snapshot, see
-  data/index_snapshot.py), describing the query, searching, verifying candidates), median and p99
+  data/index.py ``QuickIndex``), describing the query, searching, verifying candidates), median and p99
   seconds; recall = group members found by their source; ``recall_pictures`` leaves out the
   groups whose source is near-blank (the pile's ``blank`` kind, a flat level plus 1.5 levels of
   noise, and any source too flat to be described: ``--near`` does not match near-blank images, by

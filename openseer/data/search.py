@@ -20,7 +20,7 @@ A takedown's range search asks ~1,400 query windows at once, so its exact search
 (``RANGE_EXACT_MAX``) and its approximate one is IVF-flat, never HNSW: an IVF range search returns
 every vector within the threshold in the lists it probes, where HNSW's stops at ``efSearch``
 results a query (the bench's look-alike garments have hundreds within 0.8). ``save`` / ``load``
-keep a built index on disk beside the pile index (data/index_snapshot.py), memory-mapped when read.
+keep a built index on disk beside the pile index (data/index.py ``QuickIndex``), memory-mapped when read.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from openseer.data import index as ix
-from openseer.data import index_snapshot as snap
+from openseer.data import index as snap  # the snapshot: QuickIndex, RACY_NS
 from openseer.data import nearcopy as nc
 from openseer.data import search
 from openseer.data.collection import open_collection
