@@ -911,14 +911,27 @@ class QuickIndex(StoredIndex):
             self.index = CopyIndex(None, search=VectorSearch.load(snap / "search.faiss", meta["search"]))
         self._flipped = self._windows = None
 
-    def _gather(self, which: int, shape: tuple, dtype) -> np.ndarray:
-        out = np.zeros((len(self.keys), *shape), dtype)
-        part, vrow = np.asarray(self._rows[:, 5]), np.asarray(self._rows[:, 6])
+    def _gather(self, which: int, shape: tuple, dtype, rows: np.ndarray | None = None) -> np.ndarray:
+        """Array ``which`` of the parts (0 descriptors, 1 mirror images', 2 windows') for ``rows`` (an
+        index row per output row, -1 for zeros; default every row), read from the parts straight into
+        the result (no whole-index copy in between: the windows are 5 KB an image)."""
+        rows = np.arange(len(self.keys)) if rows is None else np.asarray(rows, np.int64)
+        out = np.zeros((len(rows), *shape), dtype)
+        ok = np.flatnonzero(rows >= 0)
+        part = np.asarray(self._rows[:, 5])[rows[ok]]
+        vrow = np.asarray(self._rows[:, 6])[rows[ok]]
         for i, pid in enumerate(self.parts):
-            dst = np.flatnonzero(part == i)
-            if len(dst):
-                out[dst] = _arrays(self.folder, pid)[which][vrow[dst]]
+            sel = np.flatnonzero(part == i)
+            if len(sel):
+                out[ok[sel]] = _arrays(self.folder, pid)[which][vrow[sel]]
         return out
+
+    def rows_of(self, which: str, rows: np.ndarray) -> np.ndarray:
+        """``vectors``, ``flipped`` or ``windows`` of the index rows ``rows`` (-1: zeros), gathered
+        from the parts without holding the whole index's copy (``curate`` at a million images)."""
+        if which == "windows":
+            return self._gather(2, (len(WINDOWS), SIDE * SIDE), np.float16, rows)
+        return self._gather(0 if which == "vectors" else 1, (SIDE * SIDE,), np.float32, rows)
 
     @property
     def vectors(self) -> np.ndarray:  # type: ignore[override]

@@ -227,11 +227,13 @@ def pile_descriptors(pile: str, index_rows: list[dict], progress: bool = False
 
     try:
         pix = ensure_index(pile, progress=progress, log=lambda t: None)
-        wins = pix.windows
     except IndexMismatch:
         pix = PileIndex(pile, progress=progress, flips=True)
-        wins = None
     where = {k: i for i, k in enumerate(pix.keys)}
+    if hasattr(pix, "rows_of"):  # the index's snapshot: each array read from the parts once, in row order
+        idx = np.array([where.get(r["key"], -1) for r in index_rows], np.int64)
+        return pix.rows_of("vectors", idx), pix.rows_of("flipped", idx), pix.rows_of("windows", idx)
+    wins = pix.windows if not isinstance(pix, PileIndex) else None
     d = np.zeros((len(index_rows), SIDE * SIDE), np.float32)
     f = np.zeros((len(index_rows), SIDE * SIDE), np.float32)
     w = np.zeros((len(index_rows), len(WINDOWS), SIDE * SIDE), np.float16) if wins is not None else None

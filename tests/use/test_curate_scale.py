@@ -52,3 +52,26 @@ def test_the_memory_estimate_grows_linearly_at_a_million():
     emb = memory_needed(1_000_000, 256, 1000, dup_by="embedding")
     assert emb < 8 * 2**30 < one
     assert memory_needed(1000, 256, 30, dup_by="embedding") >= 1000 * 1000 * 4  # the block, when exact
+
+
+def test_curate_reads_the_descriptors_from_the_snapshot_as_from_the_full_check(tmp_path):
+    import time
+
+    from openseer.data import index as ix
+    from openseer.data.collection import open_collection
+    from openseer.use.curate import pile_descriptors
+    from tests.data.test_index import _pile
+
+    pile, _ = _pile(tmp_path / "pile")
+    ix.build_index(str(pile), progress=False, log=lambda t: None)
+    time.sleep(ix.RACY_NS / 1e9 + 0.02)
+    ix.open_index(str(pile))
+    assert isinstance(ix.open_index(str(pile)), ix.QuickIndex)
+    full = ix._open_checked(open_collection(str(pile)))
+    rows = [{"key": k} for k in reversed(full.keys)] + [{"key": "not-in-the-index.png"}]
+    d, f, w = pile_descriptors(str(pile), rows)
+    j = list(reversed(range(len(full.keys))))
+    np.testing.assert_array_equal(d[:-1], full.vectors[j])
+    np.testing.assert_array_equal(f[:-1], full.flipped[j])
+    np.testing.assert_array_equal(w[:-1], full.windows[j])
+    assert not d[-1].any() and not f[-1].any() and not w[-1].any()
