@@ -47,6 +47,10 @@ class DataConfig:
     read_timeout: float = 60.0  # files: one taking longer than this (s) to open and read is skipped as 'timeout'
     dicom_window: str = "auto"  # DICOM: auto (the file's WindowCenter/Width) | none (the stored bits' range) | C,W
     dicom_frames: str = "middle"  # multi-frame DICOM: middle (one row per file) | all (a row per frame, key f.dcm#i)
+    # pretrain/distill from a folder or list: decode each image once into a small copy kept in the pile index
+    # (ROOT/.openseer-index) and train from the copies; auto: on when the pile holds images larger than the side
+    decode_cache: bool | str = "auto"  # auto | on | off (a run using it records on and the side in config.yaml)
+    decode_cache_side: int = 0  # longer side of the copies; 0 = what the crops need (data/index.py decode_cache_side)
 
 
 @dataclass
@@ -236,6 +240,13 @@ class Config:
         for i in self.swav.crops_for_assign:
             if not 0 <= i < n_crops:
                 raise ConfigError(f"swav.crops_for_assign has {i}, allowed 0..{n_crops - 1}")
+        if isinstance(self.data.decode_cache, bool):  # YAML reads on/off as true/false
+            self.data.decode_cache = "on" if self.data.decode_cache else "off"
+        if self.data.decode_cache not in ("auto", "on", "off"):
+            raise ConfigError(f"data.decode_cache must be auto, on or off; got {self.data.decode_cache!r}")
+        if self.data.decode_cache_side < 0:
+            raise ConfigError(f"data.decode_cache_side must be >= 0 (0 = what the crops need); "
+                              f"got {self.data.decode_cache_side}")
         if self.data.batch_size < 1:
             raise ConfigError("data.batch_size must be >= 1")
         if self.data.epoch_samples < 0 or self.data.shuffle_buffer < 0 or self.data.num_workers < 0:

@@ -295,6 +295,7 @@ INDEX_EXAMPLES = """examples:
   openseer index shards/                        # shards: one part per shard
   openseer index /pile                          # again after adding images: only the new ones
   torchrun --nproc_per_node 4 -m openseer index /pile   # 4 processes share the parts; the same index
+  openseer index /photos --pixels 448           # also a small copy of each large image (pretrain's decode cache)
   openseer takedown add photo.jpg --near --list /pile/takedowns.txt   # answers from the index
 """
 
@@ -317,6 +318,10 @@ def add_index(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--files-per-part", type=int, default=0, metavar="N",
                    help="files described and stored together (default 1024; smaller: finer resume, and "
                         "parts spread over more torchrun ranks)")
+    p.add_argument("--pixels", type=int, default=0, metavar="SIDE",
+                   help="also keep a copy of each image larger than SIDE px, its longer side brought to SIDE: "
+                        "the decode cache pretrain and distill read (data.decode_cache; they build it themselves, "
+                        "at the side their crops need, when it is missing)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_index)
 
@@ -330,12 +335,14 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     if args.files_per_part < 0:
         raise IndexMismatch(f"--files-per-part must be 1 or more (0: the default); got {args.files_per_part}")
+    if args.pixels < 0:
+        raise IndexMismatch(f"--pixels must be a side in pixels (0: no copies); got {args.pixels}")
 
     with rank_session("cpu") as ranks:
         quiet = args.quiet or not ranks.is_main
         r = build_index(args.pile, args.index or "", rebuild=args.rebuild, progress=not quiet,
                         log=(lambda t: None) if quiet else print, workers=args.workers, ranks=ranks,
-                        files_per_part=args.files_per_part)
+                        files_per_part=args.files_per_part, pixels=args.pixels)
     if not ranks.is_main:
         return 0
     st = {k: v for k, v in sorted(r["statuses"].items()) if k != "described"}
@@ -343,6 +350,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     print(f"openseer: index {r['folder']}: {r['rows']} images; described now {r['described']}{on} "
           f"({r['images_per_s']} img/s), kept {r['kept']}, dropped {r['dropped']}"
           + (f"; without a descriptor: {st}" if st else ""))
+    if args.pixels:
+        print(f"openseer: decode cache: {r['stored']} copies of at most {args.pixels} px (made now {r['copied']}); "
+              f"images no larger, unreadable or DICOM are read as they are")
     return 0
 
 

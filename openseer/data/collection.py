@@ -79,6 +79,7 @@ from .decode import (
     BadImage,
     DataError,
     Decoding,
+    call_with_timeout,
     decode_bytes,
     default_read_timeout,
     dicom_frame_count,
@@ -382,11 +383,63 @@ class _ChunkFiles(torch.utils.data.Dataset):
             return row, _reason(e, os.fsdecode(e_.path) + e_.suffix)
 
 
+class PixelRows:
+    """The decode cache of a file collection's rows (data/index.py ``open_pixels``): per row the small
+    copy's store file, offset and length (-1: none, the original is read), the original's size,
+    modification time and content key when the copy was made.
+
+    ``read(i, path, timeout)`` gives the copy's bytes only while the original is unchanged (one
+    ``stat`` per read, in bounded time): a file changed or removed since is read as itself, so a
+    stale copy is never used."""
+
+    def __init__(self, side: int, stores: list[str], store: np.ndarray, offset: np.ndarray, length: np.ndarray,
+                 size: np.ndarray, mtime_ns: np.ndarray, content_keys: list[str]):
+        self.side, self.stores = side, stores
+        self.store, self.offset, self.length = store, offset, length
+        self.size, self.mtime_ns, self.content_keys = size, mtime_ns, content_keys
+
+    def __len__(self) -> int:
+        return len(self.length)
+
+    @property
+    def stored(self) -> int:
+        """Rows that have a copy."""
+        return int((self.length >= 0).sum())
+
+    def subset(self, rows: Sequence[int]) -> PixelRows:
+        r = np.asarray([int(i) for i in rows], dtype=np.int64)
+        return PixelRows(self.side, self.stores, self.store[r], self.offset[r], self.length[r], self.size[r],
+                         self.mtime_ns[r], [self.content_keys[int(i)] for i in r])
+
+    def read(self, i: int, path: Path, timeout: float) -> bytes | None:
+        """Row ``i``'s copy, or None (no copy, the original changed or gone, or the store unreadable)."""
+        if self.length[i] < 0:
+            return None
+
+        def go() -> bytes | None:
+            st = os.stat(path)
+            if (st.st_size, st.st_mtime_ns) != (int(self.size[i]), int(self.mtime_ns[i])):
+                return None
+            with open(self.stores[int(self.store[i])], "rb") as f:
+                f.seek(int(self.offset[i]))
+                data = f.read(int(self.length[i]))
+            return data if len(data) == int(self.length[i]) else None
+
+        try:
+            return call_with_timeout(go, timeout, os.fsdecode(path))
+        except (OSError, BadImage):
+            return None
+
+
 class FileCollection(Collection):
     """A folder (recursive, sorted; subfolders are NOT labels) or a file list, in its order.
 
     Each file is read in bounded time and checked against the deny-list (by its relative path or
-    content key) before it is decoded."""
+    content key) before it is decoded. With ``pixels`` (the decode cache, ``PixelRows``) a row that
+    has a small copy is decoded from it instead (the deny-list applied by its key and the content
+    key of the original), the original read only when it has none or changed since."""
+
+    pixels: PixelRows | None = None
 
     kind = "files"
 
@@ -424,6 +477,16 @@ class FileCollection(Collection):
 
     def load(self, i: int, draft_size: int | None = None, min_pixels: int | None = None):
         e = self.entries[i]
+        copy = self.pixels.read(i, e.path, self.read_timeout) if self.pixels is not None else None
+        if copy is not None:
+            if self.deny.keys and (self.deny.denies(e.key) or self.deny.denies(e.name)
+                                   or self.deny.denies(self.pixels.content_keys[i])):  # type: ignore[union-attr]
+                raise BadImage("denied", e.key)
+            try:
+                return decode_bytes(copy, f"{os.fsdecode(e.path)}{e.suffix} (decode cache)", draft_size=draft_size,
+                                    min_pixels=min_pixels, decoding=self.decoding)
+            except BadImage:
+                pass  # a damaged copy: the original decides
         return decode_bytes(self.read(i), os.fsdecode(e.path) + e.suffix, draft_size=draft_size,
                             min_pixels=min_pixels, decoding=self.decoding, frame=e.frame if e.frame >= 0 else None)
 
@@ -449,6 +512,8 @@ class FileCollection(Collection):
                              self.read_timeout, self.pipe_timeout, self.list_file)
         out.chunk_size, out.listed, out.decoding = self.chunk_size, self.listed, self.decoding
         out.description = self.description + note if note else out.description
+        if self.pixels is not None:
+            out.pixels = self.pixels.subset(rows)
         return out
 
     def read_chunk(self, chunk: Chunk, draft: int = 0, workers: int = 0):

@@ -9,6 +9,8 @@ folder, the shards' folder; ``--index DIR`` puts it elsewhere)::
     parts/NNNNNN.json     one row per image: source, identity, key, content key, size, status, ...
     parts/NNNNNN.npy      descriptors of its described rows (float32, N x 256)
     parts/NNNNNN.flip.npy the mirror images' descriptors; parts/NNNNNN.win.npy the windows' (float16)
+    parts/NNNNNN.pxSIDE.bin/.npy   the decode cache (optional): small copies of the part's images
+                          at SIDE and their offsets (``make_copy``; ``build_index(pixels=SIDE)``)
     snapshots/DIGEST/     the checked index of one pile spec, consolidated: what a takedown opens
                           (``QuickIndex``, in its section below)
 
@@ -32,11 +34,19 @@ so a takedown decodes only its candidates.
 
 ``openseer shard`` writes each shard's part as it writes the shard (``describe_sample`` in its
 workers, ``add_shard_part``): the files this build would write.
+
+The decode cache (``data.decode_cache``; ``prepare_decode_cache`` before ``pretrain`` and ``distill``
+train, ``openseer index PILE --pixels SIDE``) lives in the same parts under the same rule: copies are
+made with the descriptors from one decode, added to kept parts that lack them, carried over when a
+part is rewritten, and removed (the part rewritten under a new id) when the deny-list names their
+image. ``open_pixels`` gives the loader a ``collection.PixelRows``, which uses a copy only while its
+original's size and modification time are the recorded ones.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -49,8 +59,8 @@ import numpy as np
 from PIL import Image
 
 from ..fileio import atomic_write_json, name_to_text, text_to_name
-from .collection import Collection, FileCollection, ShardCollection, open_collection
-from .decode import BadImage, DataError, decode_bytes, is_dicom, open_bytes, read_bytes
+from .collection import Collection, FileCollection, PixelRows, ShardCollection, open_collection
+from .decode import BadImage, DataError, Decoding, decode_bytes, is_dicom, open_bytes, read_bytes
 from .denylist import DenyList, content_key
 from .nearcopy import (
     DESCRIPTOR_VERSION,
@@ -123,8 +133,57 @@ def _root(folder: Path) -> Path:
 # ---------------------------------------------------------------- describing
 
 
-def _describe_bytes(data: bytes, where: str) -> tuple[dict, tuple | None]:
-    """Row fields and descriptors of one image's bytes (status says why there are none)."""
+DEEP_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")  # kept at 16 bits in a copy (PNG)
+GREY_MODES = ("L", "LA", "La", "1")  # 8-bit grey: a grey JPEG copy
+COPY_QUALITY = 95  # JPEG quality of an 8-bit copy
+
+
+def make_copy(data: bytes, where: str, side: int, described: Image.Image | None = None) -> bytes | None:
+    """The decode cache's copy of one image's bytes: decoded as the loader decodes it (EXIF applied,
+    alpha composited on white, CMYK and palettes to RGB), its longer side brought down to ``side``,
+    kept at its depth: 8-bit colour as RGB JPEG and 8-bit grey as grey JPEG (quality 95), 16-bit and
+    deeper grey as a 16-bit PNG of the values scaled as ``decode.to_grey`` scales them (so both an RGB
+    and a 1-channel reader get what they get from the original, up to rounding). None when the
+    original is read instead: a DICOM file (its window is a run setting), an image no larger than
+    ``side``. ``described``: the image the descriptor was made from, reused when it is large enough.
+    ``BadImage`` for bytes that do not decode."""
+    if is_dicom(data):
+        return None
+    head = open_bytes(data, where)
+    w, h = head.size
+    if max(w, h) <= side:
+        return None
+    buf = io.BytesIO()
+    if head.mode in DEEP_MODES:
+        img = decode_bytes(data, where, decoding=Decoding(1))  # F in [0, 1] at full depth (EXIF applied)
+        img = _shrink(img, side)
+        arr = np.clip(np.asarray(img, np.float32) * 65535.0 + 0.5, 0, 65535).astype(np.uint16)
+        Image.fromarray(arr).save(buf, format="PNG", compress_level=1)
+        return buf.getvalue()
+    if described is not None and described.mode == "RGB" and max(described.size) >= side:
+        img = described
+    else:
+        s = next((s for s in (8, 4, 2) if max(w, h) // s >= side), 1)  # JPEG: DCT-scaled, no smaller than side
+        img = decode_bytes(data, where, min_pixels=(w // s) * (h // s) if s > 1 else None)
+    img = _shrink(img, side)
+    if head.mode in GREY_MODES:
+        img = img.convert("L")
+    img.save(buf, format="JPEG", quality=COPY_QUALITY)
+    return buf.getvalue()
+
+
+def _shrink(img: Image.Image, side: int) -> Image.Image:
+    """``img`` with its longer side brought down to ``side`` (Lanczos, after a box pre-reduction)."""
+    f = side / max(img.size)
+    if f >= 1:
+        return img
+    size = (max(1, round(img.width * f)), max(1, round(img.height * f)))
+    return img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+
+
+def _describe_image(data: bytes, where: str) -> tuple[dict, tuple | None, Image.Image | None]:
+    """Row fields and descriptors of one image's bytes (status says why there are none), and the
+    decoded image they were made from."""
     row = {"content_key": content_key(data), "bytes": len(data), "width": 0, "height": 0, "status": ""}
     try:
         img = decode_bytes(data, where, draft_size=READ_SIDE)  # as the near-copy scan decodes it
@@ -132,11 +191,35 @@ def _describe_bytes(data: bytes, where: str) -> tuple[dict, tuple | None]:
         row["width"], row["height"] = int(head.width), int(head.height)
     except BadImage as e:
         row["status"] = e.reason
-        return row, None
+        return row, None, None
     d = describe_pile_image(img)
     if d is None:
         row["status"] = "flat"
+    return row, d, img
+
+
+def _describe_bytes(data: bytes, where: str) -> tuple[dict, tuple | None]:
+    """Row fields and descriptors of one image's bytes (status says why there are none)."""
+    row, d, _ = _describe_image(data, where)
     return row, d
+
+
+def _describe_with_copy(data: bytes, where: str, side: int, deny: DenyList | None,
+                        key: str) -> tuple[dict, tuple | None, bytes | None]:
+    """``_describe_bytes`` and the image's decode-cache copy at ``side`` from the same decode (none
+    for an image ``deny`` takes down, by ``key`` or content key: a taken-down image gets no new copy)."""
+    row, d, img = _describe_image(data, where)
+    px = None
+    if img is not None and not _denied(deny, key, row["content_key"]):
+        try:
+            px = make_copy(data, where, side, img)
+        except BadImage:
+            px = None
+    return row, d, px
+
+
+def _denied(deny: DenyList | None, key: str, ckey: str) -> bool:
+    return deny is not None and bool(deny.keys) and (deny.denies(key) or deny.denies(ckey))
 
 
 def _member_offsets(path: str) -> dict[str, dict[str, tuple[int, int]]]:
@@ -159,13 +242,16 @@ def _member_offsets(path: str) -> dict[str, dict[str, tuple[int, int]]]:
 class _Part:
     """Rows and descriptors of one part being written."""
 
-    def __init__(self) -> None:
+    def __init__(self, sides: tuple[int, ...] = ()) -> None:
         self.cols: dict[str, list] = {c: [] for c in COLUMNS}
         self.vecs: list[np.ndarray] = []
         self.flips: list[np.ndarray] = []
         self.wins: list[np.ndarray] = []
+        self.copies: dict[int, list[bytes | None]] = {s: [] for s in sides}  # decode-cache copies per side
 
-    def add(self, row: dict, d: tuple | None) -> None:
+    def add(self, row: dict, d: tuple | None, copies: dict[int, bytes | None] | None = None) -> None:
+        for s, lst in self.copies.items():
+            lst.append((copies or {}).get(s))
         row = dict(row)
         row["vec"] = -1
         if d is not None:
@@ -188,10 +274,48 @@ class _Part:
             with open(tmp, "wb") as f:
                 np.save(f, a)
             os.replace(tmp, parts / f"{pid}.{ext}")
+        for side, copies in self.copies.items():
+            write_copies(folder, pid, side, copies)
         atomic_write_json(parts / f"{pid}.json", self.cols)  # last: marks the part done
+
+    def pixels(self) -> dict[str, int]:
+        """The manifest's record of this part's copies: side -> copies stored."""
+        return {str(s): sum(c is not None for c in lst) for s, lst in self.copies.items()}
 
     def __len__(self) -> int:
         return len(self.cols["source"])
+
+
+def write_copies(folder: Path, pid: str, side: int, copies: list[bytes | None]) -> None:
+    """A part's decode-cache copies at ``side``: ``NNNNNN.pxSIDE.bin`` (the encoded copies one after
+    another) and ``NNNNNN.pxSIDE.npy`` (offset and length per row, -1 for a row without a copy),
+    each written whole and renamed into place."""
+    parts = folder / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    where = np.full((len(copies), 2), -1, np.int64)
+    tmp = parts / f".{pid}.px{side}.bin.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        at = 0
+        for i, c in enumerate(copies):
+            if c is not None:
+                f.write(c)
+                where[i] = (at, len(c))
+                at += len(c)
+    os.replace(tmp, parts / f"{pid}.px{side}.bin")
+    tmp = parts / f".{pid}.px{side}.npy.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, where)
+    os.replace(tmp, parts / f"{pid}.px{side}.npy")
+
+
+def read_copies(folder: Path, pid: str, side: int) -> tuple[Path, np.ndarray]:
+    """(store file, offset and length per row) of a part's copies at ``side``."""
+    p = folder / "parts"
+    try:
+        return p / f"{pid}.px{side}.bin", np.load(p / f"{pid}.px{side}.npy")
+    except (OSError, ValueError) as e:
+        raise IndexMismatch(f"the decode cache in {folder} is damaged: part {pid}: {e}; rebuild it with "
+                            f"`openseer index PILE --pixels {side} --rebuild`") from None
 
 
 def _read_part(folder: Path, pid: str) -> dict[str, list]:
@@ -205,6 +329,8 @@ def _read_part(folder: Path, pid: str) -> dict[str, list]:
 def _remove_part(folder: Path, pid: str) -> None:
     for ext in ("json", "npy", "flip.npy", "win.npy"):
         (folder / "parts" / f"{pid}.{ext}").unlink(missing_ok=True)
+    for p in (folder / "parts").glob(f"{pid}.px*"):
+        p.unlink(missing_ok=True)
 
 
 def _load_manifest(folder: Path) -> dict | None:
@@ -246,10 +372,13 @@ class OneProcess:
         return [value]
 
 
-def build_index(spec: str, index: str | Path = "", rebuild: bool = False, progress: bool = True,
-                log=print, workers: int = 0, ranks=None, files_per_part: int = 0) -> dict:
+def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = False, progress: bool = True,
+                log=print, workers: int = 0, ranks=None, files_per_part: int = 0, pixels: int = 0) -> dict:
     """Build or extend the index of the pile ``spec`` (see the module docstring); returns counts:
-    images described now, kept from before, dropped, the folder, the seconds taken. ``workers``:
+    images described now, kept from before, dropped, the folder, the seconds taken. ``pixels``: also
+    keep each image's decode-cache copy at that side (``make_copy``; folders and lists), made for the
+    rows described now and added to the parts kept that lack them (``copied``: copies made now,
+    ``stored``: copies the index holds at that side). ``workers``:
     processes reading and describing files (folders and lists; 0: in this process);
     ``files_per_part``: files in one part (0: ``FILES_PER_PART``; smaller parts resume and spread
     over ranks more finely).
@@ -263,26 +392,38 @@ def build_index(spec: str, index: str | Path = "", rebuild: bool = False, progre
 
     ranks = ranks or OneProcess()
     t0 = time.perf_counter()
-    coll = open_collection(spec)
-    coll.deny = DenyList()  # every image is indexed, also deny-listed ones (check --near reports which are)
-    folder = index_folder(coll, index)
-    doc, plan, stats = ranks.on_main(_prepare, coll, folder, rebuild, log, files_per_part or FILES_PER_PART)
-    root = _root(folder)
-    with bar("index", total=coll.n, unit="img", enabled=progress and ranks.is_main) as p:
-        p.update(stats["kept"])
-        for start in range(0, len(plan), ranks.world):
-            k = start + ranks.rank
-            done = _describe_part(coll, folder, root, plan[k], workers) if k < len(plan) else None
-            finished = [d for d in ranks.gather(done) if d is not None]
-            ranks.on_main(_commit, folder, doc, finished, stats)
-            p.update(sum(d["info"]["rows"] for d in finished))
+    coll = open_collection(spec) if isinstance(spec, str) else spec
+    deny, coll.deny = coll.deny, DenyList()  # every image is indexed, also deny-listed ones (check --near reports which are)
+    try:
+        if pixels and not isinstance(coll, FileCollection):
+            raise IndexMismatch(f"{coll.spec}: --pixels (the decode cache) is for a folder or a file list; tar shards "
+                                f"are read as a stream (write them downscaled: `openseer shard --max-side N`)")
+        folder = index_folder(coll, index)
+        doc, plan, stats = ranks.on_main(_prepare, coll, folder, rebuild, log, files_per_part or FILES_PER_PART, pixels,
+                                         deny)
+        root = _root(folder)
+        extra = sum(int(t["rows"]) for t in plan if t["kind"] == "pixels")
+        with bar("index", total=coll.n + extra, unit="img", enabled=progress and ranks.is_main) as p:
+            p.update(stats["kept"])
+            for start in range(0, len(plan), ranks.world):
+                k = start + ranks.rank
+                done = (_describe_part(coll, folder, root, plan[k], workers, pixels, deny, k)
+                        if k < len(plan) else None)
+                finished = [d for d in ranks.gather(done) if d is not None]
+                ranks.on_main(_commit, folder, doc, finished, stats)
+                p.update(sum(d["rows"] for d in finished))
+    finally:
+        coll.deny = deny
     seconds = time.perf_counter() - t0
-    total = ranks.on_main(lambda: sum(int(x["rows"]) for x in _load_manifest(folder)["parts"]))
+    parts = ranks.on_main(lambda: _load_manifest(folder)["parts"])
     stats = ranks.on_main(lambda: stats)
+    done_now = stats["decoded"]
     ranks.on_main(_keep_snapshot, spec, index)
     return {"folder": str(folder), "described": stats["described"], "kept": stats["kept"],
-            "dropped": stats["dropped"], "rows": total, "statuses": dict(stats["statuses"]),
-            "seconds": round(seconds, 2), "images_per_s": round(stats["described"] / seconds, 1) if seconds else 0.0}
+            "dropped": stats["dropped"], "rows": sum(int(x["rows"]) for x in parts), "statuses": dict(stats["statuses"]),
+            "seconds": round(seconds, 2), "images_per_s": round(done_now / seconds, 1) if seconds else 0.0,
+            "copied": stats["copied"], "decoded": stats["decoded"], "purged": stats["purged"], "side": pixels,
+            "stored": sum(int(x.get("pixels", {}).get(str(pixels), 0)) for x in parts) if pixels else 0}
 
 
 def _keep_snapshot(spec: str, index: str | Path) -> None:
@@ -295,9 +436,11 @@ def _keep_snapshot(spec: str, index: str | Path) -> None:
         pass  # the pile changed during the build: the next open names what
 
 
-def _prepare(coll: Collection, folder: Path, rebuild: bool, log, per_part: int) -> tuple[dict, list[dict], dict]:
+def _prepare(coll: Collection, folder: Path, rebuild: bool, log, per_part: int,
+             side: int = 0, deny: DenyList | None = None) -> tuple[dict, list[dict], dict]:
     """(manifest, plan, counts) of a build: the index folder made or reset, stale rows dropped; the
-    plan lists the parts to describe, each with its id (a shard, or up to FILES_PER_PART files)."""
+    plan lists the parts to describe, each with its id (a shard, or up to FILES_PER_PART files), then
+    (``side``) the kept parts that lack their decode-cache copies at that side."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -312,18 +455,23 @@ def _prepare(coll: Collection, folder: Path, rebuild: bool, log, per_part: int) 
             p.unlink()
         doc = _new_manifest()
         _save_manifest(folder, doc)
-    ids = {x["id"] for x in doc["parts"]}
+    sides = {x["id"]: x.get("pixels", {}) for x in doc["parts"]}
     for p in (folder / "parts").glob("*") if (folder / "parts").is_dir() else []:
-        if p.name.split(".")[0] not in ids:  # a part an interrupted build (or rank) did not finish
-            p.unlink(missing_ok=True)
+        pid, _, ext = p.name.partition(".")
+        if pid not in sides or (ext.startswith("px") and ext.split(".")[0][2:] not in sides[pid]):
+            p.unlink(missing_ok=True)  # a part (or copies) an interrupted build (or rank) did not finish
     root = _root(folder)
-    stats: dict = {"described": 0, "kept": 0, "dropped": 0, "statuses": Counter()}
+    stats: dict = {"described": 0, "kept": 0, "dropped": 0, "copied": 0, "decoded": 0, "purged": 0,
+                   "statuses": Counter()}
     if isinstance(coll, ShardCollection):
         plan = _plan_shards(coll, root, doc, stats)
     else:
-        plan = _plan_files(coll, folder, root, doc, stats, per_part)
+        plan = _plan_files(coll, folder, root, doc, stats, per_part, deny)
     for task in plan:
         task["id"] = _next_id(doc)
+    if side:
+        plan += [{"kind": "pixels", "id": x["id"], "side": side, "rows": int(x["rows"])} for x in doc["parts"]
+                 if x["kind"] == "files" and str(side) not in x.get("pixels", {})]
     return doc, plan, stats
 
 
@@ -334,8 +482,15 @@ def _next_id(doc: dict) -> str:
 
 
 def _commit(folder: Path, doc: dict, finished: list[dict], stats: dict) -> None:
-    """Add described parts to the manifest (rank 0), in plan order; a shard's new part replaces its old one."""
-    for d in sorted(finished, key=lambda d: d["info"]["id"]):
+    """Add described parts to the manifest (rank 0), in plan order; a shard's new part replaces its old
+    one; a kept part's new decode-cache copies are recorded in its entry."""
+    for d in sorted(finished, key=lambda d: d["order"]):
+        stats["copied"] += d["copied"]
+        stats["decoded"] += d["decoded"]
+        if d["info"] is None:  # copies added to a kept part
+            info = next(x for x in doc["parts"] if x["id"] == d["pixels_of"])
+            info.setdefault("pixels", {})[str(d["side"])] = d["stored"]
+            continue
         old = d.get("replaces")
         if old is not None:
             doc["parts"] = [x for x in doc["parts"] if x["id"] != old["id"]]
@@ -350,27 +505,82 @@ def _commit(folder: Path, doc: dict, finished: list[dict], stats: dict) -> None:
 
 
 def _part_done(info: dict, part: _Part, replaces: dict | None = None) -> dict:
-    return {"info": info, "replaces": replaces, "statuses": dict(Counter(s or "described" for s in part.cols["status"]))}
+    return {"info": info, "replaces": replaces, "statuses": dict(Counter(s or "described" for s in part.cols["status"])),
+            "rows": len(part), "copied": sum(part.pixels().values()), "decoded": len(part)}
 
 
-def _describe_part(coll: Collection, folder: Path, root: Path, task: dict, workers: int) -> dict:
-    """Describe one planned part and write its files (any rank); what rank 0 adds to the manifest."""
-    if task["kind"] == "shard":
-        return _describe_shard(coll, folder, task)  # type: ignore[arg-type]
-    entries = [coll.entries[j] for j in task["rows"]]  # type: ignore[attr-defined]
-    ds = _DescribeFiles(entries, [_source(e.path, root) for e in entries], coll.read_timeout)  # type: ignore[attr-defined]
+def _in_workers(ds, workers: int):
+    """``ds``'s items in order, made by ``workers`` loader processes (0: here)."""
     if workers and len(ds) > 1:
         import torch
 
-        described = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(ds)),
-                                                     shuffle=False, collate_fn=_as_is, prefetch_factor=16))
+        return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=min(workers, len(ds)),
+                                                shuffle=False, collate_fn=_as_is, prefetch_factor=16))
+    return (ds[i] for i in range(len(ds)))
+
+
+def _describe_part(coll: Collection, folder: Path, root: Path, task: dict, workers: int, side: int = 0,
+                   deny: DenyList | None = None, order: int = 0) -> dict:
+    """Describe one planned part and write its files (any rank); what rank 0 adds to the manifest."""
+    if task["kind"] == "shard":
+        done = _describe_shard(coll, folder, task)  # type: ignore[arg-type]
+    elif task["kind"] == "pixels":
+        done = _copy_part(folder, root, task, workers, deny, getattr(coll, "read_timeout", None))
     else:
-        described = (ds[i] for i in range(len(ds)))
-    part = _Part()
-    for row, d in described:
-        part.add(row, d)
-    part.write(folder, task["id"])
-    return _part_done({"id": task["id"], "kind": "files", "rows": len(part), "described": len(part.vecs)}, part)
+        entries = [coll.entries[j] for j in task["rows"]]  # type: ignore[attr-defined]
+        ds = _DescribeFiles(entries, [_source(e.path, root) for e in entries], coll.read_timeout,  # type: ignore[attr-defined]
+                            side, deny)
+        part = _Part((side,) if side else ())
+        for row, d, px in _in_workers(ds, workers):
+            part.add(row, d, {side: px})
+        part.write(folder, task["id"])
+        info = {"id": task["id"], "kind": "files", "rows": len(part), "described": len(part.vecs)}
+        if side:
+            info["pixels"] = part.pixels()
+        done = _part_done(info, part)
+    done["order"] = order
+    return done
+
+
+def _copy_part(folder: Path, root: Path, task: dict, workers: int, deny: DenyList | None,
+               read_timeout: float | None) -> dict:
+    """Decode-cache copies at ``task['side']`` for a kept part (any rank): each row's file read again,
+    used only while it is the file the row describes (size, time and content key)."""
+    side, pid = task["side"], task["id"]
+    cols = _read_part(folder, pid)
+    todo = []
+    for i, src in enumerate(cols["source"]):
+        big = max(int(cols["width"][i] or 0), int(cols["height"][i] or 0)) > side
+        ok = cols["status"][i] in ("", "flat") and big and not _denied(deny, cols["name"][i], cols["content_key"][i])
+        todo.append((_source_path(src, root), cols["size"][i], cols["mtime_ns"][i], cols["content_key"][i])
+                    if ok else None)
+    copies = list(_in_workers(_CopyFiles(todo, side, read_timeout), workers))
+    write_copies(folder, pid, side, copies)
+    stored = sum(c is not None for c in copies)
+    return {"info": None, "pixels_of": pid, "side": side, "stored": stored, "copied": stored,
+            "rows": len(copies), "statuses": {}, "decoded": sum(t is not None for t in todo)}
+
+
+class _CopyFiles:
+    """Files to copy for the decode cache (a map-style dataset, like ``_DescribeFiles``)."""
+
+    def __init__(self, todo: list, side: int, read_timeout: float | None):
+        self.todo, self.side, self.read_timeout = todo, side, read_timeout
+
+    def __len__(self) -> int:
+        return len(self.todo)
+
+    def __getitem__(self, i: int) -> bytes | None:
+        if self.todo[i] is None:
+            return None
+        path, size, mtime, ckey = self.todo[i]
+        try:
+            data = read_bytes(path, self.read_timeout)
+            if _identity(path) != (size, mtime) or content_key(data) != ckey:
+                return None  # changed since it was described: the next build describes it again
+            return make_copy(data, path, self.side)
+        except BadImage:
+            return None
 
 
 def _plan_shards(coll: ShardCollection, root: Path, doc: dict, stats: dict) -> list[dict]:
@@ -414,8 +624,10 @@ def _describe_shard(coll: ShardCollection, folder: Path, task: dict) -> dict:
 class _DescribeFiles:
     """Files to describe (a map-style dataset: loader workers decode and describe in parallel)."""
 
-    def __init__(self, entries: list, srcs: list[str], read_timeout: float):
+    def __init__(self, entries: list, srcs: list[str], read_timeout: float, side: int = 0,
+                 deny: DenyList | None = None):
         self.entries, self.srcs, self.read_timeout = entries, srcs, read_timeout
+        self.side, self.deny = side, deny
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -427,14 +639,18 @@ class _DescribeFiles:
         try:
             data = read_bytes(e.path, self.read_timeout)
         except BadImage as err:
-            return {**base, "status": err.reason}, None
-        row, d = _describe_bytes(data, name_to_text(e.path))
-        return {**base, **row}, d
+            return {**base, "status": err.reason}, None, None
+        if self.side and e.frame < 0:  # (a DICOM frame row: its file is read as itself)
+            row, d, px = _describe_with_copy(data, name_to_text(e.path), self.side, self.deny, e.key)
+        else:
+            (row, d), px = _describe_bytes(data, name_to_text(e.path)), None
+        return {**base, **row}, d, px
 
 
 def _plan_files(coll: FileCollection, folder: Path, root: Path, doc: dict, stats: dict,
-                per_part: int) -> list[dict]:
-    """Drop the index rows of changed or vanished files; plan the listed files not indexed as they are."""
+                per_part: int, deny: DenyList | None = None) -> list[dict]:
+    """Drop the index rows of changed or vanished files, and the decode-cache copies of images
+    ``deny`` names; plan the listed files not indexed as they are."""
     srcs = [_source(e.path, root) for e in coll.entries]
     listed = dict(zip(srcs, range(len(srcs))))
     drop: dict[str, list[int]] = {}  # part id -> rows to drop
@@ -453,6 +669,13 @@ def _plan_files(coll: FileCollection, folder: Path, root: Path, doc: dict, stats
     for info in [x for x in doc["parts"] if x["id"] in drop]:
         _rewrite_without(folder, info, set(drop[info["id"]]), doc)
         stats["dropped"] += len(drop[info["id"]])
+    for info in [x for x in doc["parts"] if x["kind"] == "files" and x.get("pixels") and deny and deny.keys]:
+        cols = _read_part(folder, info["id"])  # copies of images taken down since they were made: removed
+        denied = {i for i, (k, c) in enumerate(zip(cols["name"], cols["content_key"])) if _denied(deny, k, c)}
+        held = {i for s in info["pixels"] for i in denied if read_copies(folder, info["id"], int(s))[1][i][1] >= 0}
+        if held:
+            _rewrite_without(folder, info, set(), doc, held)
+            stats["purged"] += len(held)
     _save_manifest(folder, doc)
     stats["kept"] += len(have)
     todo = [j for j, src in enumerate(srcs) if src not in have]
@@ -464,22 +687,31 @@ def _as_is(sample):
     return sample
 
 
-def _rewrite_without(folder: Path, info: dict, rows: set[int], doc: dict) -> None:
-    """Part ``info`` without ``rows`` (its descriptors too), written under a new id."""
+def _rewrite_without(folder: Path, info: dict, rows: set[int], doc: dict, no_copies: set[int] = frozenset()) -> None:
+    """Part ``info`` without ``rows`` (its descriptors too) and without the decode-cache copies of
+    ``no_copies``, written under a new id (a run reading the old copies finds them gone, never moved)."""
     cols = _read_part(folder, info["id"])
     arrs = _arrays(folder, info["id"])
-    part = _Part()
+    sides = tuple(int(s) for s in info.get("pixels", {}))
+    stores = {s: read_copies(folder, info["id"], s) for s in sides}
+    blobs = {s: stores[s][0].read_bytes() for s in sides}
+    part = _Part(sides)
     for i in range(len(cols["source"])):
         if i in rows:
             continue
         v = cols["vec"][i]
         row = {c: cols[c][i] for c in COLUMNS}
-        part.add(row, None if v < 0 else (arrs[0][v], arrs[1][v], arrs[2][v]))
+        copies = {s: (blobs[s][int(o):int(o) + int(n)] if n >= 0 and i not in no_copies else None)
+                  for s in sides for o, n in [stores[s][1][i]]}
+        part.add(row, None if v < 0 else (arrs[0][v], arrs[1][v], arrs[2][v]), copies)
     doc["parts"].remove(info)
     if len(part):
         pid = _next_id(doc)
         part.write(folder, pid)
-        doc["parts"].append({**info, "id": pid, "rows": len(part), "described": len(part.vecs)})
+        new = {**info, "id": pid, "rows": len(part), "described": len(part.vecs)}
+        if sides:
+            new["pixels"] = part.pixels()
+        doc["parts"].append(new)
     _save_manifest(folder, doc)
     _remove_part(folder, info["id"])
 
@@ -998,3 +1230,142 @@ def ensure_index(spec: str, index: str | Path = "", progress: bool = False, log=
         found = open_index(spec, index)
     assert found is not None
     return found
+
+
+# ---------------------------------------------------------------- the decode cache (pretrain, distill)
+
+
+def open_pixels(coll: FileCollection, side: int, index: str | Path = "") -> PixelRows:
+    """The decode cache of ``coll`` at ``side`` as ``PixelRows`` (rows in the pile's order), from the
+    index's parts that hold copies at that side; a row whose file is not in them (not indexed yet,
+    no copy: small, DICOM, unreadable) has none and is read as itself. Each copy is used only while
+    its original's size and modification time are those recorded (``PixelRows.read``)."""
+    folder = index_folder(coll, index)
+    doc = _load_manifest(folder) or _new_manifest()
+    root = _root(folder)
+    stores: list[str] = []
+    found: dict[str, tuple[int, int, int, int, int, str]] = {}
+    for info in doc["parts"]:
+        if info["kind"] != "files" or str(side) not in info.get("pixels", {}):
+            continue
+        cols = _read_part(folder, info["id"])
+        store, where = read_copies(folder, info["id"], side)
+        stores.append(os.fspath(store))
+        for i, src in enumerate(cols["source"]):
+            if where[i][1] >= 0:
+                found[src] = (len(stores) - 1, int(where[i][0]), int(where[i][1]), int(cols["size"][i]),
+                              int(cols["mtime_ns"][i]), cols["content_key"][i])
+    none = (-1, -1, -1, -1, -1, "")
+    rows = [found.get(_source(e.path, root), none) if e.frame < 0 else none for e in coll.entries]
+    cols_ = list(zip(*rows)) if rows else [[]] * 6
+    arr = [np.asarray(c, dtype=np.int64) for c in cols_[:5]]
+    return PixelRows(side, stores, *arr, content_keys=list(cols_[5]))
+
+
+def decode_cache_side(cfg) -> int:
+    """The side of the decode cache's copies: ``data.decode_cache_side``, or (0) the longer side at
+    which a 16:9 photo still holds the pixels the multi-crop needs without upsampling (the
+    reduced-size decode's ``decode.reduced_decode_pixels``), rounded up to a multiple of 32 and at
+    least the largest crop: 640 for SEER's 160 + 96-px crops (a 5120 x 2880 photo becomes the
+    640 x 360 the loader decodes it at anyway), 448 for photos-cpu, 96 for tiny-cpu."""
+    if cfg.data.decode_cache_side:
+        return int(cfg.data.decode_cache_side)
+    from .decode import reduced_decode_pixels
+
+    need = reduced_decode_pixels(cfg.crops.sizes, cfg.crops.min_scale)
+    side = int(np.ceil(np.sqrt(need * 16 / 9) / 32) * 32)
+    return max(side, int(max(cfg.crops.sizes)))
+
+
+SIZE_SAMPLE = 16  # files whose headers decide decode_cache=auto
+
+
+def larger_than(coll: FileCollection, side: int) -> bool:
+    """Whether a sample of the pile's files (up to ``SIZE_SAMPLE``, spread over the listing; headers
+    only, deny-list applied) holds an image with a side larger than ``side``."""
+    n = len(coll)
+    for i in sorted({round(j * (n - 1) / max(SIZE_SAMPLE - 1, 1)) for j in range(min(SIZE_SAMPLE, n))}):
+        try:
+            data = coll.read(i)
+            if not is_dicom(data) and max(open_bytes(data, coll.key(i)).size) > side:
+                return True
+        except BadImage:
+            continue
+    return False
+
+
+class DistRanks:
+    """The rank split of a build inside a training run under torchrun: the run's own process group
+    (``build_index``'s ``ranks``, as ``use.ranks.Ranks``)."""
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world, self.is_main = rank, world, rank == 0
+
+    def on_main(self, fn, *args):
+        import torch.distributed as dist
+
+        box: list = [None, None]
+        dist.barrier()
+        if self.is_main:
+            try:
+                box[0] = fn(*args)
+            except Exception as e:  # every rank raises it
+                box[1] = e
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    def gather(self, value) -> list:
+        import torch.distributed as dist
+
+        out: list = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
+
+
+def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1, command: str = "pretrain",
+                         progress: bool = True):
+    """``data.decode_cache`` for a run about to train on ``source``: (the config, with ``decode_cache``
+    resolved to on and ``decode_cache_side`` to the side used when the cache is used, else as given;
+    the note to print or '').
+
+    on (or auto, for a folder or file list holding images larger than the side): the pile's index
+    is built or extended with copies at that side (``build_index``: only what is new or changed is
+    decoded; under torchrun the ranks share the parts) and attached to ``source`` (its ``pixels``),
+    so the loader decodes the small copies instead of the originals. off, and auto for tar shards,
+    Fashion-MNIST or a pile of small images: nothing. auto with an index folder that cannot be
+    written: off, said in the note; on: ``IndexMismatch``."""
+    import copy as _copy
+
+    mode = cfg.data.decode_cache
+    side = decode_cache_side(cfg)
+    files = isinstance(source, FileCollection) and source.base is not None
+    if mode == "off" or (mode == "auto" and not files):
+        return cfg, ""
+    if not files:
+        return cfg, (f"data.decode_cache=on: {source.spec} is {source.kind} read as it is stored, not a folder "
+                     f"or a file list; no decode cache")
+    if mode == "auto":
+        big = DistRanks(rank, world).on_main(larger_than, source, side) if world > 1 else larger_than(source, side)
+        if not big:
+            return cfg, ""
+    ranks = DistRanks(rank, world) if world > 1 else None
+    try:
+        r = build_index(source, progress=progress and rank == 0, log=(lambda t: None), ranks=ranks, pixels=side,
+                        workers=cfg.data.num_workers)  # the loader's processes make the first pass
+    except (IndexMismatch, OSError) as e:  # e.g. a read-only folder
+        why = str(e) if isinstance(e, IndexMismatch) else f"cannot write the pile index: {e}"
+        if mode == "on":
+            raise IndexMismatch(f"data.decode_cache=on: {why}; set data.decode_cache=off, or make the pile's "
+                                f"folder writable") from None
+        return cfg, f"data.decode_cache=auto: no decode cache ({why}); the originals are decoded every epoch"
+    source.pixels = open_pixels(source, side)  # type: ignore[attr-defined]
+    cfg = _copy.deepcopy(cfg)
+    cfg.data.decode_cache, cfg.data.decode_cache_side = "on", side
+    rate = f", {r['images_per_s']:g} img/s" if r["decoded"] else ""
+    note = (f"decode cache: {source.pixels.stored} of {len(source)} images read from copies of at most {side} px "
+            f"in {r['folder']} (decoded now {r['decoded']}, reused {r['kept']}{rate}); the rest "
+            f"are small enough, or unreadable, and read as they are"
+            + (f"; {r['purged']} copies of images on the deny-list removed" if r["purged"] else ""))
+    return cfg, note

@@ -32,6 +32,7 @@ from ..config import Config, config_from_dict, to_dict
 from ..data.batches import Batch, count_reasons, data_state, iterate_batches, prepare_stream, steps_per_epoch
 from ..data.collection import open_collection
 from ..data.decode import DataError
+from ..data.index import prepare_decode_cache
 from ..data.takedown import folder_provenance, record_provenance
 from ..device import resolve_device
 from ..rundir import (  # noqa: F401  (RunError, resume_config: callers import them from here)
@@ -356,6 +357,9 @@ def _setup(cfg: Config, run_dir: Path, builder: Builder, resume: bool | str, max
     else:
         source = open_collection(cfg.data.source, limit=cfg.data.limit, data_cfg=cfg.data,
                                  channels=cfg.model.in_chans)
+        # data.decode_cache: small copies of large images, kept in the pile's index, read instead (data/index.py)
+        cfg, cache_note = prepare_decode_cache(cfg, source, env.rank, env.world_size, progress=cfg.log.progress)
+        auto_notes = [*auto_notes, cache_note]
     batch_note = ""
     if not resume or resume == "auto":  # a resumed run keeps the batch its config records
         fitted, batch_note = fit_batch(cfg, len(source), env.world_size)

@@ -84,11 +84,15 @@ def advice(cfg: Config, sched: dict, step: int, stop: int, short_side: int | Non
     if short_side and short_side > CROP_RATIO_WARN * crop:
         recipe = (" the model learns from, and embeds, small thumbnails of them: use a recipe for photographs "
                   "(photos-cpu, seer-gpu: openseer recipes) or larger crops.sizes;" if crop < SMALL_CROP else "")
-        side = max(256, 2 * crop)
+        side = cfg.data.decode_cache_side if cfg.data.decode_cache == "on" else max(256, 2 * crop)
+        shard = f"`openseer shard {cfg.data.source} --out SHARDS --max-side {side}`"
+        decoding = (f" decoding them at full size every epoch is slow: downscale once with {shard} and train on the "
+                    "shards" if cfg.data.decode_cache != "on" else
+                    f" the decode cache reads them as copies of at most {cfg.data.decode_cache_side} px "
+                    f"(data.decode_cache), so only its first pass decodes them at full size (or downscale them once: "
+                    f"{shard})")
         out.append(f"WARNING: the images are about {short_side} px on their short side, {short_side // crop}x the "
-                   f"{crop}-px large crops (recipe {cfg.recipe}):{recipe} decoding them at full size every epoch "
-                   f"is slow: downscale once with `openseer shard {cfg.data.source} --out SHARDS --max-side {side}` "
-                   "and train on the shards")
+                   f"{crop}-px large crops (recipe {cfg.recipe}):{recipe}{decoding}")
     return out
 
 
