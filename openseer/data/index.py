@@ -373,7 +373,8 @@ class OneProcess:
 
 
 def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = False, progress: bool = True,
-                log=print, workers: int = 0, ranks=None, files_per_part: int = 0, pixels: int = 0) -> dict:
+                log=print, workers: int = 0, ranks=None, files_per_part: int = 0, pixels: int = 0,
+                snapshot: bool = True) -> dict:
     """Build or extend the index of the pile ``spec`` (see the module docstring); returns counts:
     images described now, kept from before, dropped, the folder, the seconds taken. ``pixels``: also
     keep each image's decode-cache copy at that side (``make_copy``; folders and lists), made for the
@@ -381,7 +382,8 @@ def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = 
     ``stored``: copies the index holds at that side). ``workers``:
     processes reading and describing files (folders and lists; 0: in this process);
     ``files_per_part``: files in one part (0: ``FILES_PER_PART``; smaller parts resume and spread
-    over ranks more finely).
+    over ranks more finely); ``snapshot``: then check the index against the pile and keep the
+    snapshot a takedown opens (``QuickIndex``; a pile given by name).
 
     ``ranks`` (``use.ranks.Ranks`` under torchrun; default one process): rank 0 prepares the index
     folder (manifest, stale rows dropped) and plans the parts to describe, each with its id; the
@@ -418,7 +420,8 @@ def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = 
     parts = ranks.on_main(lambda: _load_manifest(folder)["parts"])
     stats = ranks.on_main(lambda: stats)
     done_now = stats["decoded"]
-    ranks.on_main(_keep_snapshot, spec, index)
+    if snapshot and isinstance(spec, str):  # (the decode cache's build for training skips it)
+        ranks.on_main(_keep_snapshot, spec, index)
     return {"folder": str(folder), "described": stats["described"], "kept": stats["kept"],
             "dropped": stats["dropped"], "rows": sum(int(x["rows"]) for x in parts), "statuses": dict(stats["statuses"]),
             "seconds": round(seconds, 2), "images_per_s": round(done_now / seconds, 1) if seconds else 0.0,
@@ -1353,7 +1356,7 @@ def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1,
     ranks = DistRanks(rank, world) if world > 1 else None
     try:
         r = build_index(source, progress=progress and rank == 0, log=(lambda t: None), ranks=ranks, pixels=side,
-                        workers=cfg.data.num_workers)  # the loader's processes make the first pass
+                        workers=cfg.data.num_workers, snapshot=False)  # the loader's processes make the first pass
     except (IndexMismatch, OSError) as e:  # e.g. a read-only folder
         why = str(e) if isinstance(e, IndexMismatch) else f"cannot write the pile index: {e}"
         if mode == "on":
