@@ -20,7 +20,7 @@ def cmd_shard(args: argparse.Namespace) -> int:
 
     summary = write_shards(args.src, args.out, shard_size=args.shard_size, max_side=args.max_side,
                            sidecar=args.sidecar, workers=args.workers, read_timeout=args.read_timeout,
-                           show_progress=not args.quiet,
+                           show_progress=not args.quiet, index=not args.no_index,
                            log=(lambda text: None) if args.quiet else (lambda text: print(text, flush=True)))
     counts = summary["counts"]
     skipped = {k[len("skipped_"):]: v for k, v in sorted(counts.items()) if k.startswith("skipped_")}
@@ -236,7 +236,7 @@ def _takedown_check_near(args: argparse.Namespace) -> int:
 
 
 SHARD_EXAMPLES = """examples:
-  openseer shard /pile --out shards/                          # shard size chosen from the pile
+  openseer shard /pile --out shards/                          # shard size chosen from the pile; indexed too
   openseer shard paths.txt --out shards/ --max-side 512 --sidecar licences.csv
   openseer data report shards/                                # what went in, what was skipped
   openseer pretrain --data shards/ --out runs/a               # train from the shards
@@ -260,6 +260,9 @@ def add_shard(sub: argparse._SubParsersAction) -> None:
                    help="downscale images whose longer side exceeds this (JPEG q95 / PNG stays PNG); 0 = keep")
     p.add_argument("--sidecar", help="CSV with a 'path' column and e.g. source_url, licence: copied into the manifest")
     p.add_argument("--workers", type=int, default=0, help="decode processes (default: up to 4)")
+    p.add_argument("--no-index", action="store_true",
+                   help="do not write the pile index (OUT/.openseer-index: near-copy descriptors for takedown "
+                        "--near and curate, described while each image is in hand; else `openseer index OUT`)")
     p.add_argument("-q", "--quiet", action="store_true", help="no per-shard progress lines")
     add_read_timeout(p)
     p.set_defaults(func=cmd_shard)

@@ -11,6 +11,8 @@ folder, the shards' folder; ``--index DIR`` puts it elsewhere)::
     parts/NNNNNN.flip.npy the mirror images' descriptors; parts/NNNNNN.win.npy the windows' (float16)
     parts/NNNNNN.pxSIDE.bin/.npy   the decode cache (optional): small copies of the part's images
                           at SIDE and their offsets (``make_copy``; ``build_index(pixels=SIDE)``)
+    snapshots/DIGEST/     the checked index of one pile spec, consolidated: what a takedown opens
+                          (``QuickIndex``, in its section below)
 
 A part is one shard (identified by its file's size and modification time) or up to
 ``FILES_PER_PART`` files (each identified by its own size and modification time), written whole
@@ -30,6 +32,9 @@ descriptor version: an index that no longer matches its pile is never used. A ca
 it is decoded again for verification (a file is read, a shard sample read at its recorded offset),
 so a takedown decodes only its candidates.
 
+``openseer shard`` writes each shard's part as it writes the shard (``describe_sample`` in its
+workers, ``add_shard_part``): the files this build would write.
+
 The decode cache (``data.decode_cache``; ``prepare_decode_cache`` before ``pretrain`` and ``distill``
 train, ``openseer index PILE --pixels SIDE``) lives in the same parts under the same rule: copies are
 made with the descriptors from one decode, added to kept parts that lack them, carried over when a
@@ -40,12 +45,14 @@ original's size and modification time are the recorded ones.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +106,8 @@ def index_folder(coll: Collection, index: str | Path = "") -> Path:
 def _source(path: str | os.PathLike, root: Path) -> str:
     """A source's name in the index: its path relative to the index's root folder, else absolute."""
     p = os.path.abspath(os.fspath(path))
-    rel = os.path.relpath(p, os.path.abspath(root))
+    r = os.path.abspath(root)
+    rel = p[len(r) + 1:] if p.startswith(r + os.sep) else os.path.relpath(p, r)  # the first: 20x quicker
     return name_to_text(p if rel.startswith("..") else rel)
 
 
@@ -365,7 +373,8 @@ class OneProcess:
 
 
 def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = False, progress: bool = True,
-                log=print, workers: int = 0, ranks=None, files_per_part: int = 0, pixels: int = 0) -> dict:
+                log=print, workers: int = 0, ranks=None, files_per_part: int = 0, pixels: int = 0,
+                snapshot: bool = True) -> dict:
     """Build or extend the index of the pile ``spec`` (see the module docstring); returns counts:
     images described now, kept from before, dropped, the folder, the seconds taken. ``pixels``: also
     keep each image's decode-cache copy at that side (``make_copy``; folders and lists), made for the
@@ -373,7 +382,8 @@ def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = 
     ``stored``: copies the index holds at that side). ``workers``:
     processes reading and describing files (folders and lists; 0: in this process);
     ``files_per_part``: files in one part (0: ``FILES_PER_PART``; smaller parts resume and spread
-    over ranks more finely).
+    over ranks more finely); ``snapshot``: then check the index against the pile and keep the
+    snapshot a takedown opens (``QuickIndex``; a pile given by name).
 
     ``ranks`` (``use.ranks.Ranks`` under torchrun; default one process): rank 0 prepares the index
     folder (manifest, stale rows dropped) and plans the parts to describe, each with its id; the
@@ -410,11 +420,23 @@ def build_index(spec: str | Collection, index: str | Path = "", rebuild: bool = 
     parts = ranks.on_main(lambda: _load_manifest(folder)["parts"])
     stats = ranks.on_main(lambda: stats)
     done_now = stats["decoded"]
+    if snapshot and isinstance(spec, str):  # (the decode cache's build for training skips it)
+        ranks.on_main(_keep_snapshot, spec, index)
     return {"folder": str(folder), "described": stats["described"], "kept": stats["kept"],
             "dropped": stats["dropped"], "rows": sum(int(x["rows"]) for x in parts), "statuses": dict(stats["statuses"]),
             "seconds": round(seconds, 2), "images_per_s": round(done_now / seconds, 1) if seconds else 0.0,
             "copied": stats["copied"], "decoded": stats["decoded"], "purged": stats["purged"], "side": pixels,
             "stored": sum(int(x.get("pixels", {}).get(str(pixels), 0)) for x in parts) if pixels else 0}
+
+
+def _keep_snapshot(spec: str, index: str | Path) -> None:
+    """Check the index just built against its pile and keep the snapshot takedowns open (its approximate
+    search structure included: built here once, not on the first takedown)."""
+    time.sleep(RACY_NS / 1e9)  # the manifest was just written: a snapshot taken now would not trust it
+    try:
+        open_index(spec, index)
+    except DataError:
+        pass  # the pile changed during the build: the next open names what
 
 
 def _prepare(coll: Collection, folder: Path, rebuild: bool, log, per_part: int,
@@ -707,6 +729,46 @@ def _arrays(folder: Path, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]
                             f"`openseer index PILE --rebuild`") from None
 
 
+def describe_sample(data: bytes, where: str) -> tuple[dict, tuple | None]:
+    """What the index stores of one shard sample's image bytes (``openseer shard`` calls it in its
+    workers, on the bytes it stores, while it has them in memory)."""
+    return _describe_bytes(data, where)
+
+
+def add_shard_part(url: str | Path, samples: list[tuple[str, tuple[dict, tuple | None]]]) -> None:
+    """Index a shard just written by ``openseer shard`` (``samples``: per sample in order, its key and
+    ``describe_sample``'s result) into its folder's index, as ``openseer index SHARDS`` would: the
+    same part files and manifest entry, so that a later ``openseer index`` finds nothing to do. A
+    part already there for the shard (a resumed run writing it again) is replaced."""
+    url = os.fspath(url)
+    folder = Path(url).resolve().parent / INDEX_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    doc = _load_manifest(folder)
+    if doc is None or doc.get("descriptor") != DESCRIPTOR_VERSION:
+        for p in (folder / "parts").glob("*") if (folder / "parts").is_dir() else []:
+            p.unlink()
+        doc = _new_manifest()
+    src = _source(url, _root(folder))
+    size, mtime = _identity(url)
+    offsets = _member_offsets(url)
+    part = _Part()
+    for position, (key, (row, d)) in enumerate(samples):
+        row = {"source": src, "size": size, "mtime_ns": mtime, "name": key, "position": position, **row}
+        ext = next((e for e in SAMPLE_IMAGE_EXTS if e in offsets.get(key, {})), None)
+        if ext is not None:
+            row["offset"], row["length"] = offsets[key][ext]
+        part.add(row, d)
+    pid = _next_id(doc)
+    part.write(folder, pid)
+    old = next((x for x in doc["parts"] if x.get("source") == src), None)
+    if old is not None:
+        doc["parts"].remove(old)
+        _remove_part(folder, old["id"])
+    doc["parts"].append({"id": pid, "kind": "shard", "source": src, "size": size, "mtime_ns": mtime,
+                         "rows": len(part), "described": len(part.vecs)})
+    _save_manifest(folder, doc)
+
+
 # ---------------------------------------------------------------- reading (takedown --near, curate)
 
 
@@ -818,6 +880,7 @@ class StoredIndex(CopyQueries):
             self.vectors[dst], self.flipped[dst], self.windows[dst] = a[0][src], a[1][src], a[2][src]
         self.pixels = np.asarray(pixels, np.int64)
         self.nbytes = np.asarray(nbytes, np.int64)
+        self.part_rows = ([p for p, _ in vec_rows], [v for _, v in vec_rows])  # where each row is stored
         self.index = CopyIndex(self.vectors)
 
     def __len__(self) -> int:
@@ -854,9 +917,294 @@ class StoredIndex(CopyQueries):
         return out
 
 
+# ---------------------------------------------------------------- the snapshot a takedown opens
+#
+# A takedown's quick way into the pile index: the checked index of one listing, consolidated on disk.
+#
+# ``open_index``'s full check (``StoredIndex``) lists the pile, looks at every file and
+# reads every part's row table: Python work per image on every ``takedown --near`` (most of a second
+# at 10,000 images, minutes at a million). Once a full check has passed, ``_write_snapshot`` keeps it
+# in ``INDEX/snapshots/<digest of the pile spec>/``::
+#
+#     meta.json     the spec, what the check saw (the manifest's size and time, the descriptor version,
+#                   the modification time of every folder of the pile, the size and time of a list file
+#                   or of each shard), row count, skipped images by reason, the part ids
+#     vectors.npy   the rows' descriptors in pile order (float32), memory-mapped when read (only with
+#                   exact search: an approximate one holds them, and the parts have them for curate)
+#     rows.npy      per row: tar offset, length, position, pixels, file bytes, part, row in the part
+#     strings.bin / strings.npy   per row: key, path, content key, file to read (utf-8, with offsets)
+#     search.faiss  the range search's index when it is approximate (search.py ``choose_range_kind``)
+#
+# ``_open_snapshot`` answers from it without listing the pile when nothing it recorded changed: a file
+# added to, removed from or renamed within a folder changes that folder's modification time; a list
+# file or a shard that changed has another size or time; ``openseer index`` rewrites the manifest.
+# Any change sends ``open_index`` back to the full check (which names what no longer matches, and
+# writes a new snapshot when it passes). A file rewritten in place under the same name leaves its
+# folder's time alone: it is caught when it is a candidate (its content key is compared when it is
+# read for verification: ``StoredIndex._read``), and by the next ``openseer index``.
+# The per-row strings, the mirror images' and the windows' descriptors are read only when asked
+# for (``curate`` asks; a takedown reads only its candidates' rows).
+
+SNAPSHOT_FORMAT = "openseer.index-snapshot.v1"
+SNAPSHOTS = "snapshots"
+SNAP_STRINGS = 4  # key, path, content key, file to read
+RACY_NS = 50_000_000  # 50 ms: far coarser than any file system's clock tick for modification times
+
+
+def _snapshot_key(spec: str) -> str:
+    return hashlib.sha256(os.path.abspath(spec).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _mtime(path: str) -> int:
+    try:
+        return int(os.stat(path).st_mtime_ns)
+    except OSError:
+        return -1
+
+
+def _stamp(path: str) -> list[int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [-1, -1]
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _watched(stored, since: int) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """(folder -> modification time, file -> [size, time]) whose change can change the pile's listing;
+    one changed within ``RACY_NS`` of ``since`` (when the full check began) is recorded as never
+    matching: it may have changed while the check ran, or may change again within the same clock
+    tick and keep its time (git's racily clean files), so the next open checks in full."""
+    from .collection import ShardCollection
+
+    coll, index_dir = stored.coll, os.path.abspath(stored.folder)
+    dirs: set[str] = set()
+    files: list[str] = []
+    if isinstance(coll, ShardCollection):
+        files = [os.path.abspath(u) for u in coll.urls]
+        dirs = {os.path.dirname(f) for f in files}
+    elif getattr(coll, "list_file", None) is not None:
+        files = [os.path.abspath(coll.list_file)]
+        dirs = {os.path.dirname(os.path.abspath(e.path)) for e in coll.entries}
+    else:  # a folder: every folder under it (a new sub-folder changes its parent's time)
+        for top, subdirs, _ in os.walk(coll.base):
+            top = os.path.abspath(top)
+            subdirs[:] = [d for d in subdirs if os.path.join(top, d) != index_dir]
+            dirs.add(top)
+    racy = since - RACY_NS
+    stamp = {d: _mtime(d) for d in sorted(dirs)}
+    return ({d: (-2 if t > racy else t) for d, t in stamp.items()},
+            {f: (lambda v: [-2, -2] if v[1] > racy else v)(_stamp(f)) for f in files})
+
+
+def _write_snapshot(stored, spec: str, since: int) -> None:
+    """Keep the checked index ``stored`` (a ``StoredIndex`` checked against ``spec`` from ``since``,
+    ``time.time_ns()``) as a snapshot; a failure to write (a read-only pile) only costs the next call
+    a full check."""
+    import shutil
+
+    from .search import VectorSearch, choose_range_kind
+
+    folder = Path(stored.folder)
+    dirs, files = _watched(stored, since)
+    manifest = _stamp(str(folder / "index.json"))
+    if manifest[1] > since - RACY_NS:
+        manifest = [-2, -2]
+    final = folder / SNAPSHOTS / _snapshot_key(spec)
+    tmp = folder / SNAPSHOTS / f".{_snapshot_key(spec)}.{os.getpid()}.tmp"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        n = len(stored.keys)
+        kind = choose_range_kind(n)
+        if kind == "flat":  # else the vectors are in the search index (and in the parts, for curate)
+            np.save(tmp / "vectors.npy", np.ascontiguousarray(stored.vectors, np.float32))
+        parts = sorted(set(stored.part_rows[0])) if n else []
+        pnum = {p: i for i, p in enumerate(parts)}
+        rows = np.zeros((n, 7), np.int64)
+        for r, (_file, off, length, pos) in enumerate(stored.loc):
+            rows[r, :3] = off, length, pos
+        rows[:, 3], rows[:, 4] = stored.pixels, stored.nbytes
+        rows[:, 5] = [pnum[p] for p in stored.part_rows[0]]
+        rows[:, 6] = stored.part_rows[1]
+        np.save(tmp / "rows.npy", rows)
+        blobs, offs, at = [], [0], 0
+        for r in range(n):
+            for s in (stored.keys[r], stored.paths[r], stored.content_keys[r], os.fspath(stored.loc[r][0])):
+                b = s.encode("utf-8", "surrogateescape")
+                blobs.append(b)
+                at += len(b)
+                offs.append(at)
+        (tmp / "strings.bin").write_bytes(b"".join(blobs))
+        np.save(tmp / "strings.npy", np.asarray(offs, np.int64))
+        if kind != "flat":
+            VectorSearch(np.asarray(stored.vectors, np.float32), kind=kind).save(tmp / "search.faiss")
+        atomic_write_json(tmp / "meta.json", {
+            "format": SNAPSHOT_FORMAT, "spec": os.path.abspath(spec), "descriptor": DESCRIPTOR_VERSION,
+            "manifest": manifest, "dirs": dirs, "files": files, "rows": n,
+            "skipped": stored.skipped, "parts": parts, "search": kind})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _open_snapshot(spec: str, index: str | os.PathLike = ""):
+    """The snapshot of ``spec``'s index as a ``QuickIndex`` when one is kept and nothing it watched
+    changed, else None (the caller runs the full check)."""
+    if index:
+        candidates = [Path(index).expanduser()]
+    else:
+        p = Path(spec).expanduser()
+        candidates = [p / INDEX_DIR, p.parent / INDEX_DIR]
+    for folder in candidates:
+        snap = folder / SNAPSHOTS / _snapshot_key(spec)
+        try:
+            meta = json.loads((snap / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if (meta.get("format") != SNAPSHOT_FORMAT or meta.get("spec") != os.path.abspath(spec)
+                or meta.get("descriptor") != DESCRIPTOR_VERSION  # the reader's, now
+                or meta.get("manifest") != _stamp(str(folder / "index.json"))
+                or any(_mtime(d) != t for d, t in meta["dirs"].items())
+                or any(_stamp(f) != v for f, v in meta["files"].items())):
+            return None
+        try:
+            return QuickIndex(spec, folder, snap, meta)
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+class _Strings(Sequence):
+    """One of a snapshot's per-row strings (key, path, ...), decoded when read."""
+
+    def __init__(self, blob: np.ndarray, offs: np.ndarray, which: int, n: int):
+        self.blob, self.offs, self.which, self.n = blob, offs, which, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, r):
+        if isinstance(r, slice):
+            return [self[i] for i in range(*r.indices(self.n))]
+        if r < 0:
+            r += self.n
+        if not 0 <= r < self.n:
+            raise IndexError(r)
+        j = SNAP_STRINGS * r + self.which
+        return bytes(self.blob[int(self.offs[j]):int(self.offs[j + 1])]).decode("utf-8", "surrogateescape")
+
+    def __iter__(self):
+        blob = bytes(self.blob)
+        offs = self.offs.tolist()
+        for r in range(self.n):
+            j = SNAP_STRINGS * r + self.which
+            yield blob[offs[j]:offs[j + 1]].decode("utf-8", "surrogateescape")
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+
+class _Loc(Sequence):
+    """(file, tar offset, length, position) of each row, as ``StoredIndex.loc`` holds them."""
+
+    def __init__(self, files: _Strings, rows: np.ndarray):
+        self.files, self.rows = files, rows
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, r):
+        off, length, pos = (int(v) for v in self.rows[r, :3])
+        return self.files[r], off, length, pos
+
+
+class QuickIndex(StoredIndex):
+    """A ``StoredIndex`` read from its snapshot: the same members, read lazily (see the module docstring)."""
+
+    def __init__(self, spec: str, folder: Path, snap: Path, meta: dict):
+        from .search import VectorSearch
+
+        self.coll, self.folder, self.spec, self.snapshot = None, folder, spec, snap
+        n = int(meta["rows"])
+        self.skipped = dict(meta["skipped"])
+        self.parts = list(meta["parts"])
+        self._rows = np.load(snap / "rows.npy", mmap_mode="r")
+        self._vectors = np.load(snap / "vectors.npy", mmap_mode="r") if meta["search"] == "flat" else None
+        blob = np.memmap(snap / "strings.bin", np.uint8, mode="r") if n else np.zeros(0, np.uint8)
+        offs = np.load(snap / "strings.npy", mmap_mode="r")
+        if len(self._rows) != n or len(offs) != SNAP_STRINGS * n + 1:
+            raise ValueError(f"{snap}: damaged snapshot")
+        self.keys, self.paths, self.content_keys = (_Strings(blob, offs, i, n) for i in range(3))
+        self.loc = _Loc(_Strings(blob, offs, 3, n), self._rows)
+        self.pixels = np.asarray(self._rows[:, 3])
+        self.nbytes = np.asarray(self._rows[:, 4])
+        if meta["search"] == "flat":
+            self.index = CopyIndex(np.asarray(self.vectors))
+        else:
+            self.index = CopyIndex(None, search=VectorSearch.load(snap / "search.faiss", meta["search"]))
+        self._flipped = self._windows = None
+
+    def _gather(self, which: int, shape: tuple, dtype, rows: np.ndarray | None = None) -> np.ndarray:
+        """Array ``which`` of the parts (0 descriptors, 1 mirror images', 2 windows') for ``rows`` (an
+        index row per output row, -1 for zeros; default every row), read from the parts straight into
+        the result (no whole-index copy in between: the windows are 5 KB an image)."""
+        rows = np.arange(len(self.keys)) if rows is None else np.asarray(rows, np.int64)
+        out = np.zeros((len(rows), *shape), dtype)
+        ok = np.flatnonzero(rows >= 0)
+        part = np.asarray(self._rows[:, 5])[rows[ok]]
+        vrow = np.asarray(self._rows[:, 6])[rows[ok]]
+        for i, pid in enumerate(self.parts):
+            sel = np.flatnonzero(part == i)
+            if len(sel):
+                out[ok[sel]] = _arrays(self.folder, pid)[which][vrow[sel]]
+        return out
+
+    def rows_of(self, which: str, rows: np.ndarray) -> np.ndarray:
+        """``vectors``, ``flipped`` or ``windows`` of the index rows ``rows`` (-1: zeros), gathered
+        from the parts without holding the whole index's copy (``curate`` at a million images)."""
+        if which == "windows":
+            return self._gather(2, (len(WINDOWS), SIDE * SIDE), np.float16, rows)
+        return self._gather(0 if which == "vectors" else 1, (SIDE * SIDE,), np.float32, rows)
+
+    @property
+    def vectors(self) -> np.ndarray:  # type: ignore[override]
+        if self._vectors is None:  # an approximate search holds them: read from the parts when asked
+            self._vectors = self._gather(0, (SIDE * SIDE,), np.float32)
+        return self._vectors
+
+    @property
+    def flipped(self) -> np.ndarray:  # type: ignore[override]
+        if self._flipped is None:
+            self._flipped = self._gather(1, (SIDE * SIDE,), np.float32)
+        return self._flipped
+
+    @property
+    def windows(self) -> np.ndarray:  # type: ignore[override]
+        if self._windows is None:
+            self._windows = self._gather(2, (len(WINDOWS), SIDE * SIDE), np.float16)
+        return self._windows
+
+
 def open_index(spec: str | Collection, index: str | Path = "") -> StoredIndex | None:
-    """The checked index of a pile, or None when it has none (``IndexMismatch`` when it does not match)."""
-    coll = open_collection(spec) if isinstance(spec, str) else spec
+    """The checked index of a pile, or None when it has none (``IndexMismatch`` when it does not match).
+    A pile given by name is answered from its snapshot when nothing changed since the last full check
+    (``QuickIndex``, below), and a full check that passes keeps a new snapshot."""
+    if isinstance(spec, str):
+        quick = _open_snapshot(spec, index)
+        if quick is not None:
+            return quick
+        since = time.time_ns()
+        stored = _open_checked(open_collection(spec), index)
+        if stored is not None:
+            _write_snapshot(stored, spec, since)
+        return stored
+    return _open_checked(spec, index)
+
+
+def _open_checked(coll: Collection, index: str | Path = "") -> StoredIndex | None:
+    """``open_index``'s full check: the pile listed now against every row of the index."""
     try:
         folder = index_folder(coll, index)
     except IndexMismatch:
@@ -1008,7 +1356,7 @@ def prepare_decode_cache(cfg, source: Collection, rank: int = 0, world: int = 1,
     ranks = DistRanks(rank, world) if world > 1 else None
     try:
         r = build_index(source, progress=progress and rank == 0, log=(lambda t: None), ranks=ranks, pixels=side,
-                        workers=cfg.data.num_workers)  # the loader's processes make the first pass
+                        workers=cfg.data.num_workers, snapshot=False)  # the loader's processes make the first pass
     except (IndexMismatch, OSError) as e:  # e.g. a read-only folder
         why = str(e) if isinstance(e, IndexMismatch) else f"cannot write the pile index: {e}"
         if mode == "on":

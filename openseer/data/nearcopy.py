@@ -244,13 +244,18 @@ def describe_query(img: Image.Image) -> Query:
 class CopyIndex:
     """The descriptors of a pile in a faiss inner-product index; ``matches(query)`` -> pile rows.
 
-    The search is exact below ``search.EXACT_MAX`` descriptors and approximate above
-    (data/search.py); ``kind`` forces one."""
+    The search is exact below ``search.RANGE_EXACT_MAX`` descriptors and IVF-flat above
+    (data/search.py ``choose_range_kind``); ``kind`` forces one."""
 
-    def __init__(self, vectors: np.ndarray, kind: str = "auto"):
+    def __init__(self, vectors: np.ndarray | None, kind: str = "auto", search=None):
         from .search import VectorSearch
 
-        self.search = VectorSearch(np.asarray(vectors, np.float32).reshape(-1, SIDE * SIDE), kind=kind)
+        if search is None:  # ``search``: a VectorSearch built (or loaded) already
+            from .search import choose_range_kind
+
+            x = np.asarray(vectors, np.float32).reshape(-1, SIDE * SIDE)
+            search = VectorSearch(x, kind=choose_range_kind(len(x)) if kind == "auto" else kind)
+        self.search = search
         self.index = self.search.index
 
     def __len__(self) -> int:
@@ -274,12 +279,15 @@ FLAT_THRESHOLD = 0.98  # refined descriptor cosine that confirms a candidate whe
 
 
 def find_copies(query: Query, index: CopyIndex, load, threshold: float = THRESHOLD,
-                verify: float = VERIFY) -> list[tuple[int, float, float]]:
+                verify: float = VERIFY, candidates: dict | None = None) -> list[tuple[int, float, float]]:
     """Pile rows that are copies of ``query``: (row, descriptor similarity, verified score), best
     first. ``load(row)`` returns the pile image of a candidate (a PIL image, or None when it cannot be
-    read any more: then it is not a match)."""
+    read any more: then it is not a match). ``candidates``: ``index.candidates(query, threshold)``
+    when the caller has them already (the search is not run twice)."""
     found = []
-    for row, (sim, qrow) in index.candidates(query, threshold).items():
+    if candidates is None:
+        candidates = index.candidates(query, threshold)
+    for row, (sim, qrow) in candidates.items():
         img = load(row)
         score, flat = query.verify(qrow, img) if img is not None else (-1.0, False)
         if score >= (FLAT_THRESHOLD if flat else verify):
@@ -309,7 +317,7 @@ class CopyQueries:
         query = describe_query(photo)
         cands = self.index.candidates(query, threshold)
         imgs = self.images(set(cands))
-        found = find_copies(query, self.index, imgs.get, threshold, verify)
+        found = find_copies(query, self.index, imgs.get, threshold, verify, candidates=cands)
         return [(self.keys[r], self.paths[r], s, f) for r, s, f in found]
 
 

@@ -6,6 +6,8 @@ threshold) and ``curate``'s duplicate links (the k nearest neighbours of every i
 ``VectorSearch``. The kind is chosen by size:
 
 * up to ``EXACT_MAX`` vectors: ``IndexFlatIP``, exact (N x d multiply-adds per query, no build);
+  (``choose_kind``; ``curate``'s links and the takedowns' range search go to IVF beyond exact search:
+  ``choose_links_kind``, ``choose_range_kind``)
 * up to ``HNSW_MAX``: ``IndexHNSWFlat`` (graph of ``HNSW_M`` links a vector, ~2 x 4 x M bytes a
   vector beyond the vectors; high recall, a build of minutes at a million on 2 cores);
 * beyond: ``IndexIVFFlat`` with ~4 sqrt(N) lists trained on a sample (a fast build; ``nprobe``
@@ -13,11 +15,18 @@ threshold) and ``curate``'s duplicate links (the k nearest neighbours of every i
 
 The recall of the approximate kinds against exact search is measured by ``recall_against_exact``
 (tests/data/test_index.py runs it on a constructed pile with the thresholds lowered).
+
+A takedown's range search asks ~1,400 query windows at once, so its exact search stops earlier
+(``RANGE_EXACT_MAX``) and its approximate one is IVF-flat, never HNSW: an IVF range search returns
+every vector within the threshold in the lists it probes, where HNSW's stops at ``efSearch``
+results a query (the bench's look-alike garments have hundreds within 0.8). ``save`` / ``load``
+keep a built index on disk beside the pile index (data/index.py ``QuickIndex``), memory-mapped when read.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -28,6 +37,7 @@ HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 256
 IVF_NPROBE = 32
 IVF_TRAIN_PER_LIST = 64  # training sample: this many vectors per list (faiss warns below 39)
+RANGE_EXACT_MAX = 20_000  # vectors: a takedown's range search is exact below this (0.13 s at 10,000)
 FLAT_WORK_MAX = 2e12  # multiply-adds an exact search may take (a few minutes on 2 cores), else approximate
 
 
@@ -37,6 +47,18 @@ def choose_kind(n: int, exact_max: int = EXACT_MAX, hnsw_max: int = HNSW_MAX, qu
     if n < exact_max and queries * n * dim <= FLAT_WORK_MAX:
         return "flat"
     return "hnsw" if n < hnsw_max else "ivf"
+
+
+def choose_links_kind(n: int, queries: int = 0, dim: int = 0) -> str:
+    """``flat`` or ``ivf`` for ``curate``'s duplicate links (k nearest neighbours of every row): exact
+    while ``choose_kind`` says so, else IVF-flat, which on 100,000 clustered 256-d rows with planted
+    copies found every exact link in a third of HNSW's time (bench/curate_scale.py, docs/data.md)."""
+    return "flat" if choose_kind(n, queries=queries, dim=dim) == "flat" else "ivf"
+
+
+def choose_range_kind(n: int, exact_max: int = 0) -> str:
+    """``flat`` or ``ivf`` for a takedown's range search over ``n`` vectors (see the module docstring)."""
+    return "flat" if n < (exact_max or RANGE_EXACT_MAX) else "ivf"
 
 
 def memory_bytes(n: int, d: int, kind: str) -> int:
@@ -50,7 +72,7 @@ def memory_bytes(n: int, d: int, kind: str) -> int:
 
 
 def _nlist(n: int) -> int:
-    return max(1, min(65536, int(4 * math.sqrt(max(n, 1)))))
+    return max(1, min(65536, int(4 * math.sqrt(max(n, 1))), n // 39))  # faiss wants >= 39 points a list
 
 
 RANGE_BLOCK = 64  # queries per HNSW range search (see VectorSearch.range)
@@ -90,6 +112,26 @@ class VectorSearch:
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the built index to ``path`` (faiss's own format)."""
+        import faiss
+
+        faiss.write_index(self.index, os.fspath(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, kind: str) -> VectorSearch:
+        """An index written by ``save``, memory-mapped (its vectors are paged in as searched)."""
+        import faiss
+
+        self = cls.__new__(cls)
+        self.index = faiss.read_index(os.fspath(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        self.kind, self.n, self.d = kind, int(self.index.ntotal), int(self.index.d)
+        if kind == "ivf":
+            self.index.nprobe = min(int(self.index.nlist), IVF_NPROBE)
+        if kind == "hnsw":
+            self.index.hnsw.efSearch = HNSW_EF_SEARCH
+        return self
 
     def describe(self) -> dict:
         """What was built, for reports."""

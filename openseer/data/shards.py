@@ -40,8 +40,11 @@ stored_format, stored_bytes, stored_width, stored_height, then every column of t
 on its ``path`` column, the input path as listed: relative to the folder, or as written in the file
 list), e.g. source_url, licence.
 
-Safety: only fixed names are written, all directly inside ``--out`` (no input name ever becomes a
-path); a symlink in place of an output file is refused. Interrupted runs: completed shards and
+The pile index (data/index.py) of each shard is written with it into ``DIR/.openseer-index/``
+(near-copy descriptors of the stored bytes, described in the workers while the bytes are in hand:
+``openseer index DIR`` then has nothing to do; ``--no-index`` leaves it to that command).
+
+Safety: only fixed names are written, all inside ``--out`` (no input name ever becomes a path); a symlink in place of an output file is refused. Interrupted runs: completed shards and
 their manifest rows are kept; the partial shard is rewritten. Re-running the same command resumes;
 a different source, shard size or max side in the same ``--out`` is refused.
 """
@@ -119,6 +122,7 @@ class Prepared:
     ext: str = ""
     row: dict | None = None
     file_sha256: str = ""  # the file's digest (``sha256`` differs for the frames of a DICOM file)
+    described: tuple | None = None  # the pile index's row and descriptors of the stored bytes (``index``)
 
 
 def _png16(grey: Image.Image) -> tuple[bytes, int, int]:
@@ -218,7 +222,13 @@ def prepare(index: int, base: str, name: str, max_side: int, read_timeout: float
 
 
 def _prepare_star(args: tuple) -> Prepared:
-    return prepare(*args)
+    *job, index = args
+    out = prepare(*job)
+    if index and out.row is not None:  # the pile index's descriptors, from the bytes in hand
+        from .index import describe_sample
+
+        out.described = describe_sample(out.data, f"{out.row['key']}.{out.ext}")
+    return out
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -290,12 +300,14 @@ def auto_shard_size(n_inputs: int) -> int:
 def write_shards(src: str | Path, out: str | Path, shard_size: int = 0, max_side: int = 0,
                  sidecar: str | Path | None = None, workers: int = 0,
                  log: Callable[[str], None] | None = None, read_timeout: float | None = None,
-                 denylist: str = "", show_progress: bool = False) -> dict:
+                 denylist: str = "", show_progress: bool = False, index: bool = True) -> dict:
     """Write (or finish writing) shards of ``src`` into ``out``; returns the summary (index.json).
 
     ``shard_size`` 0 (the default) picks it from the input count (``auto_shard_size``; on resume, the
     size the interrupted run recorded). ``show_progress`` reports the inputs read through
-    ``openseer.progress`` (a bar, or plain lines in a file)."""
+    ``openseer.progress`` (a bar, or plain lines in a file). ``index``: each shard's part of the
+    pile index (data/index.py, ``DIR/.openseer-index``) is written with it, described in the workers
+    from the bytes stored, so ``openseer index DIR`` afterwards has nothing to do."""
     if shard_size < 0:
         raise DataError("--shard-size must be >= 1 (or 0: chosen from the number of inputs)")
     if max_side < 0:
@@ -380,12 +392,17 @@ def write_shards(src: str | Path, out: str | Path, shard_size: int = 0, max_side
         shards.append({"name": name, "samples": len(pending), "bytes": final.stat().st_size, "sha256": h.hexdigest()})
         progress.update(next_input=next_input, shards=shards, counts=dict(counts))
         atomic_write_json(out / PROGRESS, progress)
+        if index:  # after the commit: a crash in between leaves the shard for `openseer index` to describe
+            from .index import add_shard_part
+
+            add_shard_part(final, [(str(p.row["key"]), p.described) for p in pending])  # type: ignore[index,misc]
         rate = (next_input - start) / max(time.perf_counter() - t0, 1e-9)
         log(f"{name}: {len(pending)} images; {next_input}/{len(names)} inputs done ({rate:.0f}/s)")
         pending.clear()
         skipped_rows.clear()
 
-    jobs = ((i, str(base), names[i], max_side, coll.read_timeout, frames[i], window) for i in range(start, len(names)))
+    jobs = ((i, str(base), names[i], max_side, coll.read_timeout, frames[i], window, index)
+            for i in range(start, len(names)))
     n_workers = workers or min(4, os.cpu_count() or 1)
     bar = progress_bar("shard", total=len(names), unit="input", initial=start, enabled=show_progress)
     if bar.style == "bar":  # per-shard lines above the live bar, not through it
@@ -425,7 +442,7 @@ def _map(jobs: Iterator[tuple], workers: int) -> Iterator[Prepared]:
     """``prepare`` over the jobs in order, in worker processes when ``workers`` > 1."""
     if workers <= 1:
         for job in jobs:
-            yield prepare(*job)
+            yield _prepare_star(job)
         return
     with get_context("spawn" if os.name != "posix" else "fork").Pool(workers) as pool:
         yield from pool.imap(_prepare_star, jobs, chunksize=4)

@@ -75,21 +75,22 @@ def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = N
                      extra: tuple = (), search: str = "auto", info: dict | None = None,
                      extra_thresholds: tuple | None = None) -> np.ndarray:
     """Group id per row: each row is linked to those of its ``k`` nearest neighbours (faiss
-    inner-product search on the normalised rows: exact below ``search.EXACT_MAX`` rows, approximate
-    beyond, data/search.py; ``search`` forces a kind) with cosine >= ``threshold``; the connected
+    inner-product search on the normalised rows: exact below ``search.EXACT_MAX`` rows, IVF beyond,
+    data/search.py ``choose_links_kind``; ``search`` forces a kind) with cosine >= ``threshold``; the connected
     components of those links (a group larger than ``k`` is still found, through chains) are then cut
     into stars (``_stars``), so that every member is within ``threshold`` of its group's seed and a
     chain of look-alikes (A ~ B ~ C, A !~ C) cannot sweep thousands of distinct images into one
     group. Rows of each ``extra`` matrix (e.g. the mirror images' descriptors, crop windows' descriptors;
     anything indexable by rows, converted a block at a time) query the same index for row i too. Ids
     are 0..G-1 in order of first row; singletons get their own. ``extra_thresholds``: a threshold per
-    ``extra`` matrix (default ``threshold``). ``info`` (a dict) gets the search kind used."""
-    from ..data.search import VectorSearch, choose_kind
+    ``extra`` matrix (default ``threshold``). ``info`` (a dict) gets the search kind used (and the
+    links as two row arrays when it holds ``want_links``)."""
+    from ..data.search import VectorSearch, choose_links_kind
 
     n = len(x)
     x = np.ascontiguousarray(x, dtype=np.float32)
     if search == "auto":
-        search = choose_kind(n, queries=n * (1 + len(extra)), dim=x.shape[1] if x.ndim == 2 else 0)
+        search = choose_links_kind(n, queries=n * (1 + len(extra)), dim=x.shape[1] if x.ndim == 2 else 0)
     index = VectorSearch(x, kind=search)
     if info is not None:
         info["search"] = index.kind
@@ -114,10 +115,36 @@ def duplicate_groups(x: np.ndarray, threshold: float = DUP_THRESHOLD, k: int = N
         label = label[label]
         if np.array_equal(label, old):
             break
+    if info is not None and info.get("want_links"):  # the links themselves (bench/curate_scale.py's recall)
+        info["links"] = (a, b)
     degree = np.bincount(np.concatenate([a, b]), minlength=n) if len(a) else np.zeros(n, np.int64)
     label = _stars(x, extra, label, degree, threshold, shifts[1:])
     first: dict[int, int] = {}
     return np.array([first.setdefault(int(g), len(first)) for g in label], dtype=np.int64)
+
+
+KMEANS_SAMPLE = 256  # rows per centroid that k-means trains on (faiss's default cap); all rows are assigned
+
+
+def cluster(x: np.ndarray, k: int, seed: int = 0, per_centroid: int = KMEANS_SAMPLE) -> tuple[np.ndarray, np.ndarray]:
+    """(centroids, assignment) of ``eval.typical.kmeans``, trained on a seeded sample of at most
+    ``per_centroid`` rows a centroid, then every row assigned to its nearest centroid (faiss, exact).
+    Below that many rows it is ``kmeans`` itself; at a million 256-d rows and 1,000 centroids the
+    sample is a quarter of the work of clustering every row (and k-means' centroids barely move)."""
+    import faiss
+
+    k = max(1, min(k, len(x)))
+    if len(x) <= k * per_centroid:
+        return kmeans(x, k, seed=seed)
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(len(x), k * per_centroid, replace=False))
+    cents, _ = kmeans(x[sample], k, seed=seed)
+    index = faiss.IndexFlatIP(cents.shape[1])
+    index.add(np.ascontiguousarray(cents, dtype=np.float32))
+    assign = np.empty(len(x), np.int64)
+    for s in range(0, len(x), 65536):
+        assign[s:s + 65536] = index.search(np.ascontiguousarray(x[s:s + 65536], dtype=np.float32), 1)[1][:, 0]
+    return cents, assign
 
 
 def _stars(x: np.ndarray, extra: tuple, label: np.ndarray, degree: np.ndarray,
@@ -200,11 +227,13 @@ def pile_descriptors(pile: str, index_rows: list[dict], progress: bool = False
 
     try:
         pix = ensure_index(pile, progress=progress, log=lambda t: None)
-        wins = pix.windows
     except IndexMismatch:
         pix = PileIndex(pile, progress=progress, flips=True)
-        wins = None
     where = {k: i for i, k in enumerate(pix.keys)}
+    if hasattr(pix, "rows_of"):  # the index's snapshot: each array read from the parts once, in row order
+        idx = np.array([where.get(r["key"], -1) for r in index_rows], np.int64)
+        return pix.rows_of("vectors", idx), pix.rows_of("flipped", idx), pix.rows_of("windows", idx)
+    wins = pix.windows if not isinstance(pix, PileIndex) else None
     d = np.zeros((len(index_rows), SIDE * SIDE), np.float32)
     f = np.zeros((len(index_rows), SIDE * SIDE), np.float32)
     w = np.zeros((len(index_rows), len(WINDOWS), SIDE * SIDE), np.float16) if wins is not None else None
@@ -350,21 +379,25 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def memory_needed(n: int, dim: int, clusters: int) -> int:
+def memory_needed(n: int, dim: int, clusters: int, dup_by: str = "descriptor") -> int:
     """Peak bytes the index steps need: the embeddings in RAM twice (float32 rows + the faiss copy),
-    the duplicate links (up to NEIGHBOURS per image: two int64 ids), a BLOCK x N score block of the
-    exhaustive search, an approximate search's own structure (an HNSW graph, IVF lists: beyond
-    ``search.EXACT_MAX`` images), k-means' centroids and the per-row bookkeeping."""
+    with ``dup_by`` descriptor the pile index's descriptors (whole, mirrored, windows), the
+    duplicate links (up to NEIGHBOURS per image: two int64 ids), a BLOCK x N score block when the
+    search is exhaustive, an approximate search's own structure (IVF lists: beyond exact search,
+    ``search.choose_links_kind``), k-means' centroids and the per-row bookkeeping."""
     rows = n * dim * BYTES_PER_FLOAT
     from ..data.nearcopy import WINDOWS
-    from ..data.search import choose_kind
+    from ..data.search import choose_links_kind
     from ..data.search import memory_bytes as search_bytes
 
+    descriptor = dup_by == "descriptor"
     # --dup-by descriptor: the pile's, its mirrors', the index's (float32) and its crop windows' (float16)
-    descriptors = 3 * n * 256 * BYTES_PER_FLOAT + n * len(WINDOWS) * 256 * 2
-    d = max(dim, 256)
-    structure = search_bytes(n, d, choose_kind(n)) - n * d * BYTES_PER_FLOAT
-    return (2 * rows + descriptors + structure + 2 * n * min(n, NEIGHBOURS) * 16 + BLOCK * n * BYTES_PER_FLOAT
+    descriptors = 3 * n * 256 * BYTES_PER_FLOAT + n * len(WINDOWS) * 256 * 2 if descriptor else 0
+    d = max(dim, 256) if descriptor else dim
+    kind = choose_links_kind(n, queries=n * (1 + 1 + 2 * len(WINDOWS) if descriptor else 1), dim=d)
+    structure = search_bytes(n, d, kind) - n * d * BYTES_PER_FLOAT
+    block = BLOCK * n * BYTES_PER_FLOAT if kind == "flat" else 0
+    return (2 * rows + descriptors + structure + 2 * n * min(n, NEIGHBOURS) * 16 + block
             + clusters * dim * BYTES_PER_FLOAT + 64 * n)
 
 
@@ -421,7 +454,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
 
     model = load(model_spec, device=device, layer=layer)
     k = clusters or max(2, min(4096, round(math.sqrt(coll.n))))
-    need = memory_needed(coll.n, model.feature_dim, k)
+    need = memory_needed(coll.n, model.feature_dim, k, dup_by)
     have = max_memory or available_memory()
     if need > have:
         raise CurateError(f"the index steps for {coll.n} images x {model.feature_dim}-d embeddings need about "
@@ -475,7 +508,7 @@ def curate(pile: str, out: str | Path, model_spec: str, keep: float | None = 0.5
     k = min(k, max(1, len(cand_rows)))
     hier: list[np.ndarray] = []
     if len(cand_rows):
-        cents, a0 = kmeans(x[cand_rows], k, seed=seed)
+        cents, a0 = cluster(x[cand_rows], k, seed=seed)
         hier = [a0]
         for _ in range(levels - 1):  # hierarchical: cluster the centroids of the level below
             ck = max(1, round(math.sqrt(len(cents))))

@@ -119,8 +119,10 @@ def test_bad_files_are_skipped_by_reason_and_nothing_is_written_outside_out(tmp_
     summary = write_shards(listing, tmp_path / "out", shard_size=7, workers=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out"])
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert all(n.endswith(".tar") or n in ("manifest.csv", "skipped.csv", "index.json", "progress.json")
-               for n in written)
+    assert all(n.endswith(".tar") or n in ("manifest.csv", "skipped.csv", "index.json", "progress.json",
+                                           ".openseer-index") for n in written)
+    assert all(p.name == "index.json" or p.parent.name == "parts"  # the pile index: fixed names only
+               for p in (tmp_path / "out" / ".openseer-index").rglob("*") if p.is_file())
     skipped = list(csv.DictReader(open(tmp_path / "out" / "skipped.csv", encoding="utf-8")))
     got = Counter(r["reason"] for r in skipped)
     want = Counter(bad.values())
