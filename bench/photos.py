@@ -4,6 +4,7 @@
     .venv/bin/python bench/photos.py --quick                # about 2 minutes: a 0.5-minute run, fewer copies and steps
     .venv/bin/python bench/photos.py --model runs/photos    # copy retrieval of a run you have (no pretraining)
     .venv/bin/python bench/photos.py --parts steps          # step time only
+    .venv/bin/python bench/photos.py --photos ~/Pictures --work runs/bench-mine   # your own photographs
 
 The pile: the distinct wallpaper photographs of Debian's packages (``openseer.data.pile.load_photographs``:
 ``apt-get install gnome-backgrounds mate-backgrounds ukui-wallpapers plasma-workspace-wallpapers``),
@@ -62,29 +63,35 @@ GALLERY_SIDE = 1024
 MANIFEST = "photos.json"
 
 
+class BenchError(Exception):
+    """What stops the bench, said in one line (exit 2)."""
+
+
 def say(msg: str) -> None:
     print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- the pile, written once under --work
 
-def prepare(work: Path, seed: int, held_out: float) -> dict:
-    """The split pile under ``work`` (reused when its manifest matches ``seed`` and ``held_out``):
-    ``train/`` holds the train pictures' original files, ``gallery/`` every picture at most 1024 px."""
+def prepare(work: Path, seed: int, held_out: float, photos_dir: str | None = None) -> dict:
+    """The split pile under ``work`` (reused when its manifest matches ``seed``, ``held_out`` and the
+    photographs' folder): ``train/`` holds the train pictures' original files, ``gallery/`` every
+    picture at most 1024 px. ``photos_dir``: a folder of photographs instead of the wallpapers."""
+    from openseer.data.pile import PHOTO_ROOTS, WALLPAPER_PACKAGES, load_photographs
+
+    roots = (Path(photos_dir),) if photos_dir else PHOTO_ROOTS
     path = work / MANIFEST
     if path.exists():
         doc = json.loads(path.read_text())
-        if doc.get("seed") == seed and doc.get("held_out") == held_out:
+        if (doc.get("seed"), doc.get("held_out"), doc.get("roots")) == (seed, held_out, [str(r) for r in roots]):
             return doc
-        say(f"{work} holds a split with another seed or held-out share: pass another --work")
-        raise SystemExit(2)
-    from openseer.data.pile import WALLPAPER_PACKAGES, load_photographs
-
+        raise BenchError(f"{work} holds a split of other photographs, another seed or held-out share: "
+                         "pass another --work")
     t0 = time.perf_counter()
-    photos = load_photographs(max_side=GALLERY_SIDE)
+    photos = load_photographs(max_side=GALLERY_SIDE, roots=roots)
     if len(photos) < 8:
-        say(f"fewer than 8 distinct wallpapers found; apt-get install {' '.join(WALLPAPER_PACKAGES)}")
-        raise SystemExit(2)
+        where = photos_dir or f"the wallpapers (apt-get install {' '.join(WALLPAPER_PACKAGES)})"
+        raise BenchError(f"fewer than 8 distinct photographs in {where}")
     order = list(range(len(photos)))
     random.Random(seed).shuffle(order)
     n_held = max(2, round(held_out * len(photos)))
@@ -100,7 +107,7 @@ def prepare(work: Path, seed: int, held_out: float) -> dict:
             entry["train"] = f"train/{i:03d}-{Path(src).name}"
             shutil.copyfile(src, work / entry["train"])
         pictures.append(entry)
-    doc = {"seed": seed, "held_out": held_out, "pictures": pictures,
+    doc = {"seed": seed, "held_out": held_out, "roots": [str(r) for r in roots], "pictures": pictures,
            "train_bytes": sum((work / p["train"]).stat().st_size for p in pictures if "train" in p)}
     path.write_text(json.dumps(doc, indent=1))
     say(f"wrote {len(photos) - n_held} train and {n_held} held-out pictures under {work} "
@@ -263,7 +270,7 @@ def pretrain_run(work: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     cfg = config([f"optim.minutes={args.minutes:g}", f"seed={args.seed}", *args.overrides], str(work / "train"))
     say(f"{'resuming' if resume else 'pretraining'} {RECIPE} for {args.minutes:g} min -> {run}")
     t0 = time.perf_counter()
-    summary = pretrain(cfg, run, resume=resume)
+    summary = pretrain(cfg, run, resume="auto")  # as `openseer pretrain --auto-resume`: a run already there continues
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.startswith("{")]
     losses = [r["loss"] for r in rows if "loss" in r]
     return run, {"run": str(run), "steps": summary["step"], "train_s": summary["counters"].get("train_seconds"),
@@ -424,7 +431,7 @@ def step_times(work: Path, doc: dict, args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         rc = openseer_main(["shard", str(folder), "--out", str(shards), "--max-side", "256"])
         if rc:
-            raise SystemExit(rc)
+            raise BenchError(f"openseer shard {folder} failed (exit {rc})")
         out["shard_write_s"] = round(time.perf_counter() - t0, 1)
     say("step time: shards (--max-side 256)")
     out["shards_256"] = time_loop(str(shards), [], args, batch, warm, scratch)
@@ -442,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/bench-photos", help="folder for the split pile, the run and the shards "
                    "(reused; default runs/bench-photos)")
+    p.add_argument("--photos", help="a folder of photographs to split instead of the Debian wallpapers")
     p.add_argument("--minutes", type=float, default=10.0, help="pretraining budget (default 10)")
     p.add_argument("--model", help="measure this run or exported model instead of pretraining one")
     p.add_argument("--parts", default="retrieval,steps", help="what to measure: retrieval, steps (default both)")
@@ -450,19 +458,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copies", type=int, default=5, help="copies per held-out picture and kind (default 5)")
     p.add_argument("--tiles", type=int, default=1000, help="distractor tiles of train pictures in the gallery "
                    "(default 1000: all of them, 13 a picture, where fewer exist; 0: none)")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per data path (default 8)")
+    p.add_argument("--steps", type=int, default=6, help="timed steps per data path (default 6)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step times (default the recipe's, "
                    "at most the train pictures)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default torch's)")
     p.add_argument("--quick", action="store_true", help="a check in about 2 minutes: 0.5-minute pretraining, "
-                   "2 copies per kind, 2 timed steps at batch 32")
+                   "2 copies per kind, 200 tiles, 2 timed steps at batch 32")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (pretraining and step time)")
     args = p.parse_args(argv)
     if args.quick:
         args.minutes = min(args.minutes, 0.5)
         args.copies, args.steps = min(args.copies, 2), min(args.steps, 2)
         args.batch = args.batch or 32
+        args.tiles = min(args.tiles, 200)
     parts = set(args.parts.split(","))
     if not parts <= {"retrieval", "steps"}:
         p.error(f"--parts takes retrieval and/or steps, not {args.parts}")
@@ -477,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     line: dict = {"bench": "photos", "recipe": RECIPE, "quick": args.quick, "seed": args.seed}
     try:
-        doc = prepare(work, args.seed, args.held_out)
+        doc = prepare(work, args.seed, args.held_out, args.photos)
         line["pile"] = {"pictures": len(doc["pictures"]),
                         "train": sum(1 for x in doc["pictures"] if x["split"] == "train"),
                         "held_out": sum(1 for x in doc["pictures"] if x["split"] == "held_out"),
@@ -491,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
             line["retrieval"] = retrieval(work, doc, run, args)
         if "steps" in parts:
             line["step_time"] = step_times(work, doc, args)
-    except OpenseerError as e:
+    except (OpenseerError, BenchError) as e:
         say(f"error: {e}")
         return 2
     line.update({"overrides": args.overrides, "torch": torch.__version__, "threads": torch.get_num_threads(),
