@@ -27,7 +27,8 @@ split by picture (seeded) into train and held-out. Written once under ``--work``
    embed path with fresh weights) and ``pixels`` (32 x 32 RGB thumbnails, each minus its own mean,
    L2-normalised).
 3. Step time: seconds per pretraining step of the same recipe (``model.compile=false``, the same
-   batch), the median over ``--steps`` steps after the first pass over the pile, fed from (i) the
+   batch), the median (and the mean) over ``--steps`` steps after the first pass over the pile, with
+   the loader still at work through them (the run goes on past them for what it prefetches), fed from (i) the
    plain folder (with ``data.decode_cache=off`` and ``=on`` when openseer has that key), (ii) tar
    shards written by ``openseer shard train/ --max-side 256``, (iii) the original SwAV loader's approach
    (its ``MultiCropDataset``: each file fully decoded with PIL every time, torchvision v2
@@ -265,9 +266,10 @@ def config(overrides: list[str], source: str):
 def pretrain_run(work: Path, args: argparse.Namespace) -> tuple[Path, dict]:
     from openseer.train.loop import pretrain
 
-    run = work / f"run-{args.minutes:g}m-seed{args.seed}"
+    run = work / f"run-{args.minutes:g}m-seed{args.seed}{'-quick' if args.quick else ''}"
     resume = (run / "config.yaml").exists()
-    cfg = config([f"optim.minutes={args.minutes:g}", f"seed={args.seed}", *args.overrides], str(work / "train"))
+    quick = ["data.batch_size=16"] if args.quick else []  # a first step that decodes 16 photographs, not 60
+    cfg = config([f"optim.minutes={args.minutes:g}", f"seed={args.seed}", *quick, *args.overrides], str(work / "train"))
     say(f"{'resuming' if resume else 'pretraining'} {RECIPE} for {args.minutes:g} min -> {run}")
     t0 = time.perf_counter()
     summary = pretrain(cfg, run, resume="auto")  # as `openseer pretrain --auto-resume`: a run already there continues
@@ -294,22 +296,34 @@ def step_overrides(args: argparse.Namespace, batch: int) -> list[str]:
             f"data.batch_size={batch}", f"seed={args.seed}", *args.overrides]
 
 
+LOOKAHEAD = 4  # batches a loader worker prepares ahead (openseer's DataLoader prefetch_factor, at most)
+
+
 def time_loop(source: str, extra: list[str], args: argparse.Namespace, batch: int, warm: int, scratch: Path) -> dict:
-    """Median seconds per step of ``pretrain`` from ``source`` after ``warm`` steps (metrics.jsonl's
-    step_s at log.every=1: the wall time from one step's end to the next, data wait included)."""
+    """Seconds per step of ``pretrain`` from ``source`` over steps ``warm + 1 .. warm + --steps``
+    (metrics.jsonl's step_s at log.every=1: the wall time from one step's end to the next, data wait
+    included). The run goes on for as many steps as the loader prepares ahead, untimed, so the loader
+    still works, sharing the cores, through every timed step, as it does in a long run."""
     from openseer.train.loop import pretrain
 
     cfg = config([*step_overrides(args, batch), *extra], source)
+    lookahead = max(cfg.data.num_workers, 1) * LOOKAHEAD
     run = Path(tempfile.mkdtemp(prefix="steps-", dir=scratch))
     try:
-        pretrain(cfg, run / "run", max_steps=warm + args.steps)
+        pretrain(cfg, run / "run", max_steps=warm + args.steps + lookahead)
         rows = [json.loads(line) for line in (run / "run" / "metrics.jsonl").read_text().splitlines()
                 if line.startswith("{")]
     finally:
         shutil.rmtree(run, ignore_errors=True)
-    timed = [r for r in rows if "step_s" in r and r["step"] > warm]
-    return {"s_per_step": round(statistics.median(r["step_s"] for r in timed), 3),
-            "data_wait_s": round(statistics.median(r["data_s"] for r in timed), 3), "steps": len(timed)}
+    timed = [r for r in rows if "step_s" in r and warm < r["step"] <= warm + args.steps]
+    return per_step([r["step_s"] for r in timed]) | {
+        "data_wait_s": round(statistics.median(r["data_s"] for r in timed), 3)}
+
+
+def per_step(seconds: list[float]) -> dict:
+    """The median (the headline) and the mean (the throughput) of per-step seconds."""
+    return {"s_per_step": round(statistics.median(seconds), 3), "mean_s": round(statistics.fmean(seconds), 3),
+            "steps": len(seconds)}
 
 
 class SwAVMultiCrop:
@@ -401,8 +415,7 @@ def time_swav_loader(folder: Path, args: argparse.Namespace, batch: int, warm: i
             t = now
             if len(times) >= warm + args.steps:
                 break
-    timed = times[warm:]
-    return {"s_per_step": round(statistics.median(timed), 3), "steps": len(timed)}
+    return per_step(times[warm:])
 
 
 def step_times(work: Path, doc: dict, args: argparse.Namespace) -> dict:
@@ -438,8 +451,9 @@ def step_times(work: Path, doc: dict, args: argparse.Namespace) -> dict:
     say("step time: SwAV's loader")
     out["swav_loader"] = time_swav_loader(folder, args, batch, warm)
     base = out["shards_256"]["s_per_step"]
-    out["vs_shards"] = {k: round(v["s_per_step"] / base, 2) for k, v in out.items()
-                        if isinstance(v, dict) and "s_per_step" in v}
+    timed = {k: v for k, v in out.items() if isinstance(v, dict) and "s_per_step" in v}
+    out["vs_shards"] = {k: round(v["s_per_step"] / base, 2) for k, v in timed.items()}
+    out["vs_shards_mean"] = {k: round(v["mean_s"] / out["shards_256"]["mean_s"], 2) for k, v in timed.items()}
     return out
 
 
@@ -463,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                    "at most the train pictures)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default torch's)")
-    p.add_argument("--quick", action="store_true", help="a check in about 2 minutes: 0.5-minute pretraining, "
+    p.add_argument("--quick", action="store_true", help="a check in a few minutes: 0.5-minute pretraining at batch 16, "
                    "2 copies per kind, 200 tiles, 2 timed steps at batch 32")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides (pretraining and step time)")
     args = p.parse_args(argv)
