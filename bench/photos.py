@@ -28,7 +28,7 @@ split by picture (seeded) into train and held-out. Written once under ``--work``
    L2-normalised).
 3. Step time: seconds per pretraining step of the same recipe (``model.compile=false``, the same
    batch), the median (and the mean) over ``--steps`` steps after the first pass over the pile, with
-   the loader still at work through them (the run goes on past them for what it prefetches), fed from (i) the
+   the loader still at work through them (the run is stopped after them as a preempted job is), fed from (i) the
    plain folder (with ``data.decode_cache=off`` and ``=on`` when openseer has that key), (ii) tar
    shards written by ``openseer shard train/ --max-side 256``, (iii) the original SwAV loader's approach
    (its ``MultiCropDataset``: each file fully decoded with PIL every time, torchvision v2
@@ -48,9 +48,11 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -302,18 +304,36 @@ LOOKAHEAD = 4  # batches a loader worker prepares ahead (openseer's DataLoader p
 def time_loop(source: str, extra: list[str], args: argparse.Namespace, batch: int, warm: int, scratch: Path) -> dict:
     """Seconds per step of ``pretrain`` from ``source`` over steps ``warm + 1 .. warm + --steps``
     (metrics.jsonl's step_s at log.every=1: the wall time from one step's end to the next, data wait
-    included). The run goes on for as many steps as the loader prepares ahead, untimed, so the loader
-    still works, sharing the cores, through every timed step, as it does in a long run."""
+    included). The run may go on for what the loader prepares ahead, so the loader still works,
+    sharing the cores, through every timed step as in a long run; once the timed steps are logged it
+    is stopped the way a preempted job is (SIGINT: it finishes the step at hand and returns)."""
     from openseer.train.loop import pretrain
 
     cfg = config([*step_overrides(args, batch), *extra], source)
     lookahead = max(cfg.data.num_workers, 1) * LOOKAHEAD
     run = Path(tempfile.mkdtemp(prefix="steps-", dir=scratch))
+    done = threading.Event()
+
+    def stop_when_timed() -> None:
+        metrics = run / "run" / "metrics.jsonl"
+        while not done.wait(0.2):
+            rows = metrics.read_text().splitlines() if metrics.exists() else []
+            if rows and json.loads(rows[-1]).get("step", 0) >= warm + args.steps:
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # a signal that lands after the run is ignored
+    watcher = threading.Thread(target=stop_when_timed, daemon=True)
     try:
+        watcher.start()
         pretrain(cfg, run / "run", max_steps=warm + args.steps + lookahead)
+        done.set()
+        watcher.join()
         rows = [json.loads(line) for line in (run / "run" / "metrics.jsonl").read_text().splitlines()
                 if line.startswith("{")]
     finally:
+        done.set()
+        signal.signal(signal.SIGINT, previous)
         shutil.rmtree(run, ignore_errors=True)
     timed = [r for r in rows if "step_s" in r and warm < r["step"] <= warm + args.steps]
     return per_step([r["step_s"] for r in timed]) | {
@@ -472,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--copies", type=int, default=5, help="copies per held-out picture and kind (default 5)")
     p.add_argument("--tiles", type=int, default=1000, help="distractor tiles of train pictures in the gallery "
                    "(default 1000: all of them, 13 a picture, where fewer exist; 0: none)")
-    p.add_argument("--steps", type=int, default=6, help="timed steps per data path (default 6)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per data path (default 5)")
     p.add_argument("--batch", type=int, default=0, help="batch for the step times (default the recipe's, "
                    "at most the train pictures)")
     p.add_argument("--seed", type=int, default=0)
