@@ -395,6 +395,8 @@ class _PILBlur:
 def time_swav_loader(folder: Path, args: argparse.Namespace, batch: int, warm: int) -> dict:
     """Median seconds per step of openseer's training step fed by SwAV's loader, after ``warm`` steps
     (the model, optimiser and step built as ``pretrain`` builds them for one process)."""
+    from contextlib import nullcontext
+
     import torch
     from torch.utils.data import DataLoader
 
@@ -418,7 +420,7 @@ def time_swav_loader(folder: Path, args: argparse.Namespace, batch: int, warm: i
     build = SwAVTraining(cfg, env, device)
     model = build.build_model()
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.optim.precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else __import__("contextlib").nullcontext
+    autocast = (lambda: torch.autocast(device.type, dtype=amp)) if amp else nullcontext
     method = build.build_method(model, autocast)
     run = Run(cfg=cfg, device=device, env=env, sched=schedule(cfg, len(dataset), 1), method=method,
               optimizer=build_optimizer(model, cfg), counters={"bad_images": {}, "skipped_steps": 0, "images_seen": 0},
