@@ -35,12 +35,13 @@ split by picture (seeded) into train and held-out. Written once under ``--work``
    ``RandomResizedCrop`` + flip + colour distortion + blur per crop, in a shuffled ``DataLoader`` with
    the recipe's workers and ``drop_last``, as SwAV's ``main_swav.py``), feeding openseer's training step.
 
-Prints one JSON line (progress goes to stderr).
+Prints one JSON line on stdout (progress and openseer's own lines go to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -481,6 +482,24 @@ def step_times(work: Path, doc: dict, args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------- main
 
+def measure(line: dict, work: Path, args: argparse.Namespace, parts: set[str]) -> None:
+    """The split pile, then the parts asked for, each adding its entry to ``line``."""
+    doc = prepare(work, args.seed, args.held_out, args.photos)
+    line["pile"] = {"pictures": len(doc["pictures"]),
+                    "train": sum(1 for x in doc["pictures"] if x["split"] == "train"),
+                    "held_out": sum(1 for x in doc["pictures"] if x["split"] == "held_out"),
+                    "train_mb": round(doc["train_bytes"] / 1e6, 1)}
+    if "retrieval" in parts:
+        if args.model:
+            run = Path(args.model)
+            line["pretrain"] = {"model": args.model}
+        else:
+            run, line["pretrain"] = pretrain_run(work, args)
+        line["retrieval"] = retrieval(work, doc, run, args)
+    if "steps" in parts:
+        line["step_time"] = step_times(work, doc, args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/bench-photos", help="folder for the split pile, the run and the shards "
@@ -522,20 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     line: dict = {"bench": "photos", "recipe": RECIPE, "quick": args.quick, "seed": args.seed}
     try:
-        doc = prepare(work, args.seed, args.held_out, args.photos)
-        line["pile"] = {"pictures": len(doc["pictures"]),
-                        "train": sum(1 for x in doc["pictures"] if x["split"] == "train"),
-                        "held_out": sum(1 for x in doc["pictures"] if x["split"] == "held_out"),
-                        "train_mb": round(doc["train_bytes"] / 1e6, 1)}
-        if "retrieval" in parts:
-            if args.model:
-                run = Path(args.model)
-                line["pretrain"] = {"model": args.model}
-            else:
-                run, line["pretrain"] = pretrain_run(work, args)
-            line["retrieval"] = retrieval(work, doc, run, args)
-        if "steps" in parts:
-            line["step_time"] = step_times(work, doc, args)
+        with contextlib.redirect_stdout(sys.stderr):  # openseer's own lines go to stderr; stdout: the JSON line
+            measure(line, work, args, parts)
     except (OpenseerError, BenchError) as e:
         say(f"error: {e}")
         return 2

@@ -147,7 +147,9 @@ def test_pretrain_and_step_times_end_to_end(tmp_path, capsys):
     args = ["--photos", str(photos), "--work", str(work), "--minutes", "0.05", "--copies", "1", "--tiles", "0",
             "--steps", "1", "--batch", "4", "--sets", "openseer,pixels", *SMALL]
     assert bench.main(args) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1  # openseer's own lines went to stderr: stdout is the JSON line
+    line = json.loads(out[0])
     assert line["pretrain"]["steps"] >= 1 and line["pretrain"]["run"] == str(work / "run-0.05m-seed0")
     assert set(line["retrieval"]["results"]) == {"openseer", "pixels"}
     st = line["step_time"]
