@@ -1,7 +1,7 @@
 """Photo features without labels: copy retrieval on held-out wallpapers, and pretraining step time.
 
     .venv/bin/python bench/photos.py                        # about 20 minutes on 2 cores (10 of them pretraining)
-    .venv/bin/python bench/photos.py --quick                # about 2 minutes: a 0.5-minute run, fewer copies and steps
+    .venv/bin/python bench/photos.py --quick                # a few minutes: a 0.5-minute run, fewer copies and steps
     .venv/bin/python bench/photos.py --model runs/photos    # copy retrieval of a run you have (no pretraining)
     .venv/bin/python bench/photos.py --parts steps          # step time only
     .venv/bin/python bench/photos.py --photos ~/Pictures --work runs/bench-mine   # your own photographs
