@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/photos.py                        # about 20 minutes on 2 cores (10 of them pretraining)
     .venv/bin/python bench/photos.py --quick                # a few minutes: a 0.5-minute run, fewer copies and steps
-    .venv/bin/python bench/photos.py --model runs/photos    # copy retrieval of a run you have (no pretraining)
+    .venv/bin/python bench/photos.py --model runs/photos --parts retrieval   # a run you have (no pretraining)
     .venv/bin/python bench/photos.py --parts steps          # step time only
     .venv/bin/python bench/photos.py --photos ~/Pictures --work runs/bench-mine   # your own photographs
 
