@@ -357,7 +357,10 @@ class SwAVMultiCrop:
         import torch
         from torchvision.transforms import v2
 
-        self.paths = sorted(p for p in folder.iterdir() if p.is_file())
+        from openseer.data.pile import PHOTO_EXTENSIONS
+
+        self.paths = sorted(p for p in folder.iterdir()  # the pictures, not a cache or index folder beside them
+                            if p.is_file() and p.suffix.lower() in PHOTO_EXTENSIONS and not p.name.startswith("."))
         s = crops.jitter_strength
         self.trans = []
         for size, n, lo, hi in zip(crops.sizes, crops.counts, crops.min_scale, crops.max_scale):
