@@ -450,7 +450,7 @@ def step_times(work: Path, doc: dict, args: argparse.Namespace) -> dict:
 
     folder = work / "train"
     n = sum(1 for p in doc["pictures"] if p["split"] == "train")
-    recipe = config([], str(folder))
+    recipe = config(args.overrides, str(folder))
     batch = min(args.batch or recipe.data.batch_size, n)
     warm = steps_per_epoch(n, batch) + 1  # the first pass over the pile (and a decode cache's filling) untimed
     scratch = work / "scratch"
