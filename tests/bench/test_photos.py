@@ -156,7 +156,7 @@ def test_pretrain_and_step_times_end_to_end(tmp_path, capsys):
     paths = [k for k in st["vs_shards"]]
     assert "shards_256" in paths and "swav_loader" in paths and any(k.startswith("folder") for k in paths)
     assert all(st[k]["s_per_step"] > 0 and st[k]["steps"] == 1 for k in paths)
-    assert st["batch"] == 4 and st["warmup_steps"] == 2 + 1  # 9 train pictures: 2 steps an epoch, + 1
+    assert st["batch"] == 4 and st["workers"] == 0 and st["warmup_steps"] == 2 + 1  # 9 train pictures: 2 steps an epoch, + 1
     assert any(work.joinpath("shards256").glob("*.tar"))
     # run again: the split, the run (complete) and the shards are reused
     assert bench.main([*args, "--parts", "retrieval"]) == 0
