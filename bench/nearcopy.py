@@ -30,7 +30,7 @@ from PIL import Image
 
 from openseer.data import nearcopy as nc
 from openseer.data.collection import DataError, load_fashion_mnist
-from openseer.data.pile import load_photographs, near_blank
+from openseer.data.pile import crop_area, load_photographs, near_blank
 
 KINDS = ("jpeg", "scale", "crop", "flip", "all")
 DISTRACTORS = ("tile", "smooth", "blank", "fmnist")
@@ -40,13 +40,7 @@ def make_copy(img: Image.Image, kind: str, rng: random.Random) -> tuple[Image.Im
     did = []
     if kind in ("crop", "all"):
         a = rng.uniform(0.7, 1.0)
-        w = rng.uniform(a, 1.0)
-        h = a / w
-        if rng.random() < 0.5:
-            w, h = h, w
-        W, H = img.size
-        x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
-        img = img.crop((round(x * W), round(y * H), round((x + w) * W), round((y + h) * H)))
+        img = crop_area(img, a, rng)
         did.append(f"crop{a:.2f}")
     if kind in ("flip", "all"):
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

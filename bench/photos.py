@@ -60,6 +60,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from openseer.data.pile import crop_area
+
 RECIPE = "photos-cpu"
 KINDS = ("jpeg", "resize", "crop", "colour")
 SETS = ("openseer", "random_init", "pixels")
@@ -132,15 +134,7 @@ def make_copy(img: Image.Image, kind: str, rng: random.Random) -> tuple[Image.Im
         return img.resize(size, Image.Resampling.BILINEAR), f"resize{s:.2f}"
     if kind == "crop":
         a = rng.uniform(0.5, 0.9)
-        w = rng.uniform(a, 1.0)
-        h = a / w
-        if rng.random() < 0.5:
-            w, h = h, w
-        W, H = img.size
-        x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
-        box = (round(x * W), round(y * H), max(round(x * W) + 1, round((x + w) * W)),
-               max(round(y * H) + 1, round((y + h) * H)))
-        return img.crop(box), f"crop{a:.2f}"
+        return crop_area(img, a, rng), f"crop{a:.2f}"
     if kind == "colour":
         b, c, s, hue = rng.uniform(0.6, 1.4), rng.uniform(0.6, 1.4), rng.uniform(0.4, 1.6), rng.uniform(-0.1, 0.1)
         out = ImageEnhance.Brightness(img.convert("RGB")).enhance(b)

@@ -155,6 +155,19 @@ def _encode(img: Image.Image, fmt: str, quality: int = 90) -> bytes:
     return buf.getvalue()
 
 
+def crop_area(img: Image.Image, area: float, rng: random.Random) -> Image.Image:
+    """A crop keeping ``area`` of the picture, of random aspect and position (at least one pixel a side):
+    the crop copy of every near-copy answer key (the piles here, bench/nearcopy.py, bench/photos.py)."""
+    w = rng.uniform(area, 1.0)
+    h = area / w
+    if rng.random() < 0.5:
+        w, h = h, w
+    W, H = img.size
+    x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
+    return img.crop((round(x * W), round(y * H), max(round(x * W) + 1, round((x + w) * W)),
+                     max(round(y * H) + 1, round((y + h) * H))))
+
+
 def near_copy(img: Image.Image, rng: random.Random, min_area: float = 0.8) -> tuple[Image.Image, str, int]:
     """A near-duplicate: some of crop (>= ``min_area``), flip, resize (0.5-2x) and re-encode.
     Returns (image, what was done, JPEG quality or 0 for PNG)."""
@@ -162,14 +175,7 @@ def near_copy(img: Image.Image, rng: random.Random, min_area: float = 0.8) -> tu
     ops = rng.sample(["crop", "flip", "resize", "jpeg"], k=rng.randint(1, 4))
     if "crop" in ops:
         a = rng.uniform(min_area, 1.0)
-        w = rng.uniform(a, 1.0)
-        h = a / w
-        if rng.random() < 0.5:
-            w, h = h, w
-        W, H = img.size
-        x, y = rng.uniform(0, 1 - w), rng.uniform(0, 1 - h)
-        img = img.crop((round(x * W), round(y * H), max(round(x * W) + 1, round((x + w) * W)),
-                        max(round(y * H) + 1, round((y + h) * H))))
+        img = crop_area(img, a, rng)
         did.append(f"crop{a:.2f}")
     if "flip" in ops:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
