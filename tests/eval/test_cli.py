@@ -11,6 +11,7 @@ from openseer.commands import main
 from ..conftest import fmnist_available
 
 
+@pytest.mark.heavy  # 50 s: every protocol and baseline at once; the demo smoke and the per-protocol tests cover the fast path
 @fmnist_available
 def test_eval_writes_every_protocol_and_baseline(tiny_run, tmp_path, capsys):
     out = tmp_path / "report" / "eval.json"
