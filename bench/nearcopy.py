@@ -13,6 +13,12 @@ holds) and Fashion-MNIST test images. Everything goes into one pile index; each 
 ``openseer.data.nearcopy.find_copies`` (the code ``takedown add --near`` runs). Recall = copies
 found by their own query; false matches = distractors (and other queries' copies) matched by any
 query. Prints one JSON line.
+
+``curate`` (skip with ``--no-curate``): the same pile plus the queries' originals, grouped as ``openseer
+curate`` groups near-copies by default (``curate.descriptor_groups``: each image, its mirror image and
+its 10 stored crop windows against every image whole). ``in_original_group``: the share of copies in
+their original's group, by kind; ``false_link_pct``: the share of distractors put in a group with any
+other image (a distinct image linked); ``wrong_group``: copies grouped with another query's original.
 """
 
 from __future__ import annotations
@@ -34,6 +40,37 @@ from openseer.data.pile import crop_area, load_photographs, near_blank
 
 KINDS = ("jpeg", "scale", "crop", "flip", "all")
 DISTRACTORS = ("tile", "smooth", "blank", "fmnist")
+
+
+def curate_groups(pile: list[Image.Image], owner: list[int], kind_of: list[str],
+                  originals: list[Image.Image]) -> dict:
+    """``openseer curate``'s descriptor groups over the pile plus the originals (see the docstring)."""
+    from openseer.use.curate import descriptor_groups
+
+    t = time.perf_counter()
+    images = list(pile) + list(originals)
+    z = np.zeros(nc.SIDE * nc.SIDE, np.float32)
+    d, f, w = [], [], []
+    for img in images:
+        r = nc.describe_pile_image(img)
+        d.append(z if r is None else r[0])  # flat: zeros, never linked
+        f.append(z if r is None else r[1])
+        w.append(np.zeros((len(nc.WINDOWS), nc.SIDE * nc.SIDE), np.float16) if r is None else r[2].astype(np.float16))
+    groups = descriptor_groups(np.stack(d), np.stack(f), np.stack(w))
+    size = np.bincount(groups)
+    n = len(pile)
+    orig_group = groups[n:]
+    copies = [i for i in range(n) if owner[i] >= 0]
+    inside = {k: [groups[i] == orig_group[owner[i]] for i in copies if kind_of[i] == k] for k in KINDS}
+    distinct = [i for i in range(n) if owner[i] < 0]
+    linked = [i for i in distinct if size[groups[i]] > 1]
+    wrong = [i for i in copies if any(groups[i] == orig_group[q] for q in range(len(originals)) if q != owner[i])]
+    return {"in_original_group": round(100 * float(np.mean([x for v in inside.values() for x in v])), 2),
+            "in_original_group_by_kind": {k: round(100 * float(np.mean(v)), 2) for k, v in inside.items() if v},
+            "false_link_pct": round(100 * len(linked) / max(1, len(distinct)), 3),
+            "distractors_linked": len(linked),
+            "linked_by_kind": dict(Counter(kind_of[i] for i in linked)),
+            "wrong_group": len(wrong), "groups": int(len(size)), "seconds": round(time.perf_counter() - t, 1)}
 
 
 def make_copy(img: Image.Image, kind: str, rng: random.Random) -> tuple[Image.Image, str]:
@@ -107,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=nc.THRESHOLD)
     p.add_argument("--verify", type=float, default=nc.VERIFY)
     p.add_argument("--sweep", action="store_true", help="also print recall / false matches at other thresholds")
+    p.add_argument("--no-curate", action="store_true", help="skip the curate grouping part")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     photos = load_photographs(max_side=1024)
@@ -184,7 +222,10 @@ def main(argv: list[str] | None = None) -> int:
             "photographs": len(photos), "threshold": args.threshold, "verify": args.verify,
             "grid_windows": len(nc.GRID) * 2, "descriptor": f"{nc.SIDE}x{nc.SIDE} grey, verify {nc.FINE}x{nc.FINE} high-pass",
             **score(args.threshold, args.verify), "describe_s": round(describe_s, 1),
-            "query_s_each": round(query_s / nq, 2), "total_s": round(time.perf_counter() - t0, 1)}
+            "query_s_each": round(query_s / nq, 2)}
+    if not args.no_curate:
+        line["curate"] = curate_groups(pile, owner, kind_of, [photos[q_idx[qi]][1] for qi in range(nq)])
+    line["total_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(line))
     if args.sweep:
         for th in (0.8, 0.85, 0.9):

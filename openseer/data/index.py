@@ -9,6 +9,8 @@ folder, the shards' folder; ``--index DIR`` puts it elsewhere)::
     parts/NNNNNN.json     one row per image: source, identity, key, content key, size, status, ...
     parts/NNNNNN.npy      descriptors of its described rows (float32, N x 256)
     parts/NNNNNN.flip.npy the mirror images' descriptors; parts/NNNNNN.win.npy the windows' (float16)
+    parts/NNNNNN.fine.npy the verification descriptors (32 x 32 high-pass, float16): a takedown
+                          verifies its candidates from these, without decoding them
     parts/NNNNNN.pxSIDE.bin/.npy   the decode cache (optional): small copies of the part's images
                           at SIDE and their offsets (``make_copy``; ``build_index(pixels=SIDE)``)
     snapshots/DIGEST/     the checked index of one pile spec, consolidated: what a takedown opens
@@ -28,9 +30,10 @@ to the manifest in plan order: the index is the one a single process writes, byt
 ``open_index`` is what ``takedown add|check --near`` and ``curate`` read. It checks the index
 against the pile as listed now and refuses, naming them, a source that changed since it was
 described, one that is not indexed yet, an indexed one that no longer exists, or another
-descriptor version: an index that no longer matches its pile is never used. A candidate found in
-it is decoded again for verification (a file is read, a shard sample read at its recorded offset),
-so a takedown decodes only its candidates.
+descriptor version: an index that no longer matches its pile is never used. A takedown verifies
+its candidates from their stored verification descriptors and reads again only the copies it
+confirms (a file, or a shard sample at its recorded offset), checked against their content keys: it
+decodes nothing of the pile.
 
 ``openseer shard`` writes each shard's part as it writes the shard (``describe_sample`` in its
 workers, ``add_shard_part``): the files this build would write.
@@ -64,11 +67,15 @@ from .decode import BadImage, DataError, Decoding, decode_bytes, is_dicom, open_
 from .denylist import DenyList, content_key
 from .nearcopy import (
     DESCRIPTOR_VERSION,
+    FINE,
     READ_SIDE,
     SIDE,
+    VERIFY,
     WINDOWS,
     CopyIndex,
     CopyQueries,
+    Query,
+    confirm,
     describe_pile_image,
 )
 from .stream import SAMPLE_IMAGE_EXTS, iter_shard
@@ -247,6 +254,7 @@ class _Part:
         self.vecs: list[np.ndarray] = []
         self.flips: list[np.ndarray] = []
         self.wins: list[np.ndarray] = []
+        self.fines: list[np.ndarray] = []
         self.copies: dict[int, list[bytes | None]] = {s: [] for s in sides}  # decode-cache copies per side
 
     def add(self, row: dict, d: tuple | None, copies: dict[int, bytes | None] | None = None) -> None:
@@ -259,6 +267,7 @@ class _Part:
             self.vecs.append(d[0])
             self.flips.append(d[1])
             self.wins.append(d[2].astype(np.float16))
+            self.fines.append(np.asarray(d[3], np.float16))
         for c in COLUMNS:
             self.cols[c].append(row.get(c, -1 if c in ("position", "offset", "length") else ""))
 
@@ -268,7 +277,8 @@ class _Part:
         n = len(self.vecs)
         arrays = {"npy": (np.stack(self.vecs) if n else np.zeros((0, SIDE * SIDE), np.float32)),
                   "flip.npy": (np.stack(self.flips) if n else np.zeros((0, SIDE * SIDE), np.float32)),
-                  "win.npy": (np.stack(self.wins) if n else np.zeros((0, len(WINDOWS), SIDE * SIDE), np.float16))}
+                  "win.npy": (np.stack(self.wins) if n else np.zeros((0, len(WINDOWS), SIDE * SIDE), np.float16)),
+                  "fine.npy": (np.stack(self.fines) if n else np.zeros((0, FINE * FINE), np.float16))}
         for ext, a in arrays.items():
             tmp = parts / f".{pid}.{ext}.{os.getpid()}.tmp"
             with open(tmp, "wb") as f:
@@ -327,7 +337,7 @@ def _read_part(folder: Path, pid: str) -> dict[str, list]:
 
 
 def _remove_part(folder: Path, pid: str) -> None:
-    for ext in ("json", "npy", "flip.npy", "win.npy"):
+    for ext in ("json", "npy", "flip.npy", "win.npy", "fine.npy"):
         (folder / "parts" / f"{pid}.{ext}").unlink(missing_ok=True)
     for p in (folder / "parts").glob(f"{pid}.px*"):
         p.unlink(missing_ok=True)
@@ -706,7 +716,7 @@ def _rewrite_without(folder: Path, info: dict, rows: set[int], doc: dict, no_cop
         row = {c: cols[c][i] for c in COLUMNS}
         copies = {s: (blobs[s][int(o):int(o) + int(n)] if n >= 0 and i not in no_copies else None)
                   for s in sides for o, n in [stores[s][1][i]]}
-        part.add(row, None if v < 0 else (arrs[0][v], arrs[1][v], arrs[2][v]), copies)
+        part.add(row, None if v < 0 else tuple(a[v] for a in arrs), copies)
     doc["parts"].remove(info)
     if len(part):
         pid = _next_id(doc)
@@ -719,11 +729,12 @@ def _rewrite_without(folder: Path, info: dict, rows: set[int], doc: dict, no_cop
     _remove_part(folder, info["id"])
 
 
-def _arrays(folder: Path, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _arrays(folder: Path, pid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A part's stored arrays (memory-mapped): descriptors, mirror images', windows', verification's."""
     p = folder / "parts"
     try:
-        return (np.load(p / f"{pid}.npy", mmap_mode="r"), np.load(p / f"{pid}.flip.npy", mmap_mode="r"),
-                np.load(p / f"{pid}.win.npy", mmap_mode="r"))
+        return tuple(np.load(p / f"{pid}.{ext}", mmap_mode="r")  # type: ignore[return-value]
+                     for ext in ("npy", "flip.npy", "win.npy", "fine.npy"))
     except (OSError, ValueError) as e:
         raise IndexMismatch(f"the pile index {folder} is damaged: part {pid}: {e}; rebuild it with "
                             f"`openseer index PILE --rebuild`") from None
@@ -902,6 +913,24 @@ class StoredIndex(CopyQueries):
         if data is None or content_key(data) != self.content_keys[r]:
             return None  # changed under the index since it was checked: not a match
         return data
+
+    def targets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The stored verification descriptors and descriptors of index rows ``rows``."""
+        pids, vs = self.part_rows
+        fines = np.zeros((len(rows), FINE * FINE), np.float32)
+        by_part: dict[str, list[int]] = {}
+        for i, r in enumerate(np.asarray(rows).tolist()):
+            by_part.setdefault(pids[r], []).append(i)
+        for pid, at in by_part.items():
+            fines[at] = _arrays(self.folder, pid)[3][[vs[rows[i]] for i in at]]
+        return fines, np.asarray(self.vectors[np.asarray(rows, np.int64)], np.float32)
+
+    def _verify(self, query: Query, cands: dict, verify: float = VERIFY) -> list[tuple[int, float, float]]:
+        """The candidates that verify, from their stored targets (none decoded); each copy found is
+        read again and kept only while it is the file that was described (its content key)."""
+        rows = list(cands)
+        fines, vecs = self.targets(np.asarray(rows, np.int64)) if rows else (None, None)
+        return [t for t in confirm(query, cands, rows, fines, vecs, verify) if self._read(t[0]) is not None]
 
     def images(self, wanted: set[int]) -> dict[int, Image.Image]:
         """Decode the pile images of descriptor rows ``wanted`` (only those), as the scan decodes them."""
@@ -1147,7 +1176,7 @@ class QuickIndex(StoredIndex):
         self._flipped = self._windows = None
 
     def _gather(self, which: int, shape: tuple, dtype, rows: np.ndarray | None = None) -> np.ndarray:
-        """Array ``which`` of the parts (0 descriptors, 1 mirror images', 2 windows') for ``rows`` (an
+        """Array ``which`` of the parts (0 descriptors, 1 mirror images', 2 windows', 3 verification's) for ``rows`` (an
         index row per output row, -1 for zeros; default every row), read from the parts straight into
         the result (no whole-index copy in between: the windows are 5 KB an image)."""
         rows = np.arange(len(self.keys)) if rows is None else np.asarray(rows, np.int64)
@@ -1160,6 +1189,12 @@ class QuickIndex(StoredIndex):
             if len(sel):
                 out[ok[sel]] = _arrays(self.folder, pid)[which][vrow[sel]]
         return out
+
+    def targets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, np.int64)
+        vecs = (np.asarray(self._vectors[rows], np.float32) if self._vectors is not None
+                else self._gather(0, (SIDE * SIDE,), np.float32, rows))
+        return self._gather(3, (FINE * FINE,), np.float16, rows).astype(np.float32), vecs
 
     def rows_of(self, which: str, rows: np.ndarray) -> np.ndarray:
         """``vectors``, ``flipped`` or ``windows`` of the index rows ``rows`` (-1: zeros), gathered

@@ -37,7 +37,7 @@ THRESHOLD = 0.80  # descriptor cosine similarity of a candidate (see bench/nearc
 MIN_SIDE = 0.70  # the grid covers windows whose sides keep >= 70% (every crop keeping >= 70% of the area)
 CROP_STEP = 0.05  # grid step of window sides and positions, as a fraction of the image side
 # what a stored descriptor depends on (data/index.py refuses an index built with another)
-DESCRIPTOR_VERSION = "grey-box16-f32.v1+read292+prep256+win10"
+DESCRIPTOR_VERSION = "grey-box16-f32.v1+read292+prep256+win10+fine32h"
 
 
 def _grey(img: Image.Image) -> Image.Image:
@@ -79,9 +79,10 @@ def describe(img: Image.Image) -> np.ndarray | None:
 WINDOWS = [(0.05, 0.05, 0.9, 0.9)] + [(x, y, 0.8, 0.8) for y in (0.0, 0.1, 0.2) for x in (0.0, 0.1, 0.2)]
 
 
-def describe_pile_image(img: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def describe_pile_image(img: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """What the index stores of a pile image: its descriptor, its mirror image's (the mirrored
-    vector where the mirror image is flat) and the descriptors of ``WINDOWS`` (zeros where flat),
+    vector where the mirror image is flat), the descriptors of ``WINDOWS`` (zeros where flat) and
+    its verification descriptor (``target``: a takedown verifies a candidate without decoding it),
     or None when the image is flat."""
     prep = prepare_image(img)
     v = _vector(prep)
@@ -96,7 +97,7 @@ def describe_pile_image(img: Image.Image) -> tuple[np.ndarray, np.ndarray, np.nd
         wv = _vector(prep, (x * W, y * H, (x + w) * W, (y + h) * H))
         if wv is not None:
             wins[i] = wv
-    return v, fv, wins
+    return v, fv, wins, _fine16(prep)
 
 
 def _grid() -> list[tuple[float, float, float, float]]:
@@ -157,6 +158,81 @@ def fine(img: Image.Image, box: tuple[float, float, float, float] | None = None)
     return x / float(np.linalg.norm(x))
 
 
+def _box_ranges(in0: np.ndarray, in1: np.ndarray, out: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The input pixels [lo, hi) each of ``out`` outputs averages when PIL box-resamples the span
+    [in0, in1) of a ``size``-pixel axis (Pillow's ``precompute_coeffs`` with its box filter: the span
+    as float32, weights of 0 or 1 on a run of pixels, normalised), per span: (m, out) each."""
+    in0 = np.asarray(in0, np.float32)
+    scale = (np.asarray(in1, np.float32) - in0).astype(np.float64) / out
+    fs = np.maximum(scale, 1.0)
+    support = 0.5 * fs
+    center = in0.astype(np.float64)[:, None] + (np.arange(out) + 0.5)[None, :] * scale[:, None]
+    xmin = np.maximum(0, np.trunc(center - support[:, None] + 0.5).astype(np.int64))
+    xmax = np.minimum(size, np.trunc(center + support[:, None] + 0.5).astype(np.int64))
+    k = int(np.ceil(support.max())) * 2 + 1
+    x = xmin[..., None] + np.arange(k)
+    arg = (x - center[..., None] + 0.5) * (1.0 / fs)[:, None, None]
+    w = (x < xmax[..., None]) & (arg > -0.5) & (arg <= 0.5)
+    lo = xmin + np.argmax(w, axis=-1)
+    return lo, lo + w.sum(axis=-1)
+
+
+def box_resample(img: np.ndarray, table: np.ndarray, boxes: np.ndarray, out: int) -> np.ndarray:
+    """``resize((out, out), BOX, box=b)`` of a grey image (``img``, float32 H x W) for many pixel boxes
+    ``b`` (m x 4) at once: each output is the mean of the run of pixels Pillow's box filter gives it
+    (equal to Pillow's up to its float32 rounding). Small images by two products with the 0/1 run
+    matrices; large ones from their summed-area ``table`` ((H+1) x (W+1), float64)."""
+    H, W = img.shape
+    x0, x1 = _box_ranges(boxes[:, 0], boxes[:, 2], out, W)
+    y0, y1 = _box_ranges(boxes[:, 1], boxes[:, 3], out, H)
+    if H * W <= 65536:
+        cols, rows = np.arange(W), np.arange(H)
+        rx = ((cols >= x0[..., None]) & (cols < x1[..., None])) / np.maximum(x1 - x0, 1)[..., None]
+        ry = ((rows >= y0[..., None]) & (rows < y1[..., None])) / np.maximum(y1 - y0, 1)[..., None]
+        return (ry.astype(np.float32) @ img @ rx.astype(np.float32).transpose(0, 2, 1)).astype(np.float32)
+    ya, yb, xa, xb = y0[:, :, None], y1[:, :, None], x0[:, None, :], x1[:, None, :]
+    total = table[yb, xb] - table[ya, xb] - table[yb, xa] + table[ya, xa]
+    return (total / np.maximum((yb - ya) * (xb - xa), 1)).astype(np.float32)
+
+
+def summed_area(img: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """A grey float image as an array (float32) and its summed-area table ((H+1) x (W+1), float64)."""
+    x = np.asarray(img, np.float32)
+    t = np.zeros((x.shape[0] + 1, x.shape[1] + 1))
+    t[1:, 1:] = x.astype(np.float64).cumsum(0).cumsum(1)
+    return x, t
+
+
+def fine_many(arrays: tuple[np.ndarray, np.ndarray], boxes: list[tuple[float, float, float, float]]
+              ) -> list[np.ndarray | None]:
+    """``fine`` of many pixel boxes of one image (given as its ``summed_area``): resampled by
+    ``box_resample``, the high-pass and the norms in one batch (the verification's inner loop
+    describes thousands of boxes a query)."""
+    if not boxes:
+        return []
+    x = box_resample(*arrays, np.asarray(boxes, np.float64), FINE)
+    x = (x - _B @ x @ _B.T).reshape(len(boxes), -1)
+    x -= x.mean(axis=1, keepdims=True)
+    ok = x.std(axis=1) >= FINE_MIN
+    x[ok] /= np.linalg.norm(x[ok], axis=1, keepdims=True)
+    return [row if good else None for row, good in zip(x, ok.tolist())]
+
+
+def _fine16(prep: Image.Image) -> np.ndarray:
+    """A prepared image's verification descriptor as the index stores it (float16), zeros where it
+    has no detail."""
+    f = fine(prep)
+    return np.zeros(FINE * FINE, np.float16) if f is None else f.astype(np.float16)
+
+
+def target(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None]:
+    """What a candidate is verified by: its verification descriptor (float16 values, as stored in the
+    index; zeros without detail) and its 16 x 16 descriptor (None when flat). From a decoded pile
+    image, equal to what the index stored of it."""
+    prep = prepare_image(img)
+    return _fine16(prep).astype(np.float32), _vector(prep)
+
+
 @dataclass
 class Query:
     """A photo to take down: its grey views (as is, mirrored) and one descriptor per grid window."""
@@ -169,59 +245,103 @@ class Query:
     cache: dict = field(default_factory=dict, repr=False)
 
     def verify(self, row: int, candidate: Image.Image) -> tuple[float, bool]:
-        """(score, flat) of a candidate against query window ``row``. The score is the best high-pass
-        correlation of the two, refined by a local search over the window's position and size (the
-        grid is CROP_STEP apart; a real crop falls between): coordinate steps of CROP_STEP / 2,
-        halved twice. When neither has detail to compare (smooth gradients, near-flat pictures),
-        ``flat`` is True and the score is the 16 x 16 descriptor's cosine, refined the same way; a
-        candidate without detail against a window with detail scores -1."""
-        cand = prepare_image(candidate)
-        target = fine(cand)
-        view_i, window = self.windows[row]
+        """(score, flat) of a candidate against query window ``row`` (``verify_many`` of one)."""
+        f, v = target(candidate)
+        zero = np.zeros(SIDE * SIDE, np.float32)
+        scores, flat = self.verify_many(np.array([row]), f[None], (zero if v is None else v)[None])
+        return float(scores[0]), bool(flat[0])
+
+    def verify_many(self, rows: np.ndarray, fines: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, flat) of candidates against query windows ``rows``, given each candidate's
+        ``target``: ``fines`` (n, FINE*FINE; zeros without detail) and ``vectors`` (n, SIDE*SIDE; zeros
+        when flat). The score is the best high-pass correlation of candidate and window, refined by a
+        local search over the window's position and size (the grid is CROP_STEP apart; a real crop
+        falls between): coordinate steps of CROP_STEP / 2, halved twice. When neither has detail to
+        compare (smooth gradients, near-flat pictures), ``flat`` is True and the score is the 16 x 16
+        descriptor's cosine, refined the same way; a candidate without detail against a window with
+        detail scores -1. All candidates are searched together: each box a candidate visits is
+        described once per query, and scored against every candidate there in one product."""
+        rows = np.asarray(rows, np.int64)
+        fines = np.asarray(fines, np.float32)
+        vectors = np.asarray(vectors, np.float32)
+        n = len(rows)
+        scores = np.full(n, -1.0)
+        flat = ~fines.any(axis=1)
+        views = np.array([self.windows[r][0] for r in rows], np.int64)
+        boxes = np.array([self.windows[r][1] for r in rows], np.float64).reshape(n, 4)
+        detail = np.flatnonzero(~flat)
+        if len(detail):
+            scores[detail] = self._search(fine, views[detail], boxes[detail], fines[detail])
+        # no detail in the candidate: only a detail-free window with a descriptor can be its original
+        smooth = np.array([i for i in np.flatnonzero(flat) if vectors[i].any()
+                           and self._describe(fine, views[i], boxes[i:i + 1])[1][0] < 0], np.int64)
+        if len(smooth):
+            scores[smooth] = self._search(_vector, views[smooth], boxes[smooth], vectors[smooth])
+        return scores, flat
+
+    def _describe(self, describe, view_i: int, boxes: np.ndarray) -> tuple[list, np.ndarray]:
+        """``describe`` of the view ``view_i`` at window ``boxes`` (n, 4: left, top, width, height in
+        fractions), cached per query: (descriptor or None per box, inverse indices (-1: off the image))."""
         view = self.views[view_i]
         W, H = view.size
+        x0 = np.maximum(0.0, boxes[:, 0])
+        y0 = np.maximum(0.0, boxes[:, 1])
+        x1 = np.minimum(1.0, boxes[:, 0] + boxes[:, 2])
+        y1 = np.minimum(1.0, boxes[:, 1] + boxes[:, 3])
+        ok = (x1 - x0 >= 0.05) & (y1 - y0 >= 0.05)
+        px = np.stack([x0 * W, y0 * H, x1 * W, y1 * H], axis=1)
+        inv = np.full(len(boxes), -1, np.int64)
+        vecs: list = []
+        if ok.any():
+            uniq, where = np.unique(px[ok], axis=0, return_inverse=True)
+            keys = [(view_i, describe is fine, box) for box in map(tuple, uniq.tolist())]
+            new = [k for k in keys if k not in self.cache]
+            if describe is fine:
+                if ("table", view_i) not in self.cache:
+                    self.cache[("table", view_i)] = summed_area(view)
+                self.cache.update(zip(new, fine_many(self.cache[("table", view_i)], [k[2] for k in new])))
+            else:
+                self.cache.update((k, describe(view, k[2])) for k in new)
+            vecs = [self.cache[k] for k in keys]
+            inv[ok] = where.reshape(-1)
+            inv[ok] = np.where(np.array([v is None for v in vecs])[inv[ok]], -1, inv[ok])
+        return vecs, inv
 
-        def pixels(b: tuple[float, float, float, float]) -> tuple[float, float, float, float] | None:
-            x0, y0, x1, y1 = max(0.0, b[0]), max(0.0, b[1]), min(1.0, b[0] + b[2]), min(1.0, b[1] + b[3])
-            return None if x1 - x0 < 0.05 or y1 - y0 < 0.05 else (x0 * W, y0 * H, x1 * W, y1 * H)
+    def _scores(self, describe, views: np.ndarray, boxes: np.ndarray, refs: np.ndarray) -> np.ndarray:
+        """Correlation of each candidate's ``refs`` row with its view's ``describe`` at its box (-1
+        where the box is off the image or the window is flat)."""
+        out = np.full(len(boxes), -1.0)
+        for view_i in np.unique(views).tolist():
+            sel = np.flatnonzero(views == view_i)
+            vecs, inv = self._describe(describe, view_i, boxes[sel])
+            good = inv >= 0
+            if good.any():
+                mat = np.stack([np.zeros_like(refs[0]) if v is None else v for v in vecs])
+                out[sel[good]] = np.einsum("ij,ij->i", mat[inv[good]], refs[sel[good]])
+        return out
 
-        if target is None:  # no detail to compare: only a detail-free window can be its original
-            ref, describe = _vector(cand), _vector
-            if ref is None or fine(view, pixels(window)) is not None:
-                return -1.0, True
-        else:
-            ref, describe = target, fine
-
-        def corr(b: tuple[float, float, float, float]) -> float:
-            box = pixels(b)
-            if box is None:
-                return -1.0
-            key = (view_i, describe is fine, box)
-            if key not in self.cache:
-                self.cache[key] = describe(view, box)
-            v = self.cache[key]
-            return -1.0 if v is None else float(v @ ref)
-
-        return _local_search(corr, window), target is None
-
-
-def _local_search(score, box: tuple[float, float, float, float]) -> float:
-    """The best ``score(window)`` by coordinate steps of CROP_STEP / 2 around ``box``, halved twice."""
-    best = score(box)
-    step = CROP_STEP / 2
-    for _ in range(3):
-        moved = True
-        while moved:
-            moved = False
-            for k in range(4):
-                for sign in (-1, 1):
-                    b = list(box)
-                    b[k] += sign * step
-                    c = score(tuple(b))
-                    if c > best:
-                        best, box, moved = c, tuple(b), True
-        step /= 2
-    return best
+    def _search(self, describe, views: np.ndarray, boxes: np.ndarray, refs: np.ndarray) -> np.ndarray:
+        """The best score of each candidate by coordinate steps of CROP_STEP / 2 around its box,
+        halved twice: one candidate's coordinate search, run for all candidates in step (a candidate
+        moves to the first neighbour that scores higher, as it would on its own)."""
+        boxes = boxes.copy()
+        best = self._scores(describe, views, boxes, refs)
+        step = CROP_STEP / 2
+        for _ in range(3):
+            active = np.ones(len(boxes), bool)
+            while active.any():  # a candidate goes on while its last pass moved it
+                moved = np.zeros(len(boxes), bool)
+                for k in range(4):
+                    for sign in (-1, 1):
+                        idx = np.flatnonzero(active)
+                        b = boxes[idx].copy()
+                        b[:, k] += sign * step
+                        c = self._scores(describe, views[idx], b, refs[idx])
+                        up = c > best[idx]
+                        best[idx[up]], boxes[idx[up]], moved[idx[up]] = c[up], b[up], True
+                active = moved
+            step /= 2
+        return best
 
 
 def describe_query(img: Image.Image) -> Query:
@@ -284,14 +404,27 @@ def find_copies(query: Query, index: CopyIndex, load, threshold: float = THRESHO
     first. ``load(row)`` returns the pile image of a candidate (a PIL image, or None when it cannot be
     read any more: then it is not a match). ``candidates``: ``index.candidates(query, threshold)``
     when the caller has them already (the search is not run twice)."""
-    found = []
     if candidates is None:
         candidates = index.candidates(query, threshold)
-    for row, (sim, qrow) in candidates.items():
+    rows, fines, vecs = [], [], []
+    for row in candidates:
         img = load(row)
-        score, flat = query.verify(qrow, img) if img is not None else (-1.0, False)
-        if score >= (FLAT_THRESHOLD if flat else verify):
-            found.append((row, sim, score))
+        if img is not None:
+            f, v = target(img)
+            rows.append(row)
+            fines.append(f)
+            vecs.append(np.zeros(SIDE * SIDE, np.float32) if v is None else v)
+    return confirm(query, candidates, rows, np.stack(fines) if rows else None, np.stack(vecs) if rows else None, verify)
+
+
+def confirm(query: Query, candidates: dict, rows: list[int], fines: np.ndarray | None, vectors: np.ndarray | None,
+            verify: float = VERIFY) -> list[tuple[int, float, float]]:
+    """The candidates ``rows`` (with their ``target``s) that verify: (row, similarity, score), best first."""
+    if not rows:
+        return []
+    scores, flat = query.verify_many(np.array([candidates[r][1] for r in rows]), fines, vectors)
+    need = np.where(flat, FLAT_THRESHOLD, verify)
+    found = [(r, candidates[r][0], float(s)) for r, s, t in zip(rows, scores.tolist(), need.tolist()) if s >= t]
     return sorted(found, key=lambda t: -t[2])
 
 
@@ -316,9 +449,12 @@ class CopyQueries:
         """(key, path, descriptor similarity, verified correlation) of every copy of ``photo``."""
         query = describe_query(photo)
         cands = self.index.candidates(query, threshold)
+        return [(self.keys[r], self.paths[r], s, f) for r, s, f in self._verify(query, cands, verify)]
+
+    def _verify(self, query: Query, cands: dict, verify: float = VERIFY) -> list[tuple[int, float, float]]:
+        """The candidates that verify: decoded again (the scan); the stored index reads its targets."""
         imgs = self.images(set(cands))
-        found = find_copies(query, self.index, imgs.get, threshold, verify, candidates=cands)
-        return [(self.keys[r], self.paths[r], s, f) for r, s, f in found]
+        return find_copies(query, self.index, imgs.get, verify=verify, candidates=cands)
 
 
 class PileIndex(CopyQueries):

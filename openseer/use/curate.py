@@ -204,9 +204,18 @@ def pile_duplicate_groups(pile: str, x: np.ndarray, index_rows: list[dict], dup_
         return np.arange(len(x), dtype=np.int64)
     if dup_by == "embedding":
         return duplicate_groups(x, threshold, info=info)
-    d, f, w = pile_descriptors(pile, index_rows, progress)
+    return descriptor_groups(*pile_descriptors(pile, index_rows, progress), threshold, info)
+
+
+def descriptor_groups(d: np.ndarray, f: np.ndarray, w: np.ndarray | None, threshold: float = DUP_THRESHOLD,
+                      info: dict | None = None) -> np.ndarray:
+    """``duplicate_groups`` by near-copy descriptors (data/nearcopy.py ``describe_pile_image``): each
+    image whole (``d``), its mirror image (``f``) and, when given, its crop windows (``w``: n x windows
+    x 256) and their mirror images against every other image whole, the windows at the stricter
+    ``WINDOW_THRESHOLD``, so that crops and flipped crops join their original."""
     from ..data.nearcopy import SIDE
 
+    info = {} if info is None else info
     extra: tuple = (f,)
     info["windows"] = w is not None
     if w is not None:

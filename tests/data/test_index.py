@@ -78,16 +78,21 @@ def test_the_index_holds_what_the_scan_computes_and_answers_the_same(tmp_path, c
     assert lists[0] == lists[1] and len(lists[0]) == len(names) + 1
 
 
-def test_takedown_via_the_index_decodes_only_its_candidates(tmp_path, monkeypatch):
+def test_takedown_via_the_index_decodes_nothing_and_reads_only_its_copies(tmp_path, monkeypatch):
     pile, names = _pile(tmp_path / "pile", others=12)
     ix.build_index(str(pile), progress=False, log=lambda t: None)
-    decoded = []
-    real = ix.decode_bytes
-    monkeypatch.setattr(ix, "decode_bytes", lambda data, name, **kw: decoded.append(name) or real(data, name, **kw))
+    decoded, read = [], []
+    real_decode, real_read = ix.decode_bytes, ix.StoredIndex._read
+    monkeypatch.setattr(ix, "decode_bytes", lambda data, name, **kw: decoded.append(name) or real_decode(data, name, **kw))
+    monkeypatch.setattr(ix.StoredIndex, "_read", lambda self, r: read.append(self.keys[r]) or real_read(self, r))
     stored = ix.open_index(str(pile))
     found = stored.copies_of(photo(11))
-    assert len(found) == len(names)
-    assert len(decoded) < len(stored) and {Path(n).name for n in decoded} >= set(names)
+    assert sorted(k for k, *_ in found) == sorted(names)
+    assert decoded == [] and sorted(read) == sorted(names)  # verified from the stored targets
+    # a copy rewritten since it was described is read again and is no longer taken for a copy
+    victim = pile / names[0]
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(victim)
+    assert sorted(k for k, *_ in stored.copies_of(photo(11))) == sorted(names[1:])
 
 
 def test_extending_equals_a_full_rebuild_and_redoes_only_what_changed(tmp_path):

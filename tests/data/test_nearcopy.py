@@ -80,6 +80,59 @@ def test_copies_are_found_and_unrelated_images_are_not():
     assert found == set(range(len(copies(target))))
 
 
+def _verify_one(query: nc.Query, row: int, candidate: Image.Image) -> float:
+    """The verification written out for one candidate, box by box: the batched search must equal it."""
+    f, v = nc.target(candidate)
+    view_i, box = query.windows[row]
+    view = query.views[view_i]
+    W, H = view.size
+
+    def pixels(b):
+        x0, y0, x1, y1 = max(0.0, b[0]), max(0.0, b[1]), min(1.0, b[0] + b[2]), min(1.0, b[1] + b[3])
+        return None if x1 - x0 < 0.05 or y1 - y0 < 0.05 else (x0 * W, y0 * H, x1 * W, y1 * H)
+
+    if not f.any():
+        if v is None or nc.fine(view, pixels(box)) is not None:
+            return -1.0
+        ref, describe = v, nc._vector
+    else:
+        ref, describe = f, nc.fine
+
+    def score(b):
+        d = describe(view, pixels(b)) if pixels(b) is not None else None
+        return -1.0 if d is None else float(d @ ref)
+
+    best, step = score(box), nc.CROP_STEP / 2
+    for _ in range(3):
+        moved = True
+        while moved:
+            moved = False
+            for k in range(4):
+                for sign in (-1, 1):
+                    b = list(box)
+                    b[k] += sign * step
+                    c = score(tuple(b))
+                    if c > best:
+                        best, box, moved = c, tuple(b), True
+        step /= 2
+    return best
+
+
+def test_the_batched_verification_equals_one_candidate_at_a_time():
+    target, smooth = photo(1), Image.fromarray(np.tile(np.linspace(40, 90, 96, dtype=np.float32), (64, 1))
+                                               .astype(np.uint8)).convert("RGB")
+    pile = [*copies(target).values(), *copies(photo(2)).values(), photo(3), smooth, jpeg(smooth, 50)]
+    query = nc.describe_query(target)
+    cands = nc.CopyIndex(np.stack([nc.describe(im) for im in pile])).candidates(query, threshold=-1.0)
+    rows = np.array([cands[i][1] for i in range(len(pile))])  # each one's closest window
+    fines, vecs = zip(*(nc.target(im) for im in pile))
+    vecs = [np.zeros(nc.SIDE ** 2, np.float32) if v is None else v for v in vecs]
+    scores, flat = query.verify_many(rows, np.stack(fines), np.stack(vecs))
+    want = [_verify_one(nc.describe_query(target), int(r), im) for r, im in zip(rows, pile)]
+    np.testing.assert_allclose(scores, want, atol=1e-5)
+    assert flat.tolist() == [not f.any() for f in fines] and flat[-2:].all() and scores[:7].min() > 0.5
+
+
 def test_near_takedown_keeps_every_copy_out_of_every_batch(tmp_path, capsys):
     pile = tmp_path / "pile"
     pile.mkdir()
