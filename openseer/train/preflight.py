@@ -99,7 +99,9 @@ def advice(cfg: Config, sched: dict, step: int, stop: int, short_side: int | Non
                     f" the decode cache reads them as copies of at most {cfg.data.decode_cache_side} px "
                     f"(data.decode_cache), so only its first pass decodes them at full size (or downscale them once: "
                     f"{shard})")
-        out.append(f"WARNING: the images are about {short_side} px on their short side, {short_side // crop}x the "
+        # with the decode cache on and crops made for photographs, nothing is wrong: a note, not a warning
+        level = "note" if cfg.data.decode_cache == "on" and not recipe else "WARNING"
+        out.append(f"{level}: the images are about {short_side} px on their short side, {short_side // crop}x the "
                    f"{crop}-px large crops (recipe {cfg.recipe}):{recipe}{decoding}")
     return out
 

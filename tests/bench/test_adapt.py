@@ -71,6 +71,15 @@ def test_the_photos_warnings_apply_to_the_adapt_recipes():
     assert any("use a recipe for photographs" in w and "photos-cpu-adapt" in w for w in big), big
 
 
+def test_large_photos_with_the_decode_cache_and_a_photos_recipe_are_a_note_not_a_warning():
+    on = build_config("photos-cpu", ["data.decode_cache=on"])
+    lines = [w for w in advice(on, schedule(on, 6400, 1), 0, 400, 3000) if "px on their short side" in w]
+    assert len(lines) == 1 and lines[0].startswith("note:") and "the decode cache reads them" in lines[0]
+    off = build_config("photos-cpu", ["data.decode_cache=off"])
+    lines = [w for w in advice(off, schedule(off, 6400, 1), 0, 400, 3000) if "px on their short side" in w]
+    assert len(lines) == 1 and lines[0].startswith("WARNING:") and "openseer shard" in lines[0]
+
+
 def test_init_without_an_adapt_recipe_suggests_one_and_with_it_says_nothing():
     scratch = build_config("tiny-cpu", ["model.init=runs/a"])
     lines = advice(scratch, schedule(scratch, 6400, 1), 0, 400, None)
