@@ -851,7 +851,6 @@ class StoredIndex(CopyQueries):
 
     def _assemble(self, folder: Path, picked: list[tuple[str, int]], where: list[object]) -> None:
         cols_of: dict[str, dict] = {}
-        arrs_of: dict[str, tuple] = {}
         self.keys, self.content_keys, self.paths, self.loc = [], [], [], []
         self.skipped: dict[str, int] = {}
         vec_rows: list[tuple[str, int]] = []
@@ -877,22 +876,15 @@ class StoredIndex(CopyQueries):
             pixels.append(int(cols["width"][i]) * int(cols["height"][i]))
             nbytes.append(int(cols["bytes"][i]))
             vec_rows.append((pid, v))
-        n = len(vec_rows)
-        self.vectors = np.zeros((n, SIDE * SIDE), np.float32)
-        self.flipped = np.zeros((n, SIDE * SIDE), np.float32)
-        self.windows = np.zeros((n, len(WINDOWS), SIDE * SIDE), np.float16)
-        by_part: dict[str, list[tuple[int, int]]] = {}
-        for r, (pid, v) in enumerate(vec_rows):
-            by_part.setdefault(pid, []).append((r, v))
-        for pid, pairs in by_part.items():
-            arrs_of[pid] = a = _arrays(folder, pid)
-            dst = np.array([r for r, _ in pairs])
-            src = np.array([v for _, v in pairs])
-            self.vectors[dst], self.flipped[dst], self.windows[dst] = a[0][src], a[1][src], a[2][src]
         self.pixels = np.asarray(pixels, np.int64)
         self.nbytes = np.asarray(nbytes, np.int64)
-        self.part_rows = ([p for p, _ in vec_rows], [v for _, v in vec_rows])  # where each row is stored
-        self.index = CopyIndex(self.vectors)
+        # where each row is stored: its part (a number into ``parts``) and its row there
+        self.parts = list(dict.fromkeys(pid for pid, _ in vec_rows))
+        number = {pid: i for i, pid in enumerate(self.parts)}
+        self._where = np.array([(number[pid], v) for pid, v in vec_rows], np.int64).reshape(-1, 2)
+        self._vectors = self._gather(0, (SIDE * SIDE,), np.float32)
+        self._flipped = self._windows = None  # read from the parts when asked (5 KB an image: curate only)
+        self.index = CopyIndex(self._vectors)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -914,16 +906,50 @@ class StoredIndex(CopyQueries):
             return None  # changed under the index since it was checked: not a match
         return data
 
+    def _gather(self, which: int, shape: tuple, dtype, rows: np.ndarray | None = None) -> np.ndarray:
+        """Array ``which`` of the parts (0 descriptors, 1 mirror images', 2 windows', 3 verification's)
+        for ``rows`` (an index row per output row, -1 for zeros; default every row), read from the
+        parts straight into the result (no whole-index copy in between: the windows are 5 KB an image)."""
+        rows = np.arange(len(self.keys)) if rows is None else np.asarray(rows, np.int64)
+        out = np.zeros((len(rows), *shape), dtype)
+        ok = np.flatnonzero(rows >= 0)
+        part, vrow = self._where[rows[ok], 0], self._where[rows[ok], 1]
+        for i in np.unique(part).tolist():
+            sel = np.flatnonzero(part == i)
+            out[ok[sel]] = _arrays(self.folder, self.parts[i])[which][vrow[sel]]
+        return out
+
     def targets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The stored verification descriptors and descriptors of index rows ``rows``."""
-        pids, vs = self.part_rows
-        fines = np.zeros((len(rows), FINE * FINE), np.float32)
-        by_part: dict[str, list[int]] = {}
-        for i, r in enumerate(np.asarray(rows).tolist()):
-            by_part.setdefault(pids[r], []).append(i)
-        for pid, at in by_part.items():
-            fines[at] = _arrays(self.folder, pid)[3][[vs[rows[i]] for i in at]]
-        return fines, np.asarray(self.vectors[np.asarray(rows, np.int64)], np.float32)
+        rows = np.asarray(rows, np.int64)
+        vecs = (np.asarray(self._vectors[rows], np.float32) if self._vectors is not None
+                else self._gather(0, (SIDE * SIDE,), np.float32, rows))
+        return self._gather(3, (FINE * FINE,), np.float16, rows).astype(np.float32), vecs
+
+    def rows_of(self, which: str, rows: np.ndarray) -> np.ndarray:
+        """``vectors``, ``flipped`` or ``windows`` of the index rows ``rows`` (-1: zeros), gathered
+        from the parts without holding the whole index's copy (``curate`` at a million images)."""
+        if which == "windows":
+            return self._gather(2, (len(WINDOWS), SIDE * SIDE), np.float16, rows)
+        return self._gather(0 if which == "vectors" else 1, (SIDE * SIDE,), np.float32, rows)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        if self._vectors is None:  # an approximate search holds them: read from the parts when asked
+            self._vectors = self._gather(0, (SIDE * SIDE,), np.float32)
+        return self._vectors
+
+    @property
+    def flipped(self) -> np.ndarray:
+        if self._flipped is None:
+            self._flipped = self._gather(1, (SIDE * SIDE,), np.float32)
+        return self._flipped
+
+    @property
+    def windows(self) -> np.ndarray:
+        if self._windows is None:
+            self._windows = self._gather(2, (len(WINDOWS), SIDE * SIDE), np.float16)
+        return self._windows
 
     def _verify(self, query: Query, cands: dict, verify: float = VERIFY) -> list[tuple[int, float, float]]:
         """The candidates that verify, from their stored targets (none decoded); each copy found is
@@ -1048,14 +1074,12 @@ def _write_snapshot(stored, spec: str, since: int) -> None:
         kind = choose_range_kind(n)
         if kind == "flat":  # else the vectors are in the search index (and in the parts, for curate)
             np.save(tmp / "vectors.npy", np.ascontiguousarray(stored.vectors, np.float32))
-        parts = sorted(set(stored.part_rows[0])) if n else []
-        pnum = {p: i for i, p in enumerate(parts)}
+        parts = list(stored.parts) if n else []
         rows = np.zeros((n, 7), np.int64)
         for r, (_file, off, length, pos) in enumerate(stored.loc):
             rows[r, :3] = off, length, pos
         rows[:, 3], rows[:, 4] = stored.pixels, stored.nbytes
-        rows[:, 5] = [pnum[p] for p in stored.part_rows[0]]
-        rows[:, 6] = stored.part_rows[1]
+        rows[:, 5:7] = stored._where
         np.save(tmp / "rows.npy", rows)
         blobs, offs, at = [], [0], 0
         for r in range(n):
@@ -1174,53 +1198,7 @@ class QuickIndex(StoredIndex):
         else:
             self.index = CopyIndex(None, search=VectorSearch.load(snap / "search.faiss", meta["search"]))
         self._flipped = self._windows = None
-
-    def _gather(self, which: int, shape: tuple, dtype, rows: np.ndarray | None = None) -> np.ndarray:
-        """Array ``which`` of the parts (0 descriptors, 1 mirror images', 2 windows', 3 verification's) for ``rows`` (an
-        index row per output row, -1 for zeros; default every row), read from the parts straight into
-        the result (no whole-index copy in between: the windows are 5 KB an image)."""
-        rows = np.arange(len(self.keys)) if rows is None else np.asarray(rows, np.int64)
-        out = np.zeros((len(rows), *shape), dtype)
-        ok = np.flatnonzero(rows >= 0)
-        part = np.asarray(self._rows[:, 5])[rows[ok]]
-        vrow = np.asarray(self._rows[:, 6])[rows[ok]]
-        for i, pid in enumerate(self.parts):
-            sel = np.flatnonzero(part == i)
-            if len(sel):
-                out[ok[sel]] = _arrays(self.folder, pid)[which][vrow[sel]]
-        return out
-
-    def targets(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.asarray(rows, np.int64)
-        vecs = (np.asarray(self._vectors[rows], np.float32) if self._vectors is not None
-                else self._gather(0, (SIDE * SIDE,), np.float32, rows))
-        return self._gather(3, (FINE * FINE,), np.float16, rows).astype(np.float32), vecs
-
-    def rows_of(self, which: str, rows: np.ndarray) -> np.ndarray:
-        """``vectors``, ``flipped`` or ``windows`` of the index rows ``rows`` (-1: zeros), gathered
-        from the parts without holding the whole index's copy (``curate`` at a million images)."""
-        if which == "windows":
-            return self._gather(2, (len(WINDOWS), SIDE * SIDE), np.float16, rows)
-        return self._gather(0 if which == "vectors" else 1, (SIDE * SIDE,), np.float32, rows)
-
-    @property
-    def vectors(self) -> np.ndarray:  # type: ignore[override]
-        if self._vectors is None:  # an approximate search holds them: read from the parts when asked
-            self._vectors = self._gather(0, (SIDE * SIDE,), np.float32)
-        return self._vectors
-
-    @property
-    def flipped(self) -> np.ndarray:  # type: ignore[override]
-        if self._flipped is None:
-            self._flipped = self._gather(1, (SIDE * SIDE,), np.float32)
-        return self._flipped
-
-    @property
-    def windows(self) -> np.ndarray:  # type: ignore[override]
-        if self._windows is None:
-            self._windows = self._gather(2, (len(WINDOWS), SIDE * SIDE), np.float16)
-        return self._windows
-
+        self._where = np.asarray(self._rows[:, 5:7])  # part number and row there, per index row
 
 def open_index(spec: str | Collection, index: str | Path = "") -> StoredIndex | None:
     """The checked index of a pile, or None when it has none (``IndexMismatch`` when it does not match).
