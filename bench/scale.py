@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/scale.py                        # a 10,000-image pile: about 3 minutes on 2 cores
     .venv/bin/python bench/scale.py --images 100000        # larger piles (pile writing dominates)
+    .venv/bin/python bench/scale.py --images 1000000       # about an hour on 2 cores: 20 min to write the
+                                                           # pile (once), 30 min to index, 18 GB peak
 
 The pile is ``openseer.data.pile.build_pile`` scaled to ``--images`` files (Fashion-MNIST, at most
 the bench pile's 17,500 (Fashion-MNIST holds no more for its class balance), grey crops of the
