@@ -14,6 +14,7 @@ is no better than guessing the most common test class (report.py).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
@@ -237,6 +238,7 @@ def evaluate(opts: EvalOptions) -> dict:
 
     if "baselines" in do:
         base_plan = [("full", {"knn", "linear"}), *sub_plan]
+        baselines = []
         if info["random_init"]:
             report.notes.append("the evaluated weights are themselves a random init; the random-init baseline is skipped")
         else:
@@ -244,9 +246,15 @@ def evaluate(opts: EvalOptions) -> dict:
             rtr, rte, secs = run.features(rmodel, rinfo, data, transform, "random init")
             report.time("features", secs)
             rcommon = {**common, "weights_hash": rinfo["weights_hash"], "init": rinfo["init"]}
-            _feature_protocols(report, run, "random_init", rtr, rte, data, splits, base_plan, rcommon)
+            baselines.append(("random_init", rtr, rte, rcommon))
         ptr, pte = run.pixels(data, report)
-        _feature_protocols(report, run, "pixels", ptr, pte, data, splits, base_plan, pcommon)
+        baselines.append(("pixels", ptr, pte, pcommon))
+        # the baselines' linear probes (most of this block's time) run side by side, one thread each
+        t = time.perf_counter()
+        probes = _linear_probes([(m, a, b) for m, a, b, _ in baselines], data, splits, base_plan, opts.seed)
+        report.time("linear", time.perf_counter() - t)
+        for m, a, b, c in baselines:
+            _feature_protocols(report, run, m, a, b, data, splits, base_plan, c, linear=probes[m])
         for name, sp in (splits if tune else {}).items():
             t = time.perf_counter()
             r = supervised_scratch(info["arch"], data.train.subset(sp["indices"]), data.test, transform,
@@ -270,9 +278,34 @@ def evaluate(opts: EvalOptions) -> dict:
     return report.write(out)
 
 
+def _linear_probes(models: list[tuple[str, np.ndarray, np.ndarray]], data: LabelledData, splits: dict,
+                   plan: list[tuple[str, set]], seed: int) -> dict[str, dict[str, dict]]:
+    """``linear_probe`` of each (model, train features, test features) on each split of ``plan`` that
+    asks for it: model -> split -> result. Models run side by side in threads: each probe computes on
+    one thread (``linear_probe``), so the results are those of running them one after another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .linear import torch_threads
+
+    def one(ftr: np.ndarray, fte: np.ndarray) -> dict[str, dict]:
+        out = {}
+        for split, do in plan:
+            if "linear" in do:
+                rows = None if split == "full" else splits[split]["indices"]
+                ytr = data.train.labels if rows is None else data.train.labels[rows]
+                out[split] = linear_probe(ftr, ytr, fte, data.test.labels, data.n_classes, seed, train_rows=rows)
+        return out
+
+    with torch_threads(1), ThreadPoolExecutor(max_workers=max(1, min(len(models), os.cpu_count() or 1))) as pool:
+        jobs = {m: pool.submit(one, a, b) for m, a, b in models}
+        return {m: j.result() for m, j in jobs.items()}
+
+
 def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, fte: np.ndarray,
-                       data: LabelledData, splits: dict, plan: list[tuple[str, set]], common: dict) -> None:
-    """kNN and/or the linear probe on frozen features, for each (split, protocols) in ``plan``."""
+                       data: LabelledData, splits: dict, plan: list[tuple[str, set]], common: dict,
+                       linear: dict[str, dict] | None = None) -> None:
+    """kNN and/or the linear probe on frozen features, for each (split, protocols) in ``plan``;
+    ``linear``: the probes' results by split when they were run already (``_linear_probes``)."""
     opts = run.opts
     for split, do in plan:
         if not do:
@@ -293,10 +326,12 @@ def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, f
             report.time("knn", time.perf_counter() - t)
         if "linear" in do:
             t = time.perf_counter()
-            r = linear_probe(ftr, ytr, fte, data.test.labels, data.n_classes, opts.seed, train_rows=rows)
+            r = dict(linear[split]) if linear is not None else linear_probe(
+                ftr, ytr, fte, data.test.labels, data.n_classes, opts.seed, train_rows=rows)
             report.add(model, "linear", split, r.pop("top1"), r.pop("top5"), n_train=n, n_test=len(data.test),
                        **common, **r)
-            report.time("linear", time.perf_counter() - t)
+            if linear is None:
+                report.time("linear", time.perf_counter() - t)
         run.say(f"{model} {split}: " + ", ".join(
             f"{x['protocol']}{'@' + str(x['k']) if 'k' in x else ''} {x['top1']:.1f}"
             for x in report.results if x["model"] == model and x["split"] == split))

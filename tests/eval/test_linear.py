@@ -32,3 +32,23 @@ def test_probe_on_a_subset_of_rows_and_a_single_image_class():
     r = linear_probe(x, y[rows], x, y, n_classes=5, train_rows=rows)
     assert r["val_top1"] is None  # a class with one image: no validation split, fixed settings
     assert r["top1"] >= 80.0
+
+
+def test_baseline_probes_side_by_side_equal_one_after_another():
+    from types import SimpleNamespace
+
+    from openseer.eval.runner import _linear_probes
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    yt = rng.integers(0, 3, 90)
+    feats = {m: (rng.normal(size=(300, d)).astype(np.float32) + y[:, None], rng.normal(size=(90, d)).astype(np.float32)
+                 + yt[:, None]) for m, d in (("random_init", 12), ("pixels", 20))}
+    data = SimpleNamespace(train=SimpleNamespace(labels=y), test=SimpleNamespace(labels=yt), n_classes=3)
+    splits = {"10pct": {"indices": np.arange(0, 300, 10)}}
+    plan = [("full", {"knn", "linear"}), ("10pct", {"linear"})]
+    got = _linear_probes([(m, a, b) for m, (a, b) in feats.items()], data, splits, plan, seed=0)
+    for m, (a, b) in feats.items():
+        assert got[m]["full"] == linear_probe(a, y, b, yt, 3, 0)
+        rows = splits["10pct"]["indices"]
+        assert got[m]["10pct"] == linear_probe(a, y[rows], b, yt, 3, 0, train_rows=rows)
