@@ -218,14 +218,30 @@ def evaluate(opts: EvalOptions) -> dict:
     frozen = {"knn", "linear"} & set(opts.lowshot_protocols)
     sub_plan = [(name, frozen) for name in splits] if "lowshot" in do else []
     tune = "finetune" in opts.lowshot_protocols
-    _feature_protocols(report, run, "this", ftr, fte, data, splits, [("full", do & {"knn", "linear"}), *sub_plan],
-                       common)
+    this_plan = [("full", do & {"knn", "linear"}), *sub_plan]
+    base_plan = [("full", {"knn", "linear"}), *sub_plan]
+    pcommon = {"seed": opts.seed, "feature_layer": f"raw pixels {opts.pixels_size}x{opts.pixels_size}",
+               "weights_hash": None}
+    baselines = []  # (model, train features, test features, common): their features first, then every probe
+    if "baselines" in do:
+        if not info["random_init"]:
+            rmodel, rinfo = random_init(info["arch"], opts.seed, info.get("stem_stride", 0))
+            rtr, rte, secs = run.features(rmodel, rinfo, data, transform, "random init")
+            report.time("features", secs)
+            baselines.append(("random_init", rtr, rte, {**common, "weights_hash": rinfo["weights_hash"],
+                                                         "init": rinfo["init"]}))
+        ptr, pte = run.pixels(data, report)
+        baselines.append(("pixels", ptr, pte, pcommon))
+    # every linear probe (most of an evaluation's time) side by side, one thread each: the same results
+    t = time.perf_counter()
+    probes = _linear_probes([("this", ftr, fte, this_plan), *[(m, a, b, base_plan) for m, a, b, _ in baselines]],
+                            data, splits, opts.seed)
+    report.time("linear", time.perf_counter() - t)
+    _feature_protocols(report, run, "this", ftr, fte, data, splits, this_plan, common, linear=probes["this"])
 
     settings = {name: replace(opts.finetune, epochs=opts.finetune_epochs
                               or auto_epochs(len(sp["indices"]), opts.finetune_images))
                 for name, sp in splits.items()}
-    pcommon = {"seed": opts.seed, "feature_layer": f"raw pixels {opts.pixels_size}x{opts.pixels_size}",
-               "weights_hash": None}
     if "lowshot" in do and tune:
         for name, sp in splits.items():
             t = time.perf_counter()
@@ -237,22 +253,8 @@ def evaluate(opts: EvalOptions) -> dict:
             run.say(f"fine-tune {name}: top-1 {report.results[-1]['top1']:.2f}")
 
     if "baselines" in do:
-        base_plan = [("full", {"knn", "linear"}), *sub_plan]
-        baselines = []
         if info["random_init"]:
             report.notes.append("the evaluated weights are themselves a random init; the random-init baseline is skipped")
-        else:
-            rmodel, rinfo = random_init(info["arch"], opts.seed, info.get("stem_stride", 0))
-            rtr, rte, secs = run.features(rmodel, rinfo, data, transform, "random init")
-            report.time("features", secs)
-            rcommon = {**common, "weights_hash": rinfo["weights_hash"], "init": rinfo["init"]}
-            baselines.append(("random_init", rtr, rte, rcommon))
-        ptr, pte = run.pixels(data, report)
-        baselines.append(("pixels", ptr, pte, pcommon))
-        # the baselines' linear probes (most of this block's time) run side by side, one thread each
-        t = time.perf_counter()
-        probes = _linear_probes([(m, a, b) for m, a, b, _ in baselines], data, splits, base_plan, opts.seed)
-        report.time("linear", time.perf_counter() - t)
         for m, a, b, c in baselines:
             _feature_protocols(report, run, m, a, b, data, splits, base_plan, c, linear=probes[m])
         for name, sp in (splits if tune else {}).items():
@@ -278,27 +280,29 @@ def evaluate(opts: EvalOptions) -> dict:
     return report.write(out)
 
 
-def _linear_probes(models: list[tuple[str, np.ndarray, np.ndarray]], data: LabelledData, splits: dict,
-                   plan: list[tuple[str, set]], seed: int) -> dict[str, dict[str, dict]]:
-    """``linear_probe`` of each (model, train features, test features) on each split of ``plan`` that
-    asks for it: model -> split -> result. Models run side by side in threads: each probe computes on
-    one thread (``linear_probe``), so the results are those of running them one after another."""
+def _linear_probes(models: list[tuple[str, np.ndarray, np.ndarray, list[tuple[str, set]]]], data: LabelledData,
+                   splits: dict, seed: int) -> dict[str, dict[str, dict]]:
+    """``linear_probe`` of each (model, train features, test features, plan) on each split of its plan
+    that asks for it: model -> split -> result. The probes run side by side in threads, the largest
+    first: each computes on one thread (``linear_probe``), so the results are those of running them
+    one after another."""
     from concurrent.futures import ThreadPoolExecutor
 
     from .linear import torch_threads
 
-    def one(ftr: np.ndarray, fte: np.ndarray) -> dict[str, dict]:
-        out = {}
-        for split, do in plan:
-            if "linear" in do:
-                rows = None if split == "full" else splits[split]["indices"]
-                ytr = data.train.labels if rows is None else data.train.labels[rows]
-                out[split] = linear_probe(ftr, ytr, fte, data.test.labels, data.n_classes, seed, train_rows=rows)
-        return out
+    def one(ftr: np.ndarray, fte: np.ndarray, rows: np.ndarray | None) -> dict:
+        ytr = data.train.labels if rows is None else data.train.labels[rows]
+        return linear_probe(ftr, ytr, fte, data.test.labels, data.n_classes, seed, train_rows=rows)
 
-    with torch_threads(1), ThreadPoolExecutor(max_workers=max(1, min(len(models), os.cpu_count() or 1))) as pool:
-        jobs = {m: pool.submit(one, a, b) for m, a, b in models}
-        return {m: j.result() for m, j in jobs.items()}
+    todo = [(m, split, a, b, None if split == "full" else splits[split]["indices"])
+            for m, a, b, plan in models for split, do in plan if "linear" in do]
+    todo.sort(key=lambda j: -(len(data.train.labels) if j[4] is None else len(j[4])) * j[2].shape[1])
+    out: dict[str, dict[str, dict]] = {m: {} for m, *_ in models}
+    with torch_threads(1), ThreadPoolExecutor(max_workers=max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        jobs = [(m, split, pool.submit(one, a, b, rows)) for m, split, a, b, rows in todo]
+        for m, split, job in jobs:
+            out[m][split] = job.result()
+    return out
 
 
 def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, fte: np.ndarray,

@@ -47,7 +47,7 @@ def test_baseline_probes_side_by_side_equal_one_after_another():
     data = SimpleNamespace(train=SimpleNamespace(labels=y), test=SimpleNamespace(labels=yt), n_classes=3)
     splits = {"10pct": {"indices": np.arange(0, 300, 10)}}
     plan = [("full", {"knn", "linear"}), ("10pct", {"linear"})]
-    got = _linear_probes([(m, a, b) for m, (a, b) in feats.items()], data, splits, plan, seed=0)
+    got = _linear_probes([(m, a, b, plan) for m, (a, b) in feats.items()], data, splits, seed=0)
     for m, (a, b) in feats.items():
         assert got[m]["full"] == linear_probe(a, y, b, yt, 3, 0)
         rows = splits["10pct"]["indices"]
