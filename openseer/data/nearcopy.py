@@ -244,13 +244,6 @@ class Query:
     # the same view is described once per query, however many candidates visit it)
     cache: dict = field(default_factory=dict, repr=False)
 
-    def verify(self, row: int, candidate: Image.Image) -> tuple[float, bool]:
-        """(score, flat) of a candidate against query window ``row`` (``verify_many`` of one)."""
-        f, v = target(candidate)
-        zero = np.zeros(SIDE * SIDE, np.float32)
-        scores, flat = self.verify_many(np.array([row]), f[None], (zero if v is None else v)[None])
-        return float(scores[0]), bool(flat[0])
-
     def verify_many(self, rows: np.ndarray, fines: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(scores, flat) of candidates against query windows ``rows``, given each candidate's
         ``target``: ``fines`` (n, FINE*FINE; zeros without detail) and ``vectors`` (n, SIDE*SIDE; zeros
