@@ -1200,6 +1200,7 @@ class QuickIndex(StoredIndex):
         self._flipped = self._windows = None
         self._where = np.asarray(self._rows[:, 5:7])  # part number and row there, per index row
 
+
 def open_index(spec: str | Collection, index: str | Path = "") -> StoredIndex | None:
     """The checked index of a pile, or None when it has none (``IndexMismatch`` when it does not match).
     A pile given by name is answered from its snapshot when nothing changed since the last full check

@@ -307,9 +307,9 @@ def _linear_probes(models: list[tuple[str, np.ndarray, np.ndarray, list[tuple[st
 
 def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, fte: np.ndarray,
                        data: LabelledData, splits: dict, plan: list[tuple[str, set]], common: dict,
-                       linear: dict[str, dict] | None = None) -> None:
-    """kNN and/or the linear probe on frozen features, for each (split, protocols) in ``plan``;
-    ``linear``: the probes' results by split when they were run already (``_linear_probes``)."""
+                       linear: dict[str, dict]) -> None:
+    """kNN on frozen features and the linear probes' results (``linear``: by split, run already by
+    ``_linear_probes``) into the report, for each (split, protocols) in ``plan``."""
     opts = run.opts
     for split, do in plan:
         if not do:
@@ -329,13 +329,9 @@ def _feature_protocols(report: Report, run: _Run, model: str, ftr: np.ndarray, f
                            **common, **r)
             report.time("knn", time.perf_counter() - t)
         if "linear" in do:
-            t = time.perf_counter()
-            r = dict(linear[split]) if linear is not None else linear_probe(
-                ftr, ytr, fte, data.test.labels, data.n_classes, opts.seed, train_rows=rows)
+            r = dict(linear[split])
             report.add(model, "linear", split, r.pop("top1"), r.pop("top5"), n_train=n, n_test=len(data.test),
                        **common, **r)
-            if linear is None:
-                report.time("linear", time.perf_counter() - t)
         run.say(f"{model} {split}: " + ", ".join(
             f"{x['protocol']}{'@' + str(x['k']) if 'k' in x else ''} {x['top1']:.1f}"
             for x in report.results if x["model"] == model and x["split"] == split))
